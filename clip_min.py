@@ -5,16 +5,26 @@ no renaming table, and `torch.func.functional_call(model, params, ...)` takes th
 checkpoint holds. Every hyper-parameter is read off tensor shapes (see `config_from_state_dict`).
 """
 
+import functools
+import gzip
 import hashlib
+import html
+import io
 import math
 import os
+import pickle
+import re
 import sys
 import tempfile
 import time
+import unicodedata
 import urllib.request
+import zipfile
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 import torch.nn.functional as F
 from torch import nn
 
@@ -137,7 +147,9 @@ class CLIP(nn.Module):
         return self.visual(image)
 
     def encode_text(self, text):
-        x = self.token_embedding(text) + self.positional_embedding.to(self.dtype)  # (N, L, D)
+        # a context shorter than 77 is allowed: causal attention means tokens after the end-of-text token
+        # never reach its features, so callers may trim padding for speed
+        x = self.token_embedding(text) + self.positional_embedding[:text.shape[1]].to(self.dtype)  # (N, L, D)
         # additive causal mask: -inf above the diagonal, so token i attends to tokens 0..i only
         mask = torch.full((x.shape[1], x.shape[1]), float("-inf"), dtype=x.dtype, device=x.device).triu(1)
         x = self.transformer(x, mask)
@@ -146,7 +158,13 @@ class CLIP(nn.Module):
         x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # (N, D)
         return x @ self.text_projection
 
-    def forward(self, image, text):
+    def forward(self, image=None, text=None):
+        """(logits_per_image, logits_per_text) as OpenAI's; with only one input, that tower's features
+        (so `torch.func.functional_call(model, params, ...)` can run either tower alone)."""
+        if text is None:
+            return self.encode_image(image)
+        if image is None:
+            return self.encode_text(text)
         image_features = F.normalize(self.encode_image(image), dim=-1)
         text_features = F.normalize(self.encode_text(text), dim=-1)
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
@@ -325,3 +343,342 @@ def checksum_ok(path, sha256=None, md5=None):
         while block := f.read(1 << 20):
             h.update(block)
     return h.hexdigest() == (sha256 or md5)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading OpenAI's checkpoints
+
+# OpenAI's published ViT checkpoints; the path component before the file name is the file's SHA-256
+MODELS = {
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/"
+                "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/"
+                "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/"
+                "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/"
+                      "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+DOWNLOAD_ROOT = "~/.cache/clip"  # the folder OpenAI's package uses, so its downloads are reused
+
+
+def available_models():
+    return list(MODELS)
+
+
+def checkpoint(name_or_path="ViT-B/16", download_root=None):
+    """(path, sha256) of a checkpoint: a name from MODELS (downloaded and verified if needed) or a file path."""
+    if name_or_path in MODELS:
+        url = MODELS[name_or_path]
+        sha256 = url.split("/")[-2]
+        root = Path(download_root or DOWNLOAD_ROOT).expanduser()
+        return download(url, root / os.path.basename(url), sha256=sha256), sha256
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no CLIP checkpoint {name_or_path!r}: not a file, nor one of {available_models()}")
+    return path, file_sha256(path)
+
+
+def load(name_or_path="ViT-B/16", device="cpu", download_root=None):
+    """A CLIP in eval mode on `device`, in fp32, from a model name (see MODELS) or a checkpoint file."""
+    path, _ = checkpoint(name_or_path, download_root)
+    return build_model(read_state_dict(path), source=str(path)).to(device)
+
+
+def read_state_dict(path):
+    """The tensors of a checkpoint file: OpenAI's TorchScript archive, or a `torch.save`d state dict.
+
+    Nothing from the file is executed: archives go through a restricted unpickler (`ArchiveUnpickler`),
+    plain files through `torch.load(weights_only=True)`.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    if is_zip:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                top = archive_top(archive, path)
+                if f"{top}/constants.pkl" in archive.namelist():  # only TorchScript archives carry code + constants
+                    return read_torchscript(archive, top, path)
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{path}: truncated or corrupt checkpoint archive ({e})") from None
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a CLIP checkpoint (neither a TorchScript archive nor a torch.save "
+                         f"state dict that loads with weights_only=True): {e}") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path}: expected a dict of tensors (a state dict), got {type(state_dict).__name__}")
+    return dict(state_dict)
+
+
+def archive_top(archive, path):
+    """The archive's top-level folder (named after the saved file, so never assumed), the one holding data.pkl."""
+    tops = [name[:-len("/data.pkl")] for name in archive.namelist()
+            if name.endswith("/data.pkl") and name.count("/") == 1]
+    if len(tops) != 1:
+        raise ValueError(f"{path}: not a PyTorch archive: expected one <folder>/data.pkl, found {len(tops)}")
+    return tops[0]
+
+
+def read_torchscript(archive, top, path):
+    """{dotted name: tensor} of every tensor in the archive's module tree, rebuilt from its data/ records."""
+    byteorder = f"{top}/byteorder"
+    if byteorder in archive.namelist() and archive.read(byteorder).decode() != sys.byteorder:
+        raise ValueError(f"{path}: archive byte order {archive.read(byteorder).decode()} is not this machine's")
+    try:
+        root = ArchiveUnpickler(archive, top, path).load()
+    except (pickle.UnpicklingError, ValueError, KeyError, EOFError, RuntimeError, TypeError) as e:
+        raise ValueError(f"{path}: cannot read the TorchScript archive's data.pkl: {e}") from None
+    if not isinstance(root, ScriptObject):
+        raise ValueError(f"{path}: data.pkl holds a {type(root).__name__}, not a TorchScript module")
+    return dict(module_tensors(root))
+
+
+class ScriptObject:
+    """Stands for any `__torch__.*` class of an archive (OpenAI-internal module classes): just its attributes."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"TorchScript object with non-dict state {type(state).__name__}")
+        self.__dict__.update(state)
+
+
+def module_tensors(obj, prefix=""):
+    """(dotted name, tensor) for every tensor attribute in the tree, as a state dict names them."""
+    for name, value in vars(obj).items():
+        if isinstance(value, torch.Tensor):
+            yield prefix + name, value
+        elif isinstance(value, ScriptObject):
+            yield from module_tensors(value, prefix + name + ".")
+
+
+# storage classes named in archives, and the dtype of their elements
+STORAGE_DTYPES = {
+    "HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+
+
+def rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    """What `torch._utils._rebuild_tensor_v2` means: a strided view of a flat storage."""
+    return torch.as_strided(storage, size, stride, offset)
+
+
+class ArchiveUnpickler(pickle.Unpickler):
+    """Unpickles an archive's data.pkl allowing only tensors, storages, OrderedDicts and TorchScript objects.
+
+    Any other global (os.system, builtins.eval, ...) is refused before it can be called.
+    """
+
+    def __init__(self, archive, top, path):
+        super().__init__(io.BytesIO(archive.read(f"{top}/data.pkl")))
+        self.archive, self.top, self.path, self.storages = archive, top, path, {}
+
+    def find_class(self, module, name):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return ScriptObject
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return rebuild_tensor
+        if module == "torch" and name in STORAGE_DTYPES:
+            return STORAGE_DTYPES[name]
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict  # only used for the (empty) backward-hook dicts; order is irrelevant here
+        raise pickle.UnpicklingError(f"refusing global '{module}.{name}' (a checkpoint holds only tensors)")
+
+    def persistent_load(self, pid):
+        # pid = ('storage', dtype, key, location, numel): the storage lives in the record <top>/data/<key>
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        _, dtype, key, _, numel = pid
+        if key not in self.storages:
+            data = bytearray(self.archive.read(f"{self.top}/data/{key}"))
+            if len(data) < numel * dtype.itemsize:
+                raise ValueError(f"record data/{key} holds {len(data)} bytes, expected {numel * dtype.itemsize}")
+            self.storages[key] = torch.frombuffer(data, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+        return self.storages[key]
+
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer: OpenAI's byte-level BPE, in pure Python (no ftfy, no regex module)
+
+VOCAB_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
+N_MERGES = 49152 - 256 - 2  # 48,894: 2 x 256 byte symbols + merges + 2 special tokens = 49,408 ids
+SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
+SOT, EOT = 49406, 49407
+CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")  # after an apostrophe, in OpenAI's pattern's order
+# Unicode's White_Space characters: what OpenAI's `\s` (regex module) matches and collapses
+WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
+             "\u2028\u2029\u202f\u205f\u3000"
+WHITESPACE_RUN = re.compile(f"[{WHITESPACE}]+")
+# ftfy (which OpenAI runs first) straightens curly quotes; this is the one ftfy repair that well-formed text meets
+STRAIGHT_QUOTES = str.maketrans({c: "'" for c in "\u02bc\u2018\u2019\u201a\u201b"}
+                                | {c: '"' for c in "\u201c\u201d\u201e\u201f"})
+
+
+def byte_symbols():
+    """{byte: the character standing for it}: printable Latin-1 bytes stand for themselves, the other 68 for
+    chr(256 + n) in byte order, so that BPE works on strings without whitespace or control characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+
+
+BYTE_SYMBOLS = byte_symbols()
+
+
+@functools.lru_cache(maxsize=None)
+def vocabulary():
+    """(token -> id, merge pair -> rank), in OpenAI's order: bytes, word-final bytes, merges, special tokens."""
+    if not VOCAB_FILE.is_file():
+        raise FileNotFoundError(f"{VOCAB_FILE}: CLIP's BPE vocabulary file is missing (it ships beside clip_min.py)")
+    lines = gzip.decompress(VOCAB_FILE.read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:1 + N_MERGES]]  # line 0 is a version header
+    symbols = list(BYTE_SYMBOLS.values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + list(SPECIAL_TOKENS)
+    return {t: i for i, t in enumerate(tokens)}, {m: r for r, m in enumerate(merges)}
+
+
+def clean(text):
+    """OpenAI's text cleaning: NFC + straight quotes (ftfy's part), html.unescape twice, whitespace, lowercase."""
+    text = unicodedata.normalize("NFC", text).translate(STRAIGHT_QUOTES)
+    text = html.unescape(html.unescape(text)).strip()
+    return WHITESPACE_RUN.sub(" ", text).strip().lower()
+
+
+def char_class(c):
+    """'L' (letter), 'N' (number), ' ' (whitespace, skipped) or 'P' (anything else) by Unicode category."""
+    if c in WHITESPACE:
+        return " "
+    if c == "\u0345":  # a combining mark that case-folds to a letter: OpenAI's case-insensitive classes skip it
+        return " "
+    category = unicodedata.category(c)[0]
+    return category if category in "LN" else "P"
+
+
+def pretokenize(text):
+    """Split cleaned text as OpenAI's pattern does: special tokens, contractions, runs of letters, single
+    number characters, runs of other non-space characters (whitespace separates and is dropped)."""
+    i = 0
+    while i < len(text):
+        folded = text[i:i + 16].replace("ſ", "s")  # long s matches 's' in OpenAI's case-insensitive pattern
+        special = next((t for t in SPECIAL_TOKENS if folded.startswith(t)), None)
+        contraction = next((c for c in CONTRACTIONS if folded.startswith("'" + c)), None) if text[i] == "'" else None
+        kind = char_class(text[i])
+        if special or contraction:
+            j = i + len(special or "'" + contraction)
+        elif kind == " ":
+            i += 1
+            continue
+        elif kind == "N":
+            j = i + 1
+        else:
+            j = i + 1
+            while j < len(text) and char_class(text[j]) == kind:
+                j += 1
+        yield text[i:j]
+        i = j
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def bpe(word):
+    """Byte-pair merges of one pre-token (as byte symbols): merge the lowest-ranked adjacent pair everywhere,
+    repeat until no adjacent pair is in the merge list. The last symbol is marked word-final with '</w>'."""
+    if word in SPECIAL_TOKENS:
+        return (word,)
+    ranks = vocabulary()[1]
+    parts = list(word[:-1]) + [word[-1] + "</w>"]
+    while len(parts) > 1:
+        pair = min(zip(parts, parts[1:]), key=lambda p: ranks.get(p, math.inf))
+        if pair not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(parts):
+            if i + 1 < len(parts) and (parts[i], parts[i + 1]) == pair:
+                merged.append(parts[i] + parts[i + 1])
+                i += 2
+            else:
+                merged.append(parts[i])
+                i += 1
+        parts = merged
+    return tuple(parts)
+
+
+def encode(text):
+    """BPE token ids of `text` (without start/end tokens)."""
+    ids = vocabulary()[0]
+    return [ids[part]
+            for word in pretokenize(clean(text))
+            for part in bpe("".join(BYTE_SYMBOLS[b] for b in word.encode("utf-8")))]
+
+
+def tokenize(texts, context_length=77, truncate=False):
+    """(N, context_length) int32 token ids, [SOT, ..., EOT] zero-padded, as OpenAI's `clip.tokenize`.
+
+    A text longer than the context raises RuntimeError, unless `truncate`: then it is cut and ends with EOT.
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    result = torch.zeros(len(texts), context_length, dtype=torch.int32)
+    for i, text in enumerate(texts):
+        ids = [SOT] + encode(text) + [EOT]
+        if len(ids) > context_length:
+            if not truncate:
+                raise RuntimeError(f"text {i} ({text[:40]!r}...) has {len(ids)} tokens, more than the context length "
+                                   f"{context_length}; pass truncate=True to cut it")
+            ids = ids[:context_length - 1] + [EOT]
+        result[i, :len(ids)] = torch.tensor(ids, dtype=torch.int32)
+    return result
+
+
+# ----------------------------------------------------------------------------------------------------
+# Image preprocessing, as OpenAI's torchvision pipeline computes it (without torchvision)
+
+MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's per-channel RGB mean and std
+STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def resize(image, size=224):
+    """Shortest side to `size` with PIL bicubic; the long side truncated to an int, as torchvision's Resize(int)."""
+    w, h = image.size
+    short, long = min(w, h), max(w, h)
+    new_long = int(size * long / short)
+    new = (size, new_long) if w <= h else (new_long, size)
+    return image if new == (w, h) else image.resize(new, Image.BICUBIC)
+
+
+def center_crop(image, size=224):
+    """The central size x size square; offsets rounded half to even, as torchvision's CenterCrop."""
+    w, h = image.size
+    if w < size or h < size:
+        raise ValueError(f"center_crop: image {w}x{h} is smaller than the crop {size}x{size}")
+    left, top = round((w - size) / 2), round((h - size) / 2)
+    return image.crop((left, top, left + size, top + size))
+
+
+def to_tensor(image):
+    """A PIL image as a float32 (3, H, W) tensor in [0, 1]."""
+    x = torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8))  # (H, W, 3)
+    return x.permute(2, 0, 1).float().div(255)  # (3, H, W)
+
+
+def normalize(x):
+    """(x - MEAN) / STD per channel, for (3, H, W) or (N, 3, H, W) images in [0, 1]."""
+    if x.dim() not in (3, 4) or x.shape[-3] != 3:
+        raise ValueError(f"normalize: expected images of shape (3, H, W) or (N, 3, H, W), got {tuple(x.shape)}")
+    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def preprocess(image, n_px=224):
+    """OpenAI's CLIP transform: resize, center crop, RGB, to tensor, normalize -> (3, n_px, n_px)."""
+    return normalize(to_tensor(center_crop(resize(image, n_px), n_px).convert("RGB")))
