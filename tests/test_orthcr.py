@@ -1,0 +1,362 @@
+"""Properties of the method: orthogonality, norm preservation, identity at init, merge = rotated inputs, loss."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings, strategies as st
+
+import clip_min
+import orthcr
+from conftest import DEVICES, load_openai
+
+SETTINGS = settings(max_examples=25, deadline=None)
+
+
+def random_P(seed, blocks, size, scale, dtype, device):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(blocks, size, size, generator=g, dtype=torch.float64) * scale).to(dtype).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The Cayley transform
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SETTINGS
+@given(seed=st.integers(0, 2**31), blocks=st.integers(1, 6), size=st.integers(1, 48),
+       scale=st.floats(0.0, 3.0), dtype=st.sampled_from([torch.float32, torch.float64]))
+def test_cayley_is_orthogonal_with_det_one(device, seed, blocks, size, scale, dtype):
+    P = random_P(seed, blocks, size, scale, dtype, device)
+    R = orthcr.cayley(P.double()) if dtype == torch.float64 else orthcr.cayley(P)
+    eye = torch.eye(size, dtype=R.dtype, device=device)
+    tol = 1e-12 if dtype == torch.float64 else 1e-5 * size
+    assert (R.transpose(-1, -2) @ R - eye).abs().max() <= tol
+    assert (R @ R.transpose(-1, -2) - eye).abs().max() <= tol
+    det = torch.linalg.det(R.double())
+    assert torch.allclose(det, torch.ones_like(det), atol=1e-4 if dtype == torch.float32 else 1e-10)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@SETTINGS
+@given(seed=st.integers(0, 2**31), blocks=st.integers(1, 4), size=st.integers(1, 32),
+       scale=st.floats(0.0, 3.0), n=st.integers(1, 8))
+def test_cayley_preserves_norms(device, seed, blocks, size, scale, n):
+    P = random_P(seed, blocks, size, scale, torch.float64, device)
+    R = orthcr.cayley(P)
+    x = torch.randn(n, blocks, size, dtype=torch.float64, generator=torch.Generator().manual_seed(seed)).to(device)
+    Rx = torch.einsum("rij,nrj->nri", R, x)
+    assert torch.allclose(Rx.norm(dim=-1), x.norm(dim=-1), rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@given(blocks=st.integers(1, 6), size=st.integers(1, 64))
+@settings(max_examples=15, deadline=None)
+def test_cayley_is_exactly_identity_at_zero(device, blocks, size):
+    R = orthcr.cayley(torch.zeros(blocks, size, size, device=device))
+    assert torch.equal(R, torch.eye(size, device=device).expand(blocks, size, size))
+
+
+def test_cayley_is_computed_in_fp32_under_autocast():
+    P = random_P(0, 2, 16, 0.5, torch.float32, "cpu")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        R = orthcr.cayley(P)
+    assert R.dtype == torch.float32
+    assert orthcr.orthogonality_error(R) < 1e-5
+
+
+def test_neumann_is_approximate_and_its_error_is_measured():
+    small = random_P(0, 4, 32, 0.01, torch.float32, "cpu")
+    exact, approx = orthcr.cayley(small), orthcr.cayley_neumann(small, terms=5)
+    assert (exact - approx).abs().max() < 1e-5  # close to Cayley for small Q
+    large = random_P(0, 4, 32, 0.5, torch.float64, "cpu")
+    # not orthogonal for a large Q: the error is reported, not hidden
+    assert orthcr.orthogonality_error(orthcr.cayley_neumann(large, terms=5)) > 1e-3
+    assert orthcr.orthogonality_error(orthcr.cayley(large)) < 1e-12
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adapters on the model
+
+
+def params_of(model, device="cpu"):
+    return {k: v.to(device) for k, v in model.state_dict().items()}
+
+
+def randomize(adapters, seed, scale):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for P in adapters.values():
+            P.copy_(torch.randn(P.shape, generator=g) * scale)
+    return adapters
+
+
+def test_default_count_on_vit_b16_shapes_is_the_papers_43_45M():
+    with torch.device("meta"):
+        model = clip_min.CLIP(**clip_min.CONFIGS["ViT-B/16"])
+    adapters = orthcr.init_adapters(dict(model.state_dict()))
+    assert orthcr.count_parameters(adapters) == 12 * (768**2 + 3072**2 + 512**2 + 2048**2) // 4 == 43_450_368
+    assert len(adapters) == 48 and all(P.shape[0] == 4 for P in adapters.values())
+
+
+def test_targets_and_towers_are_configurable(tiny_model):
+    params = params_of(tiny_model)
+    visual_only = orthcr.init_adapters(params, towers=("visual",))
+    assert visual_only and all(k.startswith("visual.") for k in visual_only)
+    attn = orthcr.init_adapters(params, targets=("attn.in_proj", "attn.out_proj"), blocks=2)
+    assert set(attn) == {k for k in params if k.endswith("attn.in_proj_weight") or k.endswith("attn.out_proj.weight")}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_merged_model_equals_base_bit_for_bit_at_init(tiny_model, device):
+    params = params_of(tiny_model, device)
+    model = copy.deepcopy(tiny_model).to(device)
+    adapters = orthcr.init_adapters(params)
+    merged = orthcr.merge(params, adapters)
+    g = torch.Generator().manual_seed(0)
+    images = torch.randn(3, 3, 32, 32, generator=g).to(device)
+    tokens = clip_min.tokenize(["a photo of a cat.", "a dog"]).to(device) if hasattr(clip_min, "tokenize") \
+        else torch.randint(1, 49000, (2, 77), generator=g).to(device)
+    with torch.no_grad():
+        assert torch.equal(orthcr.encode_image(model, merged, images), model.encode_image(images))
+        assert torch.equal(orthcr.encode_text(model, merged, tokens), model.encode_text(tokens))
+
+
+def rotate_inputs_model(model, adapters):
+    """An independent formulation: keep W0 and rotate each adapted layer's input, x -> x R (per block)."""
+    model = copy.deepcopy(model)
+    modules = dict(model.named_modules())
+    for key, P in adapters.items():
+        R = orthcr.cayley(P.detach().double()).float()
+        module_name = key.rsplit(".", 1)[0]
+
+        def rotate(module, args, R=R):
+            x = args[0]
+            blocks = x.unflatten(-1, (R.shape[0], R.shape[1]))  # (..., r, b)
+            return (torch.einsum("...rb,rbc->...rc", blocks, R).flatten(-2),)
+
+        modules[module_name].register_forward_pre_hook(rotate)
+    return model
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 2**31), scale=st.floats(0.01, 1.0), blocks=st.sampled_from([1, 2, 4]))
+def test_merge_equals_rotating_the_inputs(tiny_model, device, seed, scale, blocks):
+    model = tiny_model.to(device)
+    params = params_of(model, device)
+    adapters = randomize(orthcr.init_adapters(params, blocks=blocks), seed, scale)
+    merged = orthcr.merge(params, adapters)
+    reference = rotate_inputs_model(model, adapters)
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(2, 3, 32, 32, generator=g).to(device)
+    tokens = torch.randint(1, 49000, (2, 77), generator=g).to(device)
+    tokens[:, 9] = 49407
+    with torch.no_grad():
+        for ours, ref in [(orthcr.encode_image(model, merged, images), reference.encode_image(images)),
+                          (orthcr.encode_text(model, merged, tokens), reference.encode_text(tokens))]:
+            assert (ours - ref).abs().max() <= 1e-5 * ref.abs().max()
+        # and the rotations did change the model
+        assert not torch.allclose(orthcr.encode_image(model, merged, images), model.encode_image(images), atol=1e-4)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31), out=st.integers(2, 24), blocks=st.integers(1, 4), size=st.integers(1, 8))
+def test_rotate_weight_is_W0_times_blockdiag_R_transposed(seed, out, blocks, size):
+    g = torch.Generator().manual_seed(seed)
+    W0 = torch.randn(out, blocks * size, generator=g, dtype=torch.float64)
+    R = orthcr.cayley(torch.randn(blocks, size, size, generator=g, dtype=torch.float64))
+    assert torch.allclose(orthcr.rotate_weight(W0, R), W0 @ torch.block_diag(*R).T, atol=1e-12)
+
+
+def test_hyperspherical_energy_and_neuron_angles_are_preserved(tiny_model):
+    params = params_of(tiny_model)
+    adapters = randomize(orthcr.init_adapters(params), 1, 0.5)
+    merged = orthcr.merge(params, adapters)
+    for key in adapters:
+        W0, W = params[key].double(), merged[key].double()
+        assert not torch.allclose(W, W0)  # the weights did change
+        cos0 = F.normalize(W0, dim=1) @ F.normalize(W0, dim=1).T
+        cos = F.normalize(W, dim=1) @ F.normalize(W, dim=1).T
+        assert (cos - cos0).abs().max() < 1e-5
+        he0, he = orthcr.hyperspherical_energy(W0), orthcr.hyperspherical_energy(W)
+        assert abs(he - he0) <= 1e-5 * he0
+    # and it is not an invariant of any change: a non-orthogonal perturbation moves it
+    W0 = params[next(iter(adapters))]
+    assert abs(orthcr.hyperspherical_energy(W0 * torch.linspace(0.5, 2, W0.shape[1]))
+               - orthcr.hyperspherical_energy(W0)) > 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loss
+
+
+def batch(tiny_model, seed=0, n=4, classes=3):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 3, 32, 32, generator=g)
+    labels = torch.randint(classes, (n,), generator=g)
+    tokens = torch.randint(1, 49000, (classes, 77), generator=g)
+    tokens[:, 6] = 49407
+    params = params_of(tiny_model)
+    zs_text = orthcr.zero_shot_text_features(tiny_model, params, tokens)
+    return params, images, labels, tokens, zs_text
+
+
+def test_kl_terms_are_zero_at_init_and_grad_reaches_only_P(tiny_model):
+    params, images, labels, tokens, zs_text = batch(tiny_model)
+    adapters = orthcr.init_adapters(params)
+    loss, terms = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
+                                   torch.Generator().manual_seed(0))
+    assert terms["kl"].item() == 0.0 and terms["kl_cutout"].item() == 0.0
+    # walk the autograd graph: its only leaves are the adapters
+    leaves, stack, seen = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.add(id(node.variable))
+        stack += [n for n, _ in node.next_functions]
+    assert leaves == {id(P) for P in adapters.values()}
+    loss.backward()
+    assert all(P.grad is not None and P.grad.abs().sum() > 0 for P in adapters.values())
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def test_with_zero_lambdas_the_loss_is_plain_cross_entropy(tiny_model):
+    params, images, labels, tokens, zs_text = batch(tiny_model, seed=1)
+    adapters = randomize(orthcr.init_adapters(params), 2, 0.3)
+    g = torch.Generator().manual_seed(5)
+    loss, terms = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text, g,
+                                   lambda1=0.0, lambda2=0.0)
+    assert terms["kl"] > 0 and terms["kl_cutout"] > 0  # the regularizer is live, just weighted out
+    # recompute CE(clean) + CE(cutout) independently, with the same Cutout draw
+    cut = orthcr.cutout(images, torch.Generator().manual_seed(5))
+    model = clip_min.build_model({k: v.detach() for k, v in orthcr.merge(params, adapters).items()})
+    with torch.no_grad():
+        text = F.normalize(model.encode_text(tokens), dim=-1)
+        expected = sum(F.cross_entropy(model.logit_scale.exp() * F.normalize(model.encode_image(x), dim=-1) @ text.T,
+                                       labels) for x in (images, cut))
+    assert torch.allclose(loss, expected, rtol=1e-5)
+
+
+def test_kl_is_teacher_as_target():
+    g = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 7, generator=g), torch.randn(5, 7, generator=g)
+    p0, p = teacher.softmax(-1), student.softmax(-1)
+    expected = (p0 * (p0.log() - p.log())).sum(-1).mean()
+    assert torch.allclose(orthcr.kl_to_zero_shot(student, teacher), expected, atol=1e-6)
+    assert not torch.allclose(orthcr.kl_to_zero_shot(teacher, student), expected, atol=1e-4)
+
+
+def test_cayley_runs_once_per_block_size_per_step(tiny_model):
+    params, images, labels, tokens, zs_text = batch(tiny_model)
+    adapters = orthcr.init_adapters(params)
+    calls = []
+
+    def counting(P):
+        calls.append(P.shape)
+        return orthcr.cayley(P)
+
+    orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
+                     torch.Generator().manual_seed(0), transform=counting)
+    sizes = {P.shape[-1] for P in adapters.values()}
+    assert len(calls) == len(sizes)  # batched: one call per block size, covering every layer's blocks
+    assert sum(s[0] for s in calls) == sum(P.shape[0] for P in adapters.values())
+
+
+def test_trim_tokens_is_exact(tiny_model):
+    tokens = torch.randint(1, 49000, (3, 77), generator=torch.Generator().manual_seed(0))
+    tokens[0, 5], tokens[1, 11], tokens[2, 3] = 49407, 49407, 49407
+    tokens[0, 6:] = tokens[1, 12:] = tokens[2, 4:] = 0
+    trimmed = orthcr.trim_tokens(tokens)
+    assert trimmed.shape == (3, 12)
+    with torch.no_grad():
+        assert torch.allclose(tiny_model.encode_text(trimmed), tiny_model.encode_text(tokens), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cutout
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31), h=st.integers(4, 40), w=st.integers(4, 40), size=st.integers(1, 20),
+       holes=st.integers(1, 3))
+def test_cutout_zeroes_clipped_squares_and_nothing_else(seed, h, w, size, holes):
+    images = torch.rand(3, 2, h, w, generator=torch.Generator().manual_seed(seed)) + 0.1  # no zeros in the input
+    before = images.clone()
+    out = orthcr.cutout(images, torch.Generator().manual_seed(seed), holes=holes, size=size)
+    assert torch.equal(images, before)  # a copy: the clean batch is untouched
+    zero = out == 0
+    assert torch.equal(zero[:, 0], zero[:, 1])  # the same hole in every channel
+    assert torch.equal(out[~zero], images[~zero])
+    for z in zero[:, 0]:
+        rows, cols = z.any(1).sum().item(), z.any(0).sum().item()
+        assert 1 <= rows and 1 <= cols and rows <= holes * size and cols <= holes * size
+        if holes == 1:  # one hole: a rectangle, the square clipped at the border
+            assert z.sum() == rows * cols and rows <= size and cols <= size
+
+
+def test_cutout_is_reproducible_from_its_generator():
+    images = torch.rand(4, 3, 32, 32)
+    a = orthcr.cutout(images, torch.Generator().manual_seed(3))
+    b = orthcr.cutout(images, torch.Generator().manual_seed(3))
+    c = orthcr.cutout(images, torch.Generator().manual_seed(4))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert ((a == 0).sum(dim=(1, 2, 3)) <= 3 * 16 * 16).all()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Export and bad input
+
+
+def test_merged_weights_reload_into_a_fresh_model(tiny_model):
+    params = params_of(tiny_model)
+    adapters = randomize(orthcr.init_adapters(params), 3, 0.3)
+    exported = orthcr.export_state_dict(params, adapters)
+    assert list(exported) == list(params) and not any(v.requires_grad for v in exported.values())
+    fresh = clip_min.build_model(exported)
+    images = torch.rand(2, 3, 32, 32)
+    tokens = torch.randint(1, 49000, (2, 77))
+    tokens[:, 4] = 49407
+    merged = orthcr.merge(params, adapters)
+    with torch.no_grad():
+        ours = fresh(images, tokens)[0]
+        expected = orthcr.clip_logits(orthcr.encode_image(tiny_model, merged, images),
+                                      orthcr.encode_text(tiny_model, merged, tokens), merged["logit_scale"])
+        assert torch.allclose(ours, expected, atol=1e-5)
+        assert not torch.allclose(ours, tiny_model(images, tokens)[0], atol=1e-3)
+
+
+def test_exported_weights_load_in_openais_code(tiny_model):
+    openai_model = load_openai("model")
+    params = params_of(tiny_model)
+    adapters = randomize(orthcr.init_adapters(params), 3, 0.3)
+    exported = orthcr.export_state_dict(params, adapters)
+    reference = openai_model.build_model(dict(exported)).float()  # OpenAI's build_model rounds to fp16 ...
+    reference.load_state_dict(exported)  # ... so load the fp32 weights again, with its strict loader
+    images = torch.rand(2, 3, 32, 32)
+    tokens = torch.randint(1, 49000, (2, 77))
+    tokens[:, 4] = 49407
+    with torch.no_grad():
+        assert torch.allclose(reference(images, tokens)[0], clip_min.build_model(exported)(images, tokens)[0], atol=1e-5)
+
+
+def test_bad_targets_and_block_counts_name_the_layer(tiny_model):
+    params = params_of(tiny_model)
+    with pytest.raises(ValueError, match="mlp.c_nope"):
+        orthcr.init_adapters(params, targets=("mlp.c_nope",))
+    with pytest.raises(ValueError, match=r"transformer\.resblocks\.0\.mlp\.c_fc\.weight.*not divisible by r = 3"):
+        orthcr.init_adapters(params, blocks=3)
+
+
+def test_adapters_from_another_config_are_refused(tiny_model):
+    params = params_of(tiny_model)
+    adapters = orthcr.init_adapters(params)
+    adapters["visual.transformer.resblocks.1.mlp.c_fc.weight"] = torch.zeros(4, 32, 32)  # made for width 128
+    with pytest.raises(ValueError, match=r"visual\.transformer\.resblocks\.1\.mlp\.c_fc\.weight.*\(4, 32, 32\).*64"):
+        orthcr.export_state_dict(params, adapters)
+    with pytest.raises(ValueError, match="matches no 2-D weight"):
+        orthcr.check_adapters(params, {"visual.transformer.resblocks.9.mlp.c_fc.weight": torch.zeros(4, 16, 16)})
