@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+import clip_min
+
 # the paper's targets: both linears of every MLP, in both towers
 DEFAULT_TARGETS = ("mlp.c_fc", "mlp.c_proj")
 TOWER_PREFIX = {"visual": "visual.transformer.resblocks.", "text": "transformer.resblocks."}
@@ -227,14 +229,12 @@ def zero_shot_text_features(model, params, tokens):
 
 
 def objective(model, params, adapters, images, labels, tokens, zs_text_features, generator,
-              lambda1=1.5, lambda2=1.0, holes=1, size=16, normalize=None, transform=cayley):
+              lambda1=1.5, lambda2=1.0, holes=1, size=16, normalize=clip_min.normalize, transform=cayley):
     """One step's OrthCR loss for a batch of [0, 1] training images (N, 3, H, W) and class-prompt `tokens`.
 
     The student (merged weights) and the frozen zero-shot teacher (params) each see the clean images and
     a Cutout copy; the merge is computed once here for every layer. Returns (loss, terms)."""
-    x = torch.cat([images, cutout(images, generator, holes, size)])  # (2N, 3, H, W): clean, then cutout
-    if normalize is not None:
-        x = normalize(x)
+    x = normalize(torch.cat([images, cutout(images, generator, holes, size)]))  # (2N, 3, H, W): clean, cutout
     n = images.shape[0]
     with torch.no_grad():
         zs = clip_logits(encode_image(model, params, x), zs_text_features, params["logit_scale"])

@@ -238,7 +238,7 @@ def test_with_zero_lambdas_the_loss_is_plain_cross_entropy(tiny_model):
     with torch.no_grad():
         text = F.normalize(model.encode_text(tokens), dim=-1)
         expected = sum(F.cross_entropy(model.logit_scale.exp() * F.normalize(model.encode_image(x), dim=-1) @ text.T,
-                                       labels) for x in (images, cut))
+                                       labels) for x in (clip_min.normalize(images), clip_min.normalize(cut)))
     assert torch.allclose(loss, expected, rtol=1e-5)
 
 
