@@ -430,8 +430,7 @@ def fewshot_subset(folder, train, val, shots, seed, sample_val=True):
         raw = read_json(path, "few-shot cache")
         if not isinstance(raw, dict) or "train" not in raw:
             raise DataError(f"few-shot cache {path} should be a JSON object with a 'train' list; delete it")
-        cached = to_items(raw["train"], str(folder), path, "train"), to_items(raw.get("val", []), str(folder),
-                                                                              path, "val")
+        cached = tuple(to_items(raw.get(key, []), str(folder), path, key) for key in ("train", "val"))
         for items, pool, key in ((cached[0], train, "train"), (cached[1], val, "val")):
             stray = set(items) - set(pool)
             if stray:

@@ -209,6 +209,20 @@ def test_fewshot_cache_is_json_and_reused(tmp_path):
     assert again.train == first.train[:1] and again.val == first.val
 
 
+def test_unwritable_cache_warns_and_still_samples(tmp_path, monkeypatch):
+    make_split_dataset(tmp_path, "dtd")
+    expected = data.build_dataset("dtd", tmp_path, shots=2, seed=9).train
+    shutil.rmtree(tmp_path / "dtd" / "split_fewshot")
+
+    def read_only(path, obj):
+        raise OSError(30, "Read-only file system", str(path))
+
+    monkeypatch.setattr(data, "write_json", read_only)
+    with pytest.warns(UserWarning, match="could not cache .*shot_2-seed_9.json"):
+        assert data.build_dataset("dtd", tmp_path, shots=2, seed=9).train == expected
+    assert not (tmp_path / "dtd" / "split_fewshot").exists()
+
+
 def test_stale_fewshot_cache_is_an_error(tmp_path):
     make_split_dataset(tmp_path, "dtd")
     cache = tmp_path / "dtd" / "split_fewshot" / "shot_2-seed_1.json"
@@ -415,6 +429,9 @@ def test_eurosat_bad_checksum_leaves_nothing(tmp_path, http_dir, monkeypatch):
     with pytest.raises(RuntimeError, match="EuroSAT.zip"):
         data.setup_eurosat(tmp_path / "eurosat")
     assert [p.name for p in (tmp_path / "eurosat").iterdir()] == []
+    monkeypatch.setattr(data, "EUROSAT_MD5", hashlib.md5((www / "EuroSAT.zip").read_bytes()).hexdigest())
+    data.setup_eurosat(tmp_path / "eurosat")  # the fault gone, a rerun succeeds
+    assert len(list((tmp_path / "eurosat" / "2750").glob("*/*.jpg"))) == 40
 
 
 def test_eurosat_without_download_names_path_and_url(tmp_path):
