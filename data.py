@@ -377,9 +377,13 @@ def copy_verified(src, dst, sha256):
     if hashlib.sha256(data).hexdigest() != sha256:
         raise DataError(f"{src} does not have sha256 {sha256}; restore it from the repository")
     fd, tmp = tempfile.mkstemp(dir=Path(dst).parent, prefix=f".{Path(dst).name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        f.write(data)
-    os.replace(tmp, dst)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, dst)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def setup_eurosat(folder, download=True):
