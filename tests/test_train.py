@@ -1,0 +1,316 @@
+"""train.py end to end on a tiny random CLIP and miniature datasets in CoOp's layout."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from PIL import Image
+
+import clip_min
+import data
+import orthcr
+import train
+from conftest import ROOT, SHARED
+
+# one solid colour per class (plus noise): a task the tiny model can learn
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 220, 40), (200, 40, 210), (40, 210, 210)]
+
+
+def toy_image(path, colour, seed, size=40):
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.tensor(colour).view(1, 1, 3) + torch.randint(-25, 26, (size, size, 3), generator=g)).clamp(0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(path, quality=95)
+
+
+def make_eurosat_like(root, classes=4, per_split=(8, 2, 6)):
+    """root/eurosat/2750/<Class>/*.jpg + a split_zhou_EuroSAT.json in CoOp's format."""
+    folder = root / "eurosat"
+    split = {"train": [], "val": [], "test": []}
+    seed = 0
+    for label in range(classes):
+        name = f"Class{label}"
+        for part, count in zip(split, per_split):
+            for _ in range(count):
+                rel = f"{name}/{name}_{seed}.jpg"
+                toy_image(folder / "2750" / rel, COLOURS[label], seed)
+                split[part].append([rel, label, f"class {label}"])
+                seed += 1
+    (folder / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
+    return root
+
+
+def make_imagenet_like(root, classes=4, train_n=6, test_n=4):
+    """ImageNet and its four variants in CoOp's layout, with `classes` wnids."""
+    wnids = [f"n{i:08d}" for i in range(classes)]
+    lines = [f"{w} thing {i}" for i, w in enumerate(wnids)]
+    seed = 1000
+    for split, n in (("train", train_n), ("val", test_n)):
+        for i, w in enumerate(wnids):
+            for _ in range(n):
+                toy_image(root / "imagenet" / "images" / split / w / f"{w}_{seed}.JPEG", COLOURS[i], seed)
+                seed += 1
+    (root / "imagenet" / "classnames.txt").write_text("\n".join(lines) + "\n")
+    for i, w in enumerate(wnids):
+        for _ in range(2):
+            toy_image(root / "imagenetv2" / "imagenetv2-matched-frequency-format-val" / str(i) / f"{seed}.jpeg",
+                      COLOURS[i], seed)
+            toy_image(root / "imagenet-sketch" / "images" / w / f"{seed}.JPEG", COLOURS[i], seed + 1)
+            seed += 2
+    for folder, sub in (("imagenet-adversarial", "imagenet-a"), ("imagenet-rendition", "imagenet-r")):
+        for i, w in enumerate(wnids[:2]):  # a subset of the classes, as the 200 of -A and -R
+            toy_image(root / folder / sub / w / f"{seed}.jpg", COLOURS[i], seed)
+            seed += 1
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    torch.save(clip_min.random_model("tiny", seed=0).state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def root(tmp_path):
+    return make_eurosat_like(tmp_path / "data")
+
+
+def run_main(*argv):
+    return train.main([str(a) for a in argv])
+
+
+def base_args(root, weights, out, *extra):
+    return ["--data", "eurosat", "--root", root, "--weights", weights, "--out", out, "--shots", 8,
+            "--batch-size", 8, "--log-every", 100, *extra]
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def saved_adapters(out):
+    return torch.load(out / "adapters.pt", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+
+
+def train_accuracy(weights, root, adapters=None, subsample="all"):
+    model = clip_min.build_model(clip_min.read_state_dict(weights))
+    params = dict(model.state_dict())
+    merged = orthcr.export_state_dict(params, adapters) if adapters else params
+    dataset = data.build_dataset("eurosat", root, shots=8, seed=1, subsample=subsample)
+    args = train.parse_args(["--root", str(root), "--weights", str(weights), "--device", "cpu"])
+    return train.evaluate(model, merged, dataset, dataset.train, args, None, 32)["accuracy"]
+
+
+def test_training_lowers_the_loss_and_raises_train_accuracy(root, weights, tmp_path):
+    out = tmp_path / "run"
+    run_main(*base_args(root, weights, out, "--protocol", "fewshot", "--epochs", 12, "--lr", 3e-2,
+                        "--warmup-steps", 0))
+    log = read_log(out)
+    assert len(log) == 12 * 4  # 32 images / batch 8, 12 epochs
+    ce = lambda rows: sum(r["ce"] for r in rows) / len(rows)  # noqa: E731
+    assert ce(log[-8:]) < 0.7 * ce(log[:4])
+    before = train_accuracy(weights, root)
+    after = train_accuracy(weights, root, saved_adapters(out)["adapters"])
+    assert after > before + 20 and after >= 75
+
+
+def test_written_files_have_the_documented_fields(root, weights, tmp_path):
+    out = tmp_path / "run"
+    run_main(*base_args(root, weights, out, "--epochs", 2, "--export"))
+    config = json.loads((out / "config.json").read_text())
+    for key in ("data", "protocol", "shots", "seed", "lr", "batch_size", "epochs", "blocks", "targets", "lambda1",
+                "lambda2", "code_version", "checkpoint_sha256", "torch"):
+        assert key in config, key
+    assert config["checkpoint_sha256"] == clip_min.file_sha256(weights)
+    log = read_log(out)
+    assert [r["step"] for r in log] == list(range(1, len(log) + 1)) and len(log) == 2 * 2  # 16 base images / 8
+    assert all({"step", "epoch", "lr", "loss", "ce", "ce_cutout", "kl", "kl_cutout", "step_s"} <= set(r) for r in log)
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert results["base"]["n"] == 12 and results["new"]["n"] == 12  # 2 classes x 6 test images each
+    assert results["base"]["correct"] == round(results["base"]["accuracy"] * 12 / 100)
+    assert results["hm"] == pytest.approx(train.harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"]))
+    saved = saved_adapters(out)  # loads with weights_only=True
+    assert set(saved) == {"adapters", "config"}
+    assert saved["config"]["blocks"] == 4 and saved["config"]["targets"] == list(orthcr.DEFAULT_TARGETS)
+    params = dict(clip_min.build_model(clip_min.read_state_dict(weights)).state_dict())
+    assert set(saved["adapters"]) == set(orthcr.init_adapters(params))
+    merged = torch.load(out / "merged.pt", weights_only=True)
+    assert list(merged) == list(params)
+    assert not torch.equal(merged["visual.transformer.resblocks.0.mlp.c_fc.weight"],
+                           params["visual.transformer.resblocks.0.mlp.c_fc.weight"])
+    assert not list(out.glob(".*tmp"))  # no temporary file left behind
+
+
+def test_same_seed_gives_identical_results_and_eval_only_reproduces_them(root, weights, tmp_path):
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    run_main(*base_args(root, weights, a, "--epochs", 3, "--lr", 1e-2))
+    run_main(*base_args(root, weights, b, "--epochs", 3, "--lr", 1e-2))
+    results = lambda out: json.loads((out / "results.json").read_text())["results"]  # noqa: E731
+    assert results(a) == results(b)
+    assert all(torch.equal(saved_adapters(a)["adapters"][k], P) for k, P in saved_adapters(b)["adapters"].items())
+    run_main(*base_args(root, weights, c, "--eval-only", "--adapters", a / "adapters.pt"))
+    assert results(c) == results(a)
+    assert not (c / "log.jsonl").exists()  # nothing was trained
+
+
+def test_resume_after_a_stop_equals_the_uninterrupted_run(root, weights, tmp_path, monkeypatch):
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    args = ("--epochs", 3, "--lr", 1e-2, "--save-every", 1)
+    run_main(*base_args(root, weights, full, *args))
+
+    class StopAtStep5(train.Interrupt):  # as if Ctrl-C came during step 5
+        @property
+        def requested(self):
+            return len(read_log(stopped)) >= 5 if (stopped / "log.jsonl").exists() else False
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    monkeypatch.setattr(train, "Interrupt", StopAtStep5)
+    with pytest.raises(SystemExit) as stop:
+        run_main(*base_args(root, weights, stopped, *args))
+    assert stop.value.code == 130 and not (stopped / "results.json").exists()
+    monkeypatch.undo()
+    run_main(*base_args(root, weights, stopped, *args, "--resume"))
+    assert [r["loss"] for r in read_log(stopped)] == [r["loss"] for r in read_log(full)]
+    for k, P in saved_adapters(full)["adapters"].items():
+        assert torch.equal(saved_adapters(stopped)["adapters"][k], P), k
+    assert json.loads((stopped / "results.json").read_text())["results"] == \
+        json.loads((full / "results.json").read_text())["results"]
+
+
+def new_class_drift(weights, root, out):
+    """Mean KL(zero-shot || finetuned) of the class distributions on the new classes' test images."""
+    model = clip_min.build_model(clip_min.read_state_dict(weights))
+    params = dict(model.state_dict())
+    merged = orthcr.export_state_dict(params, saved_adapters(out)["adapters"])
+    new = data.build_dataset("eurosat", root, shots=8, seed=1, subsample="new")
+    images = torch.stack([data.test_transform(data.load_image(it.impath), 32) for it in new.test])
+    tokens = clip_min.tokenize(new.prompts())
+    with torch.no_grad():
+        logits = {name: orthcr.clip_logits(orthcr.encode_image(model, p, images), orthcr.encode_text(model, p, tokens),
+                                           p["logit_scale"]) for name, p in (("zs", params), ("ft", merged))}
+    return orthcr.kl_to_zero_shot(logits["ft"], logits["zs"]).item()
+
+
+def test_cross_regularization_keeps_new_classes_closer_to_zero_shot(root, weights, tmp_path):
+    regularized, free = tmp_path / "reg", tmp_path / "free"
+    common = ("--epochs", 6, "--lr", 3e-2, "--warmup-steps", 0)
+    run_main(*base_args(root, weights, regularized, *common, "--lambda1", 1.5, "--lambda2", 1.0))
+    run_main(*base_args(root, weights, free, *common, "--lambda1", 0, "--lambda2", 0))
+    assert new_class_drift(weights, root, free) > 1.5 * new_class_drift(weights, root, regularized)
+
+
+def test_zero_shot_row_equals_plain_clip(root, weights, tmp_path):
+    out = tmp_path / "zs"
+    results = run_main(*base_args(root, weights, out, "--zero-shot", "--protocol", "fewshot"))[0]["results"]
+    model = clip_min.build_model(clip_min.read_state_dict(weights))
+    dataset = data.build_dataset("eurosat", root, shots=8, seed=1)
+    images = torch.stack([clip_min.preprocess(Image.open(it.impath), 32) for it in dataset.test])
+    with torch.no_grad():
+        predictions = model(images, clip_min.tokenize(dataset.prompts()))[0].argmax(-1)
+    correct = (predictions == torch.tensor([it.label for it in dataset.test])).sum().item()
+    assert results["all"] == {"accuracy": 100 * correct / len(dataset.test), "correct": correct,
+                              "n": len(dataset.test)}
+    assert not (out / "adapters.pt").exists()
+
+
+def test_seeds_give_a_mean_std_table(root, weights, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    all_results = run_main("--data", "eurosat", "--root", root, "--weights", weights, "--shots", 2, "--epochs", 1,
+                           "--batch-size", 4, "--seeds", 1, 2, "--eval-limit", 4)
+    assert [r["seed"] for r in all_results] == [1, 2]
+    assert all(r["results"]["base"]["n"] == 4 for r in all_results)  # --eval-limit
+    for seed in (1, 2):
+        assert (tmp_path / "runs" / f"eurosat_base2new_2shot_seed{seed}" / "results.json").is_file()
+    table = capsys.readouterr().out.strip().splitlines()
+    assert table[0] == "| dataset | base | new | HM |"
+    base = [r["results"]["base"]["accuracy"] for r in all_results]
+    assert f"{sum(base) / 2:.2f} ± " in table[2]
+
+
+def test_dg_and_cross_protocols_evaluate_every_target(tmp_path, weights):
+    root = make_imagenet_like(make_eurosat_like(tmp_path / "data"))
+    dg = run_main("--data", "imagenet", "--protocol", "dg", "--root", root, "--weights", weights, "--shots", 2,
+                  "--epochs", 1, "--batch-size", 4, "--out", tmp_path / "dg")[0]["results"]
+    assert set(dg) == set(train.DG_TARGETS)
+    assert dg["imagenet"]["n"] == 16 and dg["imagenet_v2"]["n"] == 8 and dg["imagenet_a"]["n"] == 2
+    cross = run_main("--data", "imagenet", "--protocol", "cross", "--eval-data", "eurosat", "--root", root,
+                     "--weights", weights, "--shots", 2, "--epochs", 1, "--batch-size", 4,
+                     "--out", tmp_path / "cross")[0]["results"]
+    assert set(cross) == {"eurosat"} and cross["eurosat"]["n"] == 24
+    with pytest.raises(SystemExit, match="caltech-101"):  # the paper's targets, absent here, are named up front
+        run_main("--data", "imagenet", "--protocol", "cross", "--root", root, "--weights", weights,
+                 "--out", tmp_path / "x")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Bad input: one clear line, non-zero exit, before any work
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--shots", "0"], "--shots must be >= 1"),
+    (["--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--lr", "0"], "--lr must be a positive number"),
+    (["--lr=-1e-3"], "--lr must be a positive number"),
+    (["--data", "mnist"], "unknown dataset 'mnist'"),
+    (["--protocol", "zeroshot"], "unknown --protocol 'zeroshot'"),
+    (["--epochs", "0"], "--epochs must be >= 1"),
+    (["--weights", "/nonexistent/model.pt"], "--weights /nonexistent/model.pt: no such file"),
+    (["--eval-only"], "--eval-only needs --adapters"),
+    (["--device", "tpu"], "--device tpu"),
+])
+def test_invalid_flags_exit_with_one_clear_line(flags, message, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        train.parse_args(["--root", str(tmp_path)] + flags)
+    assert exit_.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len([line for line in err if "error" in line]) == 1 and message in err[-1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_asked_for_but_absent(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        train.parse_args(["--device", "cuda"])
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_cli_validates_before_loading_anything(tmp_path):
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--shots", "-1", "--lr", "0",
+                             "--weights", str(tmp_path / "nope.pt"), "--out", str(tmp_path / "run")],
+                            capture_output=True, text=True)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]
+    assert "--shots must be >= 1" in last and "--lr must be a positive number" in last and "nope.pt" in last
+    assert not (tmp_path / "run").exists()  # nothing was started
+
+
+def test_missing_dataset_is_reported_before_the_model_is_loaded(tmp_path, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(clip_min, "read_state_dict", lambda *a: loaded.append(a))
+    with pytest.raises(SystemExit, match=r"dtd"):
+        run_main("--data", "dtd", "--root", tmp_path, "--weights", __file__)
+    assert not loaded
+
+
+# ----------------------------------------------------------------------------------------------------
+# The real EuroSAT sample
+
+
+def test_one_epoch_on_the_real_eurosat_sample(shared, weights, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(SHARED / "data" / "eurosat-sample", root / "eurosat")  # ../shared is read-only in CI
+    results = run_main("--data", "eurosat", "--root", root, "--weights", weights, "--shots", 4, "--epochs", 1,
+                       "--batch-size", 10, "--out", tmp_path / "run")[0]["results"]
+    assert results["base"]["n"] == 50 and results["new"]["n"] == 50
+    assert len(read_log(tmp_path / "run")) == 2  # 4 shots x 5 base classes / batch 10
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["train_images"] == 20
