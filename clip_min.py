@@ -213,6 +213,8 @@ def build_model(state_dict, source="state dict"):
         raise ValueError(f"{source}: not a CLIP checkpoint, missing tensor {e}") from None
     except (AttributeError, IndexError, TypeError) as e:
         raise ValueError(f"{source}: not a CLIP checkpoint ({e})") from None
+    except ValueError as e:
+        raise ValueError(f"{source}: {e}") from None
     with torch.device("meta"):
         model = CLIP(**config)
     expected = model.state_dict()

@@ -1,0 +1,512 @@
+"""clip_min computes what OpenAI's CLIP code computes: fixture parity, loading, strictness, safety, tokenizer,
+preprocessing. Live parity tests against OpenAI's code run where it is importable (see conftest.load_openai)."""
+
+import io
+import json
+import os
+import pickle
+import random
+import warnings
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import clip_min
+from conftest import load_openai
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+ARCHIVE, STATE = FIXTURES / "tiny_clip.jit.pt", FIXTURES / "tiny_clip.state.pt"
+
+
+def unit(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def outputs():
+    return torch.load(FIXTURES / "tiny_clip_outputs.pt", weights_only=True)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Model parity with OpenAI's outputs (fixtures made by tests/make_fixtures.py)
+
+
+@pytest.mark.parametrize("path", [ARCHIVE, STATE], ids=["torchscript", "state_dict"])
+def test_fixture_parity(path, outputs):
+    model = clip_min.load(path)
+    assert not model.training and model.dtype == torch.float32
+    with torch.no_grad():
+        image_features = model.encode_image(outputs["image"])
+        text_features = model.encode_text(outputs["text"])
+        logits_per_image, logits_per_text = model(outputs["image"], outputs["text"])
+    assert (unit(image_features) - unit(outputs["image_features"])).abs().max() <= 1e-5
+    assert (unit(text_features) - unit(outputs["text_features"])).abs().max() <= 1e-5
+    torch.testing.assert_close(logits_per_image, outputs["logits_per_image"], rtol=0, atol=1e-4)
+    torch.testing.assert_close(logits_per_text, outputs["logits_per_text"], rtol=0, atol=1e-4)
+
+
+def test_archive_and_state_dict_hold_the_same_weights():
+    archive, state = clip_min.read_state_dict(ARCHIVE), clip_min.read_state_dict(STATE)
+    # the archive carries exactly the three extra tensors of OpenAI's published file
+    assert set(archive) - set(state) == set(clip_min.ARCHIVE_EXTRAS)
+    assert archive["vocab_size"].item() == state["token_embedding.weight"].shape[0]
+    assert archive["visual.conv1.weight"].dtype == torch.float16  # fp16 storage, like the published file
+    for k, v in state.items():
+        assert torch.equal(archive[k], v), k
+
+
+def test_archive_is_read_without_torch_jit_load(monkeypatch, outputs):
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.jit.load must not be used")
+
+    expected = clip_min.load(STATE)
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    monkeypatch.setattr(torch, "load", refuse)  # the archive path needs neither
+    model = clip_min.load(ARCHIVE)
+    with torch.no_grad():
+        assert torch.equal(model.encode_image(outputs["image"]), expected.encode_image(outputs["image"]))
+
+
+def rewrite_zip(src, dst, rename=lambda name: name, replace=None, drop=()):
+    """Copy a zip archive, renaming / replacing / dropping entries."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            if item.filename in drop:
+                continue
+            data = (replace or {}).get(item.filename, zin.read(item.filename))
+            zout.writestr(rename(item.filename), data)
+    return dst
+
+
+def test_archive_top_folder_is_not_hardcoded(tmp_path):
+    moved = rewrite_zip(ARCHIVE, tmp_path / "x.pt", rename=lambda n: "some_other_name/" + n.split("/", 1)[1])
+    original, renamed = clip_min.read_state_dict(ARCHIVE), clip_min.read_state_dict(moved)
+    assert original.keys() == renamed.keys()
+    assert all(torch.equal(original[k], renamed[k]) for k in original)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Strict loading: every bad input is one clear error naming the file
+
+
+def saved(tmp_path, name, obj):
+    torch.save(obj, tmp_path / name)
+    return tmp_path / name
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda sd: sd.pop("visual.ln_post.bias"), "missing keys ['visual.ln_post.bias']"),
+    (lambda sd: sd.update(extra=torch.zeros(1)), "unexpected keys ['extra']"),
+    (lambda sd: sd.update({"ln_final.bias": torch.zeros(63)}), "ln_final.bias: expected (64,), got (63,)"),
+    (lambda sd: sd.pop("visual.proj"), "not a ViT CLIP state dict"),
+    (lambda sd: sd.pop("token_embedding.weight"), "missing tensor 'token_embedding.weight'"),
+])
+def test_strict_loading_errors(tmp_path, change, problem):
+    state = clip_min.read_state_dict(STATE)
+    change(state)
+    path = saved(tmp_path, "bad.pt", state)
+    with pytest.raises(ValueError) as e:
+        clip_min.load(path)
+    assert str(path) in str(e.value) and problem in str(e.value)
+
+
+def test_extra_tensor_in_archive_is_rejected(tmp_path):
+    """Only the three named extras are dropped: any other stray tensor in an archive is an error."""
+    with zipfile.ZipFile(ARCHIVE) as z:
+        top = z.namelist()[0].split("/")[0]
+        data = z.read(f"{top}/data.pkl")
+    patched = data.replace(b"vocab_size", b"vocab_sizf")  # same length: a stray tensor with another name
+    path = rewrite_zip(ARCHIVE, tmp_path / "stray.pt", replace={f"{top}/data.pkl": patched})
+    with pytest.raises(ValueError, match="unexpected keys \\['vocab_sizf'\\]") as e:
+        clip_min.load(path)
+    assert str(path) in str(e.value)
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda p: p.write_text("hello, I am not a checkpoint"), "not a CLIP checkpoint"),
+    (lambda p: p.write_bytes(ARCHIVE.read_bytes()[:len(ARCHIVE.read_bytes()) // 2]), "truncated or corrupt"),
+    (lambda p: p.write_bytes(STATE.read_bytes()[:len(STATE.read_bytes()) // 2]), "truncated or corrupt"),
+    (lambda p: torch.save([torch.zeros(2)], p), "expected a dict of tensors"),
+    (lambda p: rewrite_zip(ARCHIVE, p, drop={"tiny_clip.jit/data/3"}), "data/3"),
+])
+def test_not_a_checkpoint(tmp_path, make, problem):
+    path = tmp_path / "file.pt"
+    make(path)
+    with pytest.raises(ValueError, match=problem) as e:
+        clip_min.load(path)
+    assert str(path) in str(e.value)
+
+
+def test_unknown_name_or_missing_file():
+    with pytest.raises(FileNotFoundError, match="ViT-B/16"):  # the message lists the known names
+        clip_min.load("ViT-Q/99")
+    with pytest.raises(FileNotFoundError, match="/nonexistent/clip.pt"):
+        clip_min.load("/nonexistent/clip.pt")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Nothing in a checkpoint is executed
+
+
+class Payload:
+    """Unpickling this runs `touch <marker>` through os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_malicious_payload_is_live(tmp_path):
+    """The payload below really runs a command when unpickled normally: the refusals tested next are real."""
+    marker = tmp_path / "ran"
+    pickle.loads(pickle.dumps(Payload(marker), protocol=2))
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("container", ["torchscript_archive", "torch_save_archive", "plain_pickle"])
+def test_malicious_checkpoint_runs_nothing(tmp_path, container):
+    marker = tmp_path / "ran"
+    payload = pickle.dumps({"weights": Payload(marker)}, protocol=2)
+    path = tmp_path / "evil.pt"
+    if container == "plain_pickle":
+        path.write_bytes(payload)
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("evil/data.pkl", payload)
+            z.writestr("evil/version", "3\n")
+            if container == "torchscript_archive":  # what marks a TorchScript archive
+                z.writestr("evil/constants.pkl", pickle.dumps((), protocol=2))
+                z.writestr("evil/code/__torch__.py", "")
+    with pytest.raises(ValueError) as e:
+        clip_min.load(path)
+    assert str(path) in str(e.value)
+    if container == "torchscript_archive":
+        assert f"refusing global '{os.system.__module__}.system'" in str(e.value)
+    assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Downloads, against a local HTTP server
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server: `files` maps a path to bytes; /404, /500 fail; /drop/<n> promises 2n bytes, sends n."""
+    import http.server
+    import threading
+
+    state = dict(files={}, requests=[])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            state["requests"].append(self.path)
+            if self.path in state["files"]:
+                body = state["files"][self.path]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            elif self.path.startswith("/drop/"):
+                n = int(self.path.split("/")[2])
+                self.send_response(200)
+                self.send_header("Content-Length", str(2 * n))
+                self.end_headers()
+                self.wfile.write(b"x" * n)
+                self.wfile.flush()
+                self.close_connection = True
+            else:
+                self.send_error(500 if self.path == "/500" else 404)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def sha256(data):
+    import hashlib
+    return hashlib.sha256(data).hexdigest()
+
+
+def assert_clean_failure(error, url, path):
+    assert url in str(error.value) and str(path) in str(error.value)
+    assert not path.exists()
+    assert [p.name for p in path.parent.iterdir()] == []  # no temporary file left behind
+
+
+def test_download_success_and_cache(server, tmp_path):
+    data = os.urandom(3 << 20)
+    server["files"]["/f.bin"] = data
+    url, path = server["url"] + "/f.bin", tmp_path / "cache" / "f.bin"
+    assert clip_min.download(url, path, sha256=sha256(data)) == path and path.read_bytes() == data
+    assert clip_min.download(url, path, sha256=sha256(data)) == path
+    assert server["requests"] == ["/f.bin"]  # the cached file was reused
+    path.write_bytes(b"stale")
+    clip_min.download(url, path, sha256=sha256(data))
+    assert server["requests"] == ["/f.bin"] * 2 and path.read_bytes() == data  # wrong checksum: fetched again
+    assert sorted(p.name for p in path.parent.iterdir()) == ["f.bin"]
+
+
+@pytest.mark.parametrize("route, expected", [
+    ("/404", "404"), ("/500", "500"), ("/drop/1000", "connection closed after 1000 of 2000 bytes"),
+    ("/f.bin", "checksum mismatch"),
+])
+def test_download_failures_leave_nothing(server, tmp_path, route, expected):
+    server["files"]["/f.bin"] = b"payload"
+    url, path = server["url"] + route, tmp_path / "f.bin"
+    with pytest.raises(RuntimeError, match=expected) as e:
+        clip_min.download(url, path, sha256=sha256(b"something else"))
+    assert_clean_failure(e, url, path)
+
+
+def test_download_full_disk_then_rerun(server, tmp_path, monkeypatch):
+    import errno
+    data = os.urandom(100_000)
+    server["files"]["/f.bin"] = data
+    url, path = server["url"] + "/f.bin", tmp_path / "f.bin"
+    real_fdopen = os.fdopen
+
+    class FullDisk(io.RawIOBase):
+        def __init__(self, fd, *args, **kwargs):
+            self.file = real_fdopen(fd, *args, **kwargs)
+
+        def write(self, block):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.file.close()
+
+    monkeypatch.setattr(clip_min.os, "fdopen", FullDisk)
+    with pytest.raises(RuntimeError, match="No space left on device") as e:
+        clip_min.download(url, path, sha256=sha256(data))
+    assert_clean_failure(e, url, path)
+    monkeypatch.undo()
+    assert clip_min.download(url, path, sha256=sha256(data)).read_bytes() == data
+
+
+def test_load_by_name_end_to_end(server, tmp_path, monkeypatch, outputs):
+    data = ARCHIVE.read_bytes()
+    digest = sha256(data)
+    server["files"][f"/clip/models/{digest}/ViT-B-16.pt"] = data
+    monkeypatch.setattr(clip_min, "MODELS", {"ViT-B/16": f"{server['url']}/clip/models/{digest}/ViT-B-16.pt"})
+    model = clip_min.load("ViT-B/16", download_root=tmp_path)
+    assert (tmp_path / "ViT-B-16.pt").read_bytes() == data
+    assert clip_min.checkpoint("ViT-B/16", download_root=tmp_path) == (tmp_path / "ViT-B-16.pt", digest)
+    assert clip_min.checkpoint(tmp_path / "ViT-B-16.pt") == (tmp_path / "ViT-B-16.pt", digest)
+    assert len(server["requests"]) == 1
+    with torch.no_grad():
+        assert (unit(model.encode_image(outputs["image"])) - unit(outputs["image_features"])).abs().max() <= 1e-5
+
+
+def test_model_table_sha256_is_the_path_component():
+    assert set(clip_min.MODELS) == {"ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"}
+    url = clip_min.MODELS["ViT-B/16"]
+    assert url.split("/")[-2] == "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"
+    assert all(len(u.split("/")[-2]) == 64 for u in clip_min.MODELS.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizer
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return json.loads((FIXTURES / "tokens.json").read_text())
+
+
+def openai_style_tokens(ids, context_length=77):
+    """[SOT] + ids + [EOT], cut to the context with EOT last, zero-padded (OpenAI's clip.tokenize, truncate=True)."""
+    tokens = [49406] + ids + [49407]
+    if len(tokens) > context_length:
+        tokens = tokens[:context_length - 1] + [49407]
+    return tokens + [0] * (context_length - len(tokens))
+
+
+def test_tokenizer_fixture_parity(corpus):
+    assert sum(corpus["benchmarks"].values()) >= 1000 + 101 + 100 + 397  # ImageNet, Food101, Aircraft, SUN397
+    mismatches = [t for t, ids in zip(corpus["texts"], corpus["ids"]) if clip_min.encode(t) != ids]
+    assert mismatches == []
+    expected = torch.tensor([openai_style_tokens(ids) for ids in corpus["ids"]], dtype=torch.int32)
+    assert torch.equal(clip_min.tokenize(corpus["texts"], truncate=True), expected)
+
+
+def test_tokenize_shape_and_special_tokens():
+    vocabulary, ranks = clip_min.vocabulary()
+    assert len(vocabulary) == 49408 and len(ranks) == 48894
+    assert vocabulary["<|startoftext|>"] == 49406 and vocabulary["<|endoftext|>"] == 49407
+    tokens = clip_min.tokenize(["a photo of a cat.", ""])
+    assert tokens.shape == (2, 77) and tokens.dtype == torch.int32
+    assert tokens[1, :3].tolist() == [49406, 49407, 0]
+    assert tokens[0, 0] == 49406 and tokens[0].argmax() == (tokens[0] != 0).sum() - 1  # EOT ends the text
+    assert clip_min.tokenize("a cat", context_length=5).shape == (1, 5)
+
+
+def test_tokenize_overflow():
+    long = "word " * 100
+    with pytest.raises(RuntimeError, match="context length 77"):
+        clip_min.tokenize(["short", long])
+    tokens = clip_min.tokenize(long, truncate=True)[0]
+    assert tokens[-1] == 49407 and (tokens != 0).all()
+    assert clip_min.tokenize("word " * 75).shape == (1, 77)  # exactly 77 with SOT and EOT: fits
+
+
+def test_pretokenizer_uses_unicode_categories():
+    # Python's re counts '²' and '½' as word characters; CLIP's pattern splits every number character alone
+    assert list(clip_min.pretokenize("x²½ab12")) == ["x", "²", "½", "ab", "1", "2"]
+    assert list(clip_min.pretokenize("it's they'll ''s")) == ["it", "'s", "they", "'ll", "''", "s"]
+
+
+def random_texts(n, seed=0):
+    """Texts stitched from pieces spanning Unicode categories, the pattern's alternatives and the cleaning."""
+    pieces = (list("abcxyzABCXYZ0123456789 .,;:!?-_/()[]{}<>@#$%^&*+=~`|\\\"'") + ["'s", "'t", "'re", "'ve",
+              "'m", "'ll", "'d", "n't", "<|startoftext|>", "<|endoftext|>", "&amp;", "&lt;", "&#39;", "&quot;",
+              "&amp;amp;", "&nbsp;", "\t", "\n", "\u00a0", "\u3000", "\u2009", "  "]
+              + list("éèêëàâäîïôöûüçñßøåæœÉÀÇÑ") + list("αβγδΣσςΑΩ") + list("абвгдЖЯ") + list("日本語中文한국어テキストカタ")
+              + list("²³¹½¼⅓Ⅻⅰⅱ①②٣४๓〇") + list("\u0301\u0300\u0308\u0345") + list("אבגابت")
+              + ["🐶", "🚀", "👩‍👩‍👧", "🇯🇵", "❤️", "✨", "™", "©", "°", "€", "£", "¥", "…", "—", "–", "·"]
+              + list("‘’“”‚„") + ["ſ", "İ", "ﬁ"] + ["photo", "cat", "dog", "the", "a", "of", "supercalifragilistic"])
+    rng = random.Random(seed)
+    return ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 40))) for _ in range(n)]
+
+
+def test_tokenizer_live_parity_wide_corpus(corpus):
+    simple_tokenizer = load_openai("simple_tokenizer")
+    import ftfy
+    import regex
+    from make_fixtures import PROMPTS, ftfy_irrelevant
+
+    texts = random_texts(3000) + PROMPTS + corpus["texts"][:500]
+    kept = [t for t in texts if ftfy_irrelevant(t, ftfy, regex)]
+    assert len(kept) > 0.8 * len(texts)  # the comparison covers most of the corpus
+    openai = simple_tokenizer.SimpleTokenizer(str(clip_min.VOCAB_FILE))
+    mismatches = [t for t in kept if clip_min.encode(t) != openai.encode(t)]
+    assert mismatches == []
+    expected = torch.tensor([openai_style_tokens(openai.encode(t)) for t in kept], dtype=torch.int32)
+    assert torch.equal(clip_min.tokenize(kept, truncate=True), expected)
+
+
+def test_vocab_file_is_openais():
+    d = Path(load_openai("model").__file__).parent
+    assert clip_min.VOCAB_FILE.read_bytes() == (d / "bpe_simple_vocab_16e6.txt.gz").read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Preprocessing, against a PIL + numpy reference of OpenAI's torchvision pipeline
+
+
+def reference_preprocess(image, n_px=224):
+    """Resize(n_px, BICUBIC), CenterCrop(n_px), RGB, ToTensor, Normalize, written with PIL and numpy."""
+    w, h = image.size
+    if w <= h:
+        size = (n_px, int(n_px * h / w))  # torchvision truncates the long side
+    else:
+        size = (int(n_px * w / h), n_px)
+    if size != (w, h):
+        image = image.resize(size, resample=Image.Resampling.BICUBIC)
+    w, h = image.size
+    top, left = int(round((h - n_px) / 2.0)), int(round((w - n_px) / 2.0))
+    image = image.crop((left, top, left + n_px, top + n_px)).convert("RGB")
+    x = np.asarray(image, dtype=np.uint8).astype(np.float32) / np.float32(255)  # (H, W, 3)
+    mean = np.array([0.48145466, 0.4578275, 0.40821073], dtype=np.float32)
+    std = np.array([0.26862954, 0.26130258, 0.27577711], dtype=np.float32)
+    return torch.from_numpy(((x - mean) / std).transpose(2, 0, 1).copy())  # (3, H, W)
+
+
+def random_image(w, h, mode, seed=0):
+    rng = np.random.default_rng(seed)
+    channels = {"RGB": 3, "RGBA": 4, "L": None, "P": None}[mode]
+    shape = (h, w, channels) if channels else (h, w)
+    image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), "L" if mode == "P" else mode)
+    return image.convert("P") if mode == "P" else image
+
+
+@pytest.mark.parametrize("w, h, mode", [
+    (224, 224, "RGB"), (640, 480, "RGB"), (333, 500, "RGB"), (225, 300, "RGB"), (227, 227, "RGB"),
+    (64, 64, "RGB"), (100, 37, "RGB"), (300, 301, "L"), (256, 320, "RGBA"), (250, 260, "P"),
+])
+def test_preprocess_matches_reference(w, h, mode):
+    image = random_image(w, h, mode)
+    ours = clip_min.preprocess(image)
+    assert ours.shape == (3, 224, 224) and ours.dtype == torch.float32
+    assert torch.equal(ours, reference_preprocess(image))
+
+
+def test_resize_and_crop_rounding():
+    assert clip_min.resize(Image.new("RGB", (300, 200))).size == (336, 224)
+    assert clip_min.resize(Image.new("RGB", (333, 500))).size == (224, 336)  # 336.33 truncated
+    # offsets (227 - 224) / 2 = 1.5 -> 2 and (225 - 224) / 2 = 0.5 -> 0: round half to even, as torchvision
+    columns = Image.fromarray(np.tile(np.arange(227, dtype=np.uint8), (225, 1)), "L")  # pixel value = column
+    cropped = np.asarray(clip_min.center_crop(columns))
+    assert cropped[0, 0] == 2 and cropped.shape == (224, 224)
+    rows = Image.fromarray(np.tile(np.arange(225, dtype=np.uint8)[:, None], (1, 227)), "L")  # value = row
+    assert np.asarray(clip_min.center_crop(rows))[0, 0] == 0
+
+
+def test_to_tensor_and_normalize():
+    image = random_image(40, 30, "RGB")
+    x = clip_min.to_tensor(image)
+    assert x.shape == (3, 30, 40) and x.dtype == torch.float32 and 0 <= x.min() and x.max() <= 1
+    assert torch.equal(x[:, 5, 7] * 255, torch.tensor(np.asarray(image)[5, 7], dtype=torch.float32))
+    batch = torch.stack([x, x.flip(-1)])
+    assert torch.equal(clip_min.normalize(batch)[1], clip_min.normalize(x.flip(-1)))
+    mean = torch.tensor(clip_min.MEAN).view(3, 1, 1).expand(3, 2, 2)
+    assert clip_min.normalize(mean).abs().max() == 0
+    with pytest.raises(ValueError, match="expected images of shape"):
+        clip_min.normalize(torch.zeros(2, 4, 8, 8))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Live parity on a full-size ViT-B/16 with random official-init weights (needs OpenAI's model.py)
+
+
+@pytest.fixture(scope="module")
+def live_b16(tmp_path_factory):
+    oa = load_openai("model")
+    torch.manual_seed(0)
+    heads = dict(clip_min.CONFIGS["ViT-B/16"], transformer_heads=512 // 64)
+    model = oa.CLIP(**heads).eval()
+    oa.convert_weights(model)  # fp16 storage, as OpenAI publishes
+    state_dict = {k: v.clone() for k, v in model.state_dict().items()}
+    folder = tmp_path_factory.mktemp("b16")
+    torch.save(state_dict, folder / "state.pt")
+    for name, value in [("input_resolution", 224), ("context_length", 77), ("vocab_size", 49408)]:
+        model.__dict__.pop(name, None)
+        model.register_buffer(name, torch.tensor(value))
+    image = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    text = clip_min.tokenize(["a photo of a dog.", "a centered satellite photo of annual crop land.",
+                              "don't “panic” &amp; carry a towel 42"])
+    with warnings.catch_warnings():  # torch.jit's deprecation and tracer warnings: expected here
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(model, (image[:1].half(), text[:1]), check_trace=False)
+        torch.jit.save(traced, folder / "archive.pt")
+    del model, traced
+    reference = oa.build_model(dict(state_dict)).float().eval()
+    with torch.no_grad():
+        expected = dict(image=reference.encode_image(image), text=reference.encode_text(text),
+                        logits=reference(image, text)[0])
+    return folder, image, text, expected
+
+
+@pytest.mark.parametrize("file", ["archive.pt", "state.pt"])
+def test_live_b16_parity(live_b16, file):
+    folder, image, text, expected = live_b16
+    model = clip_min.load(folder / file)
+    assert len(model.state_dict()) == 302
+    with torch.no_grad():
+        image_features, text_features = model.encode_image(image), model.encode_text(text)
+        logits = model(image, text)[0]
+    assert (unit(image_features) - unit(expected["image"])).abs().max() <= 1e-5
+    assert (unit(text_features) - unit(expected["text"])).abs().max() <= 1e-5
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-3)
