@@ -3,6 +3,11 @@
 Parameter names and shapes are those of OpenAI's state dict, so a checkpoint loads with strict=True and
 no renaming table, and `torch.func.functional_call(model, params, ...)` takes the same dict the
 checkpoint holds. Every hyper-parameter is read off tensor shapes (see `config_from_state_dict`).
+
+The API of OpenAI's `clip` package, without torchvision, ftfy or regex: `load(name_or_path)` reads OpenAI's
+TorchScript archive without executing anything from it; `tokenize(texts)` is the same byte-level BPE;
+`preprocess(pil_image)` is the same resize / crop / normalize. tests/test_clip_min.py checks each against
+OpenAI's code.
 """
 
 import functools
@@ -340,11 +345,19 @@ def checksum_ok(path, sha256=None, md5=None):
     """True when the file's sha256 (or md5) matches; with no expected checksum, True."""
     if not (sha256 or md5):
         return True
-    h = hashlib.sha256() if sha256 else hashlib.md5()
+    return file_hash(path, "sha256" if sha256 else "md5") == (sha256 or md5)
+
+
+def file_sha256(path):
+    return file_hash(path, "sha256")
+
+
+def file_hash(path, algorithm="sha256"):
+    h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
             h.update(block)
-    return h.hexdigest() == (sha256 or md5)
+    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -368,22 +381,27 @@ def available_models():
     return list(MODELS)
 
 
-def checkpoint(name_or_path="ViT-B/16", download_root=None):
-    """(path, sha256) of a checkpoint: a name from MODELS (downloaded and verified if needed) or a file path."""
+def checkpoint_path(name_or_path="ViT-B/16", download_root=None):
+    """The file of a checkpoint: a name from MODELS (downloaded and verified if not cached) or a file path."""
     if name_or_path in MODELS:
         url = MODELS[name_or_path]
-        sha256 = url.split("/")[-2]
         root = Path(download_root or DOWNLOAD_ROOT).expanduser()
-        return download(url, root / os.path.basename(url), sha256=sha256), sha256
+        return download(url, root / os.path.basename(url), sha256=url.split("/")[-2])
     path = Path(name_or_path).expanduser()
     if not path.is_file():
         raise FileNotFoundError(f"no CLIP checkpoint {name_or_path!r}: not a file, nor one of {available_models()}")
-    return path, file_sha256(path)
+    return path
+
+
+def checkpoint(name_or_path="ViT-B/16", download_root=None):
+    """(path, sha256) of a checkpoint, for run records: the SHA-256 is verified or computed, never assumed."""
+    path = checkpoint_path(name_or_path, download_root)
+    return path, (MODELS[name_or_path].split("/")[-2] if name_or_path in MODELS else file_sha256(path))
 
 
 def load(name_or_path="ViT-B/16", device="cpu", download_root=None):
     """A CLIP in eval mode on `device`, in fp32, from a model name (see MODELS) or a checkpoint file."""
-    path, _ = checkpoint(name_or_path, download_root)
+    path = checkpoint_path(name_or_path, download_root)
     return build_model(read_state_dict(path), source=str(path)).to(device)
 
 
@@ -500,14 +518,6 @@ class ArchiveUnpickler(pickle.Unpickler):
                 raise ValueError(f"record data/{key} holds {len(data)} bytes, expected {numel * dtype.itemsize}")
             self.storages[key] = torch.frombuffer(data, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
         return self.storages[key]
-
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------------
