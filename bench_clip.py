@@ -42,8 +42,10 @@ def main():
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args()
 
-    ours = clip_min.random_model("ViT-B/16", seed=0)
-    theirs = openai_model_module().build_model(dict(ours.state_dict())).float().eval()
+    # OpenAI's build_model stores weights in fp16 (then .float()), so ours is built from its rounded weights
+    theirs = openai_model_module().build_model(dict(clip_min.random_model("ViT-B/16", seed=0).state_dict()))
+    theirs = theirs.float().eval()
+    ours = clip_min.build_model(theirs.state_dict(), source="OpenAI's model")
     images = torch.randn(args.batch, 3, 224, 224, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
         # a warm-up pass that also checks both compute the same (L2-normalized) features
