@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import signal
 import statistics
 import sys
@@ -288,15 +289,27 @@ def adapter_config(args, checkpoint_sha256):
             "towers": list(args.towers), "blocks": args.blocks, "neumann": args.neumann}
 
 
-def load_adapters(path, params):
-    """Adapters saved by this script; a mismatch with the model names the first offending tensor."""
+def load_adapters(path, params, args):
+    """Adapters saved by this script; a mismatch with the model or with this run's --targets/--blocks/--towers
+    names the first offending tensor (in state-dict order), so a partial or foreign file is never evaluated."""
     saved = load_torch(path, "adapters")
-    if not isinstance(saved, dict) or "adapters" not in saved:
+    if not isinstance(saved, dict) or not isinstance(saved.get("adapters"), dict):
         raise SystemExit(f"error: {path} holds no 'adapters' entry: not an adapters.pt written by train.py")
     try:
         orthcr.check_adapters(params, saved["adapters"])
+        keys = orthcr.target_keys(params, args.targets, args.towers)
     except ValueError as e:
         raise SystemExit(f"error: {path} does not fit this model: {e}")
+    size = lambda k: params[k].shape[1] // args.blocks  # noqa: E731
+    expected = {k: (args.blocks, size(k), size(k)) for k in keys}
+    found = {k: tuple(P.shape) for k, P in saved["adapters"].items()}
+    for key in (k for k in params if expected.get(k) != found.get(k)):
+        config = saved.get("config") or {}
+        raise SystemExit(f"error: {path} was made for another configuration (its config: --targets "
+                         f"{' '.join(config.get('targets', ['?']))} --blocks {config.get('blocks', '?')} --towers "
+                         f"{' '.join(config.get('towers', ['?']))}, model {config.get('model', '?')}); first "
+                         f"mismatching tensor {key}: this run expects {expected.get(key, 'no adapter')}, the file "
+                         f"has {found.get(key, 'none')}")
     return saved
 
 
@@ -385,12 +398,14 @@ def train(model, params, train_set, args, seed, out, dtype, n_px, checkpoint_sha
                                                    tokens, zs_text, cutout_gen, args.lambda1, args.lambda2,
                                                    args.cutout_holes, args.cutout_size, transform=transform)
                 if not torch.isfinite(loss):
-                    print(f"error: non-finite loss ({loss.item()}) at step {step + 1}; the last good checkpoint is "
-                          f"{ckpt_path if ckpt_path.is_file() else 'none (no checkpoint was saved yet)'}",
-                          file=sys.stderr)
-                    raise SystemExit(3)
+                    stop_non_finite(f"loss ({loss.item()})", step + 1, ckpt_path)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
+                # the fp16 scaler skips steps with inf/NaN gradients itself; otherwise one would poison P (and the
+                # next checkpoint) while the loss still looks finite
+                if not scaler.is_enabled() and not torch.stack([P.grad.isfinite().all()
+                                                                for P in adapters.values()]).all():
+                    stop_non_finite("gradient", step + 1, ckpt_path)
                 scaler.step(optimizer)
                 scaler.update()
                 step += 1
@@ -403,15 +418,22 @@ def train(model, params, train_set, args, seed, out, dtype, n_px, checkpoint_sha
                     report_progress(record, step, total, args, images.shape[0], start_time, start_step)
                 if interrupt.requested:
                     save_checkpoint()
-                    command = " ".join([sys.executable, *sys.argv, *([] if args.resume else ["--resume"])])
-                    if not args.out:
-                        command += f" --out {out}"
+                    argv = [sys.executable, *sys.argv, *([] if args.resume else ["--resume"])]
+                    if not args.out and len(args.seeds) == 1:  # --out takes one seed; several resume by default
+                        argv += ["--out", str(out)]
+                    command = shlex.join(argv)  # quoted: paths with spaces survive copy and paste
                     print(f"checkpoint saved to {ckpt_path} at step {step}/{total}; resume with:\n  {command}",
                           file=sys.stderr)
                     raise SystemExit(130)
                 if (args.save_every and step % args.save_every == 0) or step % per_epoch == 0:
                     save_checkpoint()
     return adapters
+
+
+def stop_non_finite(what, step, ckpt_path):
+    print(f"error: non-finite {what} at step {step}; the last good checkpoint is "
+          f"{ckpt_path if ckpt_path.is_file() else 'none (no checkpoint was saved yet)'}", file=sys.stderr)
+    raise SystemExit(3)
 
 
 def report_progress(record, step, total, args, batch, start_time, start_step):
@@ -442,7 +464,7 @@ def run(args, seed, datasets, model, params, checkpoint_sha256):
         merged = params
     else:
         if args.eval_only:
-            saved = load_adapters(args.adapters, params)
+            saved = load_adapters(args.adapters, params, args)
             adapters = {k: P.to(args.device) for k, P in saved["adapters"].items()}
             neumann = saved.get("config", {}).get("neumann", 0)  # evaluated as they were trained
         else:
@@ -490,7 +512,7 @@ def main(argv=None):
         path, checkpoint_sha256 = (Path(args.weights), clip_min.file_sha256(args.weights)) if args.weights \
             else clip_min.checkpoint(args.model, args.download_root)
         model = clip_min.build_model(clip_min.read_state_dict(path), source=str(path)).to(args.device)
-    except (ValueError, RuntimeError) as e:
+    except (ValueError, RuntimeError, OSError) as e:  # bad file, failed download, unreadable path
         raise SystemExit(f"error: {e}")
     model.requires_grad_(False)  # W0 is frozen: only the adapters get gradients
     params = dict(model.state_dict())

@@ -1,0 +1,359 @@
+"""Issue 7 through the training CLI: faults lose nothing, bad input stops before any work, untrusted files run no code.
+
+Covered elsewhere, not repeated here: download faults of `clip_min.download` (404, 500, dropped connection, wrong
+checksum, full disk, rerun) in test_clip_min.py; malicious pickles and unknown TorchScript globals at the model
+loader in test_clip_min.py; dataset faults at the data layer in test_data.py; flag validation in test_train.py.
+"""
+
+import json
+import os
+import pickle
+import shlex
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+
+import pytest
+import torch
+
+import clip_min
+import orthcr
+import train
+from conftest import ROOT
+from test_clip_min import server, sha256  # noqa: F401 (a fixture: the local HTTP server)
+from test_train import weights  # noqa: F401 (a fixture: the tiny random CLIP saved as a state dict)
+from test_train import base_args, make_eurosat_like, make_imagenet_like, read_log, run_main, saved_adapters
+
+
+@pytest.fixture
+def root(tmp_path):
+    return make_eurosat_like(tmp_path / "data")
+
+
+def python(script, *argv, **kwargs):
+    """A child interpreter running `script` with the repository importable."""
+    return subprocess.Popen([sys.executable, "-c", f"import sys; sys.path.insert(0, {str(ROOT)!r})\n{script}",
+                             *map(str, argv)], cwd=ROOT, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints and results: a temporary name, then a rename
+
+# the child writes half of the new file under the temporary name, says where, and hangs until killed
+HALF_WRITTEN_SAVE = """
+import io, pathlib, time, torch, train
+
+def half_then_hang(path, blob):
+    with open(path, "wb") as f:
+        f.write(blob[: len(blob) // 2])
+        f.flush()
+    print(path, flush=True)
+    time.sleep(300)
+
+if sys.argv[2] == "torch":
+    def save(obj, path):
+        buf = io.BytesIO()
+        real_save(obj, buf)
+        half_then_hang(path, buf.getvalue())
+    real_save, torch.save = torch.save, save
+    train.save_torch(sys.argv[1], {"step": 2, "adapters": {"w": torch.full((100_000,), 2.0)}})
+else:
+    pathlib.Path.write_text = lambda path, text: half_then_hang(path, text.encode())
+    train.save_json(sys.argv[1], {"step": 2, "results": list(range(100_000))})
+"""
+
+
+@pytest.mark.parametrize("kind", ["torch", "json"])
+def test_a_save_killed_midway_leaves_the_previous_file(tmp_path, kind):
+    path = tmp_path / ("checkpoint.pt" if kind == "torch" else "results.json")
+    old = {"step": 1, "adapters": {"w": torch.full((10,), 1.0)}} if kind == "torch" else {"step": 1, "results": [1]}
+    save, load = (train.save_torch, lambda: torch.load(path, weights_only=True)) if kind == "torch" else \
+        (train.save_json, lambda: json.loads(path.read_text()))
+    save(path, old)
+    child = python(HALF_WRITTEN_SAVE, path, kind, stdout=subprocess.PIPE, text=True)
+    try:
+        tmp = tmp_path / child.stdout.readline().strip()
+        assert tmp.parent == tmp_path and tmp.name.startswith(f".{path.name}.") and tmp.name.endswith(".tmp")
+        assert tmp.stat().st_size > 0  # the new content is half on disk, under the temporary name only
+    finally:
+        child.kill()  # SIGKILL: no handler, no cleanup, as a power cut or the OOM killer
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    assert str(load()) == str(old)  # the previous file, whole
+    assert tmp.exists()  # what the dead writer left is only a stray temporary file...
+    save(path, {"step": 3})  # ...which does not stop the next save
+    assert load()["step"] == 3
+
+
+def test_a_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "checkpoint.pt"
+    train.save_torch(path, {"step": 1})
+    with pytest.raises(Exception):
+        train.save_torch(path, {"step": 2, "not a tensor": lambda: 0})  # pickling fails halfway through the file
+    assert torch.load(path, weights_only=True) == {"step": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ctrl-C for real: SIGINT to a training process, then the printed command
+
+# train.py as __main__, except that the 3rd step waits until SIGINT has been handled (Interrupt restores Python's
+# default handler when it runs): the signal lands mid-training whatever the machine's speed
+PAUSE_IN_STEP_3 = """
+import runpy, signal, time
+import orthcr
+
+real, calls, ready = orthcr.objective, [], sys.argv[1]
+
+def objective(*args, **kwargs):
+    calls.append(1)
+    if len(calls) == 3:
+        open(ready, "w").close()
+        deadline = time.monotonic() + 120
+        while signal.getsignal(signal.SIGINT) is not signal.default_int_handler and time.monotonic() < deadline:
+            time.sleep(0.01)
+    return real(*args, **kwargs)
+
+orthcr.objective = objective
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_to_the_same_adapters(root, weights, tmp_path):
+    flags = ("--epochs", 2, "--lr", 1e-2, "--eval-limit", 2)  # 2 steps per epoch: stopped mid-epoch 2
+    full, out, ready = tmp_path / "full", tmp_path / "run with spaces", tmp_path / "in step 3"
+    with open(tmp_path / "stderr", "w") as err:
+        child = python(PAUSE_IN_STEP_3, ready, ROOT / "train.py", *base_args(root, weights, out, *flags), stderr=err)
+        try:
+            deadline = time.monotonic() + 300
+            while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.02)
+            assert child.poll() is None and len(read_log(out)) == 2
+            child.send_signal(signal.SIGINT)
+            assert child.wait(timeout=300) == 130
+        finally:
+            child.kill()
+    stderr = (tmp_path / "stderr").read_text()
+    assert f"checkpoint saved to {out / 'checkpoint.pt'} at step 3/4" in stderr
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    assert not (out / "adapters.pt").exists() and not (out / "results.json").exists()
+    lines = stderr.splitlines()
+    command = shlex.split(lines[lines.index(next(x for x in lines if x.endswith("resume with:"))) + 1])
+    assert command[:2] == [sys.executable, str(ROOT / "train.py")] and command[-1] == "--resume"
+    resumed = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resumed from {out / 'checkpoint.pt'} at step 3/4" in resumed.stderr
+    run_main(*base_args(root, weights, full, *flags))  # the same run, never interrupted
+    assert [r["loss"] for r in read_log(out)] == [r["loss"] for r in read_log(full)]
+    expected = saved_adapters(full)["adapters"]
+    assert saved_adapters(out)["adapters"].keys() == expected.keys()
+    for k, P in saved_adapters(out)["adapters"].items():
+        assert torch.equal(P, expected[k]) and P.abs().max() > 0, k  # bit for bit, and trained
+
+
+def test_ctrl_c_in_a_several_seed_run_prints_a_command_the_cli_accepts(root, weights, tmp_path, monkeypatch, capsys):
+    class StopAtStep1(train.Interrupt):  # as if Ctrl-C came during the first step
+        requested = property(lambda self: True, lambda self, value: None)
+
+    argv = ["--data", "eurosat", "--root", root, "--weights", weights, "--shots", 2, "--epochs", 1, "--seeds", 1, 2]
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "Interrupt", StopAtStep1)
+    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, argv)])
+    with pytest.raises(SystemExit) as stop:
+        run_main(*argv)
+    assert stop.value.code == 130
+    lines = capsys.readouterr().err.splitlines()
+    command = shlex.split(lines[lines.index(next(x for x in lines if x.endswith("resume with:"))) + 1])
+    args = train.parse_args(command[2:])  # exits 2 if the printed command is not a valid one
+    assert args.resume and args.seeds == [1, 2]
+
+
+# ----------------------------------------------------------------------------------------------------
+# A non-finite loss (or gradient) stops training, names the step, keeps the last good checkpoint
+
+
+@pytest.mark.parametrize("fault", ["nan loss", "inf loss", "nan gradient, finite loss"])
+def test_non_finite_training_stops_at_its_step_and_keeps_the_last_good_checkpoint(root, weights, tmp_path,
+                                                                                   monkeypatch, capsys, fault):
+    real, calls, before_step_3 = orthcr.objective, [], {}
+
+    def objective(model, params, adapters, *args, **kwargs):
+        calls.append(1)
+        loss, terms = real(model, params, adapters, *args, **kwargs)
+        if len(calls) < 3:
+            return loss, terms
+        before_step_3.update({k: P.detach().clone() for k, P in adapters.items()})
+        if fault == "nan gradient, finite loss":  # adds exactly 0 to the loss; d sqrt|x| at 0 is NaN
+            return loss + sum((P - P.detach()).abs().sqrt().sum() for P in adapters.values()), terms
+        return loss * float(fault.split()[0]), terms
+
+    monkeypatch.setattr(orthcr, "objective", objective)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run_main(*base_args(root, weights, out, "--epochs", 2, "--lr", 1e-2, "--save-every", 1))
+    assert stop.value.code not in (0, None)
+    assert f"at step 3; the last good checkpoint is {out / 'checkpoint.pt'}" in capsys.readouterr().err
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert checkpoint["step"] == 2 and [r["step"] for r in read_log(out)] == [1, 2]
+    assert checkpoint["adapters"].keys() == before_step_3.keys()
+    for k, P in checkpoint["adapters"].items():
+        assert torch.isfinite(P).all() and torch.equal(P, before_step_3[k]) and P.abs().max() > 0, k
+    assert not (out / "results.json").exists() and not (out / "adapters.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Untrusted files given to the CLI run nothing
+
+
+class Payload:
+    """Unpickling this runs `touch <marker>` through os.system."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def crafted(path, container, marker):
+    """A `.pt` whose unpickling would run Payload: a plain pickle, torch.save's zip, or a TorchScript-style zip."""
+    obj = {"adapters": {"visual.transformer.resblocks.0.mlp.c_fc.weight": Payload(marker)}}
+    if container == "plain_pickle":
+        path.write_bytes(pickle.dumps(obj, protocol=2))
+    elif container == "torch_save":
+        torch.save(obj, path)
+    else:
+        with zipfile.ZipFile(path, "w") as z:
+            z.writestr("evil/data.pkl", pickle.dumps(obj, protocol=2))
+            z.writestr("evil/version", "3\n")
+            z.writestr("evil/constants.pkl", pickle.dumps((), protocol=2))  # what marks a TorchScript archive
+            z.writestr("evil/code/__torch__.py", "")
+    return path
+
+
+def test_the_crafted_torch_save_file_is_live(tmp_path):
+    """Loaded the unsafe way, the torch.save-made file does run its command: the refusals below are real."""
+    path = crafted(tmp_path / "evil.pt", "torch_save", tmp_path / "ran")
+    torch.load(path, weights_only=False)
+    assert (tmp_path / "ran").exists()
+
+
+@pytest.mark.parametrize("container", ["plain_pickle", "torch_save", "torchscript_archive"])
+def test_crafted_weights_run_nothing_and_are_named(root, tmp_path, container):
+    marker = tmp_path / "ran"
+    evil = crafted(tmp_path / "evil.pt", container, marker)
+    with pytest.raises(SystemExit) as stop:
+        run_main(*base_args(root, evil, tmp_path / "run", "--zero-shot"))
+    assert str(stop.value.code).startswith(f"error: {evil}")
+    if container == "torchscript_archive":  # the restricted reader names the global it refused
+        assert f"refusing global '{os.system.__module__}.system'" in str(stop.value.code)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("container", ["plain_pickle", "torch_save"])
+def test_crafted_adapters_run_nothing_and_are_named(root, weights, tmp_path, container):
+    marker = tmp_path / "ran"
+    evil = crafted(tmp_path / "evil.pt", container, marker)
+    with pytest.raises(SystemExit) as stop:
+        run_main(*base_args(root, weights, tmp_path / "run", "--eval-only", "--adapters", evil))
+    assert str(stop.value.code).startswith(f"error: {evil} is not a valid adapters file (loaded with weights_only")
+    assert not marker.exists() and not (tmp_path / "run" / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Adapters from another configuration: the first mismatching tensor is named
+
+TINY = clip_min.CONFIGS["tiny"]
+
+
+@pytest.mark.parametrize("config, targets, blocks, first", [
+    (dict(TINY, vision_width=128), orthcr.DEFAULT_TARGETS, 4, "visual.transformer.resblocks.0.mlp.c_fc.weight"),
+    (dict(TINY, vision_layers=3), orthcr.DEFAULT_TARGETS, 4, "visual.transformer.resblocks.2.mlp.c_fc.weight"),
+    (dict(TINY, vision_layers=1), orthcr.DEFAULT_TARGETS, 4, "visual.transformer.resblocks.1.mlp.c_fc.weight"),
+    (TINY, ("attn.out_proj", "mlp.c_fc"), 4, "visual.transformer.resblocks.0.attn.out_proj.weight"),
+    (TINY, orthcr.DEFAULT_TARGETS, 2, "visual.transformer.resblocks.0.mlp.c_fc.weight"),
+], ids=["wider model", "deeper model", "shallower model", "other targets", "other block count"])
+def test_adapters_from_another_configuration_name_the_first_mismatching_tensor(root, weights, tmp_path, config,
+                                                                                targets, blocks, first):
+    params = dict(clip_min.random_model(config, seed=1).state_dict())
+    adapters = {k: torch.randn(P.shape) * 0.01 for k, P in orthcr.init_adapters(params, targets, blocks).items()}
+    path = tmp_path / "adapters.pt"
+    torch.save({"adapters": adapters, "config": {"model": "other", "targets": list(targets), "blocks": blocks,
+                                                 "towers": ["visual", "text"], "neumann": 0}}, path)
+    with pytest.raises(SystemExit) as stop:
+        run_main(*base_args(root, weights, tmp_path / "run", "--eval-only", "--adapters", path))
+    message = str(stop.value.code)
+    assert message.startswith(f"error: {path} ")
+    assert f"{first}'" in message or f"tensor {first}:" in message  # quoted by orthcr, bare in train.py
+    assert not (tmp_path / "run" / "results.json").exists()
+
+
+def test_adapters_with_other_block_count_evaluate_when_the_flags_say_so(root, weights, tmp_path):
+    params = dict(clip_min.random_model("tiny", seed=0).state_dict())
+    path = tmp_path / "adapters.pt"
+    torch.save({"adapters": {k: P.detach() for k, P in orthcr.init_adapters(params, blocks=2).items()}}, path)
+    results = run_main(*base_args(root, weights, tmp_path / "run", "--eval-only", "--adapters", path, "--blocks", 2,
+                                  "--eval-limit", 2))[0]["results"]
+    assert results["base"]["n"] == 2  # the refusal above is about the mismatch, not the block count
+
+
+# ----------------------------------------------------------------------------------------------------
+# Dataset faults through the CLI: the path is named before the model is read or anything is trained
+
+
+def truncate(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("fault", ["truncated JPEG", "image absent", "split not JSON", "empty class folder"])
+def test_dataset_faults_name_the_path_before_the_model_is_read(tmp_path, monkeypatch, fault):
+    data_root, data_name = tmp_path / "data", "eurosat"
+    if fault == "empty class folder":
+        make_imagenet_like(data_root, classes=3)
+        bad, data_name = data_root / "imagenet" / "images" / "train" / "n00000001", "imagenet"
+        for image in bad.iterdir():
+            image.unlink()
+    else:
+        make_eurosat_like(data_root)
+        bad = {"truncated JPEG": data_root / "eurosat" / "2750" / "Class0" / "Class0_0.jpg",  # in the 8-shot subset
+               "image absent": data_root / "eurosat" / "2750" / "Class1" / "Class1_27.jpg",  # a test image
+               "split not JSON": data_root / "eurosat" / "split_zhou_EuroSAT.json"}[fault]
+        if fault == "image absent":
+            bad.unlink()
+        elif fault == "truncated JPEG":
+            truncate(bad)
+        else:
+            bad.write_text('{"train": [')
+    read = []
+    monkeypatch.setattr(clip_min, "read_state_dict", lambda *a: read.append(a))
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run_main("--data", data_name, "--protocol", "fewshot", "--root", data_root, "--weights", __file__,
+                 "--shots", 8, "--out", out)
+    assert str(stop.value.code).startswith("error: ") and str(bad) in str(stop.value.code)
+    assert not read and not out.exists()  # no model read, no run folder, no log.jsonl
+
+
+# ----------------------------------------------------------------------------------------------------
+# A model download that fails through the CLI: URL and cache path named, nothing cached, the rerun works
+
+
+def test_model_download_fault_through_the_cli_then_rerun(root, server, tmp_path, monkeypatch):  # noqa: F811
+    blob = tmp_path / "tiny.pt"
+    torch.save(clip_min.random_model("tiny", seed=0).state_dict(), blob)
+    digest = sha256(blob.read_bytes())
+    url, cache = f"{server['url']}/clip/models/{digest}/ViT-B-16.pt", tmp_path / "cache"
+    monkeypatch.setattr(clip_min, "MODELS", {"ViT-B/16": url})
+    argv = ["--data", "eurosat", "--root", root, "--model", "ViT-B/16", "--download-root", cache, "--zero-shot",
+            "--eval-limit", 2, "--out", tmp_path / "run"]
+    with pytest.raises(SystemExit) as stop:  # not served yet: 404
+        run_main(*argv)
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "404" in message and url in message and str(cache) in message
+    assert not cache.exists() or list(cache.iterdir()) == []
+    server["files"][url[len(server["url"]):]] = blob.read_bytes()
+    results = run_main(*argv)[0]["results"]
+    assert results["base"]["n"] == 2 and (cache / "ViT-B-16.pt").read_bytes() == blob.read_bytes()
