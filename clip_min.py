@@ -49,7 +49,8 @@ class QuickGELU(nn.Module):
     """x * sigmoid(1.702 x): the GELU approximation CLIP was trained with."""
 
     def forward(self, x):
-        return x * torch.sigmoid(1.702 * x)
+        # = x * sigmoid(1.702 x), as one fused op: faster, and autograd keeps one tensor for it instead of two
+        return F.silu(1.702 * x) / 1.702
 
 
 class Attention(nn.Module):
@@ -65,8 +66,9 @@ class Attention(nn.Module):
     def forward(self, x, attn_mask=None):
         n, length, width = x.shape  # (N, L, D), batch first
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (N, L, 3D)
-        qkv = qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)  # (3, N, H, L, D/H)
-        y = F.scaled_dot_product_attention(qkv[0], qkv[1], qkv[2], attn_mask=attn_mask)  # (N, H, L, D/H)
+        # unbind, not qkv[0], qkv[1], qkv[2]: the backward of each index would fill a zero tensor the size of qkv
+        q, k, v = qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, L, D/H)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, H, L, D/H)
         y = y.transpose(1, 2).reshape(n, length, width)  # (N, L, D)
         return self.out_proj(y)
 

@@ -39,16 +39,35 @@ def at_least_fp32(x):
     return x if x.dtype == torch.float64 else x.float()
 
 
+class CayleyFromSkew(torch.autograd.Function):
+    """R = (I + Q)(I - Q)^-1 from a skew-symmetric Q, with a backward of two matmuls instead of a second solve.
+
+    R = 2 (I - Q)^-1 - I, so dR = 2 A^-1 dQ A^-1 with A^-1 = (R + I) / 2, and dL/dQ = (R + I)^T G (R + I)^T / 2.
+    Saving R alone (no LU factors) also keeps less memory alive until the backward."""
+
+    @staticmethod
+    def forward(ctx, Q):
+        eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+        # X (I - Q) = (I + Q); the factors commute, so this is also (I - Q)^-1 (I + Q)
+        R = torch.linalg.solve(eye - Q, eye + Q, left=False)
+        ctx.save_for_backward(R)
+        return R
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, G):
+        (R,) = ctx.saved_tensors
+        half_inverse_t = (R + torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)).transpose(-1, -2)  # 2 A^-T
+        return half_inverse_t @ G @ half_inverse_t / 2
+
+
 def cayley(P):
     """R = (I + Q)(I - Q)^-1 for each block of P (..., b, b): exactly orthogonal, det +1, R = I at P = 0.
 
     Computed in fp32 or fp64 (autocast off): the solve is ill-suited to half precision, and R feeds every weight.
     """
     with torch.autocast(P.device.type, enabled=False):
-        Q = skew(at_least_fp32(P))
-        eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-        # X (I - Q) = (I + Q); the factors commute, so this is also (I - Q)^-1 (I + Q)
-        return torch.linalg.solve(eye - Q, eye + Q, left=False)
+        return CayleyFromSkew.apply(skew(at_least_fp32(P)))
 
 
 def cayley_neumann(P, terms=5):
