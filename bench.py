@@ -6,13 +6,17 @@ The reference step: CLIP ViT-B/16 with random weights in the official format; 16
 towers (r = 4 blocks, exact Cayley); loss CE + CE + 1.5 KL + 1 KL against the frozen zero-shot model; one
 AdamW step. fp32 on the CPU (bf16 autocast with --device cuda).
 
-Every measurement runs in its own subprocess (`bench.py --worker NAME`), so each one's peak memory is its
-own. The HF/PEFT workers run under this Python when it can import them, else under .bench-venv/bin/python
-(see requirements-bench.txt); a peer that is not installed is skipped with a note.
+Every training step runs in its own subprocess (`bench.py --worker NAME`), so each one's peak memory is its
+own; eval throughput of ours and OpenAI's runs in one subprocess, alternating rounds so that machine load
+hits both alike. The HF/PEFT workers run under this Python when it can import them, else under
+.bench-venv/bin/python (see requirements-bench.txt); a peer that is not installed is skipped with a note.
+FLOPs are counted by torch's FlopCounterMode on each warm-up step (matmuls, convolutions and attention; the
+Cayley solves are not counted), and the floor is our step's FLOPs at the best measured fp32 torch.mm rate.
 
     python bench.py                 # the full run (minutes on a 2-core CPU)
     python bench.py --quick         # the tiny config: a smoke test of every path
     python bench.py --steps 5 --json --device cuda
+    python bench.py --only ours_step eval   # a subset of: matmul ours_step eval peft_exact peft_neumann
 """
 
 import argparse
@@ -104,7 +108,8 @@ def log(*args):
 
 
 def worker_matmul(args):
-    """The machine's fp32 matmul rate: the best of a large square torch.mm and the MLP's own shape."""
+    """The machine's fp32 matmul rate: the fastest of 10 runs of a large square torch.mm and of the MLP's shape
+    (the fastest, not the median: the floor is what the hardware can do, not what a loaded machine did)."""
     rates = {}
     n = 4096 if not args.quick else 1024
     tokens = 2 * BATCH * 197  # clean + cutout images x (1 + 14 x 14) tokens of ViT-B/16
@@ -112,8 +117,7 @@ def worker_matmul(args):
         a = torch.randn(m, k, device=args.device)
         b = torch.randn(k, n_, device=args.device)
         torch.mm(a, b)  # warm-up
-        seconds = statistics.median(timed(lambda: torch.mm(a, b), 5, args.device))
-        rates[name] = 2 * m * k * n_ / seconds
+        rates[name] = 2 * m * k * n_ / min(timed(lambda: torch.mm(a, b), 10, args.device))
     return {"matmul_flops_per_s": max(rates.values()), "matmul_rates": rates}
 
 
@@ -159,14 +163,7 @@ def worker_ours_step(args):
             "cayley_merge_share": merge_s / step_s, "trainable": orthcr.count_parameters(adapters), **memory}
 
 
-def eval_throughput(encode, images, repeats, device):
-    with torch.inference_mode(), autocast(device):
-        encode(images)  # warm-up
-        seconds = statistics.median(timed(lambda: encode(images), repeats, device))
-    return images.shape[0] / seconds
-
-
-def merged_state_dict(config, device):
+def merged_state_dict(config):
     """The official-format state dict of a finetuned model: random CLIP, adapters at a small random P."""
     params = dict(clip_min.random_model(config, seed=0).state_dict())
     adapters = orthcr.init_adapters(params, blocks=BLOCKS)
@@ -174,14 +171,6 @@ def merged_state_dict(config, device):
     for P in adapters.values():
         P.data.copy_(torch.randn(P.shape, generator=g) * 1e-3)
     return orthcr.export_state_dict(params, adapters)
-
-
-def worker_ours_eval(args):
-    model = clip_min.build_model(merged_state_dict(args.config, args.device)).to(args.device)
-    images, _, _ = reference_batch(args.config, args.device)
-    images = clip_min.normalize(images)
-    return {"eval_img_s": eval_throughput(model.encode_image, images, args.steps, args.device),
-            **memory_figures(args.device)}
 
 
 def openai_module():
@@ -195,14 +184,27 @@ def openai_module():
     return None
 
 
-def worker_openai_eval(args):
+def worker_eval(args):
+    """encode_image images/s at batch 16 of the merged model in clip_min and, from the same state dict, in
+    OpenAI's model.py; rounds alternate between the two so that machine load affects both alike."""
+    state_dict = merged_state_dict(args.config)
+    models = {"ours": clip_min.build_model(state_dict).to(args.device)}
     openai = openai_module()
-    # the same merged state dict: our export loads in OpenAI's code; its build_model casts to fp16, so back to fp32
-    model = openai.build_model(merged_state_dict(args.config, args.device)).float().to(args.device).eval()
-    images, _, _ = reference_batch(args.config, args.device)
-    images = clip_min.normalize(images)
-    return {"eval_img_s": eval_throughput(model.encode_image, images, args.steps, args.device),
-            **memory_figures(args.device)}
+    if openai is not None:
+        # our export loads in OpenAI's code as is; its build_model stores fp16, so cast back to fp32
+        models["openai"] = openai.build_model(dict(state_dict)).float().to(args.device).eval()
+    images = clip_min.normalize(reference_batch(args.config, args.device)[0])
+    times = {name: [] for name in models}
+    with torch.inference_mode(), autocast(args.device):
+        for model in models.values():
+            model.encode_image(images)  # warm-up
+        for _ in range(args.steps):
+            for name, model in models.items():
+                times[name] += timed(lambda: model.encode_image(images), 1, args.device)
+    result = {f"{name}_eval_img_s": BATCH / statistics.median(t) for name, t in times.items()}
+    if openai is None:
+        result["openai_skipped"] = "OpenAI's clip/model.py not found (set ORTHCR_OPENAI_CLIP to its clip/ folder)"
+    return result
 
 
 def hf_clip_config(config):
@@ -258,8 +260,7 @@ def worker_peft_step(args, neumann):
 WORKERS = {
     "matmul": worker_matmul,
     "ours_step": worker_ours_step,
-    "ours_eval": worker_ours_eval,
-    "openai_eval": worker_openai_eval,
+    "eval": worker_eval,
     "peft_exact": lambda args: worker_peft_step(args, neumann=False),
     "peft_neumann": lambda args: worker_peft_step(args, neumann=True),
 }
@@ -276,8 +277,6 @@ def has_modules(python, *modules):
 
 def interpreter(name):
     """(python, None) to run worker `name` with, or (None, why it is skipped)."""
-    if name == "openai_eval" and openai_module() is None:
-        return None, "OpenAI's clip/model.py not found (set ORTHCR_OPENAI_CLIP to its clip/ folder)"
     if name.startswith("peft"):
         for python in (sys.executable, BENCH_PYTHON):
             if Path(python).exists() and has_modules(python, "transformers", "peft"):
@@ -320,8 +319,11 @@ def main():
         return
 
     r = {name: run_worker(name, args) for name in (args.only or WORKERS)}
-    ours, ours_eval = r.get("ours_step", {}), r.get("ours_eval", {})
-    openai_eval, exact, neumann = r.get("openai_eval", {}), r.get("peft_exact", {}), r.get("peft_neumann", {})
+    ours, exact, neumann = r.get("ours_step", {}), r.get("peft_exact", {}), r.get("peft_neumann", {})
+    ev = r.get("eval", {})
+    ours_eval = {"eval_img_s": ev["ours_eval_img_s"]} if "ours_eval_img_s" in ev else {}
+    openai_eval = {"eval_img_s": ev["openai_eval_img_s"]} if "openai_eval_img_s" in ev else \
+        {"skipped": ev.get("openai_skipped", "not run")}
     rate = r.get("matmul", {}).get("matmul_flops_per_s")
     floor_s = ours["step_flops"] / rate if rate and "step_flops" in ours else None
     summary = {
