@@ -12,7 +12,6 @@ P, of shape (r, b, b) with r * b = in_features. One training step:
 where p0 are the frozen zero-shot model's class probabilities (W0, no gradient): the "cross-regularization".
 """
 
-import math
 from collections import defaultdict
 
 import torch

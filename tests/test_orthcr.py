@@ -58,6 +58,22 @@ def test_cayley_is_exactly_identity_at_zero(device, blocks, size):
     assert torch.equal(R, torch.eye(size, device=device).expand(blocks, size, size))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31), blocks=st.integers(1, 3), size=st.integers(1, 8), scale=st.floats(0.0, 2.0))
+def test_cayley_gradient_equals_autograd_through_the_plain_formula(device, seed, blocks, size, scale):
+    # cayley has a hand-written backward (from R, no second solve): check it against finite differences and
+    # against autograd through (I + Q) @ inv(I - Q)
+    P = random_P(seed, blocks, size, scale, torch.float64, device).requires_grad_()
+    assert torch.autograd.gradcheck(orthcr.cayley, (P,))
+    G = torch.randn(P.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(seed + 1)).to(device)
+    Q = orthcr.skew(P)
+    eye = torch.eye(size, dtype=P.dtype, device=device)
+    (expected,) = torch.autograd.grad(((eye + Q) @ torch.linalg.inv(eye - Q) * G).sum(), P)
+    (ours,) = torch.autograd.grad((orthcr.cayley(P) * G).sum(), P)
+    assert torch.allclose(ours, expected, atol=1e-10)
+
+
 def test_cayley_is_computed_in_fp32_under_autocast():
     P = random_P(0, 2, 16, 0.5, torch.float32, "cpu")
     with torch.autocast("cpu", dtype=torch.bfloat16):
