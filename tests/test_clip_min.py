@@ -510,3 +510,20 @@ def test_live_b16_parity(live_b16, file):
     assert (unit(image_features) - unit(expected["image"])).abs().max() <= 1e-5
     assert (unit(text_features) - unit(expected["text"])).abs().max() <= 1e-5
     torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-3)
+
+
+@pytest.mark.parametrize("shape", [(3, 8), (2, 5, 8)])
+def test_quick_gelu_linear_gradients_equal_plain_autograd(shape):
+    # the MLP's c_proj(quick_gelu(h)) has a hand-written backward that recomputes the activation
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(clip_min.QuickGELULinear.apply, (h, weight, bias))
+    out = clip_min.QuickGELULinear.apply(h, weight, bias)
+    plain = torch.nn.functional.linear(h * torch.sigmoid(1.702 * h), weight, bias)
+    assert torch.allclose(out, plain, atol=1e-12)
+    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
+    ours = torch.autograd.grad((out * upstream).sum(), (h, weight, bias))
+    expected = torch.autograd.grad((plain * upstream).sum(), (h, weight, bias))
+    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(ours, expected))

@@ -142,6 +142,9 @@ def test_merged_model_equals_base_bit_for_bit_at_init(tiny_model, device):
 def rotate_inputs_model(model, adapters):
     """An independent formulation: keep W0 and rotate each adapted layer's input, x -> x R (per block)."""
     model = copy.deepcopy(model)
+    for module in model.modules():  # call c_fc and c_proj as modules, so that their pre-hooks run
+        if isinstance(module, clip_min.MLP):
+            module.forward = lambda x, m=module: m.c_proj(clip_min.quick_gelu(m.c_fc(x)))
     modules = dict(model.named_modules())
     for key, P in adapters.items():
         R = orthcr.cayley(P.detach().double()).float()
