@@ -67,14 +67,14 @@ class QuickGELULinear(torch.autograd.Function):
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):
         h, weight = ctx.saved_tensors
-        s = torch.sigmoid(1.702 * h)
+        y = 1.702 * h
         grad_h = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:  # d/dh h s(1.702 h) = s + 1.702 h s (1 - s)
-            grad_h = (grad @ weight.to(grad.dtype)) * (s + 1.702 * h * s * (1 - s))
-        if ctx.needs_input_grad[1]:
-            grad_weight = grad.flatten(0, -2).t() @ (h * s).flatten(0, -2)  # (out, 4 * width)
         if ctx.needs_input_grad[2]:
             grad_bias = grad.flatten(0, -2).sum(0)
+        if ctx.needs_input_grad[1]:  # c_proj's input, recomputed: quick_gelu(h) = silu(y) / 1.702
+            grad_weight = grad.flatten(0, -2).t() @ F.silu(y).div_(1.702).flatten(0, -2)  # (out, 4 * width)
+        if ctx.needs_input_grad[0]:  # d quick_gelu / dh = silu'(1.702 h): aten's fused silu backward
+            grad_h = torch.ops.aten.silu_backward(grad @ weight.to(grad.dtype), y)
         return grad_h, grad_weight, grad_bias
 
 
