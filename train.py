@@ -36,6 +36,7 @@ WEIGHT_DECAY = 0.0  # decay of P would pull R towards I: the KL term already kee
 WARMUP_STEPS = 10  # linear warm-up (at most a tenth of training), then cosine decay to 0
 EVAL_BATCH_SIZE = 64
 
+ADAPTER_LAYOUT = {"targets": list(orthcr.DEFAULT_TARGETS), "blocks": 4, "towers": ["visual", "text"]}
 PROTOCOLS = ("base2new", "fewshot", "cross", "dg")
 CROSS_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
                  "sun397", "dtd", "eurosat", "ucf101", "imagenet")
@@ -64,9 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
     p.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS)
     # the method
-    p.add_argument("--blocks", type=int, default=4, help="r: diagonal blocks of each orthogonal matrix")
-    p.add_argument("--targets", nargs="+", default=list(orthcr.DEFAULT_TARGETS), help="layers to adapt")
-    p.add_argument("--towers", nargs="+", default=["visual", "text"], help="towers to adapt")
+    # the adapter layout; with --eval-only, what is not given is read from the adapters file
+    p.add_argument("--blocks", type=int, default=None, help="r: diagonal blocks of each orthogonal matrix (4)")
+    p.add_argument("--targets", nargs="+", default=None, help=f"layers to adapt ({' '.join(orthcr.DEFAULT_TARGETS)})")
+    p.add_argument("--towers", nargs="+", default=None, help="towers to adapt (visual text)")
     p.add_argument("--neumann", type=int, default=0, help="terms of the approximate Cayley (0: exact solve)")
     p.add_argument("--lambda1", type=float, default=1.5, help="weight of KL(zero-shot || finetuned) on clean images")
     p.add_argument("--lambda2", type=float, default=1.0, help="weight of the KL term on Cutout images")
@@ -87,6 +89,10 @@ def parse_args(argv=None):
     p.add_argument("--log-every", type=int, default=1)
     p.add_argument("--download-root", default=None, help="model cache (default ~/.cache/clip)")
     args = p.parse_args(argv)
+    args.layout_given = [k for k in ADAPTER_LAYOUT if getattr(args, k) is not None]
+    for k, default in ADAPTER_LAYOUT.items():
+        if getattr(args, k) is None:
+            setattr(args, k, default)
     problems = validate(args)
     if problems:
         p.error("; ".join(problems))
@@ -290,11 +296,15 @@ def adapter_config(args, checkpoint_sha256):
 
 
 def load_adapters(path, params, args):
-    """Adapters saved by this script; a mismatch with the model or with this run's --targets/--blocks/--towers
-    names the first offending tensor (in state-dict order), so a partial or foreign file is never evaluated."""
+    """Adapters saved by this script. The layout flags not given on the command line are taken from the file's
+    config (as PEFT reads adapter_config.json); a mismatch with the model or with the layout names the first
+    offending tensor (in state-dict order), so a partial or foreign file is never evaluated."""
     saved = load_torch(path, "adapters")
     if not isinstance(saved, dict) or not isinstance(saved.get("adapters"), dict):
         raise SystemExit(f"error: {path} holds no 'adapters' entry: not an adapters.pt written by train.py")
+    for k in ADAPTER_LAYOUT:
+        if k not in args.layout_given and k in (saved.get("config") or {}):
+            setattr(args, k, saved["config"][k])
     try:
         orthcr.check_adapters(params, saved["adapters"])
         keys = orthcr.target_keys(params, args.targets, args.towers)
@@ -456,6 +466,8 @@ def run(args, seed, datasets, model, params, checkpoint_sha256):
     dtype = autocast_dtype(args)
     n_px = model.visual.input_resolution
     train_set, eval_sets = datasets
+    if args.eval_only:  # before config.json, which then records the layout read from the file
+        saved = load_adapters(args.adapters, params, args)
     config = {**vars(args), "seed": seed, "code_version": code_version(), "checkpoint_sha256": checkpoint_sha256,
               "torch": torch.__version__, "train_images": len(train_set.train) if train_set else 0}
     save_json(out / "config.json", config)
@@ -464,7 +476,6 @@ def run(args, seed, datasets, model, params, checkpoint_sha256):
         merged = params
     else:
         if args.eval_only:
-            saved = load_adapters(args.adapters, params, args)
             adapters = {k: P.to(args.device) for k, P in saved["adapters"].items()}
             neumann = saved.get("config", {}).get("neumann", 0)  # evaluated as they were trained
         else:

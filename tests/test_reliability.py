@@ -283,8 +283,10 @@ def test_adapters_from_another_configuration_name_the_first_mismatching_tensor(r
     path = tmp_path / "adapters.pt"
     torch.save({"adapters": adapters, "config": {"model": "other", "targets": list(targets), "blocks": blocks,
                                                  "towers": ["visual", "text"], "neumann": 0}}, path)
+    # the run asks for the default layout explicitly; a file made for another model fails whatever is asked
+    layout = ("--targets", *orthcr.DEFAULT_TARGETS, "--blocks", 4)
     with pytest.raises(SystemExit) as stop:
-        run_main(*base_args(root, weights, tmp_path / "run", "--eval-only", "--adapters", path))
+        run_main(*base_args(root, weights, tmp_path / "run", "--eval-only", "--adapters", path, *layout))
     message = str(stop.value.code)
     assert message.startswith(f"error: {path} ")
     assert f"{first}'" in message or f"tensor {first}:" in message  # quoted by orthcr, bare in train.py
@@ -298,6 +300,20 @@ def test_adapters_with_other_block_count_evaluate_when_the_flags_say_so(root, we
     results = run_main(*base_args(root, weights, tmp_path / "run", "--eval-only", "--adapters", path, "--blocks", 2,
                                   "--eval-limit", 2))[0]["results"]
     assert results["base"]["n"] == 2  # the refusal above is about the mismatch, not the block count
+
+
+def test_eval_only_reads_the_layout_from_the_adapters_file(root, weights, tmp_path):
+    params = dict(clip_min.random_model("tiny", seed=0).state_dict())
+    targets = ["attn.out_proj", "mlp.c_fc"]
+    adapters = {k: P.detach() for k, P in orthcr.init_adapters(params, targets, blocks=2, towers=["visual"]).items()}
+    path = tmp_path / "adapters.pt"
+    torch.save({"adapters": adapters, "config": {"targets": targets, "blocks": 2, "towers": ["visual"]}}, path)
+    run_main(*base_args(root, weights, tmp_path / "run", "--eval-only", "--adapters", path, "--eval-limit", 2))
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert (config["targets"], config["blocks"], config["towers"]) == (targets, 2, ["visual"])
+    # a flag given on the command line still wins, and a mismatch with it is refused
+    with pytest.raises(SystemExit, match="first mismatching tensor"):
+        run_main(*base_args(root, weights, tmp_path / "run2", "--eval-only", "--adapters", path, "--blocks", 4))
 
 
 # ----------------------------------------------------------------------------------------------------
