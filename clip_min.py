@@ -363,6 +363,20 @@ def download(url, path, sha256=None, md5=None, chunk=1 << 20):
     return path
 
 
+def write_atomic(path, write):
+    """write(tmp) to a fresh temporary file beside `path`, then rename it onto `path`: readers see the old file
+    or the new one, never half of one, and a failed write leaves no temporary behind (used by data.py, train.py)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def progress(url, done, total, seconds):
     rate = done / max(seconds, 1e-9) / 2**20
     share = f"{100 * done / total:5.1f}% of {total / 2**20:.1f} MiB" if total else f"{done / 2**20:.1f} MiB"

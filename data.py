@@ -148,16 +148,8 @@ def load_image(path):
 
 def write_json(path, obj):
     """Write JSON to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    clip_min.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj)))
 
 
 def read_json(path, what):
@@ -376,14 +368,7 @@ def copy_verified(src, dst, sha256):
     data = Path(src).read_bytes()
     if hashlib.sha256(data).hexdigest() != sha256:
         raise DataError(f"{src} does not have sha256 {sha256}; restore it from the repository")
-    fd, tmp = tempfile.mkstemp(dir=Path(dst).parent, prefix=f".{Path(dst).name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    clip_min.write_atomic(dst, lambda tmp: tmp.write_bytes(data))
 
 
 def setup_eurosat(folder, download=True):

@@ -168,24 +168,12 @@ def autocast_dtype(args):
 
 # ---------------------------------------------------------------------------------------------------- files
 
-def write_atomic(path, write):
-    """write(tmp_path), then rename onto `path`: readers see the old file or the new one, never half of one."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def save_json(path, obj):
-    write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+def save_json(path, obj):  # every file of a run goes through clip_min.write_atomic: temporary name, then rename
+    clip_min.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
 def save_torch(path, obj):
-    write_atomic(path, lambda tmp: torch.save(obj, tmp))
+    clip_min.write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_torch(path, what):
@@ -290,6 +278,11 @@ def lr_at(step, total, args):
     return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def cayley_transform(neumann):
+    """The exact Cayley transform, or its Neumann approximation with `neumann` terms (--neumann)."""
+    return orthcr.cayley if neumann == 0 else lambda P: orthcr.cayley_neumann(P, neumann)
+
+
 def adapter_config(args, checkpoint_sha256):
     return {"model": args.model, "checkpoint_sha256": checkpoint_sha256, "targets": list(args.targets),
             "towers": list(args.towers), "blocks": args.blocks, "neumann": args.neumann}
@@ -361,7 +354,7 @@ def train(model, params, train_set, args, seed, out, dtype, n_px, checkpoint_sha
     adapters = orthcr.init_adapters(params, args.targets, args.blocks, args.towers)
     optimizer = torch.optim.AdamW(adapters.values(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device=torch.device(device).type, enabled=dtype == torch.float16)
-    transform = orthcr.cayley if args.neumann == 0 else lambda P: orthcr.cayley_neumann(P, args.neumann)
+    transform = cayley_transform(args.neumann)
     tokens = clip_min.tokenize(train_set.prompts()).to(device)
     with autocast(device, dtype):
         zs_text = orthcr.zero_shot_text_features(model, params, tokens)  # the frozen teacher's classifier, once
@@ -388,7 +381,7 @@ def train(model, params, train_set, args, seed, out, dtype, n_px, checkpoint_sha
         # the log keeps exactly the steps the checkpoint holds
         kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step] \
             if log_path.is_file() else []
-        write_atomic(log_path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+        clip_min.write_atomic(log_path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
         print(f"resumed from {ckpt_path} at step {step}/{total}", file=sys.stderr)
     elif args.resume:
         print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch", file=sys.stderr)
@@ -483,8 +476,7 @@ def run(args, seed, datasets, model, params, checkpoint_sha256):
             save_torch(out / "adapters.pt", {"adapters": {k: P.detach().cpu() for k, P in adapters.items()},
                                              "config": adapter_config(args, checkpoint_sha256)})
             neumann = args.neumann
-        transform = orthcr.cayley if neumann == 0 else lambda P: orthcr.cayley_neumann(P, neumann)
-        merged = orthcr.export_state_dict(params, adapters, transform)  # merged once: eval costs plain CLIP
+        merged = orthcr.export_state_dict(params, adapters, cayley_transform(neumann))  # merged once: eval costs plain CLIP
         if args.export:
             save_torch(out / "merged.pt", {k: v.cpu() for k, v in merged.items()})
     results = {"data": args.data, "protocol": args.protocol, "shots": args.shots, "seed": seed,
@@ -520,8 +512,7 @@ def main(argv=None):
     except data.DataError as e:
         raise SystemExit(f"error: {e}")
     try:
-        path, checkpoint_sha256 = (Path(args.weights), clip_min.file_sha256(args.weights)) if args.weights \
-            else clip_min.checkpoint(args.model, args.download_root)
+        path, checkpoint_sha256 = clip_min.checkpoint(args.weights or args.model, args.download_root)
         model = clip_min.build_model(clip_min.read_state_dict(path), source=str(path)).to(args.device)
     except (ValueError, RuntimeError, OSError) as e:  # bad file, failed download, unreadable path
         raise SystemExit(f"error: {e}")
