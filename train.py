@@ -240,9 +240,10 @@ def class_features(model, params, prompts, device, dtype, batch=256):
 
 
 @torch.no_grad()
-def evaluate(model, params, dataset, items, args, dtype, n_px):
+def evaluate(model, params, dataset, items, args, dtype, n_px, classifier=None):
     """Top-1 accuracy (%) of CLIP's classifier under `params` on `items`, with the count behind it."""
-    classifier = class_features(model, params, dataset.prompts(), args.device, dtype)
+    if classifier is None:
+        classifier = class_features(model, params, dataset.prompts(), args.device, dtype)
     correct = 0
     for images, labels in data.batches(items, args.eval_batch_size, train=False, num_workers=args.workers,
                                        n_px=n_px):
@@ -258,9 +259,13 @@ def harmonic_mean(a, b):
 
 
 def evaluate_all(model, params, eval_sets, args, seed, dtype, n_px):
-    results = {}
+    results, classifiers = {}, {}
     for split, dataset in eval_sets.items():
-        results[split] = evaluate(model, params, dataset, test_items(args, dataset, seed), args, dtype, n_px)
+        prompts = tuple(dataset.prompts())  # ImageNet, -V2 and -Sketch share one 1000-class classifier
+        if prompts not in classifiers:
+            classifiers[prompts] = class_features(model, params, prompts, args.device, dtype)
+        results[split] = evaluate(model, params, dataset, test_items(args, dataset, seed), args, dtype, n_px,
+                                  classifiers[prompts])
         print(f"{split}: {results[split]['accuracy']:.2f}% of {results[split]['n']} test images", file=sys.stderr)
     if args.protocol == "base2new":
         results["hm"] = harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])
