@@ -33,6 +33,7 @@ from PIL import Image
 import torch.nn.functional as F
 from torch import nn
 
+
 # ----------------------------------------------------------------------------------------------------
 # The model
 
@@ -316,253 +317,6 @@ def random_model(config="tiny", seed=0):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Downloads (shared with data.py)
-
-
-def download(url, path, sha256=None, md5=None, chunk=1 << 20):
-    """Fetch `url` to `path`, verifying the checksum; return `path`.
-
-    Streams to a temporary file beside `path` with a progress line on stderr and renames it into place
-    only once the checksum matches, so a failure never leaves a file under the final name. An existing
-    file with the right checksum is reused; one with the wrong checksum is downloaded again.
-    """
-    path = Path(path).expanduser()
-    if path.exists() and not path.is_file():
-        raise RuntimeError(f"{path} exists and is not a regular file")
-    if path.is_file():
-        if checksum_ok(path, sha256, md5):
-            return path
-        print(f"{path}: checksum mismatch, downloading {url} again", file=sys.stderr)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                with urllib.request.urlopen(url, timeout=60) as response:
-                    total = int(response.headers.get("Content-Length") or 0)
-                    done, start, last = 0, time.monotonic(), 0.0
-                    while block := response.read(chunk):
-                        out.write(block)
-                        done += len(block)
-                        if time.monotonic() - last > 0.5 or done == total:
-                            last = time.monotonic()
-                            progress(url, done, total, last - start)
-                    if total and done != total:
-                        raise OSError(f"connection closed after {done} of {total} bytes")
-            except Exception as e:  # network faults, HTTP errors, short reads, full disks
-                raise RuntimeError(f"download of {url} to {path} failed: {e}") from e
-            finally:
-                print(file=sys.stderr)
-        if not checksum_ok(tmp, sha256, md5):
-            raise RuntimeError(f"download of {url} to {path} failed: checksum mismatch "
-                               f"(expected {'sha256 ' + sha256 if sha256 else 'md5 ' + md5})")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
-
-
-def write_atomic(path, write):
-    """write(tmp) to a fresh temporary file beside `path`, then rename it onto `path`: readers see the old file
-    or the new one, never half of one, and a failed write leaves no temporary behind (used by data.py, train.py)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    tmp = Path(tmp)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def progress(url, done, total, seconds):
-    rate = done / max(seconds, 1e-9) / 2**20
-    share = f"{100 * done / total:5.1f}% of {total / 2**20:.1f} MiB" if total else f"{done / 2**20:.1f} MiB"
-    print(f"\r{os.path.basename(url)}: {share}, {rate:.1f} MiB/s", end="", file=sys.stderr, flush=True)
-
-
-def checksum_ok(path, sha256=None, md5=None):
-    """True when the file's sha256 (or md5) matches; with no expected checksum, True."""
-    if not (sha256 or md5):
-        return True
-    return file_hash(path, "sha256" if sha256 else "md5") == (sha256 or md5)
-
-
-def file_sha256(path):
-    return file_hash(path, "sha256")
-
-
-def file_hash(path, algorithm="sha256"):
-    h = hashlib.new(algorithm)
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Loading OpenAI's checkpoints
-
-# OpenAI's published ViT checkpoints; the path component before the file name is the file's SHA-256
-MODELS = {
-    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/"
-                "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
-    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/"
-                "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
-    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/"
-                "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
-    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/"
-                      "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
-}
-DOWNLOAD_ROOT = "~/.cache/clip"  # the folder OpenAI's package uses, so its downloads are reused
-
-
-def available_models():
-    return list(MODELS)
-
-
-def checkpoint_path(name_or_path="ViT-B/16", download_root=None):
-    """The file of a checkpoint: a name from MODELS (downloaded and verified if not cached) or a file path."""
-    if name_or_path in MODELS:
-        url = MODELS[name_or_path]
-        root = Path(download_root or DOWNLOAD_ROOT).expanduser()
-        return download(url, root / os.path.basename(url), sha256=url.split("/")[-2])
-    path = Path(name_or_path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"no CLIP checkpoint {name_or_path!r}: not a file, nor one of {available_models()}")
-    return path
-
-
-def checkpoint(name_or_path="ViT-B/16", download_root=None):
-    """(path, sha256) of a checkpoint, for run records: the SHA-256 is verified or computed, never assumed."""
-    path = checkpoint_path(name_or_path, download_root)
-    return path, (MODELS[name_or_path].split("/")[-2] if name_or_path in MODELS else file_sha256(path))
-
-
-def load(name_or_path="ViT-B/16", device="cpu", download_root=None):
-    """A CLIP in eval mode on `device`, in fp32, from a model name (see MODELS) or a checkpoint file."""
-    path = checkpoint_path(name_or_path, download_root)
-    return build_model(read_state_dict(path), source=str(path)).to(device)
-
-
-def read_state_dict(path):
-    """The tensors of a checkpoint file: OpenAI's TorchScript archive, or a `torch.save`d state dict.
-
-    Nothing from the file is executed: archives go through a restricted unpickler (`ArchiveUnpickler`),
-    plain files through `torch.load(weights_only=True)`.
-    """
-    path = Path(path)
-    with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"
-    if is_zip:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                top = archive_top(archive, path)
-                if f"{top}/constants.pkl" in archive.namelist():  # only TorchScript archives carry code + constants
-                    return read_torchscript(archive, top, path)
-        except zipfile.BadZipFile as e:
-            raise ValueError(f"{path}: truncated or corrupt checkpoint archive ({e})") from None
-    try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(f"{path}: not a CLIP checkpoint (neither a TorchScript archive nor a torch.save "
-                         f"state dict that loads with weights_only=True): {e}") from None
-    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-        raise ValueError(f"{path}: expected a dict of tensors (a state dict), got {type(state_dict).__name__}")
-    return dict(state_dict)
-
-
-def archive_top(archive, path):
-    """The archive's top-level folder (named after the saved file, so never assumed), the one holding data.pkl."""
-    tops = [name[:-len("/data.pkl")] for name in archive.namelist()
-            if name.endswith("/data.pkl") and name.count("/") == 1]
-    if len(tops) != 1:
-        raise ValueError(f"{path}: not a PyTorch archive: expected one <folder>/data.pkl, found {len(tops)}")
-    return tops[0]
-
-
-def read_torchscript(archive, top, path):
-    """{dotted name: tensor} of every tensor in the archive's module tree, rebuilt from its data/ records."""
-    byteorder = f"{top}/byteorder"
-    if byteorder in archive.namelist() and archive.read(byteorder).decode() != sys.byteorder:
-        raise ValueError(f"{path}: archive byte order {archive.read(byteorder).decode()} is not this machine's")
-    try:
-        root = ArchiveUnpickler(archive, top, path).load()
-    except (pickle.UnpicklingError, ValueError, KeyError, EOFError, RuntimeError, TypeError) as e:
-        raise ValueError(f"{path}: cannot read the TorchScript archive's data.pkl: {e}") from None
-    if not isinstance(root, ScriptObject):
-        raise ValueError(f"{path}: data.pkl holds a {type(root).__name__}, not a TorchScript module")
-    return dict(module_tensors(root))
-
-
-class ScriptObject:
-    """Stands for any `__torch__.*` class of an archive (OpenAI-internal module classes): just its attributes."""
-
-    def __setstate__(self, state):
-        if not isinstance(state, dict):
-            raise pickle.UnpicklingError(f"TorchScript object with non-dict state {type(state).__name__}")
-        self.__dict__.update(state)
-
-
-def module_tensors(obj, prefix=""):
-    """(dotted name, tensor) for every tensor attribute in the tree, as a state dict names them."""
-    for name, value in vars(obj).items():
-        if isinstance(value, torch.Tensor):
-            yield prefix + name, value
-        elif isinstance(value, ScriptObject):
-            yield from module_tensors(value, prefix + name + ".")
-
-
-# storage classes named in archives, and the dtype of their elements
-STORAGE_DTYPES = {
-    "HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-}
-
-
-def rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    """What `torch._utils._rebuild_tensor_v2` means: a strided view of a flat storage."""
-    return torch.as_strided(storage, size, stride, offset)
-
-
-class ArchiveUnpickler(pickle.Unpickler):
-    """Unpickles an archive's data.pkl allowing only tensors, storages, OrderedDicts and TorchScript objects.
-
-    Any other global (os.system, builtins.eval, ...) is refused before it can be called.
-    """
-
-    def __init__(self, archive, top, path):
-        super().__init__(io.BytesIO(archive.read(f"{top}/data.pkl")))
-        self.archive, self.top, self.path, self.storages = archive, top, path, {}
-
-    def find_class(self, module, name):
-        if module == "__torch__" or module.startswith("__torch__."):
-            return ScriptObject
-        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return rebuild_tensor
-        if module == "torch" and name in STORAGE_DTYPES:
-            return STORAGE_DTYPES[name]
-        if (module, name) == ("collections", "OrderedDict"):
-            return dict  # only used for the (empty) backward-hook dicts; order is irrelevant here
-        raise pickle.UnpicklingError(f"refusing global '{module}.{name}' (a checkpoint holds only tensors)")
-
-    def persistent_load(self, pid):
-        # pid = ('storage', dtype, key, location, numel): the storage lives in the record <top>/data/<key>
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
-        _, dtype, key, _, numel = pid
-        if key not in self.storages:
-            data = bytearray(self.archive.read(f"{self.top}/data/{key}"))
-            if len(data) < numel * dtype.itemsize:
-                raise ValueError(f"record data/{key} holds {len(data)} bytes, expected {numel * dtype.itemsize}")
-            self.storages[key] = torch.frombuffer(data, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
-        return self.storages[key]
-
-
-# ----------------------------------------------------------------------------------------------------
 # Tokenizer: OpenAI's byte-level BPE, in pure Python (no ftfy, no regex module)
 
 VOCAB_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
@@ -736,3 +490,254 @@ def normalize(x):
 def preprocess(image, n_px=224):
     """OpenAI's CLIP transform: resize, center crop, RGB, to tensor, normalize -> (3, n_px, n_px)."""
     return normalize(to_tensor(center_crop(resize(image, n_px), n_px).convert("RGB")))
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading OpenAI's checkpoints
+
+# OpenAI's published ViT checkpoints; the path component before the file name is the file's SHA-256
+MODELS = {
+    "ViT-B/32": "https://openaipublic.azureedge.net/clip/models/"
+                "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af/ViT-B-32.pt",
+    "ViT-B/16": "https://openaipublic.azureedge.net/clip/models/"
+                "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f/ViT-B-16.pt",
+    "ViT-L/14": "https://openaipublic.azureedge.net/clip/models/"
+                "b8cca3fd41ae0c99ba7e8951adf17d267cdb84cd88be6f7c2e0eca1737a03836/ViT-L-14.pt",
+    "ViT-L/14@336px": "https://openaipublic.azureedge.net/clip/models/"
+                      "3035c92b350959924f9f00213499208652fc7ea050643e8b385c2dac08641f02/ViT-L-14-336px.pt",
+}
+DOWNLOAD_ROOT = "~/.cache/clip"  # the folder OpenAI's package uses, so its downloads are reused
+
+
+def available_models():
+    return list(MODELS)
+
+
+def checkpoint_path(name_or_path="ViT-B/16", download_root=None):
+    """The file of a checkpoint: a name from MODELS (downloaded and verified if not cached) or a file path."""
+    if name_or_path in MODELS:
+        url = MODELS[name_or_path]
+        root = Path(download_root or DOWNLOAD_ROOT).expanduser()
+        return download(url, root / os.path.basename(url), sha256=url.split("/")[-2])
+    path = Path(name_or_path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"no CLIP checkpoint {name_or_path!r}: not a file, nor one of {available_models()}")
+    return path
+
+
+def checkpoint(name_or_path="ViT-B/16", download_root=None):
+    """(path, sha256) of a checkpoint, for run records: the SHA-256 is verified or computed, never assumed."""
+    path = checkpoint_path(name_or_path, download_root)
+    return path, (MODELS[name_or_path].split("/")[-2] if name_or_path in MODELS else file_sha256(path))
+
+
+def load(name_or_path="ViT-B/16", device="cpu", download_root=None):
+    """A CLIP in eval mode on `device`, in fp32, from a model name (see MODELS) or a checkpoint file."""
+    path = checkpoint_path(name_or_path, download_root)
+    return build_model(read_state_dict(path), source=str(path)).to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Reading OpenAI's TorchScript archive without executing it
+
+
+def read_state_dict(path):
+    """The tensors of a checkpoint file: OpenAI's TorchScript archive, or a `torch.save`d state dict.
+
+    Nothing from the file is executed: archives go through a restricted unpickler (`ArchiveUnpickler`),
+    plain files through `torch.load(weights_only=True)`.
+    """
+    path = Path(path)
+    with open(path, "rb") as f:
+        is_zip = f.read(4) == b"PK\x03\x04"
+    if is_zip:
+        try:
+            with zipfile.ZipFile(path) as archive:
+                top = archive_top(archive, path)
+                if f"{top}/constants.pkl" in archive.namelist():  # only TorchScript archives carry code + constants
+                    return read_torchscript(archive, top, path)
+        except zipfile.BadZipFile as e:
+            raise ValueError(f"{path}: truncated or corrupt checkpoint archive ({e})") from None
+    try:
+        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path}: not a CLIP checkpoint (neither a TorchScript archive nor a torch.save "
+                         f"state dict that loads with weights_only=True): {e}") from None
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path}: expected a dict of tensors (a state dict), got {type(state_dict).__name__}")
+    return dict(state_dict)
+
+
+def archive_top(archive, path):
+    """The archive's top-level folder (named after the saved file, so never assumed), the one holding data.pkl."""
+    tops = [name[:-len("/data.pkl")] for name in archive.namelist()
+            if name.endswith("/data.pkl") and name.count("/") == 1]
+    if len(tops) != 1:
+        raise ValueError(f"{path}: not a PyTorch archive: expected one <folder>/data.pkl, found {len(tops)}")
+    return tops[0]
+
+
+def read_torchscript(archive, top, path):
+    """{dotted name: tensor} of every tensor in the archive's module tree, rebuilt from its data/ records."""
+    byteorder = f"{top}/byteorder"
+    if byteorder in archive.namelist() and archive.read(byteorder).decode() != sys.byteorder:
+        raise ValueError(f"{path}: archive byte order {archive.read(byteorder).decode()} is not this machine's")
+    try:
+        root = ArchiveUnpickler(archive, top, path).load()
+    except (pickle.UnpicklingError, ValueError, KeyError, EOFError, RuntimeError, TypeError) as e:
+        raise ValueError(f"{path}: cannot read the TorchScript archive's data.pkl: {e}") from None
+    if not isinstance(root, ScriptObject):
+        raise ValueError(f"{path}: data.pkl holds a {type(root).__name__}, not a TorchScript module")
+    return dict(module_tensors(root))
+
+
+class ScriptObject:
+    """Stands for any `__torch__.*` class of an archive (OpenAI-internal module classes): just its attributes."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"TorchScript object with non-dict state {type(state).__name__}")
+        self.__dict__.update(state)
+
+
+def module_tensors(obj, prefix=""):
+    """(dotted name, tensor) for every tensor attribute in the tree, as a state dict names them."""
+    for name, value in vars(obj).items():
+        if isinstance(value, torch.Tensor):
+            yield prefix + name, value
+        elif isinstance(value, ScriptObject):
+            yield from module_tensors(value, prefix + name + ".")
+
+
+# storage classes named in archives, and the dtype of their elements
+STORAGE_DTYPES = {
+    "HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+
+
+def rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    """What `torch._utils._rebuild_tensor_v2` means: a strided view of a flat storage."""
+    return torch.as_strided(storage, size, stride, offset)
+
+
+class ArchiveUnpickler(pickle.Unpickler):
+    """Unpickles an archive's data.pkl allowing only tensors, storages, OrderedDicts and TorchScript objects.
+
+    Any other global (os.system, builtins.eval, ...) is refused before it can be called.
+    """
+
+    def __init__(self, archive, top, path):
+        super().__init__(io.BytesIO(archive.read(f"{top}/data.pkl")))
+        self.archive, self.top, self.path, self.storages = archive, top, path, {}
+
+    def find_class(self, module, name):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return ScriptObject
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return rebuild_tensor
+        if module == "torch" and name in STORAGE_DTYPES:
+            return STORAGE_DTYPES[name]
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict  # only used for the (empty) backward-hook dicts; order is irrelevant here
+        raise pickle.UnpicklingError(f"refusing global '{module}.{name}' (a checkpoint holds only tensors)")
+
+    def persistent_load(self, pid):
+        # pid = ('storage', dtype, key, location, numel): the storage lives in the record <top>/data/<key>
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
+            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        _, dtype, key, _, numel = pid
+        if key not in self.storages:
+            data = bytearray(self.archive.read(f"{self.top}/data/{key}"))
+            if len(data) < numel * dtype.itemsize:
+                raise ValueError(f"record data/{key} holds {len(data)} bytes, expected {numel * dtype.itemsize}")
+            self.storages[key] = torch.frombuffer(data, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+        return self.storages[key]
+
+
+# ----------------------------------------------------------------------------------------------------
+# Downloads (shared with data.py)
+
+
+def download(url, path, sha256=None, md5=None, chunk=1 << 20):
+    """Fetch `url` to `path`, verifying the checksum; return `path`.
+
+    Streams to a temporary file beside `path` with a progress line on stderr and renames it into place
+    only once the checksum matches, so a failure never leaves a file under the final name. An existing
+    file with the right checksum is reused; one with the wrong checksum is downloaded again.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_file():
+        raise RuntimeError(f"{path} exists and is not a regular file")
+    if path.is_file():
+        if checksum_ok(path, sha256, md5):
+            return path
+        print(f"{path}: checksum mismatch, downloading {url} again", file=sys.stderr)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                with urllib.request.urlopen(url, timeout=60) as response:
+                    total = int(response.headers.get("Content-Length") or 0)
+                    done, start, last = 0, time.monotonic(), 0.0
+                    while block := response.read(chunk):
+                        out.write(block)
+                        done += len(block)
+                        if time.monotonic() - last > 0.5 or done == total:
+                            last = time.monotonic()
+                            progress(url, done, total, last - start)
+                    if total and done != total:
+                        raise OSError(f"connection closed after {done} of {total} bytes")
+            except Exception as e:  # network faults, HTTP errors, short reads, full disks
+                raise RuntimeError(f"download of {url} to {path} failed: {e}") from e
+            finally:
+                print(file=sys.stderr)
+        if not checksum_ok(tmp, sha256, md5):
+            raise RuntimeError(f"download of {url} to {path} failed: checksum mismatch "
+                               f"(expected {'sha256 ' + sha256 if sha256 else 'md5 ' + md5})")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def write_atomic(path, write):
+    """write(tmp) to a fresh temporary file beside `path`, then rename it onto `path`: readers see the old file
+    or the new one, never half of one, and a failed write leaves no temporary behind (used by data.py, train.py)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def progress(url, done, total, seconds):
+    rate = done / max(seconds, 1e-9) / 2**20
+    share = f"{100 * done / total:5.1f}% of {total / 2**20:.1f} MiB" if total else f"{done / 2**20:.1f} MiB"
+    print(f"\r{os.path.basename(url)}: {share}, {rate:.1f} MiB/s", end="", file=sys.stderr, flush=True)
+
+
+def checksum_ok(path, sha256=None, md5=None):
+    """True when the file's sha256 (or md5) matches; with no expected checksum, True."""
+    if not (sha256 or md5):
+        return True
+    return file_hash(path, "sha256" if sha256 else "md5") == (sha256 or md5)
+
+
+def file_sha256(path):
+    return file_hash(path, "sha256")
+
+
+def file_hash(path, algorithm="sha256"):
+    h = hashlib.new(algorithm)
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
