@@ -131,12 +131,13 @@ def worker_ours_step(args):
     opt = torch.optim.AdamW(adapters.values(), lr=1e-5)
     images, labels, tokens = reference_batch(args.config, args.device)
     with autocast(args.device):
-        zs_text = orthcr.zero_shot_text_features(model, params, tokens)  # once per class set
+        zs_text = orthcr.zero_shot_text_features(model, params, orthcr.trim_tokens(tokens))  # once per class set
     generator = torch.Generator().manual_seed(0)
 
     def step():
         with autocast(args.device):
-            loss, _ = orthcr.objective(model, params, adapters, images, labels, tokens, zs_text, generator)
+            loss, _ = orthcr.objective(model, params, adapters, images, labels, orthcr.trim_tokens(tokens), zs_text,
+                                       generator, transform=orthcr.cayley_fast)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

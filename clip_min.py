@@ -52,33 +52,6 @@ def quick_gelu(x):
     return F.silu(1.702 * x, inplace=not torch.is_grad_enabled()).div_(1.702)
 
 
-class QuickGELULinear(torch.autograd.Function):
-    """c_proj(quick_gelu(h)) that keeps only h for the backward and recomputes the activation there.
-
-    Plain autograd would keep two (tokens, 4 * width) tensors per block (the activation's input and c_proj's
-    input); recomputing the cheap element-wise activation halves that, the largest share of training memory."""
-
-    @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, h, weight, bias):
-        ctx.save_for_backward(h, weight)
-        return F.linear(quick_gelu(h), weight, bias)
-
-    @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
-    def backward(ctx, grad):
-        h, weight = ctx.saved_tensors
-        y = 1.702 * h
-        grad_h = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad.flatten(0, -2).sum(0)
-        if ctx.needs_input_grad[1]:  # c_proj's input, recomputed: quick_gelu(h) = silu(y) / 1.702
-            grad_weight = grad.flatten(0, -2).t() @ F.silu(y).div_(1.702).flatten(0, -2)  # (out, 4 * width)
-        if ctx.needs_input_grad[0]:  # d quick_gelu / dh = silu'(1.702 h): aten's fused silu backward
-            grad_h = torch.ops.aten.silu_backward(grad @ weight.to(grad.dtype), y)
-        return grad_h, grad_weight, grad_bias
-
-
 class Attention(nn.Module):
     """Multi-head self-attention with nn.MultiheadAttention's parameter names, computed by SDPA."""
 
@@ -100,7 +73,9 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """c_fc -> QuickGELU -> c_proj (c_proj stays an nn.Linear for its state-dict keys; see QuickGELULinear)."""
+    """c_proj(quick_gelu(c_fc(x))): the block's feed-forward network, where OrthCR's rotations go."""
+
+    recompute_activation = True  # the memory device below; False runs the plain formula
 
     def __init__(self, width):
         super().__init__()
@@ -108,7 +83,10 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * width, width)
 
     def forward(self, x):
-        return QuickGELULinear.apply(self.c_fc(x), self.c_proj.weight, self.c_proj.bias)
+        if not self.recompute_activation:
+            return self.c_proj(quick_gelu(self.c_fc(x)))  # the plain formula
+        # the same, keeping only c_fc's output for the backward (speed section: _QuickGELULinear)
+        return _QuickGELULinear.apply(self.c_fc(x), self.c_proj.weight, self.c_proj.bias)
 
 
 class ResidualAttentionBlock(nn.Module):
@@ -149,13 +127,20 @@ class VisionTransformer(nn.Module):
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
 
-    def forward(self, x):
+    def forward(self, x, dense=False):
+        """Class-token features (N, E); with `dense`, also every patch token through ln_post and proj
+        (N, grid*grid, E), the standard dense CLIP features (OrthSR's attentive Cutout reads them)."""
         x = self.conv1(x.to(self.conv1.weight.dtype))  # (N, D, grid, grid)
-        x = x.flatten(2).transpose(1, 2)  # (N, grid*grid, D)
-        cls = self.class_embedding.to(x.dtype).expand(x.shape[0], 1, -1)  # (N, 1, D)
-        x = torch.cat([cls, x], dim=1) + self.positional_embedding.to(x.dtype)  # (N, 1+grid*grid, D)
+        # the residual stream stays in the parameters' dtype: fp32 under autocast (only the matmuls are cast),
+        # fp16 in a model cast to fp16 as OpenAI ships it
+        x = x.flatten(2).transpose(1, 2).to(self.class_embedding.dtype)  # (N, grid*grid, D)
+        cls = self.class_embedding.expand(x.shape[0], 1, -1)  # (N, 1, D)
+        x = torch.cat([cls, x], dim=1) + self.positional_embedding  # (N, 1+grid*grid, D)
         x = self.transformer(self.ln_pre(x))
-        return self.ln_post(x[:, 0, :]) @ self.proj  # class token -> (N, E)
+        if not dense:
+            return self.ln_post(x[:, 0, :]) @ self.proj  # class token -> (N, E)
+        x = self.ln_post(x) @ self.proj  # (N, 1+grid*grid, E); LayerNorm is per token, so the class token is as above
+        return x[:, 0], x[:, 1:]
 
 
 class CLIP(nn.Module):
@@ -177,13 +162,16 @@ class CLIP(nn.Module):
     def dtype(self):
         return self.visual.conv1.weight.dtype
 
-    def encode_image(self, image):
-        return self.visual(image)
+    def encode_image(self, image, dense=False):
+        return self.visual(image, dense)
 
-    def encode_text(self, text):
+    def encode_text(self, text, embeddings=None):
+        """Features (N, E) of token ids `text` (N, L); `embeddings` (N, L, D), when given, replace the looked-up
+        token embeddings (CoOp's learned context) while the ids still locate the end-of-text token."""
         # a context shorter than 77 is allowed: causal attention means tokens after the end-of-text token
         # never reach its features, so callers may trim padding for speed
-        x = self.token_embedding(text) + self.positional_embedding[:text.shape[1]].to(self.dtype)  # (N, L, D)
+        x = self.token_embedding(text) if embeddings is None else embeddings  # (N, L, D)
+        x = x + self.positional_embedding[:text.shape[1]].to(x.dtype)
         # additive causal mask: -inf above the diagonal, so token i attends to tokens 0..i only
         mask = torch.full((x.shape[1], x.shape[1]), float("-inf"), dtype=x.dtype, device=x.device).triu(1)
         x = self.transformer(x, mask)
@@ -192,17 +180,48 @@ class CLIP(nn.Module):
         x = x[torch.arange(x.shape[0], device=x.device), text.argmax(dim=-1)]  # (N, D)
         return x @ self.text_projection
 
-    def forward(self, image=None, text=None):
+    def forward(self, image=None, text=None, dense=False, embeddings=None):
         """(logits_per_image, logits_per_text) as OpenAI's; with only one input, that tower's features
         (so `torch.func.functional_call(model, params, ...)` can run either tower alone)."""
         if text is None:
-            return self.encode_image(image)
+            return self.encode_image(image, dense)
         if image is None:
-            return self.encode_text(text)
+            return self.encode_text(text, embeddings)
         image_features = F.normalize(self.encode_image(image), dim=-1)
         text_features = F.normalize(self.encode_text(text), dim=-1)
         logits_per_image = self.logit_scale.exp() * image_features @ text_features.t()
         return logits_per_image, logits_per_image.t()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Speed devices of the model (MLP.forward's plain formula is beside its call; tests check they agree)
+
+
+class _QuickGELULinear(torch.autograd.Function):
+    """c_proj(quick_gelu(h)) that keeps only h for the backward and recomputes the activation there.
+
+    Plain autograd would keep two (tokens, 4 * width) tensors per block (the activation's input and c_proj's
+    input); recomputing the cheap element-wise activation halves that, the largest share of training memory."""
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, h, weight, bias):
+        ctx.save_for_backward(h, weight)
+        return F.linear(quick_gelu(h), weight, bias)
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, grad):
+        h, weight = ctx.saved_tensors
+        y = 1.702 * h
+        grad_h = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.flatten(0, -2).sum(0)
+        if ctx.needs_input_grad[1]:  # c_proj's input, recomputed: quick_gelu(h) = silu(y) / 1.702
+            grad_weight = grad.flatten(0, -2).t() @ F.silu(y).div_(1.702).flatten(0, -2)  # (out, 4 * width)
+        if ctx.needs_input_grad[0]:  # d quick_gelu / dh = silu'(1.702 h): aten's fused silu backward
+            grad_h = torch.ops.aten.silu_backward(grad @ weight.to(grad.dtype), y)
+        return grad_h, grad_weight, grad_bias
 
 
 # ----------------------------------------------------------------------------------------------------

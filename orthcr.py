@@ -1,24 +1,47 @@
-"""OrthCR: orthogonal finetuning of CLIP with cross-regularization (arXiv 2407.08374), as pure functions.
+"""OrthCR / OrthSR: orthogonal finetuning of CLIP, regularized by the frozen zero-shot model (arXiv 2407.08374).
 
 Parameters are dicts of tensors keyed exactly like OpenAI's state dict (`params`). The trainable part is a
-second dict, `adapters`, mapping the key of each targeted weight to its free Cayley parameters
-P, of shape (r, b, b) with r * b = in_features. One training step:
+second dict, `adapters`, mapping the key of each targeted weight to its free Cayley parameters P, of shape
+(r, b, b) with r * b = in_features; OrthSR's CoOp variant adds one more trainable tensor, the prompt `context`.
+One training step, in the names of the functions below:
 
-    R      = cayley(P)                          # block-diagonal orthogonal, R = I when P = 0     (eq. 1)
-    W      = W0 @ R.T                           # merge: rotate each layer's input space          (eq. 2)
-    logits = logit_scale.exp() * cos(f_img(x; W), f_txt(t; W))
-    loss   = CE(clean) + CE(cutout) + l1 * KL(p0 || p)(clean) + l2 * KL(p0 || p)(cutout)       (eq. 3)
+    R       = cayley(P)                               block-diagonal orthogonal; R = I when P = 0
+    W       = rotate_weight(W0, R) = W0 @ R.T         merge: rotate each adapted layer's input space
+    z       = clip_logits(f_img(x; W), f_txt(t; W))   CLIP's classifier, the paper's Eq. 1
+    z0      = the same with W0, no gradient           the frozen zero-shot "bypass" branch (the teacher)
 
-where p0 are the frozen zero-shot model's class probabilities (W0, no gradient): the "cross-regularization".
+    v1, OrthCR (cutout = random, prompt = fixed):
+        x~   = cutout(x)                              a square hole, centre uniform over the image
+        t    = "a photo of a {class}."                CoOp's hand-written template
+    v3, OrthSR (cutout = attentive, prompt = fixed or coop):
+        x~   = attentive_cutout(x, similarity_map(...))   the hole where the teacher's patch tokens are most
+                                                          similar to the class text
+        t    = coop_prompts(ctx, class)               [SOS] ctx_1 .. ctx_n  class . [EOS], ctx learned
+    both:
+        loss = CE(z(x), y) + CE(z(x~), y) + LAMBDA1 * KL(p0(x) || p(x)) + LAMBDA2 * KL(p0(x~) || p(x~))
+
+with p = softmax(z), p0 = softmax(z0): `orthcr_loss`, assembled per step by `objective`. The paper calls the
+KL terms cross-regularization (v1) or self-regularization (v3); the teacher always keeps the hand-written prompt.
+
+Precision: everything that defines the method's properties runs in fp32 with autocast off (the Cayley solve,
+the merge, the logits, the softmaxes, CE and KL); autocast only touches the two towers' matrix products.
 """
 
 from collections import defaultdict
+from contextlib import nullcontext
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 import clip_min
+
+# The loss weights, in one place. The paper gives 1.5 and 1 without saying which term each weighs [AIREV]:
+# we put LAMBDA1 on the clean-image KL and LAMBDA2 on the Cutout KL (README: "What we chose").
+LAMBDA1 = 1.5
+LAMBDA2 = 1.0
+CUTOUT_SIZE = 16  # hole side in pixels: Dassl's default CUTOUT_LEN (0.5 % of a 224 px image; README discusses it)
+CUTOUT_MODES = ("random", "attentive", "none")
 
 # the paper's targets: both linears of every MLP, in both towers
 DEFAULT_TARGETS = ("mlp.c_fc", "mlp.c_proj")
@@ -34,46 +57,23 @@ def skew(P):
     return (P - P.transpose(-1, -2)) / 2
 
 
-def at_least_fp32(x):
-    return x if x.dtype == torch.float64 else x.float()
-
-
-class CayleyFromSkew(torch.autograd.Function):
-    """R = (I + Q)(I - Q)^-1 from a skew-symmetric Q, with a backward of two matmuls instead of a second solve.
-
-    R = 2 (I - Q)^-1 - I, so dR = 2 A^-1 dQ A^-1 with A^-1 = (R + I) / 2, and dL/dQ = (R + I)^T G (R + I)^T / 2.
-    Saving R alone (no LU factors) also keeps less memory alive until the backward."""
-
-    @staticmethod
-    def forward(ctx, Q):
-        eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-        # X (I - Q) = (I + Q); the factors commute, so this is also (I - Q)^-1 (I + Q)
-        R = torch.linalg.solve(eye - Q, eye + Q, left=False)
-        ctx.save_for_backward(R)
-        return R
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, G):
-        (R,) = ctx.saved_tensors
-        half_inverse_t = (R + torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)).transpose(-1, -2)  # 2 A^-T
-        return half_inverse_t @ G @ half_inverse_t / 2
-
-
 def cayley(P):
     """R = (I + Q)(I - Q)^-1 for each block of P (..., b, b): exactly orthogonal, det +1, R = I at P = 0.
 
-    Computed in fp32 or fp64 (autocast off): the solve is ill-suited to half precision, and R feeds every weight.
-    """
-    with torch.autocast(P.device.type, enabled=False):
-        return CayleyFromSkew.apply(skew(at_least_fp32(P)))
+    Computed in fp32 (fp64 for fp64 input) with autocast off: the solve is ill-suited to half precision, and
+    R feeds every adapted weight. `cayley_fast` (speed section) is the same R with a cheaper backward."""
+    with _autocast_off(P):
+        Q = skew(_at_least_fp32(P))
+        eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+        # X (I - Q) = I + Q, solved for X; (I + Q) and (I - Q)^-1 commute, so X is also (I - Q)^-1 (I + Q)
+        return torch.linalg.solve(eye - Q, eye + Q, left=False)
 
 
 def cayley_neumann(P, terms=5):
     """Approximate Cayley: (I - Q)^-1 ~ I + Q + ... + Q^terms. Faster, NOT exactly orthogonal: the error
     grows with ||Q||^(terms+1); measure it with `orthogonality_error`."""
-    with torch.autocast(P.device.type, enabled=False):
-        Q = skew(at_least_fp32(P))
+    with _autocast_off(P):
+        Q = skew(_at_least_fp32(P))
         eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
         inverse, power = eye, eye
         for _ in range(terms):
@@ -86,6 +86,16 @@ def orthogonality_error(R):
     """max |R^T R - I| over all blocks of R (..., b, b)."""
     eye = torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)
     return (R.transpose(-1, -2) @ R - eye).abs().max()
+
+
+def _at_least_fp32(x):
+    return x if x.dtype == torch.float64 else x.float()
+
+
+def _autocast_off(x):
+    """Autocast disabled on x's device (a no-op on devices without autocast, such as the tests' meta device)."""
+    device = x.device.type
+    return torch.autocast(device, enabled=False) if torch.amp.is_autocast_available(device) else nullcontext()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -103,7 +113,7 @@ def target_keys(params, targets=DEFAULT_TARGETS, towers=("visual", "text")):
         found = [k for k in params
                  if any(k.startswith(TOWER_PREFIX[t]) for t in towers)
                  and (k.endswith(f".{target}.weight") or k.endswith(f".{target}_weight"))
-                 and params[k].dim() == 2]
+                 and len(params[k].shape) == 2]
         if not found:
             raise ValueError(f"target {target!r} matches no 2-D weight of the {'/'.join(towers)} tower(s); "
                              f"expected a layer name such as 'mlp.c_fc', 'mlp.c_proj', 'attn.out_proj', 'attn.in_proj'")
@@ -124,15 +134,16 @@ def init_adapters(params, targets=DEFAULT_TARGETS, blocks=4, towers=("visual", "
     return adapters
 
 
-def count_parameters(adapters):
-    """Trainable parameters: r * b^2 per layer (43,450,368 for ViT-B/16, r = 4, both MLP linears)."""
-    return sum(P.numel() for P in adapters.values())
+def count_parameters(adapters, context=None):
+    """Trainable parameters: r * b^2 per layer (43,450,368 for ViT-B/16, r = 4, both MLP linears),
+    plus n_ctx * width for CoOp's context."""
+    return sum(P.numel() for P in adapters.values()) + (context.numel() if context is not None else 0)
 
 
 def check_adapters(params, adapters):
     """ValueError naming the first adapter that does not fit `params` (unknown key or wrong shape)."""
     for key, P in adapters.items():
-        if key not in params or params[key].dim() != 2:
+        if key not in params or len(params[key].shape) != 2:
             raise ValueError(f"adapter {key!r} matches no 2-D weight of the model")
         in_features = params[key].shape[1]
         if P.dim() != 3 or P.shape[1] != P.shape[2] or P.shape[0] * P.shape[1] != in_features:
@@ -157,10 +168,14 @@ def rotations(adapters, transform=cayley):
 
 
 def rotate_weight(W0, R):
-    """W0 @ blockdiag(R_1..R_r).T for W0 (out, in) and R (r, b, b): each input block i becomes W0_i @ R_i^T."""
-    out, r, b = W0.shape[0], R.shape[0], R.shape[-1]
-    W_blocks = W0.view(out, r, b).transpose(0, 1)  # (r, out, b)
-    return torch.bmm(W_blocks, R.transpose(1, 2).to(W0.dtype)).transpose(0, 1).reshape(out, r * b)
+    """W0 @ blockdiag(R_1..R_r).T for W0 (out, in) and R (r, b, b): each input block i becomes W0_i @ R_i^T.
+
+    In fp32 with autocast off, and the result stays fp32: a bf16 product would round R away from orthogonal
+    (max |R^T R - I| ~ 3e-3). Autocast casts W where the towers use it, exactly as it casts W0."""
+    with _autocast_off(W0):
+        out, r, b = W0.shape[0], R.shape[0], R.shape[-1]
+        W_blocks = _at_least_fp32(W0).view(out, r, b).transpose(0, 1)  # (r, out, b)
+        return torch.bmm(W_blocks, R.transpose(1, 2).to(W_blocks.dtype)).transpose(0, 1).reshape(out, r * b)
 
 
 def merge(params, adapters, transform=cayley):
@@ -180,87 +195,182 @@ def export_state_dict(params, adapters, transform=cayley):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Forward passes and logits through torch.func.functional_call
+# The two towers and CLIP's classifier, through torch.func.functional_call
 
 
-def encode_image(model, params, images):
-    return functional_call(model, params, (images,))
+def encode_image(model, params, images, dense=False):
+    """Image features (N, E); with `dense`, also the patch tokens through ln_post and visual.proj (N, grid^2, E)."""
+    return functional_call(model, params, (images,), {"dense": dense}, strict=True)
 
 
-def encode_text(model, params, tokens):
-    return functional_call(model, params, (), {"text": tokens})
+def encode_text(model, params, tokens, context=None):
+    """Text features (N, E) of token ids (N, L); with CoOp's `context` (n_ctx, D), of the learned prompts."""
+    if context is None:
+        return functional_call(model, params, (), {"text": tokens}, strict=True)
+    embeddings = coop_prompts(params["token_embedding.weight"], tokens, context)
+    return functional_call(model, params, (), {"text": tokens, "embeddings": embeddings}, strict=True)
 
 
 def trim_tokens(tokens):
     """Drop the padding after the longest prompt's end-of-text token: exact under the causal mask, and
-    77 -> ~20 tokens makes the text tower several times cheaper."""
+    77 -> ~20 tokens makes the text tower several times cheaper. Reads the ids: do it once, on the CPU."""
     return tokens[:, : int(tokens.argmax(dim=-1).max()) + 1]
 
 
 def clip_logits(image_features, text_features, logit_scale):
-    """logit_scale.exp() * cos(image, class prompt): CLIP's classifier, (N, C)."""
-    image_features = F.normalize(image_features, dim=-1)
-    text_features = F.normalize(text_features, dim=-1)
-    return logit_scale.exp() * image_features @ text_features.t()
+    """logit_scale.exp() * cos(image, class prompt): CLIP's classifier (the paper's Eq. 1), (N, C).
+
+    In fp32 with autocast off: at scale 100 the bf16 spacing of a logit is 0.125 to 0.25."""
+    with _autocast_off(image_features):
+        image_features = F.normalize(image_features.float(), dim=-1)
+        text_features = F.normalize(text_features.float(), dim=-1)
+        return logit_scale.float().exp() * image_features @ text_features.t()
+
+
+def zero_shot_text_features(model, params, tokens):
+    """The frozen teacher's class-prompt features (W0, no gradient), kept in fp32: computed once per class set."""
+    with torch.no_grad():
+        return encode_text(model, params, tokens).float()
 
 
 # ----------------------------------------------------------------------------------------------------
-# Cutout and the loss
+# CoOp's learned context (OrthSR "revisits CLIP and CoOp")
 
 
-def cutout(images, generator, holes=1, size=16):
+def coop_tokens(classnames, n_ctx=16, ctx_init=None):
+    """Token ids of CoOp's prompts, class token at the end: "X X .. X {class}." with n_ctx placeholders
+    (or `ctx_init`'s words, whose n tokens then set n_ctx). The placeholders' embeddings are replaced by
+    the context in `coop_prompts`; the ids still locate the end-of-text token. (C, 77)."""
+    prefix = ctx_init if ctx_init else " ".join(["X"] * n_ctx)
+    return clip_min.tokenize([f"{prefix} {name}." for name in classnames])
+
+
+def init_context(params, n_ctx=16, ctx_init=None, generator=None):
+    """CoOp's unified context (n_ctx, D): the token embeddings of `ctx_init` ("a photo of a" -> 4 vectors),
+    else N(0, 0.02^2) drawn from `generator`, as CoOp initializes its generic context."""
+    embedding = params["token_embedding.weight"]
+    if ctx_init:
+        ids = torch.tensor(clip_min.encode(ctx_init), device=embedding.device)
+        context = embedding.detach()[ids].float().clone()
+    else:
+        context = (torch.randn(n_ctx, embedding.shape[1], generator=generator) * 0.02).to(embedding.device)
+    return context.requires_grad_()
+
+
+def coop_prompts(token_embedding, tokens, context):
+    """The prompt embeddings (C, L, D): [SOS] ctx_1..ctx_n, then the class tokens, '.', [EOS] as embedded.
+    One context for every class (CoOp's unified context)."""
+    embedded = F.embedding(tokens, token_embedding)  # (C, L, D)
+    n = context.shape[0]
+    ctx = context.to(embedded.dtype).expand(tokens.shape[0], -1, -1)  # (C, n_ctx, D)
+    return torch.cat([embedded[:, :1], ctx, embedded[:, 1 + n:]], dim=1)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Cutout: random (v1) and attentive (v3)
+
+
+def cutout(images, generator, holes=1, size=CUTOUT_SIZE):
     """A copy of `images` (N, C, H, W), in [0, 1] before normalization, with `holes` square holes of side
     `size` set to 0 per image. Centres are uniform over the pixels (DeVries & Taylor, 2017), holes are
     clipped at the border. Randomness comes only from `generator` (a CPU torch.Generator)."""
     n, _, h, w = images.shape
     centres_y = torch.randint(h, (n, holes), generator=generator).to(images.device)
     centres_x = torch.randint(w, (n, holes), generator=generator).to(images.device)
-    rows = torch.arange(h, device=images.device)
-    cols = torch.arange(w, device=images.device)
+    return images.masked_fill(_holes(centres_y, centres_x, h, w, size)[:, None], 0.0)
+
+
+def similarity_map(patch_features, text_features):
+    """cos(patch token, class text) per patch: (N, grid^2, E) and each image's own class feature (N, E)
+    -> (N, grid, grid). The text side's pooled token is CLIP's end-of-text token (the reviewers' "[CLS]")."""
+    n, tokens, _ = patch_features.shape
+    grid = round(tokens ** 0.5)
+    cos = F.normalize(patch_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1)[:, :, None]
+    return cos.view(n, grid, grid)  # (N, grid^2, 1) -> (N, grid, grid), patches in row-major order
+
+
+def attentive_cutout(images, similarity, size=CUTOUT_SIZE, generator=None, temperature=None):
+    """A copy of `images` (N, C, H, W) with one square hole of side `size` centred on the patch most similar
+    to the class text (argmax of `similarity` (N, grid, grid)): the most discriminative region is cut, so the
+    model must also use the others. With `temperature`, the centre patch is drawn from
+    softmax(similarity / temperature) instead, using only `generator`."""
+    n, _, h, w = images.shape
+    grid_h, grid_w = similarity.shape[-2:]
+    flat = similarity.flatten(1)  # (N, grid^2)
+    if temperature is None:
+        patch = flat.argmax(dim=1)
+    else:
+        probabilities = (flat.float() / temperature).softmax(dim=1).cpu()  # a CPU generator draws on the CPU
+        patch = torch.multinomial(probabilities, 1, generator=generator)[:, 0].to(images.device)
+    row, col = patch // grid_w, patch % grid_w
+    # the patch's centre pixel; the hole is clipped at the border like random Cutout's
+    centres_y = (row * h // grid_h + h // grid_h // 2)[:, None]  # (N, 1)
+    centres_x = (col * w // grid_w + w // grid_w // 2)[:, None]
+    return images.masked_fill(_holes(centres_y, centres_x, h, w, size)[:, None], 0.0)
+
+
+def _holes(centres_y, centres_x, h, w, size):
+    """(N, H, W) mask of the squares of side `size` around the centres (N, holes), clipped at the border."""
+    rows = torch.arange(h, device=centres_y.device)
+    cols = torch.arange(w, device=centres_x.device)
     in_rows = (rows >= centres_y[..., None] - size // 2) & (rows < centres_y[..., None] + size - size // 2)  # (N, holes, H)
     in_cols = (cols >= centres_x[..., None] - size // 2) & (cols < centres_x[..., None] + size - size // 2)  # (N, holes, W)
-    hole = (in_rows[..., :, None] & in_cols[..., None, :]).any(dim=1)  # (N, H, W)
-    return images.masked_fill(hole[:, None], 0.0)
+    return (in_rows[..., :, None] & in_cols[..., None, :]).any(dim=1)  # (N, H, W)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loss
 
 
 def kl_to_zero_shot(student_logits, teacher_logits):
-    """KL(p_zero-shot || p_finetuned), averaged over the batch: the teacher's distribution is the target."""
+    """KL(p_zero-shot || p_finetuned), summed over classes and averaged over the batch ("batchmean", the true
+    KL; PromptSRC-style code divides by the classes too). The teacher's distribution is the target."""
     return F.kl_div(F.log_softmax(student_logits.float(), dim=-1), F.log_softmax(teacher_logits.float(), dim=-1),
                     log_target=True, reduction="batchmean")
 
 
-def orthcr_loss(logits, logits_cut, zs_logits, zs_logits_cut, labels, lambda1=1.5, lambda2=1.0):
-    """CE(clean) + CE(cutout) + lambda1 * KL(clean) + lambda2 * KL(cutout)   (eq. 3). Returns (loss, terms)."""
-    terms = {
-        "ce": F.cross_entropy(logits.float(), labels),
-        "ce_cutout": F.cross_entropy(logits_cut.float(), labels),
-        "kl": kl_to_zero_shot(logits, zs_logits),
-        "kl_cutout": kl_to_zero_shot(logits_cut, zs_logits_cut),
-    }
-    loss = terms["ce"] + terms["ce_cutout"] + lambda1 * terms["kl"] + lambda2 * terms["kl_cutout"]
+def orthcr_loss(logits, logits_cut, zs_logits, zs_logits_cut, labels, lambda1=LAMBDA1, lambda2=LAMBDA2):
+    """CE(clean) + CE(cutout) + lambda1 * KL(clean) + lambda2 * KL(cutout); without Cutout views
+    (`logits_cut` None: the "w/o CutOut" ablation) CE(clean) + lambda1 * KL(clean). Returns (loss, terms)."""
+    terms = {"ce": F.cross_entropy(logits.float(), labels), "kl": kl_to_zero_shot(logits, zs_logits)}
+    loss = terms["ce"] + lambda1 * terms["kl"]
+    if logits_cut is not None:
+        terms["ce_cutout"] = F.cross_entropy(logits_cut.float(), labels)
+        terms["kl_cutout"] = kl_to_zero_shot(logits_cut, zs_logits_cut)
+        loss = loss + terms["ce_cutout"] + lambda2 * terms["kl_cutout"]
     return loss, terms
 
 
-def zero_shot_text_features(model, params, tokens):
-    """The frozen teacher's class-prompt features (W0, no gradient): computed once per class set."""
-    with torch.no_grad():
-        return encode_text(model, params, trim_tokens(tokens))
+def objective(model, params, adapters, images, labels, tokens, teacher_text, generator, *, context=None,
+              cutout_mode="random", lambda1=LAMBDA1, lambda2=LAMBDA2, holes=1, size=CUTOUT_SIZE, temperature=None,
+              transform=cayley, normalize=clip_min.normalize):
+    """One step's loss for a batch of [0, 1] training images (N, 3, H, W). `tokens` are the student's class
+    prompts (trimmed; CoOp's when `context` is given), `teacher_text` the teacher's fp32 class features.
 
-
-def objective(model, params, adapters, images, labels, tokens, zs_text_features, generator,
-              lambda1=1.5, lambda2=1.0, holes=1, size=16, normalize=clip_min.normalize, transform=cayley):
-    """One step's OrthCR loss for a batch of [0, 1] training images (N, 3, H, W) and class-prompt `tokens`.
-
-    The student (merged weights) and the frozen zero-shot teacher (params) each see the clean images and
-    a Cutout copy; the merge is computed once here for every layer. Returns (loss, terms)."""
-    x = normalize(torch.cat([images, cutout(images, generator, holes, size)]))  # (2N, 3, H, W): clean, cutout
+    The teacher sees the clean images and the Cutout copies without gradient; with attentive Cutout its patch
+    tokens from the clean pass place the holes (no extra forward pass). The student (merged weights, computed
+    once here for every layer) sees the same views. Returns (loss, terms)."""
     n = images.shape[0]
-    with torch.no_grad():
-        zs = clip_logits(encode_image(model, params, x), zs_text_features, params["logit_scale"])
+    with torch.no_grad():  # the frozen zero-shot branch: W0, no gradient
+        if cutout_mode == "attentive":
+            clean, patches = encode_image(model, params, normalize(images), dense=True)
+            cut = attentive_cutout(images, similarity_map(patches, teacher_text[labels]), size, generator, temperature)
+            teacher_features = torch.cat([clean, encode_image(model, params, normalize(cut))])
+        else:
+            cut = cutout(images, generator, holes, size) if cutout_mode == "random" else None
+            teacher_features = encode_image(model, params, normalize(_views(images, cut)))
+        zs = clip_logits(teacher_features, teacher_text, params["logit_scale"])
     merged = merge(params, adapters, transform)
-    text_features = encode_text(model, merged, trim_tokens(tokens))
-    logits = clip_logits(encode_image(model, merged, x), text_features, merged["logit_scale"])
+    logits = clip_logits(encode_image(model, merged, normalize(_views(images, cut))),
+                         encode_text(model, merged, tokens, context), merged["logit_scale"])
+    if cut is None:
+        return orthcr_loss(logits, None, zs, None, labels, lambda1, lambda2)
     return orthcr_loss(logits[:n], logits[n:], zs[:n], zs[n:], labels, lambda1, lambda2)
+
+
+def _views(images, cut):
+    """The clean images, then their Cutout copies: (N or 2N, 3, H, W), one batch through each tower."""
+    return images if cut is None else torch.cat([images, cut])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -274,3 +384,33 @@ def hyperspherical_energy(W, s=1.0, eps=1e-12):
     distances = torch.cdist(unit, unit)  # (out, out)
     i, j = torch.triu_indices(W.shape[0], W.shape[0], offset=1)
     return (distances[i, j].clamp_min(eps) ** -s).sum()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Speed devices. Each computes exactly what a function above computes; tests/test_orthcr.py checks they agree.
+
+
+def cayley_fast(P):
+    """`cayley` with a hand-written backward: two matmuls from R instead of autograd through the solve
+    (no LU factors kept alive until the backward). The default in train.py."""
+    with _autocast_off(P):
+        return _CayleyFromSkew.apply(skew(_at_least_fp32(P)))
+
+
+class _CayleyFromSkew(torch.autograd.Function):
+    """R = (I + Q)(I - Q)^-1 from a skew-symmetric Q. R = 2 (I - Q)^-1 - I, so dR = 2 A^-1 dQ A^-1 with
+    A^-1 = (R + I) / 2, and dL/dQ = (R + I)^T G (R + I)^T / 2."""
+
+    @staticmethod
+    def forward(ctx, Q):
+        eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+        R = torch.linalg.solve(eye - Q, eye + Q, left=False)
+        ctx.save_for_backward(R)
+        return R
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, G):
+        (R,) = ctx.saved_tensors
+        half_inverse_t = (R + torch.eye(R.shape[-1], dtype=R.dtype, device=R.device)).transpose(-1, -2)  # 2 A^-T
+        return half_inverse_t @ G @ half_inverse_t / 2

@@ -285,7 +285,7 @@ def lr_at(step, total, args):
 
 def cayley_transform(neumann):
     """The exact Cayley transform, or its Neumann approximation with `neumann` terms (--neumann)."""
-    return orthcr.cayley if neumann == 0 else lambda P: orthcr.cayley_neumann(P, neumann)
+    return orthcr.cayley_fast if neumann == 0 else lambda P: orthcr.cayley_neumann(P, neumann)
 
 
 def adapter_config(args, checkpoint_sha256):
@@ -360,7 +360,7 @@ def train(model, params, train_set, args, seed, out, dtype, n_px, checkpoint_sha
     optimizer = torch.optim.AdamW(adapters.values(), lr=args.lr, weight_decay=args.weight_decay)
     scaler = torch.amp.GradScaler(device=torch.device(device).type, enabled=dtype == torch.float16)
     transform = cayley_transform(args.neumann)
-    tokens = clip_min.tokenize(train_set.prompts()).to(device)
+    tokens = orthcr.trim_tokens(clip_min.tokenize(train_set.prompts())).to(device)
     with autocast(device, dtype):
         zs_text = orthcr.zero_shot_text_features(model, params, tokens)  # the frozen teacher's classifier, once
     cutout_gen = torch.Generator().manual_seed(seed)
@@ -403,8 +403,9 @@ def train(model, params, train_set, args, seed, out, dtype, n_px, checkpoint_sha
                     group["lr"] = lr
                 with autocast(device, dtype):
                     loss, terms = orthcr.objective(model, params, adapters, images.to(device), labels.to(device),
-                                                   tokens, zs_text, cutout_gen, args.lambda1, args.lambda2,
-                                                   args.cutout_holes, args.cutout_size, transform=transform)
+                                                   tokens, zs_text, cutout_gen, lambda1=args.lambda1,
+                                                   lambda2=args.lambda2, holes=args.cutout_holes,
+                                                   size=args.cutout_size, transform=transform)
                 if not torch.isfinite(loss):
                     stop_non_finite(f"loss ({loss.item()})", step + 1, ckpt_path)
                 optimizer.zero_grad(set_to_none=True)

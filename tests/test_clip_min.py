@@ -519,11 +519,35 @@ def test_quick_gelu_linear_gradients_equal_plain_autograd(shape):
     h = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(4, 8, generator=g, dtype=torch.float64, requires_grad=True)
     bias = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(clip_min.QuickGELULinear.apply, (h, weight, bias))
-    out = clip_min.QuickGELULinear.apply(h, weight, bias)
+    assert torch.autograd.gradcheck(clip_min._QuickGELULinear.apply, (h, weight, bias))
+    out = clip_min._QuickGELULinear.apply(h, weight, bias)
     plain = torch.nn.functional.linear(h * torch.sigmoid(1.702 * h), weight, bias)
     assert torch.allclose(out, plain, atol=1e-12)
     upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
     ours = torch.autograd.grad((out * upstream).sum(), (h, weight, bias))
     expected = torch.autograd.grad((plain * upstream).sum(), (h, weight, bias))
     assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(ours, expected))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mlp_speed_device_equals_its_plain_formula(dtype):
+    # MLP.forward's fused path (recompute_activation) against c_proj(quick_gelu(c_fc(x))): outputs and gradients
+    g = torch.Generator().manual_seed(1)
+    mlp = clip_min.MLP(8).to(dtype)
+    with torch.no_grad():
+        for p in mlp.parameters():
+            p.copy_(torch.randn(p.shape, generator=g, dtype=dtype))
+    x = torch.randn(2, 5, 8, generator=g, dtype=dtype, requires_grad=True)
+    upstream = torch.randn(2, 5, 8, generator=g, dtype=dtype)
+    results = []
+    for fused in (True, False):
+        mlp.recompute_activation = fused
+        out = mlp(x)
+        results.append((out, *torch.autograd.grad((out * upstream).sum(), (x, *mlp.parameters()))))
+    tol = 1e-12 if dtype == torch.float64 else 1e-5
+    for fused, plain in zip(*results):
+        assert (fused - plain).abs().max() <= tol * plain.abs().max()
+    with torch.no_grad():  # and the plain formula is x * sigmoid(1.702 x) between the two linears
+        h = mlp.c_fc(x)
+        assert torch.allclose(mlp(x), mlp.c_proj(h * torch.sigmoid(1.702 * h)), atol=tol)
+
