@@ -1,24 +1,30 @@
-"""Train OrthCR on a CoOp few-shot benchmark and evaluate it with the paper's protocols.
+"""Train OrthCR / OrthSR on a CoOp few-shot benchmark and evaluate it with the paper's protocols.
 
-    python train.py --data eurosat --shots 16 --device cuda            # base-to-new on EuroSAT, seed 1
-    python train.py --data imagenet --protocol dg --seeds 1 2 3        # domain generalization table
-    python train.py --data eurosat --zero-shot                         # zero-shot CLIP baseline row
+    python train.py --data eurosat --shots 16 --device cuda                 # base-to-new on EuroSAT, seed 1
+    python train.py --data eurosat --cutout attentive --prompt coop         # OrthSR (v3) with CoOp's context
+    python train.py --data imagenet --protocol dg --seeds 1 2 3             # domain generalization table
+    python train.py --data eurosat --zero-shot                              # zero-shot CLIP's row
 
-Top to bottom: flags (validated before anything heavy), data, model, adapters, optimizer, the loop
-{Cutout copy, zero-shot teacher logits, merged student logits, loss, backward, step}, evaluation.
-Every file is written to a temporary name and renamed, so a crash never leaves half a file.
+Reading order: the defaults; `train`, the loop; `evaluate`; `run`, one seed from data to files. Then the
+plumbing: settings, run folders and checkpoints, progress, and the command line with its validation.
 """
 
 import argparse
+import dataclasses
+import errno
+import fcntl
 import hashlib
 import json
 import math
 import os
 import shlex
+import shutil
 import signal
 import statistics
 import sys
 import time
+import warnings
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -30,159 +36,344 @@ import orthcr
 # ---------------------------------------------------------------------------------------------------- defaults
 # The paper does not publish its optimization settings; these are ours (README: "What we chose").
 EPOCHS = 20  # few-shot sets are tiny (16 shots x 5 base classes = 80 EuroSAT images): 20 passes, as PromptSRC
-BATCH_SIZE = 32  # 32 clean + 32 Cutout copies per step
+BATCH_SIZE = 32  # 32 clean images + their 32 Cutout copies per step
 LR = 1e-4  # AdamW on the Cayley parameters P; R moves ~lr per step per entry, so rotations stay small
 WEIGHT_DECAY = 0.0  # decay of P would pull R towards I: the KL term already keeps the model near zero-shot
 WARMUP_STEPS = 10  # linear warm-up (at most a tenth of training), then cosine decay to 0
 EVAL_BATCH_SIZE = 64
+N_CTX = 16  # CoOp's context length; --ctx-init "a photo of a" gives 4 instead
+LAYOUT = {"targets": orthcr.DEFAULT_TARGETS, "blocks": 4, "towers": ("visual", "text")}  # the paper's 43.45M
 
-ADAPTER_LAYOUT = {"targets": list(orthcr.DEFAULT_TARGETS), "blocks": 4, "towers": ["visual", "text"]}
 PROTOCOLS = ("base2new", "fewshot", "cross", "dg")
 CROSS_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
-                 "sun397", "dtd", "eurosat", "ucf101", "imagenet")
-DG_TARGETS = ("imagenet", "imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")
+                 "sun397", "dtd", "eurosat", "ucf101")  # CoCoOp's Table 2, after the source ImageNet
+DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")  # CoCoOp's Table 3
 
 
-# ---------------------------------------------------------------------------------------------------- flags
+# ---------------------------------------------------------------------------------------------------- the loop
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data", default="eurosat", help=f"dataset: {', '.join(data.DATASETS)}")
-    p.add_argument("--root", default=os.environ.get("ORTHCR_DATA", "~/data"),
-                   help="folder holding the datasets in CoOp's layout (default $ORTHCR_DATA, else ~/data)")
-    p.add_argument("--protocol", default="base2new", help=f"one of {', '.join(PROTOCOLS)}")
-    p.add_argument("--shots", type=int, default=16, help="training images per class")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1], help="one run per seed; a table of mean ± std")
-    p.add_argument("--model", default="ViT-B/16", help=f"OpenAI model name: {', '.join(clip_min.available_models())}")
-    p.add_argument("--weights", default=None, help="a local checkpoint to use instead of downloading --model")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda, cuda:N")
-    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"],
-                   help="auto: bf16 autocast on CUDA where supported (else fp16 + grad scaler), fp32 on CPU")
-    # optimization
-    p.add_argument("--epochs", type=int, default=EPOCHS)
-    p.add_argument("--batch-size", type=int, default=BATCH_SIZE)
-    p.add_argument("--lr", type=float, default=LR)
-    p.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
-    p.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS)
-    # the method
-    # the adapter layout; with --eval-only, what is not given is read from the adapters file
-    p.add_argument("--blocks", type=int, default=None, help="r: diagonal blocks of each orthogonal matrix (4)")
-    p.add_argument("--targets", nargs="+", default=None, help=f"layers to adapt ({' '.join(orthcr.DEFAULT_TARGETS)})")
-    p.add_argument("--towers", nargs="+", default=None, help="towers to adapt (visual text)")
-    p.add_argument("--neumann", type=int, default=0, help="terms of the approximate Cayley (0: exact solve)")
-    p.add_argument("--lambda1", type=float, default=1.5, help="weight of KL(zero-shot || finetuned) on clean images")
-    p.add_argument("--lambda2", type=float, default=1.0, help="weight of the KL term on Cutout images")
-    p.add_argument("--cutout-holes", type=int, default=1)
-    p.add_argument("--cutout-size", type=int, default=16)
-    # evaluation and files
-    p.add_argument("--eval-data", nargs="+", default=None, help="datasets evaluated by cross/dg (default: the paper's)")
-    p.add_argument("--eval-limit", type=int, default=None, help="evaluate on N class-balanced test images per split")
-    p.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH_SIZE)
-    p.add_argument("--zero-shot", action="store_true", help="evaluate plain CLIP (no training)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate saved --adapters")
-    p.add_argument("--adapters", default=None, help="adapters.pt to evaluate with --eval-only")
-    p.add_argument("--export", action="store_true", help="also write merged.pt, the merged official state dict")
-    p.add_argument("--out", default=None, help="run folder (default runs/<data>_<protocol>_<shots>shot_seed<S>)")
-    p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
-    p.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps (0: each epoch end)")
-    p.add_argument("--workers", type=int, default=0, help="data loading processes")
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--download-root", default=None, help="model cache (default ~/.cache/clip)")
-    args = p.parse_args(argv)
-    args.layout_given = [k for k in ADAPTER_LAYOUT if getattr(args, k) is not None]
-    for k, default in ADAPTER_LAYOUT.items():
-        if getattr(args, k) is None:
-            setattr(args, k, default)
-    problems = validate(args)
-    if problems:
-        p.error("; ".join(problems))
-    return args
+def train(model, params, train_set, cfg, seed, folder, resume=False):
+    """OrthCR's training loop on one few-shot set. Returns the trained adapters and CoOp context (or None)."""
+    adapters, context = init_trainables(params, cfg, seed)
+    optimizer = torch.optim.AdamW(trainable_tensors(adapters, context), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16")  # fp16's gradients need loss scaling
+    tokens, teacher_text = class_prompts(model, params, train_set.classnames, train_set.template, cfg)
+    generator = torch.Generator().manual_seed(seed)  # all of Cutout's randomness
+    per_epoch = data.steps_per_epoch(len(train_set.train), cfg.batch_size)
+    total, save_every = cfg.epochs * per_epoch, cfg.save_every or per_epoch
+    step = resume_from(folder, cfg, seed, adapters, context, optimizer, scaler, generator) if resume else 0
+    progress = Progress(step, total, cfg.batch_size)
+    batches = data.train_batches(train_set.train, cfg.batch_size, seed, cfg.epochs, step, cfg.workers,
+                                 model.visual.input_resolution)
+    with Interrupt() as interrupt, StepLog(folder) as log:
+        for epoch, images, labels in batches:
+            lr = lr_at(step, total, cfg.lr, cfg.warmup_steps)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            with autocast(cfg.device, cfg.precision):
+                loss, terms = orthcr.objective(
+                    model, params, adapters, images.to(cfg.device), labels.to(cfg.device), tokens, teacher_text,
+                    generator, context=context, cutout_mode=cfg.cutout, lambda1=cfg.lambda1, lambda2=cfg.lambda2,
+                    holes=cfg.cutout_holes, size=cfg.cutout_size, temperature=cfg.cutout_temperature,
+                    transform=cayley_transform(cfg.neumann))
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            stop_if_not_finite(loss, adapters, context, scaler, step + 1, folder)  # before it reaches P
+            scaler.step(optimizer)
+            scaler.update()
+            step += 1
+            log.write(step, epoch, lr, loss, terms, progress.tick(step))
+            if interrupt.requested or step % save_every == 0 or step == total:
+                save_checkpoint(folder, cfg, seed, step, total, adapters, context, optimizer, scaler, generator)
+            if interrupt.requested:
+                stop_interrupted(folder, step, total)
+            if step % cfg.log_every == 0 or step == total:
+                progress.report(step, epoch, cfg.epochs, lr, terms)
+    return adapters, context
 
 
-def validate(args):
-    """Every flag checked before anything heavy is loaded: a list of one-line problems."""
-    bad = []
-    positive = dict(shots=args.shots, epochs=args.epochs, batch_size=args.batch_size, blocks=args.blocks,
-                    eval_batch_size=args.eval_batch_size, log_every=args.log_every,
-                    cutout_size=args.cutout_size)
-    bad += [f"--{k.replace('_', '-')} must be >= 1, got {v}" for k, v in positive.items() if v < 1]
-    non_negative = dict(warmup_steps=args.warmup_steps, neumann=args.neumann, save_every=args.save_every,
-                        workers=args.workers, cutout_holes=args.cutout_holes)
-    bad += [f"--{k.replace('_', '-')} must be >= 0, got {v}" for k, v in non_negative.items() if v < 0]
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        bad.append(f"--lr must be a positive number, got {args.lr}")
-    for name in ("weight_decay", "lambda1", "lambda2"):
-        value = getattr(args, name)
-        if not (value >= 0 and math.isfinite(value)):
-            bad.append(f"--{name.replace('_', '-')} must be a non-negative number, got {value}")
-    if args.eval_limit is not None and args.eval_limit < 1:
-        bad.append(f"--eval-limit must be >= 1, got {args.eval_limit}")
-    for name in [args.data] + (args.eval_data or []):
-        if name not in data.DATASETS:
-            bad.append(f"unknown dataset {name!r}: expected one of {', '.join(data.DATASETS)}")
-    if args.protocol not in PROTOCOLS:
-        bad.append(f"unknown --protocol {args.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
-    if args.protocol == "dg" and args.data != "imagenet":
-        bad.append("--protocol dg trains on imagenet: use --data imagenet")
-    if data.DATASETS.get(args.data) and data.DATASETS[args.data].kind in data.TEST_ONLY:
-        bad.append(f"--data {args.data} has no training split (it is an evaluation-only ImageNet variant)")
-    unknown_towers = set(args.towers) - set(orthcr.TOWER_PREFIX)
-    if unknown_towers:
-        bad.append(f"unknown --towers {sorted(unknown_towers)}: expected visual and/or text")
-    if args.weights is None and args.model not in clip_min.available_models():
-        bad.append(f"unknown --model {args.model!r}: expected one of {', '.join(clip_min.available_models())} "
-                   f"or --weights PATH")
-    if args.weights is not None and not Path(args.weights).is_file():
-        bad.append(f"--weights {args.weights}: no such file")
-    if args.eval_only and not args.adapters:
-        bad.append("--eval-only needs --adapters PATH")
-    if args.adapters and not Path(args.adapters).is_file():
-        bad.append(f"--adapters {args.adapters}: no such file")
-    if args.zero_shot and (args.eval_only or args.resume):
-        bad.append("--zero-shot evaluates plain CLIP: it takes neither --eval-only nor --resume")
-    if args.out and len(args.seeds) > 1:
-        bad.append("--out names one run folder: use it with a single seed")
-    try:
-        device = torch.device(args.device)
-        if device.type not in ("cpu", "cuda"):
-            bad.append(f"--device {args.device}: expected cpu, cuda or cuda:N")
-        elif device.type == "cuda" and not torch.cuda.is_available():
-            bad.append(f"--device {args.device}: CUDA is not available on this machine")
-        elif device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-            bad.append(f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)")
-        elif device.type == "cpu" and args.precision in ("bf16", "fp16"):
-            bad.append(f"--precision {args.precision} is for CUDA; the CPU runs in fp32")
-    except RuntimeError:
-        bad.append(f"--device {args.device}: expected cpu, cuda or cuda:N")
-    return bad
+def lr_at(step, total, lr, warmup):
+    """Linear warm-up over `warmup` steps (at most a tenth of the steps), then cosine decay to 0 at the end."""
+    warmup = min(warmup, total // 10)
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return lr * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def autocast_dtype(args):
-    """None for fp32; else the autocast dtype (bf16 where the GPU supports it, else fp16 with a scaler)."""
-    if args.device.startswith("cpu") or args.precision == "fp32":
-        return None
-    if args.precision == "bf16" or (args.precision == "auto" and torch.cuda.is_bf16_supported()):
-        return torch.bfloat16
-    return torch.float16
+def init_trainables(params, cfg, seed):
+    """P = 0 for every targeted weight (the model starts as zero-shot CLIP), and CoOp's context if asked for."""
+    adapters = orthcr.init_adapters(params, cfg.targets, cfg.blocks, cfg.towers) if cfg.targets else {}
+    context = None
+    if cfg.prompt == "coop":
+        context = orthcr.init_context(params, cfg.n_ctx, cfg.ctx_init, torch.Generator().manual_seed(seed))
+    return adapters, context
 
 
-# ---------------------------------------------------------------------------------------------------- files
-
-def save_json(path, obj):  # every file of a run goes through clip_min.write_atomic: temporary name, then rename
-    clip_min.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+def trainable_tensors(adapters, context):
+    return [*adapters.values(), *([] if context is None else [context])]
 
 
-def save_torch(path, obj):
-    clip_min.write_atomic(path, lambda tmp: torch.save(obj, tmp))
+def class_prompts(model, params, classnames, template, cfg):
+    """(the student's prompt tokens, the teacher's fp32 class features). The teacher always reads the
+    hand-written template; the student reads it too, or CoOp's prompts when its context is learned. Tokens are
+    trimmed once, here on the CPU, because trimming reads their values."""
+    teacher_tokens = orthcr.trim_tokens(clip_min.tokenize([template.format(c) for c in classnames]))
+    with autocast(cfg.device, cfg.precision):
+        teacher_text = orthcr.zero_shot_text_features(model, params, teacher_tokens.to(cfg.device))
+    student_tokens = teacher_tokens if cfg.prompt == "fixed" else \
+        orthcr.trim_tokens(orthcr.coop_tokens(classnames, cfg.n_ctx, cfg.ctx_init))
+    return student_tokens.to(cfg.device), teacher_text
 
 
-def load_torch(path, what):
-    """torch.load with weights_only=True: tensors and plain containers only, no code from the file runs."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise SystemExit(f"error: {path} is not a valid {what} file (loaded with weights_only=True): "
-                         f"{str(e).splitlines()[0]}")
+def cayley_transform(neumann):
+    """The exact Cayley transform (its fast backward), or its Neumann approximation with `neumann` terms."""
+    return orthcr.cayley_fast if neumann == 0 else lambda P: orthcr.cayley_neumann(P, neumann)
+
+
+# ---------------------------------------------------------------------------------------------------- evaluation
+
+def evaluate(model, params, context, eval_sets, cfg, seed):
+    """Top-1 accuracy (%) of CLIP's classifier under `params` on each evaluation split, with the count behind it.
+    All splits go through one loader; each class set's classifier is computed once (ImageNet, -V2 and -Sketch
+    share theirs)."""
+    classifiers = {}
+    for dataset in eval_sets.values():
+        key = (tuple(dataset.classnames), dataset.template)
+        if key not in classifiers:
+            classifiers[key] = classifier(model, params, context, dataset.classnames, dataset.template, cfg)
+    splits = list(eval_sets)
+    items = [test_items(eval_sets[s].test, cfg.eval_limit, seed) for s in splits]
+    correct = [0] * len(splits)
+    for i, images, labels in data.eval_batches(items, cfg.eval_batch_size, cfg.workers, model.visual.input_resolution):
+        dataset = eval_sets[splits[i]]
+        weights = classifiers[(tuple(dataset.classnames), dataset.template)]
+        correct[i] += int((predict(model, params, images.to(cfg.device), weights, cfg).cpu() == labels).sum())
+    return {s: {"accuracy": 100.0 * c / len(its), "correct": c, "n": len(its)}
+            for s, c, its in zip(splits, correct, items)}
+
+
+@torch.no_grad()
+def classifier(model, params, context, classnames, template, cfg, batch=256):
+    """The class-prompt features under `params`, (C, E) fp32: the template's prompts, or CoOp's with `context`."""
+    tokens = clip_min.tokenize([template.format(c) for c in classnames]) if context is None else \
+        orthcr.coop_tokens(classnames, cfg.n_ctx, cfg.ctx_init)
+    with autocast(cfg.device, cfg.precision):
+        return torch.cat([orthcr.encode_text(model, params, orthcr.trim_tokens(t).to(cfg.device), context).float()
+                          for t in tokens.split(batch)])
+
+
+@torch.no_grad()
+def predict(model, params, images, class_features, cfg):
+    """The predicted class of each (normalized) image: argmax of CLIP's logits."""
+    with autocast(cfg.device, cfg.precision):
+        features = orthcr.encode_image(model, params, images)
+    return orthcr.clip_logits(features, class_features, params["logit_scale"]).argmax(dim=-1)
+
+
+def test_items(items, limit, seed):
+    return items if limit is None else data.class_balanced_subset(items, limit, seed)
+
+
+def harmonic_mean(a, b):
+    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+
+
+# ---------------------------------------------------------------------------------------------------- one run
+
+def run(cfg, seed, plan, datasets, model, params, seconds):
+    """One seed: train (`plan` "new" or "resume") or load adapters, merge, evaluate, write the run folder.
+    Returns results.json's content (a finished run that --resume meets is kept as it is)."""
+    folder = run_folder(cfg, seed)
+    if plan == "done":
+        say(f"{folder} is finished: its results.json is kept as it is")
+        return json.loads((folder / "results.json").read_text())
+    train_set, eval_sets = datasets
+    torch.manual_seed(seed)
+    with exclusive(folder, cfg, plan):
+        write_json(folder / "config.json", run_config(cfg, seed, train_set))
+        started = time.monotonic()
+        if cfg.zero_shot:
+            adapters, context = {}, None
+        elif cfg.eval_only:
+            adapters, context = read_adapters_file(cfg.adapters, params, cfg)
+        else:
+            adapters, context = train(model, params, train_set, cfg, seed, folder, resume=plan == "resume")
+            save_adapters(folder / "adapters.pt", adapters, context, cfg, seed)
+        trained = time.monotonic()
+        merged = orthcr.export_state_dict(params, adapters, cayley_transform(cfg.neumann))  # eval costs plain CLIP
+        if cfg.export:
+            export(folder, merged, context, cfg)
+        results = evaluate(model, merged, context, eval_sets, cfg, seed)
+        for split, r in results.items():
+            say(f"{split}: {r['accuracy']:.2f}% of {r['n']} test images")
+        if cfg.protocol == "base2new":
+            results["hm"] = harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])
+        record = {"data": cfg.data, "protocol": cfg.protocol, "shots": cfg.shots, "seed": seed,
+                  "method": method_name(cfg), "eval_limit": cfg.eval_limit, "results": results,
+                  "seconds": {**seconds, "train": trained - started, "eval": time.monotonic() - trained}}
+        if cfg.eval_only:
+            record["evaluated"] = {"adapters": str(Path(cfg.adapters).resolve()),
+                                   "adapters_sha256": clip_min.file_sha256(cfg.adapters),
+                                   "training_settings": read_training_settings(cfg.adapters)}
+        write_json(folder / "results.json", record)
+        (folder / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete: adapters.pt holds what it learned
+    say(f"results written to {folder / 'results.json'}")
+    return record
+
+
+def method_name(cfg):
+    """The row label of the paper's tables: OrthCR (v1), OrthSR (v3, attentive Cutout), CoOp, zero-shot CLIP,
+    with the ablation in brackets."""
+    if cfg.zero_shot:
+        return "zero-shot CLIP"
+    name = ("OrthSR" if cfg.cutout == "attentive" else "OrthCR") if cfg.targets else "CoOp"
+    if cfg.targets and cfg.prompt == "coop":
+        name += " + CoOp"
+    ablations = []
+    if cfg.targets and set(cfg.towers) != {"visual", "text"}:
+        ablations.append("image tower only" if cfg.towers == ("visual",) else "text tower only")
+    if cfg.cutout == "none" and cfg.targets:
+        ablations.append("w/o CutOut")
+    if cfg.lambda1 == cfg.lambda2 == 0 and cfg.targets:
+        ablations.append("w/o KL")
+    if not cfg.targets and (cfg.lambda1 or cfg.cutout != "none"):
+        ablations.append(f"+ KL{' + CutOut' if cfg.cutout != 'none' else ''}")
+    return name + (f" ({', '.join(ablations)})" if ablations else "")
+
+
+def summary_table(all_results):
+    """The paper's table form: one row, each column averaged over seeds (± std with several seeds). HM is
+    the HM of the mean base and mean new accuracies, as CoCoOp's tables report it; results.json keeps each
+    seed's own HM."""
+    first = all_results[0]
+    splits = [k for k in first["results"] if k != "hm"]
+
+    def values(split):
+        return [r["results"][split]["accuracy"] for r in all_results]
+
+    def cell(vals):
+        std = f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""
+        return f"{statistics.mean(vals):.2f}{std}"
+
+    columns = {s: cell(values(s)) for s in splits}
+    if first["protocol"] == "base2new":
+        columns["HM"] = f"{harmonic_mean(statistics.mean(values('base')), statistics.mean(values('new'))):.2f}"
+    if first["protocol"] in ("cross", "dg") and len(splits) > 2:  # the targets' average, source excluded
+        columns["average"] = f"{statistics.mean(statistics.mean(values(s)) for s in splits[1:]):.2f}"
+    seeds = f"{len(all_results)} seed{'s' if len(all_results) > 1 else ''}"
+    header = "| dataset | method | " + " | ".join(columns) + " |"
+    rule = "|---|---|" + "---|" * len(columns)
+    row = f"| {first['data']} | {first['method']} ({seeds}) | " + " | ".join(columns.values()) + " |"
+    return "\n".join([header, rule, row])
+
+
+# ==================================================================================================== plumbing
+# Settings: every flag, as one immutable record
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    data: str
+    root: str
+    protocol: str
+    shots: int
+    seeds: tuple
+    model: str
+    weights: str | None
+    download: bool
+    device: str
+    precision: str  # resolved: fp32, bf16 or fp16
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float
+    warmup_steps: int
+    targets: tuple  # empty: no orthogonal finetuning (plain CoOp)
+    blocks: int
+    towers: tuple
+    neumann: int
+    lambda1: float
+    lambda2: float
+    cutout: str
+    cutout_size: int
+    cutout_holes: int
+    cutout_temperature: float | None
+    prompt: str
+    n_ctx: int
+    ctx_init: str | None
+    eval_data: tuple | None
+    eval_limit: int | None
+    eval_batch_size: int
+    zero_shot: bool
+    eval_only: bool
+    adapters: str | None
+    export: bool
+    export_dtype: str
+    out: str | None
+    resume: bool
+    overwrite: bool
+    save_every: int
+    workers: int
+    log_every: int
+    download_root: str | None
+    checkpoint_sha256: str | None = None  # of the base model file, once it is known
+
+
+# the settings that change what a run computes: a resumed run must match its checkpoint in each of them
+RESULT_SETTINGS = ("checkpoint_sha256", "data", "protocol", "shots", "epochs", "batch_size", "lr", "weight_decay", "warmup_steps",
+                   "targets", "blocks", "towers", "neumann", "lambda1", "lambda2", "cutout", "cutout_size",
+                   "cutout_holes", "cutout_temperature", "prompt", "n_ctx", "ctx_init", "precision", "eval_data",
+                   "eval_limit", "zero_shot")
+
+
+def settings_from(args, saved=None):
+    """The run's Settings from the parsed flags. With --eval-only, a flag that was not given takes the value
+    recorded in the adapters file (`saved`), as PEFT reads adapter_config.json; else its default."""
+    saved = saved or {}
+
+    def pick(name, default):
+        given = getattr(args, name)
+        return given if given is not None else saved.get(name, default)
+
+    targets = tuple(pick("targets", LAYOUT["targets"]))
+    ctx_init = pick("ctx_init", None)
+    values = {**vars(args),
+              "data": pick("data", "eurosat"), "protocol": pick("protocol", "base2new"), "shots": pick("shots", 16),
+              "seeds": tuple(args.seeds or [saved.get("seed", 1)]),
+              "targets": () if targets == ("none",) else targets,
+              "blocks": pick("blocks", LAYOUT["blocks"]), "towers": tuple(pick("towers", LAYOUT["towers"])),
+              "neumann": pick("neumann", 0), "prompt": pick("prompt", "fixed"), "ctx_init": ctx_init,
+              # CoOp: initial words fix the context length
+              "n_ctx": len(clip_min.encode(ctx_init)) if ctx_init else pick("n_ctx", N_CTX),
+              "eval_data": tuple(args.eval_data) if args.eval_data else None,
+              "precision": resolve_precision(args.precision, args.device), "download": not args.no_download}
+    return Settings(**{f.name: values[f.name] for f in dataclasses.fields(Settings) if f.name in values})
+
+
+def resolve_precision(precision, device):
+    """fp32 on the CPU; on CUDA, `auto` is fp16 autocast with a grad scaler (README: "Precision")."""
+    if precision != "auto":
+        return precision
+    return "fp32" if torch.device(device).type == "cpu" else "fp16"
+
+
+def autocast(device, precision):
+    """Autocast of the towers' matrix products in bf16 or fp16; nothing for fp32 (and on the tests' meta device)."""
+    device_type = torch.device(device).type
+    if precision == "fp32" or not torch.amp.is_autocast_available(device_type):
+        return nullcontext()
+    return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
+
+
+def run_config(cfg, seed, train_set):
+    return {**dataclasses.asdict(cfg), "seed": seed, "method": method_name(cfg), "model_file": model_label(cfg),
+            "code_version": code_version(), "torch": torch.__version__,
+            "train_images": len(train_set.train) if train_set else 0}
+
+
+def model_label(cfg):
+    """The base model as recorded: the --weights file when one is given, else OpenAI's model name."""
+    return str(Path(cfg.weights).resolve()) if cfg.weights else cfg.model
 
 
 def code_version():
@@ -193,132 +384,346 @@ def code_version():
     return h.hexdigest()[:16]
 
 
-def run_folder(args, seed):
-    if args.out:
-        return Path(args.out)
-    shots = "zeroshot" if args.zero_shot else f"{args.shots}shot"
-    return Path("runs") / f"{args.data}_{args.protocol}_{shots}_seed{seed}"
+def result_settings(cfg, seed):
+    """The settings a checkpoint must have been written with to be resumed by this run."""
+    return {**{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
+               if k in RESULT_SETTINGS}, "seed": seed}
 
 
-# ---------------------------------------------------------------------------------------------------- data
+# ---------------------------------------------------------------------------------------------------- protocols
 
-def protocol_datasets(args, seed):
+def protocol_datasets(cfg, seed):
     """(training Dataset or None, {split name: Dataset to evaluate}) for the chosen protocol."""
-    root = Path(args.root).expanduser()
-    build = lambda name, subsample="all", shots=args.shots: data.build_dataset(  # noqa: E731
-        name, root, shots=shots, seed=seed, subsample=subsample)
-    if args.protocol == "base2new":
-        base, new = build(args.data, "base"), build(args.data, "new")
+    root = Path(cfg.root).expanduser()
+
+    def build(name, subsample="all", shots=cfg.shots):
+        return data.build_dataset(name, root, shots=shots, seed=seed, subsample=subsample, download=cfg.download)
+
+    if cfg.protocol == "base2new":
+        base, new = build(cfg.data, "base"), build(cfg.data, "new")
         return base, {"base": base, "new": new}
-    train_set = build(args.data)
-    if args.protocol == "fewshot":
+    train_set = build(cfg.data)
+    if cfg.protocol == "fewshot":
         return train_set, {"all": train_set}
-    targets = args.eval_data or (DG_TARGETS if args.protocol == "dg" else CROSS_TARGETS)
-    return train_set, {name: (train_set if name == args.data else build(name, shots=0))
-                       for name in targets if args.protocol == "dg" or name != args.data}
+    targets = cfg.eval_data or (DG_TARGETS if cfg.protocol == "dg" else CROSS_TARGETS)
+    # the source dataset first (CoCoOp's tables show it beside the targets), then each target's test set
+    return train_set, {cfg.data: train_set, **{name: build(name, shots=0) for name in targets if name != cfg.data}}
 
 
-def test_items(args, dataset, seed):
-    if args.eval_limit is None:
-        return dataset.test
-    return data.class_balanced_subset(dataset.test, args.eval_limit, seed)
+# ---------------------------------------------------------------------------------------------------- run folders
+
+RUN_FILES = ("config.json", "log.jsonl", "checkpoint.pt", "adapters.pt", "results.json", "merged.pt", "context.pt")
 
 
-# ---------------------------------------------------------------------------------------------------- evaluation
-
-def autocast(device, dtype):
-    return torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None)
-
-
-@torch.no_grad()
-def class_features(model, params, prompts, device, dtype, batch=256):
-    """Text features of the class prompts under `params`: the classifier, computed once per class set."""
-    tokens = clip_min.tokenize(prompts).to(device)
-    with autocast(device, dtype):
-        return torch.cat([orthcr.encode_text(model, params, orthcr.trim_tokens(t)).float()
-                          for t in tokens.split(batch)])
+def run_folder(cfg, seed):
+    if cfg.out:
+        return Path(cfg.out)
+    if cfg.eval_only:  # beside the training run, never into its files
+        return Path(cfg.adapters).resolve().parent / f"eval_{cfg.data}_{cfg.protocol}_seed{seed}"
+    shots = "zeroshot" if cfg.zero_shot else f"{cfg.shots}shot"
+    return Path("runs") / f"{cfg.data}_{cfg.protocol}_{shots}_seed{seed}"
 
 
-@torch.no_grad()
-def evaluate(model, params, dataset, items, args, dtype, n_px, classifier=None):
-    """Top-1 accuracy (%) of CLIP's classifier under `params` on `items`, with the count behind it."""
-    if classifier is None:
-        classifier = class_features(model, params, dataset.prompts(), args.device, dtype)
-    correct = 0
-    for images, labels in data.batches(items, args.eval_batch_size, train=False, num_workers=args.workers,
-                                       n_px=n_px):
-        with autocast(args.device, dtype):
-            features = orthcr.encode_image(model, params, images.to(args.device)).float()
-        logits = orthcr.clip_logits(features, classifier, params["logit_scale"].float())
-        correct += (logits.argmax(-1).cpu() == labels).sum().item()
-    return {"accuracy": 100.0 * correct / max(len(items), 1), "correct": correct, "n": len(items)}
+@contextmanager
+def exclusive(folder, cfg, plan):
+    """Hold the run folder for one run: created if needed, locked against concurrent use (flock, which the
+    kernel releases when a run crashes), and refused if it already holds a run unless --resume or --overwrite
+    says what to do with it. A folder made here that is still empty at the end is removed again."""
+    created = not folder.exists()
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = open(folder / ".lock", "a")
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fail(f"{folder} is in use by another run (its .lock is held): wait for it, or choose another --out")
+        try:
+            if run_state(folder) != PLAN_STATE[plan] and not (plan == "new" and cfg.overwrite):
+                fail(f"{folder} changed while this run was starting (another run?): start again")
+            if cfg.overwrite:
+                for name in RUN_FILES:
+                    (folder / name).unlink(missing_ok=True)
+            yield folder
+        finally:
+            (folder / ".lock").unlink(missing_ok=True)
+    finally:
+        lock.close()
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
 
 
-def harmonic_mean(a, b):
-    return 2 * a * b / (a + b) if a + b > 0 else 0.0
+def run_state(folder):
+    """'done' (results.json), 'checkpoint' (checkpoint.pt, unfinished), 'partial' (a run that stopped before
+    its first checkpoint) or 'empty'."""
+    if (folder / "results.json").exists():
+        return "done"
+    if (folder / "checkpoint.pt").exists():
+        return "checkpoint"
+    return "partial" if any((folder / name).exists() for name in RUN_FILES) else "empty"
 
 
-def evaluate_all(model, params, eval_sets, args, seed, dtype, n_px):
-    results, classifiers = {}, {}
-    for split, dataset in eval_sets.items():
-        prompts = tuple(dataset.prompts())  # ImageNet, -V2 and -Sketch share one 1000-class classifier
-        if prompts not in classifiers:
-            classifiers[prompts] = class_features(model, params, prompts, args.device, dtype)
-        results[split] = evaluate(model, params, dataset, test_items(args, dataset, seed), args, dtype, n_px,
-                                  classifiers[prompts])
-        print(f"{split}: {results[split]['accuracy']:.2f}% of {results[split]['n']} test images", file=sys.stderr)
-    if args.protocol == "base2new":
-        results["hm"] = harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])
-    return results
+PLAN_STATE = {"new": "empty", "resume": "checkpoint", "done": "done"}
 
 
-# ---------------------------------------------------------------------------------------------------- training
+def plan_runs(cfg):
+    """What each seed's run folder will do: "new", "resume" or "done" (--resume keeps a finished seed of a
+    sweep as it is). One-line errors, before any work, for folders that cannot take their run."""
+    folders = {seed: run_folder(cfg, seed) for seed in cfg.seeds}
+    for folder in folders.values():
+        check_writable(folder)
+    states = {seed: run_state(folder) for seed, folder in folders.items()}
+    if not cfg.resume:
+        for seed, folder in folders.items():
+            held = [name for name in RUN_FILES if (folder / name).exists()]
+            if held and not cfg.overwrite:
+                fail(f"{folder} already holds a run ({', '.join(held)}): continue exactly that run with --resume, "
+                     f"replace it with --overwrite, or choose another --out")
+        return {seed: "new" for seed in folders}
+    first = folders[cfg.seeds[0]]
+    if len(folders) == 1 and states[cfg.seeds[0]] == "done":
+        fail(f"--resume: {first} holds a finished run (results.json); there is nothing to resume")
+    if all(state == "empty" for state in states.values()):
+        fail(f"--resume: no checkpoint in {first} (expected {first / 'checkpoint.pt'}); check --out, or start "
+             f"a new run without --resume")
+    for seed, state in states.items():
+        if state == "partial":
+            fail(f"--resume: {folders[seed]} holds a run that stopped before its first checkpoint; start it "
+                 f"again with --overwrite")
+        if state == "done":
+            check_recorded_settings(folders[seed] / "config.json", cfg, seed)
+    return {seed: {"done": "done", "checkpoint": "resume", "empty": "new"}[state] for seed, state in states.items()}
 
-def lr_at(step, total, args):
-    """Linear warm-up over --warmup-steps (at most a tenth of the steps), then cosine decay to 0 at the end."""
-    warmup = min(args.warmup_steps, total // 10)
-    if step < warmup:
-        return args.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(total - warmup, 1)
-    return args.lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+def check_writable(folder):
+    """--out (or a default run folder) must be a folder, or creatable, and writable."""
+    for parent in [folder, *folder.parents]:
+        if parent.exists() and not parent.is_dir():
+            fail(f"--out {folder}: {parent} is a file, not a folder")
+        if parent.exists():
+            if not os.access(parent, os.W_OK | os.X_OK):
+                fail(f"--out {folder}: {parent} is not writable")
+            return
 
 
-def cayley_transform(neumann):
-    """The exact Cayley transform, or its Neumann approximation with `neumann` terms (--neumann)."""
-    return orthcr.cayley_fast if neumann == 0 else lambda P: orthcr.cayley_neumann(P, neumann)
+def check_recorded_settings(path, cfg, seed):
+    """A finished run kept by --resume must have been run with this run's settings."""
+    try:
+        recorded = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        fail(f"--resume: cannot read {path}: {e}")
+    current = result_settings(cfg, seed)
+    current.pop("checkpoint_sha256")  # not known yet; config.json records it
+    for key, value in current.items():
+        if recorded.get(key, "(not recorded)") != value:
+            fail(f"--resume: {path} was run with {key} = {recorded.get(key, '(not recorded)')!r}, this run has "
+                 f"{key} = {value!r}")
 
 
-def adapter_config(args, checkpoint_sha256):
-    return {"model": args.model, "checkpoint_sha256": checkpoint_sha256, "targets": list(args.targets),
-            "towers": list(args.towers), "blocks": args.blocks, "neumann": args.neumann}
+def write_json(path, obj):
+    """Every file of a run goes through clip_min.write_atomic: a temporary name, fsync, then the rename."""
+    write_file(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def load_adapters(path, params, args):
-    """Adapters saved by this script. The layout flags not given on the command line are taken from the file's
-    config (as PEFT reads adapter_config.json); a mismatch with the model or with the layout names the first
-    offending tensor (in state-dict order), so a partial or foreign file is never evaluated."""
-    saved = load_torch(path, "adapters")
+def write_torch(path, obj):
+    write_file(path, lambda tmp: torch.save(obj, tmp))
+
+
+def write_file(path, write):
+    """clip_min.write_atomic, with a full disk as one line that names the file (the previous file is kept)."""
+    try:
+        clip_min.write_atomic(path, write)
+    except OSError as e:
+        if e.errno == errno.ENOSPC or "No space left" in str(e):
+            fail(f"cannot write {path}: no space left on device (ENOSPC); the previous "
+                 f"{path.name if path.exists() else 'file'} is kept{resume_hint(path.parent)}")
+        fail(f"cannot write {path}: {e.strerror or e}")
+
+
+def resume_hint(folder):
+    if not (folder / "checkpoint.pt").is_file():
+        return ""
+    return f"; free some space, then resume with:\n  {resume_command(folder)}"
+
+
+def resume_command(folder):
+    """The command that continues this run: the same flags plus --resume, minus --overwrite (which would
+    discard what was just saved). Quoted, so that paths with spaces survive copy and paste."""
+    argv = [a for a in sys.argv if a != "--overwrite"]
+    argv += [] if "--resume" in argv else ["--resume"]
+    if "--out" not in argv and "--seeds" not in argv:  # the default folder, named: the command works from anywhere
+        argv += ["--out", str(folder.resolve())]
+    return shlex.join([sys.executable, *argv])
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(folder, cfg, seed, step, total, adapters, context, optimizer, scaler, generator):
+    """Everything a resumed run needs to continue bit for bit, with the settings it must be resumed with."""
+    write_torch(folder / "checkpoint.pt", {
+        "step": step, "total": total, "adapters": {k: P.detach().cpu() for k, P in adapters.items()},
+        "context": None if context is None else context.detach().cpu(),
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "cutout": generator.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "settings": result_settings(cfg, seed)})
+
+
+def resume_from(folder, cfg, seed, adapters, context, optimizer, scaler, generator):
+    """Load the checkpoint (checked before the model was loaded) into the fresh trainables, the optimizer, the
+    scaler and every RNG; trim the step log to the checkpoint's step. Returns the step."""
+    state = read_checkpoint(folder / "checkpoint.pt", cfg, seed, adapters, context)
+    with torch.no_grad():
+        for k, P in adapters.items():
+            P.copy_(state["adapters"][k])
+        if context is not None:
+            context.copy_(state["context"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    generator.set_state(state["rng"]["cutout"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    log_path = folder / "log.jsonl"
+    kept = [line for line in (log_path.read_text().splitlines() if log_path.is_file() else [])
+            if json.loads(line)["step"] <= state["step"]]
+    write_file(log_path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+    say(f"resumed from {folder / 'checkpoint.pt'} at step {state['step']}/{state['total']}")
+    return state["step"]
+
+
+def read_checkpoint(path, cfg, seed, adapters=None, context=None):
+    """The checkpoint, refused with one line unless it is whole and was written by this very run: same settings
+    (the first difference is named), steps within the schedule, finite tensors of the expected shapes."""
+    state = load_trusted(path, "checkpoint")
+    expected = {"step": int, "total": int, "adapters": dict, "optimizer": dict, "scaler": dict, "rng": dict, "settings": dict}
+    for key, kind in expected.items():
+        if not isinstance(state.get(key), kind):
+            fail(f"{path} is not a checkpoint written by train.py: '{key}' is missing or not a {kind.__name__}")
+    current = result_settings(cfg, seed)
+    for key, value in current.items():
+        if state["settings"].get(key, "(not recorded)") != value:
+            fail(f"--resume: {path} was written with {key} = {state['settings'].get(key, '(not recorded)')!r}, "
+                 f"this run has {key} = {value!r}; resume with the run's own settings, or start a new run")
+    if adapters is not None:
+        check_trainables(path, state["adapters"], state.get("context"), adapters, context)
+    return state
+
+
+def check_trainables(path, saved_adapters, saved_context, adapters, context):
+    """The saved tensors must be exactly this run's: same keys, same shapes, finite."""
+    for key, P in adapters.items():
+        saved = saved_adapters.get(key)
+        if not isinstance(saved, torch.Tensor) or saved.shape != P.shape:
+            fail(f"{path}: adapter {key} has shape {tuple(saved.shape) if isinstance(saved, torch.Tensor) else None}, "
+                 f"this run expects {tuple(P.shape)}")
+    if set(saved_adapters) - set(adapters):
+        fail(f"{path}: adapter {sorted(set(saved_adapters) - set(adapters))[0]} is not part of this run's layout")
+    if (context is None) != (saved_context is None) or (context is not None and saved_context.shape != context.shape):
+        fail(f"{path}: CoOp context {None if saved_context is None else tuple(saved_context.shape)} does not match "
+             f"this run's {None if context is None else tuple(context.shape)}")
+    for key, P in [*saved_adapters.items(), *([("context", saved_context)] if saved_context is not None else [])]:
+        if not torch.isfinite(P).all():
+            fail(f"{path}: {key} holds non-finite values")
+
+
+def check_steps(path, state, total):
+    if not (0 <= state["step"] <= total and state["total"] == total):
+        fail(f"{path}: step {state['step']} of {state['total']} does not fit this run's {total} steps")
+
+
+# ---------------------------------------------------------------------------------------------------- adapters files
+
+def save_adapters(path, adapters, context, cfg, seed):
+    """Only the trainable tensors (a few hundred MB at most), with the layout and the full training settings."""
+    write_torch(path, {"adapters": {k: P.detach().cpu() for k, P in adapters.items()},
+                       "context": None if context is None else context.detach().cpu(),
+                       "config": {"model": model_label(cfg), "checkpoint_sha256": cfg.checkpoint_sha256,
+                                  "targets": list(cfg.targets), "blocks": cfg.blocks, "towers": list(cfg.towers),
+                                  "neumann": cfg.neumann, "prompt": cfg.prompt, "n_ctx": cfg.n_ctx,
+                                  "ctx_init": cfg.ctx_init},
+                       "settings": result_settings(cfg, seed)})
+
+
+def read_training_settings(path):
+    """The training settings recorded in an adapters file (its layout at least), or {}."""
+    saved = load_trusted(path, "adapters")
     if not isinstance(saved, dict) or not isinstance(saved.get("adapters"), dict):
-        raise SystemExit(f"error: {path} holds no 'adapters' entry: not an adapters.pt written by train.py")
-    for k in ADAPTER_LAYOUT:
-        if k not in args.layout_given and k in (saved.get("config") or {}):
-            setattr(args, k, saved["config"][k])
+        fail(f"{path} holds no 'adapters' entry: not an adapters.pt written by train.py")
+    return {**(saved.get("config") or {}), **(saved.get("settings") or {})}
+
+
+def read_adapters_file(path, params, cfg):
+    """(adapters, context) of an adapters file, checked against the model and this run's layout: a partial or
+    foreign file names its first mismatching tensor (in state-dict order) and is never evaluated."""
+    saved = load_trusted(path, "adapters")
     try:
         orthcr.check_adapters(params, saved["adapters"])
-        keys = orthcr.target_keys(params, args.targets, args.towers)
-    except ValueError as e:
-        raise SystemExit(f"error: {path} does not fit this model: {e}")
-    size = lambda k: params[k].shape[1] // args.blocks  # noqa: E731
-    expected = {k: (args.blocks, size(k), size(k)) for k in keys}
-    found = {k: tuple(P.shape) for k, P in saved["adapters"].items()}
-    for key in (k for k in params if expected.get(k) != found.get(k)):
+    except (ValueError, AttributeError) as e:
+        fail(f"{path} does not fit this model: {e}")
+    expected, expected_context = init_trainables(params, cfg, 0)  # the layout this run evaluates
+    first = next((k for k in params if (k in expected) != (k in saved["adapters"])
+                  or (k in expected and saved["adapters"][k].shape != expected[k].shape)), None)
+    if first is not None:
         config = saved.get("config") or {}
-        raise SystemExit(f"error: {path} was made for another configuration (its config: --targets "
-                         f"{' '.join(config.get('targets', ['?']))} --blocks {config.get('blocks', '?')} --towers "
-                         f"{' '.join(config.get('towers', ['?']))}, model {config.get('model', '?')}); first "
-                         f"mismatching tensor {key}: this run expects {expected.get(key, 'no adapter')}, the file "
-                         f"has {found.get(key, 'none')}")
-    return saved
+        fail(f"{path} was made for another configuration (its config: --targets "
+             f"{' '.join(config.get('targets', ['?'])) or 'none'} --blocks {config.get('blocks', '?')} --towers "
+             f"{' '.join(config.get('towers', ['?']))}, model {config.get('model', '?')}); first mismatching tensor "
+             f"{first}: this run expects {tuple(expected[first].shape) if first in expected else 'no adapter'}, "
+             f"the file has {tuple(saved['adapters'][first].shape) if first in saved['adapters'] else 'none'}")
+    check_trainables(path, saved["adapters"], saved.get("context"), expected, expected_context)
+    context = saved.get("context")
+    return ({k: P.to(cfg.device) for k, P in saved["adapters"].items()},
+            None if context is None else context.to(cfg.device))
+
+
+def export(folder, merged, context, cfg):
+    """merged.pt: the merged weights as a state dict in OpenAI's key format (fp32, or fp16 as OpenAI ships
+    them); the learned CoOp context beside it in context.pt, since OpenAI's format has no place for it."""
+    dtype = torch.float16 if cfg.export_dtype == "fp16" else torch.float32
+    write_torch(folder / "merged.pt", {k: v.to("cpu", dtype if v.is_floating_point() else v.dtype)
+                                       for k, v in merged.items()})
+    say(f"merged weights written to {folder / 'merged.pt'} ({cfg.export_dtype})")
+    if context is not None:
+        write_torch(folder / "context.pt", {"context": context.detach().cpu(), "n_ctx": cfg.n_ctx,
+                                            "ctx_init": cfg.ctx_init, "prompt": "[SOS] ctx_1..ctx_n {class}. [EOS]"})
+        say(f"CoOp context written to {folder / 'context.pt'}")
+
+
+def load_trusted(path, what):
+    """torch.load with weights_only=True: tensors and plain containers only, no code from the file runs."""
+    try:
+        if Path(path).stat().st_size == 0:
+            fail(f"{path} is empty (0 bytes): not a {what} file")
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except OSError as e:
+        fail(f"cannot read {what} file {path}: {e.strerror or e}")
+    except Exception as e:
+        fail(f"{path} is not a valid {what} file (loaded with weights_only=True): {str(e).splitlines()[0]}")
+    if not isinstance(obj, dict):
+        fail(f"{path} is not a {what} file written by train.py (it holds a {type(obj).__name__})")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------- the loop's helpers
+
+def stop_if_not_finite(loss, adapters, context, scaler, step, folder):
+    """A non-finite loss or gradient stops the run before it can reach P or a checkpoint (the fp16 scaler
+    skips inf/NaN gradient steps itself). Reads values: one device sync per step."""
+    if not torch.isfinite(loss):
+        what = f"loss ({loss.item()})"
+    elif not scaler.is_enabled() and not all(P.grad.isfinite().all() for P in trainable_tensors(adapters, context)):
+        what = "gradient"
+    else:
+        return
+    last = folder / "checkpoint.pt"
+    fail(f"non-finite {what} at step {step}; the last good checkpoint is "
+         f"{last if last.is_file() else 'none (no checkpoint was saved yet)'}", code=3)
+
+
+def stop_interrupted(folder, step, total):
+    say(f"checkpoint saved to {folder / 'checkpoint.pt'} at step {step}/{total}; resume with:\n  "
+        f"{resume_command(folder)}")
+    raise SystemExit(130)
 
 
 class Interrupt:
@@ -334,199 +739,366 @@ class Interrupt:
     def handle(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        print("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)", file=sys.stderr)
+        say("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
 
 
-def rng_state(cutout_gen):
-    """Every random state the loop draws from (data augmentation is seeded per (seed, epoch, position))."""
-    return {"torch": torch.get_rng_state(), "cutout": cutout_gen.get_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+class StepLog:
+    """log.jsonl: one JSON line per step, appended and flushed as the step ends."""
+
+    def __init__(self, folder):
+        self.path = folder / "log.jsonl"
+
+    def __enter__(self):
+        self.file = open(self.path, "a")
+        return self
+
+    def write(self, step, epoch, lr, loss, terms, seconds):
+        record = {"step": step, "epoch": epoch + 1, "lr": lr, "loss": loss.item(),
+                  **{k: v.item() for k, v in terms.items()}, "step_s": seconds}
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def __exit__(self, *exc):
+        self.file.close()
 
 
-def set_rng_state(state, cutout_gen):
-    torch.set_rng_state(state["torch"])
-    cutout_gen.set_state(state["cutout"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+class Progress:
+    """One stderr line per --log-every steps: loss terms, lr, images/s and the time left."""
+
+    def __init__(self, step, total, batch_size):
+        self.start, self.start_step, self.total, self.batch_size = time.monotonic(), step, total, batch_size
+        self.last, self.terms = self.start, {}
+
+    def tick(self, step):
+        now, last = time.monotonic(), self.last
+        self.last = now
+        return now - last
+
+    def report(self, step, epoch, epochs, lr, terms):
+        rate = (step - self.start_step) / max(time.monotonic() - self.start, 1e-9)
+        parts = " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
+        say(f"step {step}/{self.total} epoch {epoch + 1}/{epochs} ({parts}) lr {lr:.2e} "
+            f"{rate * self.batch_size:.1f} img/s ETA {duration((self.total - step) / max(rate, 1e-9))}")
 
 
-def train(model, params, train_set, args, seed, out, dtype, n_px, checkpoint_sha256):
-    """The loop. Returns the trained adapters, or exits (non-zero) on a non-finite loss or Ctrl-C."""
-    device = args.device
-    adapters = orthcr.init_adapters(params, args.targets, args.blocks, args.towers)
-    optimizer = torch.optim.AdamW(adapters.values(), lr=args.lr, weight_decay=args.weight_decay)
-    scaler = torch.amp.GradScaler(device=torch.device(device).type, enabled=dtype == torch.float16)
-    transform = cayley_transform(args.neumann)
-    tokens = orthcr.trim_tokens(clip_min.tokenize(train_set.prompts())).to(device)
-    with autocast(device, dtype):
-        zs_text = orthcr.zero_shot_text_features(model, params, tokens)  # the frozen teacher's classifier, once
-    cutout_gen = torch.Generator().manual_seed(seed)
-    per_epoch = data.num_batches(len(train_set.train), args.batch_size)
-    total = per_epoch * args.epochs
-    step = 0
-    ckpt_path, log_path = out / "checkpoint.pt", out / "log.jsonl"
-
-    def save_checkpoint():
-        save_torch(ckpt_path, {"step": step, "adapters": {k: P.detach() for k, P in adapters.items()},
-                               "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
-                               "rng": rng_state(cutout_gen), "config": adapter_config(args, checkpoint_sha256)})
-
-    if args.resume and ckpt_path.is_file():
-        state = load_torch(ckpt_path, "checkpoint")
-        with torch.no_grad():
-            for k, P in adapters.items():
-                P.copy_(state["adapters"][k])
-        optimizer.load_state_dict(state["optimizer"])
-        scaler.load_state_dict(state["scaler"])
-        set_rng_state(state["rng"], cutout_gen)
-        step = state["step"]
-        # the log keeps exactly the steps the checkpoint holds
-        kept = [line for line in log_path.read_text().splitlines() if json.loads(line)["step"] <= step] \
-            if log_path.is_file() else []
-        clip_min.write_atomic(log_path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
-        print(f"resumed from {ckpt_path} at step {step}/{total}", file=sys.stderr)
-    elif args.resume:
-        print(f"--resume: no checkpoint at {ckpt_path}, starting from scratch", file=sys.stderr)
-
-    start_time, start_step = time.monotonic(), step
-    with Interrupt() as interrupt, open(log_path, "a") as log:
-        while step < total:
-            epoch, first = divmod(step, per_epoch)
-            for images, labels in data.batches(train_set.train, args.batch_size, train=True, seed=seed, epoch=epoch,
-                                               start=first, num_workers=args.workers, n_px=n_px):
-                t0 = time.monotonic()
-                lr = lr_at(step, total, args)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                with autocast(device, dtype):
-                    loss, terms = orthcr.objective(model, params, adapters, images.to(device), labels.to(device),
-                                                   tokens, zs_text, cutout_gen, lambda1=args.lambda1,
-                                                   lambda2=args.lambda2, holes=args.cutout_holes,
-                                                   size=args.cutout_size, transform=transform)
-                if not torch.isfinite(loss):
-                    stop_non_finite(f"loss ({loss.item()})", step + 1, ckpt_path)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                # the fp16 scaler skips steps with inf/NaN gradients itself; otherwise one would poison P (and the
-                # next checkpoint) while the loss still looks finite
-                if not scaler.is_enabled() and not torch.stack([P.grad.isfinite().all()
-                                                                for P in adapters.values()]).all():
-                    stop_non_finite("gradient", step + 1, ckpt_path)
-                scaler.step(optimizer)
-                scaler.update()
-                step += 1
-                seconds = time.monotonic() - t0
-                record = {"step": step, "epoch": epoch + 1, "lr": lr, "loss": loss.item(),
-                          **{k: v.item() for k, v in terms.items()}, "step_s": seconds}
-                log.write(json.dumps(record) + "\n")
-                log.flush()
-                if step % args.log_every == 0 or step == total:
-                    report_progress(record, step, total, args, images.shape[0], start_time, start_step)
-                if interrupt.requested:
-                    save_checkpoint()
-                    argv = [sys.executable, *sys.argv, *([] if args.resume else ["--resume"])]
-                    if not args.out and len(args.seeds) == 1:  # --out takes one seed; several resume by default
-                        argv += ["--out", str(out)]
-                    command = shlex.join(argv)  # quoted: paths with spaces survive copy and paste
-                    print(f"checkpoint saved to {ckpt_path} at step {step}/{total}; resume with:\n  {command}",
-                          file=sys.stderr)
-                    raise SystemExit(130)
-                if (args.save_every and step % args.save_every == 0) or step % per_epoch == 0:
-                    save_checkpoint()
-    return adapters
+def duration(seconds):
+    """H:MM:SS, with as many hours as it takes (never wraps at 24 h)."""
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
 
 
-def stop_non_finite(what, step, ckpt_path):
-    print(f"error: non-finite {what} at step {step}; the last good checkpoint is "
-          f"{ckpt_path if ckpt_path.is_file() else 'none (no checkpoint was saved yet)'}", file=sys.stderr)
-    raise SystemExit(3)
+# ---------------------------------------------------------------------------------------------------- messages
+
+def say(message):
+    print(message, file=sys.stderr, flush=True)
 
 
-def report_progress(record, step, total, args, batch, start_time, start_step):
-    elapsed = time.monotonic() - start_time
-    rate = (step - start_step) / max(elapsed, 1e-9)
-    eta = (total - step) / max(rate, 1e-9)
-    print(f"step {step}/{total} epoch {record['epoch']}/{args.epochs} loss {record['loss']:.4f} "
-          f"(ce {record['ce']:.3f} ce_cut {record['ce_cutout']:.3f} kl {record['kl']:.4f} "
-          f"kl_cut {record['kl_cutout']:.4f}) lr {record['lr']:.2e} {rate * batch:.1f} img/s "
-          f"ETA {time.strftime('%H:%M:%S', time.gmtime(eta))}", file=sys.stderr)
+def fail(message, code=1):
+    """Stop with one `error: ...` line on stderr and a non-zero exit, no traceback."""
+    if code == 1:
+        raise SystemExit(f"error: {message}")  # Python prints it and exits with 1
+    say(f"error: {message}")
+    raise SystemExit(code)
 
 
-# ---------------------------------------------------------------------------------------------------- one run
-
-def run(args, seed, datasets, model, params, checkpoint_sha256):
-    """One seed: training (or loaded adapters), evaluation, files. Returns results.json's content."""
-    out = run_folder(args, seed)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
-    dtype = autocast_dtype(args)
-    n_px = model.visual.input_resolution
-    train_set, eval_sets = datasets
-    if args.eval_only:  # before config.json, which then records the layout read from the file
-        saved = load_adapters(args.adapters, params, args)
-    config = {**vars(args), "seed": seed, "code_version": code_version(), "checkpoint_sha256": checkpoint_sha256,
-              "torch": torch.__version__, "train_images": len(train_set.train) if train_set else 0}
-    save_json(out / "config.json", config)
-
-    if args.zero_shot:
-        merged = params
-    else:
-        if args.eval_only:
-            adapters = {k: P.to(args.device) for k, P in saved["adapters"].items()}
-            neumann = saved.get("config", {}).get("neumann", 0)  # evaluated as they were trained
-        else:
-            adapters = train(model, params, train_set, args, seed, out, dtype, n_px, checkpoint_sha256)
-            save_torch(out / "adapters.pt", {"adapters": {k: P.detach().cpu() for k, P in adapters.items()},
-                                             "config": adapter_config(args, checkpoint_sha256)})
-            neumann = args.neumann
-        merged = orthcr.export_state_dict(params, adapters, cayley_transform(neumann))  # merged once: eval costs plain CLIP
-        if args.export:
-            save_torch(out / "merged.pt", {k: v.cpu() for k, v in merged.items()})
-    results = {"data": args.data, "protocol": args.protocol, "shots": args.shots, "seed": seed,
-               "zero_shot": args.zero_shot, "eval_limit": args.eval_limit,
-               "results": evaluate_all(model, params if args.zero_shot else merged, eval_sets, args, seed, dtype,
-                                       n_px)}
-    save_json(out / "results.json", results)
-    print(f"results written to {out / 'results.json'}", file=sys.stderr)
-    return results
+def one_line_warnings():
+    """Warnings as one `warning: ...` line each, without Python's category and source line."""
+    warnings.showwarning = lambda message, *args, **kwargs: say(f"warning: {message}")
 
 
-def summary_table(all_results, args):
-    """The paper's table form: one row, mean ± std over seeds of each reported accuracy."""
-    first = all_results[0]["results"]
-    columns = [k for k in first if k != "hm"] + (["hm"] if "hm" in first else [])
+# ---------------------------------------------------------------------------------------------------- the command line
 
-    def cell(key):
-        values = [r["results"][key] if key == "hm" else r["results"][key]["accuracy"] for r in all_results]
-        std = statistics.stdev(values) if len(values) > 1 else 0.0
-        return f"{statistics.mean(values):.2f} ± {std:.2f}"
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    pass
 
-    name = f"{args.data} ({'zero-shot CLIP' if args.zero_shot else 'OrthCR'}, {len(all_results)} seed(s))"
-    header = "| dataset | " + " | ".join("HM" if c == "hm" else c for c in columns) + " |"
-    rule = "|" + "---|" * (len(columns) + 1)
-    return "\n".join([header, rule, f"| {name} | " + " | ".join(cell(c) for c in columns) + " |"])
+
+def parser():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default=None, choices=list(data.DATASETS),
+                   help="benchmark to train on (default eurosat; with --eval-only, the adapters file's)")
+    g.add_argument("--root", default=os.environ.get("ORTHCR_DATA", "~/data"),
+                   help="folder holding the datasets in CoOp's layout ($ORTHCR_DATA overrides the default)")
+    g.add_argument("--protocol", default=None, choices=PROTOCOLS,
+                   help="base2new: train on base classes, test base and new; fewshot: all classes; cross: train "
+                        "on ImageNet, test 10 datasets; dg: train on ImageNet, test its 4 variants (default base2new)")
+    g.add_argument("--shots", type=int, default=None, help="training images per class (default 16)")
+    g.add_argument("--seeds", type=int, nargs="+", default=None, help="one run per seed, then mean ± std (default 1)")
+    g.add_argument("--no-download", action="store_true", help="never download a dataset; report what is missing")
+    g = p.add_argument_group("method")
+    g.add_argument("--targets", nargs="+", default=None,
+                   help="layers whose input space R rotates; 'none': no orthogonal finetuning (plain CoOp with "
+                        f"--prompt coop) (default {' '.join(LAYOUT['targets'])})")
+    g.add_argument("--blocks", type=int, default=None, help="r: diagonal blocks of each R (default 4)")
+    g.add_argument("--towers", nargs="+", default=None, choices=list(orthcr.TOWER_PREFIX),
+                   help="towers to finetune (default visual text)")
+    g.add_argument("--neumann", type=int, default=None,
+                   help="terms of the approximate, not exactly orthogonal Cayley; 0: the exact solve (default 0)")
+    g.add_argument("--lambda1", type=float, default=orthcr.LAMBDA1, help="weight of KL(zero-shot || finetuned) on the clean images")
+    g.add_argument("--lambda2", type=float, default=None,
+                   help=f"weight of the KL term on the Cutout images (default {orthcr.LAMBDA2})")
+    g.add_argument("--cutout", default="random", choices=orthcr.CUTOUT_MODES,
+                   help="random: OrthCR's (v1) Cutout; attentive: OrthSR's (v3), the hole on the patch most "
+                        "similar to the class text; none: no Cutout views and terms")
+    g.add_argument("--cutout-size", type=int, default=orthcr.CUTOUT_SIZE, help="side of the hole in pixels")
+    g.add_argument("--cutout-holes", type=int, default=None, help="holes per image, random Cutout only (default 1)")
+    g.add_argument("--cutout-temperature", type=float, default=None,
+                   help="attentive Cutout: draw the hole's patch from softmax(similarity / T) instead of argmax")
+    g.add_argument("--prompt", default=None, choices=("fixed", "coop"),
+                   help="fixed: CoOp's hand-written template; coop: CoOp's learned context (default fixed)")
+    g.add_argument("--n-ctx", type=int, default=None, help=f"--prompt coop: context vectors (default {N_CTX})")
+    g.add_argument("--ctx-init", default=None,
+                   help="--prompt coop: initial words of the context, e.g. 'a photo of a' (sets --n-ctx)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=EPOCHS)
+    g.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="training images per step (plus their Cutout copies)")
+    g.add_argument("--lr", type=float, default=LR, help="AdamW learning rate (peak of the schedule)")
+    g.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
+    g.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="linear warm-up, then cosine decay to 0")
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--zero-shot", action="store_true", help="evaluate plain CLIP (no training)")
+    g.add_argument("--eval-only", action="store_true", help="evaluate saved --adapters (no training)")
+    g.add_argument("--adapters", default=None, help="an adapters.pt to evaluate with --eval-only")
+    g.add_argument("--eval-data", nargs="+", default=None, choices=list(data.DATASETS),
+                   help="datasets evaluated by cross/dg (default: the paper's)")
+    g.add_argument("--eval-limit", type=int, default=None, help="evaluate N class-balanced test images per split")
+    g.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH_SIZE)
+    g = p.add_argument_group("run files")
+    g.add_argument("--out", default=None, help="run folder (default runs/<data>_<protocol>_<shots>shot_seed<S>; "
+                                               "--eval-only: eval_<data>_<protocol>_seed<S> beside the adapters)")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
+    g.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    g.add_argument("--export", action="store_true", help="also write merged.pt, the merged official state dict")
+    g.add_argument("--export-dtype", default="fp32", choices=("fp32", "fp16"),
+                   help="merged.pt's dtype (fp16: OpenAI's, half the size, rounds small rotations)")
+    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at each epoch's end)")
+    g.add_argument("--log-every", type=int, default=1, help="progress line every N steps")
+    g = p.add_argument_group("model and hardware")
+    g.add_argument("--model", default="ViT-B/16", choices=clip_min.available_models(), help="OpenAI's CLIP")
+    g.add_argument("--weights", default=None, help="a local checkpoint file to use instead of downloading --model")
+    g.add_argument("--download-root", default=None, help="model cache (default ~/.cache/clip, as OpenAI's clip)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
+                   help="autocast of the towers' matmuls; auto: fp16 (+ grad scaler) on CUDA, fp32 on the CPU")
+    g.add_argument("--workers", type=int, default=None, help="data loading processes (default 0 on CPU, 8 on CUDA)")
+    return p
+
+
+def parse_args(argv=None):
+    """The flags, validated before anything heavy is loaded (exit 2 with one line)."""
+    p = parser()
+    args = p.parse_args(argv)
+    problems = validate(args)
+    if problems:
+        p.error("; ".join(problems))
+    if args.workers is None:
+        args.workers = data.default_workers(args.device)
+    if args.lambda2 is None:
+        args.lambda2 = 0.0 if args.cutout == "none" else orthcr.LAMBDA2
+    if args.cutout_holes is None:
+        args.cutout_holes = 1
+    return args
+
+
+def validate(args):
+    """Every flag checked before anything is read: a list of one-line problems."""
+    bad = []
+    positive = dict(epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
+                    log_every=args.log_every, cutout_size=args.cutout_size, shots=args.shots, blocks=args.blocks,
+                    n_ctx=args.n_ctx, cutout_holes=args.cutout_holes)
+    bad += [f"--{k.replace('_', '-')} must be >= 1, got {v}" for k, v in positive.items() if v is not None and v < 1]
+    non_negative = dict(warmup_steps=args.warmup_steps, neumann=args.neumann, save_every=args.save_every,
+                        workers=args.workers)
+    bad += [f"--{k.replace('_', '-')} must be >= 0, got {v}" for k, v in non_negative.items() if v is not None and v < 0]
+    if not (args.lr > 0 and math.isfinite(args.lr)):
+        bad.append(f"--lr must be a positive number, got {args.lr}")
+    for name in ("weight_decay", "lambda1", "lambda2"):
+        value = getattr(args, name)
+        if value is not None and not (value >= 0 and math.isfinite(value)):
+            bad.append(f"--{name.replace('_', '-')} must be a non-negative number, got {value}")
+    if args.cutout_temperature is not None and not (args.cutout_temperature > 0 and math.isfinite(args.cutout_temperature)):
+        bad.append(f"--cutout-temperature must be a positive number, got {args.cutout_temperature}")
+    if args.eval_limit is not None and args.eval_limit < 1:
+        bad.append(f"--eval-limit must be >= 1, got {args.eval_limit}")
+    if args.seeds is not None:
+        if len(set(args.seeds)) != len(args.seeds):
+            bad.append(f"--seeds {' '.join(map(str, args.seeds))}: each seed once (a repeated seed repeats its run)")
+        bad += [f"--seeds: {s} is not a seed (expected 0 <= seed < 2**32)" for s in args.seeds if not 0 <= s < 2**32]
+    bad += validate_method(args)
+    bad += validate_protocol(args)
+    bad += validate_files(args)
+    bad += validate_device(args)
+    return bad
+
+
+def validate_method(args):
+    """Combinations of the method's flags that make no sense, one line each."""
+    bad = []
+    no_adapters = args.targets is not None and [t.lower() for t in args.targets] == ["none"]
+    if args.targets is not None and "none" in args.targets and len(args.targets) > 1:
+        bad.append("--targets none means no orthogonal finetuning: give it alone")
+    if no_adapters and (args.blocks is not None or args.towers is not None or args.neumann):
+        bad.append("--targets none trains no rotation: --blocks, --towers and --neumann do not apply")
+    if no_adapters and args.prompt != "coop" and not args.eval_only:
+        bad.append("--targets none leaves nothing to train: add --prompt coop (plain CoOp), or use --zero-shot")
+    if args.prompt != "coop" and (args.n_ctx is not None or args.ctx_init is not None):
+        bad.append("--n-ctx and --ctx-init set CoOp's learned context: add --prompt coop")
+    if args.ctx_init is not None:
+        words = len(clip_min.encode(args.ctx_init)) if args.ctx_init.strip() else 0
+        if not words:
+            bad.append("--ctx-init is empty: give initial words such as 'a photo of a'")
+        elif args.n_ctx is not None and args.n_ctx != words:
+            bad.append(f"--ctx-init {args.ctx_init!r} is {words} tokens, which sets the context length: "
+                       f"drop --n-ctx {args.n_ctx}")
+    if args.cutout != "random" and args.cutout_holes is not None and args.cutout_holes != 1:
+        bad.append(f"--cutout-holes is for random Cutout; --cutout {args.cutout} cuts "
+                   f"{'one hole' if args.cutout == 'attentive' else 'nothing'}")
+    if args.cutout_temperature is not None and args.cutout != "attentive":
+        bad.append("--cutout-temperature samples attentive Cutout's hole: add --cutout attentive")
+    if args.cutout == "none" and args.lambda2:
+        bad.append("--lambda2 weighs the KL on Cutout images; --cutout none has none")
+    if args.zero_shot and (args.eval_only or args.resume or args.prompt == "coop" or args.targets is not None):
+        bad.append("--zero-shot evaluates plain CLIP with the template: it takes no --eval-only, --resume, "
+                   "--prompt coop or --targets")
+    return bad
+
+
+def validate_protocol(args):
+    bad = []
+    name = args.data or "eurosat"
+    if args.protocol == "dg" and name != "imagenet":
+        bad.append("--protocol dg trains on imagenet: add --data imagenet")
+    if args.protocol == "cross" and name != "imagenet" and args.data is not None:
+        bad.append("--protocol cross trains on imagenet (CoCoOp's cross-dataset table): add --data imagenet")
+    if data.DATASETS[name].kind in data.TEST_ONLY:
+        bad.append(f"--data {name} has no training split (it is an evaluation-only ImageNet variant)")
+    if args.eval_data and args.protocol not in ("cross", "dg"):
+        bad.append("--eval-data lists the targets of --protocol cross or dg")
+    return bad
+
+
+def validate_files(args):
+    bad = []
+    if args.weights is not None and not Path(args.weights).is_file():
+        bad.append(f"--weights {args.weights}: no such file")
+    if args.eval_only and not args.adapters:
+        bad.append("--eval-only needs --adapters PATH")
+    if args.adapters and not args.eval_only:
+        bad.append("--adapters is read by --eval-only: add --eval-only")
+    if args.adapters and not Path(args.adapters).is_file():
+        bad.append(f"--adapters {args.adapters}: no such file")
+    if args.out and args.seeds and len(args.seeds) > 1:
+        bad.append("--out names one run folder: use it with a single seed")
+    if args.resume and args.overwrite:
+        bad.append("--resume continues the run in --out, --overwrite replaces it: choose one")
+    if args.resume and args.eval_only:
+        bad.append("--resume continues training; --eval-only trains nothing")
+    if not args.root.strip():
+        bad.append("--root (or $ORTHCR_DATA) is empty: give the folder holding the datasets")
+    return bad
+
+
+def validate_device(args):
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        return [f"--device {args.device}: expected cpu, cuda or cuda:N"]
+    if device.type not in ("cpu", "cuda"):
+        return [f"--device {args.device}: expected cpu, cuda or cuda:N"]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return [f"--device {args.device}: CUDA is not available on this machine"]
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return [f"--device {args.device}: only {torch.cuda.device_count()} CUDA device(s)"]
+    if device.type == "cpu" and args.precision in ("bf16", "fp16"):
+        return [f"--precision {args.precision} is for CUDA; the CPU runs in fp32"]
+    if device.type == "cuda" and args.precision == "bf16" and torch.cuda.get_device_capability(device)[0] < 8:
+        return [f"--precision bf16: {args.device} ({torch.cuda.get_device_name(device)}) has no bf16; use fp16"]
+    return []
+
+
+def check_root(cfg):
+    check = getattr(data, "check_root", None)
+    if check:
+        try:
+            check(Path(cfg.root).expanduser())
+        except data.DataError as e:
+            fail(f"--root: {e}")
+
+
+def check_layout(cfg, path):
+    """--targets/--blocks/--towers against the checkpoint's shapes, read without building the model."""
+    shapes = read_shapes(path)
+    try:
+        if cfg.targets:
+            orthcr.init_adapters({k: torch.empty(s, device="meta") for k, s in shapes.items()},
+                                 cfg.targets, cfg.blocks, cfg.towers)
+    except ValueError as e:
+        fail(f"{'--targets/--blocks' if 'divisible' not in str(e) else '--blocks'} do not fit {path}: {e}")
+
+
+def read_shapes(path):
+    reader = getattr(clip_min, "read_shapes", None)
+    if reader is not None:
+        return reader(path)
+    return {k: v.shape for k, v in clip_min.read_state_dict(path).items()}
 
 
 def main(argv=None):
+    one_line_warnings()
     args = parse_args(argv)
-    # the datasets are read and checked before the (large) model is loaded or downloaded
-    try:
-        datasets = {seed: protocol_datasets(args, seed) for seed in args.seeds}
+    cfg = settings_from(args, read_training_settings(args.adapters) if args.eval_only else None)
+    plan = plan_runs(cfg)  # run folders first: a refused folder costs nothing
+    check_root(cfg)
+    clock = time.monotonic()
+    try:  # the datasets are read and checked, completely, before the model is loaded or downloaded
+        datasets = {seed: protocol_datasets(cfg, seed) for seed in cfg.seeds}
     except data.DataError as e:
-        raise SystemExit(f"error: {e}")
+        fail(str(e))
+    data_s = time.monotonic() - clock
     try:
-        path, checkpoint_sha256 = clip_min.checkpoint(args.weights or args.model, args.download_root)
-        model = clip_min.build_model(clip_min.read_state_dict(path), source=str(path)).to(args.device)
+        path, model_sha256 = clip_min.checkpoint(cfg.weights or cfg.model, cfg.download_root)
+        cfg = dataclasses.replace(cfg, checkpoint_sha256=model_sha256)
+        check_layout(cfg, path)
+        for seed in (s for s in cfg.seeds if plan[s] == "resume"):
+            state = read_checkpoint(run_folder(cfg, seed) / "checkpoint.pt", cfg, seed)
+            check_steps(run_folder(cfg, seed) / "checkpoint.pt", state,
+                        cfg.epochs * data.steps_per_epoch(len(datasets[seed][0].train), cfg.batch_size))
+        say(f"loading {model_label(cfg)} ({path.stat().st_size / 2**20:.0f} MiB)")
+        model = clip_min.build_model(clip_min.read_state_dict(path), source=str(path)).to(cfg.device)
     except (ValueError, RuntimeError, OSError) as e:  # bad file, failed download, unreadable path
-        raise SystemExit(f"error: {e}")
-    model.requires_grad_(False)  # W0 is frozen: only the adapters get gradients
+        fail(str(e).splitlines()[0] if str(e) else repr(e))
+    model.requires_grad_(False)  # W0 is frozen: only the adapters (and CoOp's context) get gradients
     params = dict(model.state_dict())
-    all_results = [run(args, seed, datasets[seed], model, params, checkpoint_sha256) for seed in args.seeds]
-    print(summary_table(all_results, args))
+    seconds = {"data": data_s, "model": time.monotonic() - clock - data_s}
+    all_results = [run(cfg, seed, plan[seed], datasets[seed], model, params, seconds) for seed in cfg.seeds]
+    print(summary_table(all_results))
     return all_results
+
+
+# TEMPORARY: the data loaders of the data.py rewrite, until it lands on main
+if not hasattr(data, "train_batches"):
+    def _steps_per_epoch(n, batch_size):
+        return n // batch_size if n >= batch_size else 1
+
+    def _train_batches(items, batch_size, seed, epochs, start_step=0, num_workers=0, n_px=224):
+        per_epoch = _steps_per_epoch(len(items), batch_size)
+        drop_last = len(items) >= batch_size
+        for epoch in range(start_step // per_epoch, epochs):
+            start = start_step - epoch * per_epoch if epoch == start_step // per_epoch else 0
+            for images, labels in data.batches(items, batch_size, True, seed, epoch, start, drop_last, num_workers,
+                                               n_px):
+                yield epoch, images, labels
+
+    def _eval_batches(item_lists, batch_size, num_workers=0, n_px=224):
+        for i, items in enumerate(item_lists):
+            for images, labels in data.batches(items, batch_size, False, num_workers=num_workers, n_px=n_px):
+                yield i, images, labels
+
+    data.steps_per_epoch, data.train_batches, data.eval_batches = _steps_per_epoch, _train_batches, _eval_batches
+    data.default_workers = lambda device: 0 if torch.device(device).type == "cpu" else min(8, os.cpu_count() or 1)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,6 @@
 """train.py end to end on a tiny random CLIP and miniature datasets in CoOp's layout."""
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -99,13 +100,18 @@ def saved_adapters(out):
 # ----------------------------------------------------------------------------------------------------
 
 
+def settings(*argv):
+    return train.settings_from(train.parse_args([str(a) for a in argv]))
+
+
 def train_accuracy(weights, root, adapters=None, subsample="all"):
     model = clip_min.build_model(clip_min.read_state_dict(weights))
     params = dict(model.state_dict())
     merged = orthcr.export_state_dict(params, adapters) if adapters else params
     dataset = data.build_dataset("eurosat", root, shots=8, seed=1, subsample=subsample)
-    args = train.parse_args(["--root", str(root), "--weights", str(weights), "--device", "cpu"])
-    return train.evaluate(model, merged, dataset, dataset.train, args, None, 32)["accuracy"]
+    on_train = dataclasses.replace(dataset, test=dataset.train)
+    cfg = settings("--root", root, "--weights", weights, "--device", "cpu")
+    return train.evaluate(model, merged, None, {"train": on_train}, cfg, 1)["train"]["accuracy"]
 
 
 def test_training_lowers_the_loss_and_raises_train_accuracy(root, weights, tmp_path):
@@ -137,7 +143,7 @@ def test_written_files_have_the_documented_fields(root, weights, tmp_path):
     assert results["base"]["correct"] == round(results["base"]["accuracy"] * 12 / 100)
     assert results["hm"] == pytest.approx(train.harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"]))
     saved = saved_adapters(out)  # loads with weights_only=True
-    assert set(saved) == {"adapters", "config"}
+    assert set(saved) == {"adapters", "context", "config", "settings"} and saved["context"] is None
     assert saved["config"]["blocks"] == 4 and saved["config"]["targets"] == list(orthcr.DEFAULT_TARGETS)
     params = dict(clip_min.build_model(clip_min.read_state_dict(weights)).state_dict())
     assert set(saved["adapters"]) == set(orthcr.init_adapters(params))
@@ -232,21 +238,24 @@ def test_seeds_give_a_mean_std_table(root, weights, tmp_path, monkeypatch, capsy
     for seed in (1, 2):
         assert (tmp_path / "runs" / f"eurosat_base2new_2shot_seed{seed}" / "results.json").is_file()
     table = capsys.readouterr().out.strip().splitlines()
-    assert table[0] == "| dataset | base | new | HM |"
+    assert table[0] == "| dataset | method | base | new | HM |"
     base = [r["results"]["base"]["accuracy"] for r in all_results]
-    assert f"{sum(base) / 2:.2f} ± " in table[2]
+    new = [r["results"]["new"]["accuracy"] for r in all_results]
+    assert f"{sum(base) / 2:.2f} ± " in table[2] and "OrthCR (2 seeds)" in table[2]
+    # CoCoOp's convention: the HM of the mean base and new accuracies, not the mean of per-seed HMs
+    assert table[2].endswith(f" | {train.harmonic_mean(sum(base) / 2, sum(new) / 2):.2f} |")
 
 
 def test_dg_and_cross_protocols_evaluate_every_target(tmp_path, weights):
     root = make_imagenet_like(make_eurosat_like(tmp_path / "data"))
     dg = run_main("--data", "imagenet", "--protocol", "dg", "--root", root, "--weights", weights, "--shots", 2,
                   "--epochs", 1, "--batch-size", 4, "--out", tmp_path / "dg")[0]["results"]
-    assert set(dg) == set(train.DG_TARGETS)
+    assert list(dg) == ["imagenet", *train.DG_TARGETS]  # the source first, as CoCoOp's Table 3
     assert dg["imagenet"]["n"] == 16 and dg["imagenet_v2"]["n"] == 8 and dg["imagenet_a"]["n"] == 2
     cross = run_main("--data", "imagenet", "--protocol", "cross", "--eval-data", "eurosat", "--root", root,
                      "--weights", weights, "--shots", 2, "--epochs", 1, "--batch-size", 4,
                      "--out", tmp_path / "cross")[0]["results"]
-    assert set(cross) == {"eurosat"} and cross["eurosat"]["n"] == 24
+    assert list(cross) == ["imagenet", "eurosat"] and cross["eurosat"]["n"] == 24
     with pytest.raises(SystemExit, match="caltech-101"):  # the paper's targets, absent here, are named up front
         run_main("--data", "imagenet", "--protocol", "cross", "--root", root, "--weights", weights,
                  "--out", tmp_path / "x")
@@ -261,12 +270,26 @@ def test_dg_and_cross_protocols_evaluate_every_target(tmp_path, weights):
     (["--batch-size", "0"], "--batch-size must be >= 1"),
     (["--lr", "0"], "--lr must be a positive number"),
     (["--lr=-1e-3"], "--lr must be a positive number"),
-    (["--data", "mnist"], "unknown dataset 'mnist'"),
-    (["--protocol", "zeroshot"], "unknown --protocol 'zeroshot'"),
+    (["--data", "mnist"], "argument --data: invalid choice: 'mnist'"),
+    (["--protocol", "zeroshot"], "argument --protocol: invalid choice: 'zeroshot'"),
     (["--epochs", "0"], "--epochs must be >= 1"),
     (["--weights", "/nonexistent/model.pt"], "--weights /nonexistent/model.pt: no such file"),
     (["--eval-only"], "--eval-only needs --adapters"),
     (["--device", "tpu"], "--device tpu"),
+    (["--seeds", "1", "1"], "--seeds 1 1: each seed once"),
+    (["--seeds", "-3"], "--seeds: -3 is not a seed"),
+    (["--cutout", "none", "--lambda2", "1"], "--cutout none has none"),
+    (["--cutout", "attentive", "--cutout-holes", "2"], "--cutout-holes is for random Cutout"),
+    (["--cutout-temperature", "0.1"], "add --cutout attentive"),
+    (["--n-ctx", "4"], "add --prompt coop"),
+    (["--prompt", "coop", "--ctx-init", "a photo of a", "--n-ctx", "16"], "drop --n-ctx 16"),
+    (["--targets", "none"], "--targets none leaves nothing to train"),
+    (["--targets", "none", "--prompt", "coop", "--blocks", "2"], "--targets none trains no rotation"),
+    (["--zero-shot", "--prompt", "coop"], "--zero-shot evaluates plain CLIP"),
+    (["--resume", "--overwrite"], "choose one"),
+    (["--adapters", "x.pt"], "--adapters is read by --eval-only"),
+    (["--protocol", "dg"], "--protocol dg trains on imagenet"),
+    (["--root", ""], "--root (or $ORTHCR_DATA) is empty"),
 ])
 def test_invalid_flags_exit_with_one_clear_line(flags, message, tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
