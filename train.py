@@ -59,37 +59,37 @@ def train(model, params, train_set, cfg, seed, folder, resume=False):
     scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16")  # fp16's gradients need loss scaling
     tokens, teacher_text = class_prompts(model, params, train_set.classnames, train_set.template, cfg)
     generator = torch.Generator().manual_seed(seed)  # all of Cutout's randomness
-    per_epoch = data.steps_per_epoch(len(train_set.train), cfg.batch_size)
-    total, save_every = cfg.epochs * per_epoch, cfg.save_every or per_epoch
+    total = cfg.epochs * data.steps_per_epoch(len(train_set.train), cfg.batch_size)
     step = resume_from(folder, cfg, seed, adapters, context, optimizer, scaler, generator) if resume else 0
-    progress = Progress(step, total, cfg.batch_size)
-    batches = data.train_batches(train_set.train, cfg.batch_size, seed, cfg.epochs, step, cfg.workers,
-                                 model.visual.input_resolution)
-    with Interrupt() as interrupt, StepLog(folder) as log:
-        for epoch, images, labels in batches:
-            lr = lr_at(step, total, cfg.lr, cfg.warmup_steps)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
+    save = lambda step: save_checkpoint(folder, cfg, seed, step, total, adapters, context, optimizer, scaler,  # noqa
+                                        generator)
+    with Bookkeeping(folder, cfg, step, total, save) as books:
+        for epoch, images, labels in data.train_batches(train_set.train, cfg.batch_size, seed, cfg.epochs, step,
+                                                        cfg.workers, model.visual.input_resolution):
+            lr = set_lr(optimizer, lr_at(step, total, cfg.lr, cfg.warmup_steps))
             with autocast(cfg.device, cfg.precision):
-                loss, terms = orthcr.objective(
-                    model, params, adapters, images.to(cfg.device), labels.to(cfg.device), tokens, teacher_text,
-                    generator, context=context, cutout_mode=cfg.cutout, lambda1=cfg.lambda1, lambda2=cfg.lambda2,
-                    holes=cfg.cutout_holes, size=cfg.cutout_size, temperature=cfg.cutout_temperature,
-                    transform=cayley_transform(cfg.neumann))
+                loss, terms = orthcr.objective(model, params, adapters, images.to(cfg.device), labels.to(cfg.device),
+                                               tokens, teacher_text, generator, context=context, **method_settings(cfg))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            stop_if_not_finite(loss, adapters, context, scaler, step + 1, folder)  # before it reaches P
+            stop_if_not_finite(loss, adapters, context, scaler, step + 1, folder)  # before it can reach P
             scaler.step(optimizer)
             scaler.update()
             step += 1
-            log.write(step, epoch, lr, loss, terms, progress.tick(step))
-            if interrupt.requested or step % save_every == 0 or step == total:
-                save_checkpoint(folder, cfg, seed, step, total, adapters, context, optimizer, scaler, generator)
-            if interrupt.requested:
-                stop_interrupted(folder, step, total)
-            if step % cfg.log_every == 0 or step == total:
-                progress.report(step, epoch, cfg.epochs, lr, terms)
+            books.after_step(step, epoch, lr, loss, terms)  # step log, checkpoint when due, Ctrl-C, progress
     return adapters, context
+
+
+def method_settings(cfg):
+    """The settings of `orthcr.objective` that define the method: Cutout, the loss weights, the transform."""
+    return dict(cutout_mode=cfg.cutout, lambda1=cfg.lambda1, lambda2=cfg.lambda2, holes=cfg.cutout_holes,
+                size=cfg.cutout_size, temperature=cfg.cutout_temperature, transform=cayley_transform(cfg.neumann))
+
+
+def set_lr(optimizer, lr):
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def lr_at(step, total, lr, warmup):
@@ -191,13 +191,12 @@ def run(cfg, seed, plan, datasets, model, params, seconds):
     train_set, eval_sets = datasets
     torch.manual_seed(seed)
     with exclusive(folder, cfg, plan):
-        write_json(folder / "config.json", run_config(cfg, seed, train_set))
         started = time.monotonic()
-        if cfg.zero_shot:
-            adapters, context = {}, None
-        elif cfg.eval_only:
+        adapters, context = {}, None  # zero-shot CLIP
+        if cfg.eval_only:  # checked against the model before anything is written
             adapters, context = read_adapters_file(cfg.adapters, params, cfg)
-        else:
+        write_json(folder / "config.json", run_config(cfg, seed, train_set))
+        if not (cfg.zero_shot or cfg.eval_only):
             adapters, context = train(model, params, train_set, cfg, seed, folder, resume=plan == "resume")
             save_adapters(folder / "adapters.pt", adapters, context, cfg, seed)
         trained = time.monotonic()
@@ -533,16 +532,12 @@ def write_file(path, write):
     try:
         clip_min.write_atomic(path, write)
     except OSError as e:
-        if e.errno == errno.ENOSPC or "No space left" in str(e):
-            fail(f"cannot write {path}: no space left on device (ENOSPC); the previous "
-                 f"{path.name if path.exists() else 'file'} is kept{resume_hint(path.parent)}")
-        fail(f"cannot write {path}: {e.strerror or e}")
-
-
-def resume_hint(folder):
-    if not (folder / "checkpoint.pt").is_file():
-        return ""
-    return f"; free some space, then resume with:\n  {resume_command(folder)}"
+        if e.errno != errno.ENOSPC:
+            fail(f"cannot write {path}: {e.strerror or e}")
+        if (path.parent / "checkpoint.pt").is_file():
+            say(f"free some space, then resume with:\n  {resume_command(path.parent)}")
+        fail(f"cannot write {path}: no space left on device (ENOSPC); the previous "
+             f"{path.name if path.exists() else 'file'} is kept")
 
 
 def resume_command(folder):
@@ -745,24 +740,36 @@ class Interrupt:
         signal.signal(signal.SIGINT, self.previous)
 
 
-class StepLog:
-    """log.jsonl: one JSON line per step, appended and flushed as the step ends."""
+class Bookkeeping:
+    """Everything around a step that is not the method: log.jsonl (one JSON line per step, flushed), the
+    checkpoint at each epoch's end (or every --save-every steps) and on Ctrl-C, the progress line."""
 
-    def __init__(self, folder):
-        self.path = folder / "log.jsonl"
+    def __init__(self, folder, cfg, step, total, save):
+        self.folder, self.cfg, self.total, self.save = folder, cfg, total, save
+        per_epoch = total // cfg.epochs
+        self.save_every = cfg.save_every or per_epoch
+        self.progress = Progress(step, total, cfg.batch_size)
 
     def __enter__(self):
-        self.file = open(self.path, "a")
+        self.interrupt = Interrupt().__enter__()
+        self.log = open(self.folder / "log.jsonl", "a")
         return self
 
-    def write(self, step, epoch, lr, loss, terms, seconds):
+    def after_step(self, step, epoch, lr, loss, terms):
         record = {"step": step, "epoch": epoch + 1, "lr": lr, "loss": loss.item(),
-                  **{k: v.item() for k, v in terms.items()}, "step_s": seconds}
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+                  **{k: v.item() for k, v in terms.items()}, "step_s": self.progress.tick()}
+        self.log.write(json.dumps(record) + "\n")
+        self.log.flush()
+        if self.interrupt.requested or step % self.save_every == 0 or step == self.total:
+            self.save(step)
+        if self.interrupt.requested:
+            stop_interrupted(self.folder, step, self.total)
+        if step % self.cfg.log_every == 0 or step == self.total:
+            self.progress.report(step, epoch, self.cfg.epochs, lr, terms)
 
     def __exit__(self, *exc):
-        self.file.close()
+        self.log.close()
+        self.interrupt.__exit__(*exc)
 
 
 class Progress:
@@ -772,7 +779,7 @@ class Progress:
         self.start, self.start_step, self.total, self.batch_size = time.monotonic(), step, total, batch_size
         self.last, self.terms = self.start, {}
 
-    def tick(self, step):
+    def tick(self):
         now, last = time.monotonic(), self.last
         self.last = now
         return now - last
@@ -1029,14 +1036,13 @@ def check_root(cfg):
 
 
 def check_layout(cfg, path):
-    """--targets/--blocks/--towers against the checkpoint's shapes, read without building the model."""
-    shapes = read_shapes(path)
+    """--targets/--blocks/--towers against the checkpoint's shapes, read without building the model (its
+    tensors as meta tensors: shapes, no data). Returns the trainables this run will have, on the meta device."""
+    shapes = {k: torch.empty(s, device="meta") for k, s in read_shapes(path).items()}
     try:
-        if cfg.targets:
-            orthcr.init_adapters({k: torch.empty(s, device="meta") for k, s in shapes.items()},
-                                 cfg.targets, cfg.blocks, cfg.towers)
+        return init_trainables(shapes, cfg, seed=0)
     except ValueError as e:
-        fail(f"{'--targets/--blocks' if 'divisible' not in str(e) else '--blocks'} do not fit {path}: {e}")
+        fail(f"{'--blocks' if 'divisible' in str(e) else '--targets/--towers'} do not fit {path}: {e}")
 
 
 def read_shapes(path):
@@ -1061,9 +1067,9 @@ def main(argv=None):
     try:
         path, model_sha256 = clip_min.checkpoint(cfg.weights or cfg.model, cfg.download_root)
         cfg = dataclasses.replace(cfg, checkpoint_sha256=model_sha256)
-        check_layout(cfg, path)
+        adapters, context = check_layout(cfg, path)
         for seed in (s for s in cfg.seeds if plan[s] == "resume"):
-            state = read_checkpoint(run_folder(cfg, seed) / "checkpoint.pt", cfg, seed)
+            state = read_checkpoint(run_folder(cfg, seed) / "checkpoint.pt", cfg, seed, adapters, context)
             check_steps(run_folder(cfg, seed) / "checkpoint.pt", state,
                         cfg.epochs * data.steps_per_epoch(len(datasets[seed][0].train), cfg.batch_size))
         say(f"loading {model_label(cfg)} ({path.stat().st_size / 2**20:.0f} MiB)")

@@ -381,3 +381,201 @@ def test_adapters_from_another_config_are_refused(tiny_model):
         orthcr.export_state_dict(params, adapters)
     with pytest.raises(ValueError, match="matches no 2-D weight"):
         orthcr.check_adapters(params, {"visual.transformer.resblocks.9.mlp.c_fc.weight": torch.zeros(4, 16, 16)})
+
+
+# ----------------------------------------------------------------------------------------------------
+# The loss weights, each pinned to its term
+
+
+def independent_logits(tiny_model, params, adapters, images, tokens):
+    """(student, teacher) logits recomputed with plain models built from the weights, no orthcr.objective."""
+    student = clip_min.build_model({k: v.detach() for k, v in orthcr.merge(params, adapters).items()})
+    with torch.no_grad():
+        out = []
+        for model in (student, tiny_model):
+            text = F.normalize(model.encode_text(tokens), dim=-1)
+            out.append(model.logit_scale.exp() * F.normalize(model.encode_image(clip_min.normalize(images)), dim=-1)
+                       @ text.T)
+    return out
+
+
+def test_lambda1_weighs_the_clean_image_kl_and_lambda2_the_cutout_kl(tiny_model):
+    params, images, labels, tokens, zs_text = batch(tiny_model, seed=4)
+    adapters = randomize(orthcr.init_adapters(params), 5, 0.3)
+    student, teacher = independent_logits(tiny_model, params, adapters, images, tokens)
+    clean_kl = orthcr.kl_to_zero_shot(student, teacher)  # the clean views alone, no Cutout involved
+
+    def loss(l1, l2):
+        return orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
+                                torch.Generator().manual_seed(9), lambda1=l1, lambda2=l2)
+
+    base, terms = loss(0.0, 0.0)
+    assert torch.allclose(terms["kl"], clean_kl, rtol=1e-4)  # "kl" is the clean-image term ...
+    assert not torch.allclose(terms["kl_cutout"], clean_kl, rtol=1e-2)  # ... and "kl_cutout" is another one
+    assert torch.allclose(loss(1.0, 0.0)[0] - base, clean_kl, rtol=1e-4)  # lambda1 weighs the clean term
+    assert torch.allclose(loss(0.0, 1.0)[0] - base, terms["kl_cutout"], rtol=1e-4)  # lambda2 the Cutout term
+    assert orthcr.LAMBDA1 == 1.5 and orthcr.LAMBDA2 == 1.0  # the paper's values [AIREV], defaults everywhere
+
+
+def test_a_merged_dict_that_lacks_a_key_fails_instead_of_using_the_modules_own_weight(tiny_model):
+    params = params_of(tiny_model)
+    merged = orthcr.merge(params, orthcr.init_adapters(params))
+    del merged["visual.transformer.resblocks.0.mlp.c_fc.weight"]
+    with pytest.raises(RuntimeError, match="c_fc"):
+        orthcr.encode_image(tiny_model, merged, torch.rand(1, 3, 32, 32))
+
+
+# ----------------------------------------------------------------------------------------------------
+# OrthSR (v3): attentive Cutout
+
+
+def test_the_attentive_hole_covers_the_patch_most_similar_to_the_class_text():
+    g = torch.Generator().manual_seed(0)
+    text = torch.randn(3, 8, generator=g)  # each image's own class feature
+    patches = torch.randn(3, 16, 8, generator=g)  # a 4 x 4 grid of patch tokens
+    best = [5, 0, 15]  # put each image's class text on one known patch
+    for i, k in enumerate(best):
+        patches[i, k] = 3 * text[i]
+    similarity = orthcr.similarity_map(patches, text)
+    assert similarity.shape == (3, 4, 4)
+    images = torch.rand(3, 3, 64, 64, generator=g) + 0.1  # 16 px patches, no zeros in the input
+    cut = orthcr.attentive_cutout(images, similarity, size=16)
+    for i, k in enumerate(best):
+        row, col = divmod(k, 4)
+        hole = cut[i, 0] == 0
+        assert hole[row * 16:(row + 1) * 16, col * 16:(col + 1) * 16].all()  # the patch is cut ...
+        assert hole.sum() == 16 * 16  # ... and nothing else
+        assert torch.equal(cut[i][:, ~hole], images[i][:, ~hole])
+
+
+def test_a_larger_attentive_hole_is_centred_on_the_patch_and_clipped_at_the_border():
+    similarity = torch.zeros(1, 4, 4)
+    similarity[0, 0, 3] = 1  # the top-right patch
+    cut = orthcr.attentive_cutout(torch.ones(1, 3, 64, 64), similarity, size=32)
+    hole = cut[0, 0] == 0
+    assert hole[:24, 40:].all() and hole.sum() == 24 * 24  # centre (8, 56): rows 0..23, columns 40..63
+
+
+def test_the_similarity_map_equals_a_plain_recomputation_from_the_teachers_tokens(tiny_model):
+    params, images, labels, tokens, zs_text = batch(tiny_model)
+    x = clip_min.normalize(images)
+    captured = []
+    hook = tiny_model.visual.transformer.register_forward_hook(lambda m, args, out: captured.append(out))
+    with torch.no_grad():
+        features, patches = orthcr.encode_image(tiny_model, params, x, dense=True)
+        assert torch.allclose(features, tiny_model.encode_image(x), atol=1e-6)  # the class token as usual
+    hook.remove()
+    tokens_out = captured[0][:, 1:]  # (N, grid^2, width): every patch token after the last block
+    dense = tiny_model.visual.ln_post(tokens_out) @ tiny_model.visual.proj
+    text = zs_text[labels]
+    expected = torch.stack([F.cosine_similarity(dense[i], text[i][None], dim=-1) for i in range(len(labels))])
+    assert torch.allclose(orthcr.similarity_map(patches, text).flatten(1), expected, atol=1e-6)
+
+
+def test_random_and_attentive_cutout_give_the_same_loss_when_their_holes_coincide(tiny_model, monkeypatch):
+    params, images, labels, tokens, zs_text = batch(tiny_model, seed=2)
+    adapters = randomize(orthcr.init_adapters(params), 1, 0.2)
+    with torch.no_grad():
+        _, patches = orthcr.encode_image(tiny_model, params, clip_min.normalize(images), dense=True)
+    attentive_cut = orthcr.attentive_cutout(images, orthcr.similarity_map(patches, zs_text[labels]))
+    loss_attentive, _ = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
+                                         torch.Generator(), cutout_mode="attentive")
+    monkeypatch.setattr(orthcr, "cutout", lambda images, *args: attentive_cut)  # random Cutout, same holes
+    loss_random, _ = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
+                                      torch.Generator(), cutout_mode="random")
+    assert torch.allclose(loss_attentive, loss_random, rtol=1e-5)
+
+
+def test_without_cutout_the_loss_is_ce_plus_lambda1_kl_exactly(tiny_model):
+    params, images, labels, tokens, zs_text = batch(tiny_model, seed=3)
+    adapters = randomize(orthcr.init_adapters(params), 2, 0.3)
+    loss, terms = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
+                                   torch.Generator().manual_seed(0), cutout_mode="none", lambda1=1.5)
+    assert set(terms) == {"ce", "kl"}
+    student, teacher = independent_logits(tiny_model, params, adapters, images, tokens)
+    expected = F.cross_entropy(student, labels) + 1.5 * orthcr.kl_to_zero_shot(student, teacher)
+    assert torch.allclose(loss, expected, rtol=1e-5)
+
+
+def graph_leaves(loss):
+    leaves, stack, seen = set(), [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if hasattr(node, "variable"):
+            leaves.add(id(node.variable))
+        stack += [n for n, _ in node.next_functions]
+    return leaves
+
+
+@pytest.mark.parametrize("mode", orthcr.CUTOUT_MODES)
+def test_nothing_in_the_teachers_path_receives_gradients(tiny_model, mode):
+    params, images, labels, tokens, zs_text = batch(tiny_model)
+    adapters = randomize(orthcr.init_adapters(params), 1, 0.1)
+    loss, _ = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
+                               torch.Generator().manual_seed(0), cutout_mode=mode)
+    assert graph_leaves(loss) == {id(P) for P in adapters.values()}
+
+
+def test_attentive_sampling_draws_only_from_its_generator():
+    similarity = torch.randn(6, 4, 4, generator=torch.Generator().manual_seed(0))
+    images = torch.ones(6, 3, 64, 64)
+    draw = lambda seed: orthcr.attentive_cutout(images, similarity, 16, torch.Generator().manual_seed(seed), 0.5)  # noqa
+    assert torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(2))
+    cold = orthcr.attentive_cutout(images, similarity, 16, torch.Generator().manual_seed(1), 1e-4)
+    assert torch.equal(cold, orthcr.attentive_cutout(images, similarity, 16))  # T -> 0 is the argmax
+
+
+# ----------------------------------------------------------------------------------------------------
+# OrthSR (v3) with CoOp's learned context
+
+
+def test_coop_with_the_context_of_a_photo_of_a_and_P_zero_is_zero_shot_clip(tiny_model):
+    params = params_of(tiny_model)
+    classes = ["cat", "golden retriever", "sea or lake"]
+    context = orthcr.init_context(params, ctx_init="a photo of a")
+    assert context.shape == (4, 64)
+    coop_tokens = orthcr.coop_tokens(classes, ctx_init="a photo of a")
+    merged = orthcr.merge(params, orthcr.init_adapters(params))
+    images = clip_min.normalize(torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        ours = orthcr.clip_logits(orthcr.encode_image(tiny_model, merged, images),
+                                  orthcr.encode_text(tiny_model, merged, coop_tokens, context), merged["logit_scale"])
+        expected = tiny_model(images, clip_min.tokenize([f"a photo of a {c}." for c in classes]))[0]
+    assert (ours - expected).abs().max() <= 1e-6 * expected.abs().max()
+
+
+def test_coop_prompts_put_the_context_between_sos_and_the_class_tokens(tiny_model):
+    params = params_of(tiny_model)
+    tokens = orthcr.coop_tokens(["cat", "sea or lake"], n_ctx=3)
+    context = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    prompts = orthcr.coop_prompts(params["token_embedding.weight"], tokens, context)
+    embedded = params["token_embedding.weight"][tokens]
+    assert prompts.shape == embedded.shape
+    assert torch.equal(prompts[:, 1:4], context.expand(2, 3, 64))  # one context for every class
+    assert torch.equal(prompts[:, 0], embedded[:, 0]) and torch.equal(prompts[:, 4:], embedded[:, 4:])
+    assert tokens[0, 0] == clip_min.SOT and (tokens[:, 1:4] == clip_min.encode("x")[0]).all()
+
+
+def test_gradients_reach_the_context_and_the_adapters_and_nothing_else(tiny_model):
+    params, images, labels, _, zs_text = batch(tiny_model)
+    adapters = randomize(orthcr.init_adapters(params), 1, 0.1)
+    context = orthcr.init_context(params, n_ctx=4, generator=torch.Generator().manual_seed(0))
+    tokens = orthcr.trim_tokens(orthcr.coop_tokens(["a", "b", "c"], n_ctx=4))
+    loss, _ = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
+                               torch.Generator().manual_seed(0), context=context, cutout_mode="attentive")
+    assert graph_leaves(loss) == {id(P) for P in adapters.values()} | {id(context)}
+    loss.backward()
+    assert context.grad.abs().sum() > 0 and all(P.grad.abs().sum() > 0 for P in adapters.values())
+    assert all(p.grad is None for p in tiny_model.parameters())
+
+
+def test_coop_adds_n_ctx_times_512_trainable_parameters_on_vit_b16():
+    with torch.device("meta"):
+        params = dict(clip_min.CLIP(**clip_min.CONFIGS["ViT-B/16"]).state_dict())
+    adapters = orthcr.init_adapters(params)
+    for n_ctx, init in ((16, None), (4, "a photo of a")):
+        context = orthcr.init_context(params, n_ctx, init, torch.Generator().manual_seed(0))
+        assert orthcr.count_parameters(adapters, context) == 43_450_368 + n_ctx * 512

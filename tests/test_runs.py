@@ -1,0 +1,293 @@
+"""Issue 11 through the training CLI: a run folder is a trustworthy record, and every fault is one line, early.
+
+Each refusal is checked for what the user meets: a non-zero exit without a traceback, the offending path or flag
+named, and the earlier results byte-identical."""
+
+import errno
+import fcntl
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import clip_min
+import train
+from conftest import ROOT
+from test_train import weights  # noqa: F401 (a fixture: the tiny random CLIP saved as a state dict)
+from test_train import base_args, make_eurosat_like, read_log, run_main
+
+
+@pytest.fixture
+def root(tmp_path):
+    return make_eurosat_like(tmp_path / "data")
+
+
+def snapshot(folder):
+    """Every file under `folder` with its bytes: what must stay byte-identical after a refusal."""
+    return {p.relative_to(folder): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(*argv, match=None):
+    """Run the CLI expecting a one-line refusal; returns the message."""
+    with pytest.raises(SystemExit) as stop:
+        run_main(*argv)
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    if match:
+        assert match in message, message
+    return message
+
+
+@pytest.fixture
+def finished(root, weights, tmp_path):  # noqa: F811
+    """A finished two-epoch run and its files."""
+    out = tmp_path / "run"
+    run_main(*base_args(root, weights, out, "--epochs", 2, "--lr", 1e-2))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Run folders are exclusive and faithful
+
+
+def test_a_folder_that_holds_a_run_is_refused_and_left_byte_identical(root, weights, finished):  # noqa: F811
+    before = snapshot(finished)
+    message = refused(*base_args(root, weights, finished, "--epochs", 3, "--lr", 2e-2))
+    assert str(finished) in message and "--resume" in message and "--overwrite" in message
+    assert snapshot(finished) == before
+
+
+def test_overwrite_replaces_the_run_and_its_log(root, weights, finished):  # noqa: F811
+    run_main(*base_args(root, weights, finished, "--epochs", 3, "--lr", 2e-2, "--overwrite"))
+    config = json.loads((finished / "config.json").read_text())
+    assert config["epochs"] == 3 and config["lr"] == 2e-2
+    assert [r["step"] for r in read_log(finished)] == [1, 2, 3, 4, 5, 6]  # one run's steps, not two runs mixed
+
+
+def test_a_folder_in_use_is_refused_and_a_crashed_run_does_not_keep_it(root, weights, tmp_path):  # noqa: F811
+    out = tmp_path / "run"
+    out.mkdir()
+    with open(out / ".lock", "a") as held:  # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        refused(*base_args(root, weights, out, "--epochs", 1), match=f"{out} is in use by another run")
+    assert not (out / "config.json").exists()
+    # a run killed while holding the lock: the kernel releases flock with the process
+    child = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
+                              "fcntl.flock(f, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(300)",
+                              str(out / ".lock")], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "locked"
+    child.kill()
+    child.wait()
+    assert run_main(*base_args(root, weights, out, "--epochs", 1))[0]["results"]["base"]["n"] == 12
+    assert not (out / ".lock").exists()
+
+
+def test_eval_only_writes_its_own_folder_and_records_what_it_evaluated(root, weights, tmp_path):  # noqa: F811
+    trained = tmp_path / "four_shot"
+    run_main(*base_args(root, weights, trained, "--epochs", 1, "--shots", 4, "--lr", 1e-2))
+    before = snapshot(trained)
+    record = run_main("--root", root, "--weights", weights, "--eval-only", "--adapters", trained / "adapters.pt")[0]
+    assert {p: b for p, b in snapshot(trained).items() if p.parts[0] in train.RUN_FILES} == before  # untouched
+    folder = trained / "eval_eurosat_base2new_seed1"
+    assert json.loads((folder / "results.json").read_text()) == record
+    assert record["shots"] == 4 and json.loads((folder / "config.json").read_text())["shots"] == 4  # from the file
+    evaluated = record["evaluated"]
+    assert evaluated["adapters"] == str((trained / "adapters.pt").resolve())
+    assert evaluated["adapters_sha256"] == clip_min.file_sha256(trained / "adapters.pt")
+    assert evaluated["training_settings"]["lr"] == 1e-2 and evaluated["training_settings"]["shots"] == 4
+    assert record["results"] == json.loads((trained / "results.json").read_text())["results"]
+    # a second evaluation into the same folder is refused like any other run
+    refused("--root", root, "--weights", weights, "--eval-only", "--adapters", trained / "adapters.pt",
+            match=str(folder))
+
+
+def test_the_recorded_model_is_the_weights_file(root, weights, finished):  # noqa: F811
+    config = json.loads((finished / "config.json").read_text())
+    assert config["model_file"] == str(weights.resolve()) and config["checkpoint_sha256"] == clip_min.file_sha256(weights)
+    assert torch.load(finished / "adapters.pt", weights_only=True)["config"]["model"] == str(weights.resolve())
+
+
+# ----------------------------------------------------------------------------------------------------
+# --resume continues exactly the run it names, or nothing
+
+
+@pytest.fixture
+def stopped(root, weights, tmp_path, monkeypatch):  # noqa: F811
+    """A run stopped (as by Ctrl-C) at step 3 of 4, with its checkpoint."""
+    out = tmp_path / "stopped"
+
+    class StopAtStep3(train.Interrupt):
+        requested = property(lambda self: (out / "log.jsonl").exists() and len(read_log(out)) >= 3,
+                             lambda self, value: None)
+
+    monkeypatch.setattr(train, "Interrupt", StopAtStep3)
+    with pytest.raises(SystemExit):
+        run_main(*base_args(root, weights, out, "--epochs", 2, "--lr", 1e-2))
+    monkeypatch.undo()
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
+    return out
+
+
+@pytest.mark.parametrize("flags, difference", [
+    (["--lr", "0.02"], "lr = 0.01"),
+    (["--epochs", "3"], "epochs = 2"),
+    (["--lambda1", "0"], "lambda1 = 1.5"),
+    (["--blocks", "2"], "blocks = 4"),
+    (["--cutout", "attentive"], "cutout = 'random'"),
+    (["--protocol", "fewshot"], "protocol = 'base2new'"),
+    (["--seeds", "2"], "seed = 1"),
+    (["--shots", "4"], "shots = 8"),
+])
+def test_resume_refuses_other_settings_naming_the_first_difference(root, weights, stopped, flags,  # noqa: F811
+                                                                    difference):
+    before = snapshot(stopped)
+    args = base_args(root, weights, stopped, "--epochs", 2, "--lr", 1e-2, "--resume")
+    message = refused(*args, *flags, match=difference)
+    assert str(stopped / "checkpoint.pt") in message and "this run has" in message
+    assert snapshot(stopped) == before  # config.json and log.jsonl not rewritten
+
+
+def test_resume_refuses_another_base_model(root, stopped, tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save(clip_min.random_model("tiny", seed=7).state_dict(), other)
+    before = snapshot(stopped)
+    refused(*base_args(root, other, stopped, "--epochs", 2, "--lr", 1e-2, "--resume"), match="checkpoint_sha256")
+    assert snapshot(stopped) == before
+
+
+def test_resume_of_a_folder_without_checkpoint_is_an_error(root, weights, tmp_path):  # noqa: F811
+    typo = tmp_path / "stoped"
+    message = refused(*base_args(root, weights, typo, "--resume"), match="no checkpoint")
+    assert str(typo) in message and not typo.exists()
+
+
+def test_resume_of_a_finished_run_is_an_error(root, weights, finished):  # noqa: F811
+    before = snapshot(finished)
+    refused(*base_args(root, weights, finished, "--epochs", 2, "--lr", 1e-2, "--resume"), match="finished run")
+    assert snapshot(finished) == before
+
+
+def corrupt(path, change):
+    state = torch.load(path, weights_only=True)
+    change(state)
+    torch.save(state, path)
+
+
+def first_adapter(state):
+    return next(iter(state["adapters"]))
+
+
+@pytest.mark.parametrize("fault, match", [
+    ("empty file", "is empty (0 bytes)"),
+    ("not a checkpoint", "is not a valid checkpoint file"),
+    ("missing key", "'optimizer' is missing"),
+    ("wrong type", "'step' is missing or not a int"),
+    ("negative step", "step -4 of 4"),
+    ("step past the end", "step 9 of 4"),
+    ("adapter of the wrong shape", "this run expects (4, 16, 16)"),
+    ("non-finite adapter", "holds non-finite values"),
+])
+def test_bad_checkpoints_are_refused_before_anything_is_rewritten(root, weights, stopped, fault, match):  # noqa
+    path = stopped / "checkpoint.pt"
+    if fault == "empty file":
+        path.write_bytes(b"")
+    elif fault == "not a checkpoint":
+        path.write_bytes(b"\x80\x04 not a pickle")
+    elif fault == "missing key":
+        corrupt(path, lambda s: s.pop("optimizer"))
+    elif fault == "wrong type":
+        corrupt(path, lambda s: s.update(step="3"))
+    elif fault == "negative step":
+        corrupt(path, lambda s: s.update(step=-4))
+    elif fault == "step past the end":
+        corrupt(path, lambda s: s.update(step=9))
+    elif fault == "adapter of the wrong shape":
+        corrupt(path, lambda s: s["adapters"].update({first_adapter(s): torch.zeros(1, 16)}))
+    else:
+        corrupt(path, lambda s: s["adapters"][first_adapter(s)].view(-1).__setitem__(0, float("nan")))
+    before = snapshot(stopped)
+    message = refused(*base_args(root, weights, stopped, "--epochs", 2, "--lr", 1e-2, "--resume"), match=match)
+    assert str(path) in message
+    assert snapshot(stopped) == before
+
+
+def test_a_full_disk_while_saving_names_the_file_keeps_the_previous_checkpoint_and_says_how_to_resume(
+        root, weights, tmp_path, monkeypatch, capsys):  # noqa: F811
+    out = tmp_path / "run"
+    real, saves = clip_min.write_atomic, []
+
+    def write_atomic(path, write):
+        if path.name == "checkpoint.pt":
+            saves.append(path)
+            if len(saves) == 2:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(path, write)
+
+    monkeypatch.setattr(clip_min, "write_atomic", write_atomic)
+    monkeypatch.setattr(sys, "argv", ["train.py", *map(str, base_args(root, weights, out, "--epochs", 2,
+                                                                      "--lr", 1e-2))])
+    message = refused(*base_args(root, weights, out, "--epochs", 2, "--lr", 1e-2),
+                      match=f"cannot write {out / 'checkpoint.pt'}: no space left on device (ENOSPC)")
+    assert "previous checkpoint.pt is kept" in message
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 2  # the epoch-1 checkpoint
+    lines = capsys.readouterr().err.splitlines()  # the resume command, printed before the error
+    assert lines[lines.index("free some space, then resume with:") + 1].strip().endswith("--resume")
+    monkeypatch.undo()
+    resumed = run_main(*base_args(root, weights, out, "--epochs", 2, "--lr", 1e-2, "--resume"))
+    assert resumed[0]["results"]["base"]["n"] == 12
+
+
+# ----------------------------------------------------------------------------------------------------
+# Faults found before the model is loaded
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Records every attempt to read a checkpoint's tensors."""
+    read = []
+    monkeypatch.setattr(clip_min, "read_state_dict", lambda *a, **k: read.append(a))
+    return read
+
+
+def test_out_that_is_a_file_or_under_a_file_or_read_only(root, weights, tmp_path, no_model):  # noqa: F811
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    refused(*base_args(root, weights, a_file), match=f"--out {a_file}: {a_file} is a file")
+    refused(*base_args(root, weights, a_file / "run"), match=f"{a_file} is a file")
+    if os.geteuid() != 0:  # root writes anywhere
+        read_only = tmp_path / "ro"
+        read_only.mkdir(mode=0o555)
+        refused(*base_args(root, weights, read_only / "run"), match="is not writable")
+    assert not no_model
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--blocks", "5"], "not divisible by r = 5"),
+    (["--targets", "attn.nope"], "'attn.nope' matches no 2-D weight"),
+])
+def test_a_layout_that_does_not_fit_the_model_is_refused_before_it_is_loaded(root, weights, tmp_path, no_model,  # noqa
+                                                                            flags, match):
+    refused(*base_args(root, weights, tmp_path / "run", *flags), match=match)
+    assert not no_model and not (tmp_path / "run").exists()
+
+
+def test_a_failed_evaluation_of_foreign_adapters_leaves_no_folder(root, weights, tmp_path):  # noqa: F811
+    path = tmp_path / "adapters.pt"
+    torch.save({"adapters": {"visual.transformer.resblocks.0.mlp.c_fc.weight": torch.zeros(2, 32, 32)}}, path)
+    refused(*base_args(root, weights, tmp_path / "run", "--eval-only", "--adapters", path), match=str(path))
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_eta_does_not_wrap_at_24_hours():
+    assert train.duration(25 * 3600 + 61) == "25:01:01"
+    assert train.duration(59) == "0:00:59"
+
+
+def test_the_cli_prints_one_line_and_no_traceback(root, weights, finished):  # noqa: F811
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, base_args(root, weights, finished))],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: {finished} already holds a run")
