@@ -1,10 +1,23 @@
 PYTHON ?= $(if $(wildcard .venv/bin/python),.venv/bin/python,python3)
 
+# torch, the range the project is tested on: a CUDA build where an NVIDIA driver is found, the CPU build (about
+# 1 GB instead of 5) on Linux without one; macOS wheels are CPU builds anyway. Override, e.g.:
+#   make install TORCH="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+TORCH_VERSION ?= 2.13.0
+NVIDIA_DRIVER := $(shell test -e /proc/driver/nvidia/version && echo yes || (command -v nvidia-smi >/dev/null 2>&1 && echo yes))
+ifeq ($(shell uname -s)$(NVIDIA_DRIVER),Linux)
+TORCH ?= torch==$(TORCH_VERSION)+cpu --extra-index-url https://download.pytorch.org/whl/cpu
+else
+TORCH ?= torch==$(TORCH_VERSION)
+endif
+
 .PHONY: install test bench fixtures
 
 install:
 	python3 -m venv .venv
+	.venv/bin/pip install $(TORCH)
 	.venv/bin/pip install -r requirements.txt
+	@.venv/bin/python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
 
 test:
 	$(PYTHON) -m pytest -q tests

@@ -28,6 +28,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 import clip_min
 import data
@@ -265,6 +266,28 @@ def summary_table(all_results):
     rule = "|---|---|" + "---|" * len(columns)
     row = f"| {first['data']} | {first['method']} ({seeds}) | " + " | ".join(columns.values()) + " |"
     return "\n".join([header, rule, row])
+
+
+def cutout_grid(model, params, train_set, cfg, seed, n=8):
+    """A PNG-ready picture of the first training batch: per image, the image, its random Cutout hole, its
+    attentive Cutout hole, and the teacher's patch-to-class-text similarity as a heat overlay (red = similar)."""
+    first = data.train_batches(train_set.train, min(n, len(train_set.train)), seed, 1, 0, 0,
+                               model.visual.input_resolution)
+    images, labels = next(iter(first))[1:]  # the first batch of epoch 1, as training sees it
+    _, teacher_text = class_prompts(model, params, train_set.classnames, train_set.template, cfg)
+    with torch.no_grad(), autocast(cfg.device, cfg.precision):
+        _, patches = orthcr.encode_image(model, params, clip_min.normalize(images.to(cfg.device)), dense=True)
+    similarity = orthcr.similarity_map(patches, teacher_text[labels.to(cfg.device)]).cpu()  # (N, grid, grid)
+    random_cut = orthcr.cutout(images, torch.Generator().manual_seed(seed), cfg.cutout_holes, cfg.cutout_size)
+    attentive_cut = orthcr.attentive_cutout(images, similarity, cfg.cutout_size)
+    heat = torch.nn.functional.interpolate(similarity[:, None], size=images.shape[-2:], mode="nearest")  # (N, 1, H, W)
+    low, high = heat.amin(dim=(2, 3), keepdim=True), heat.amax(dim=(2, 3), keepdim=True)
+    heat = (heat - low) / (high - low).clamp_min(1e-12)
+    red = torch.cat([torch.ones_like(heat), torch.zeros_like(heat), torch.zeros_like(heat)], dim=1)
+    overlay = images * (1 - 0.6 * heat) + red * 0.6 * heat
+    columns = [images, random_cut, attentive_cut, overlay]  # each (N, 3, H, W) in [0, 1]
+    grid = torch.cat([torch.cat(list(column), dim=1) for column in columns], dim=2)  # (3, N*H, 4*W)
+    return Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy())
 
 
 # ==================================================================================================== plumbing
@@ -818,79 +841,113 @@ def one_line_warnings():
 
 # ---------------------------------------------------------------------------------------------------- the command line
 
-class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    pass
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Every flag's help ends with its default: the declared one, or the one its text states."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "(default" not in text and action.default not in (None, False, argparse.SUPPRESS):
+            shown = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
+            text += f" (default: {shown})"
+        return text
 
 
 def parser():
+    datasets = ", ".join(data.DATASETS)
     p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
     g = p.add_argument_group("data")
-    g.add_argument("--data", default=None, choices=list(data.DATASETS),
-                   help="benchmark to train on (default eurosat; with --eval-only, the adapters file's)")
-    g.add_argument("--root", default=os.environ.get("ORTHCR_DATA", "~/data"),
-                   help="folder holding the datasets in CoOp's layout ($ORTHCR_DATA overrides the default)")
+    g.add_argument("--data", default=None, choices=list(data.DATASETS), metavar="NAME",
+                   help=f"benchmark to train on: {datasets} (default: eurosat; --eval-only: the adapters file's)")
+    g.add_argument("--root", default=os.environ.get("ORTHCR_DATA", "~/data"), metavar="DIR",
+                   help="folder holding the datasets in CoOp's layout (default: $ORTHCR_DATA, else ~/data)")
     g.add_argument("--protocol", default=None, choices=PROTOCOLS,
-                   help="base2new: train on base classes, test base and new; fewshot: all classes; cross: train "
-                        "on ImageNet, test 10 datasets; dg: train on ImageNet, test its 4 variants (default base2new)")
-    g.add_argument("--shots", type=int, default=None, help="training images per class (default 16)")
-    g.add_argument("--seeds", type=int, nargs="+", default=None, help="one run per seed, then mean ± std (default 1)")
-    g.add_argument("--no-download", action="store_true", help="never download a dataset; report what is missing")
-    g = p.add_argument_group("method")
-    g.add_argument("--targets", nargs="+", default=None,
-                   help="layers whose input space R rotates; 'none': no orthogonal finetuning (plain CoOp with "
-                        f"--prompt coop) (default {' '.join(LAYOUT['targets'])})")
-    g.add_argument("--blocks", type=int, default=None, help="r: diagonal blocks of each R (default 4)")
+                   help="base2new: train on the base classes, test base and new; fewshot: all classes; cross: "
+                        "train on ImageNet, test 10 datasets; dg: train on ImageNet, test its 4 variants "
+                        "(default: base2new; --eval-only: the adapters file's)")
+    g.add_argument("--shots", type=int, default=None, metavar="K",
+                   help="training images per class (default: 16; --eval-only: the adapters file's)")
+    g.add_argument("--seeds", type=int, nargs="+", default=None, metavar="S",
+                   help="one run per seed, then a mean ± std table (default: 1)")
+    g.add_argument("--no-download", action="store_true", help="never download a dataset; say what is missing")
+    g = p.add_argument_group("the method")
+    g.add_argument("--targets", nargs="+", default=None, metavar="LAYER",
+                   help="layers whose input space R rotates, or 'none' for no orthogonal finetuning (plain CoOp "
+                        f"with --prompt coop) (default: {' '.join(LAYOUT['targets'])})")
+    g.add_argument("--blocks", type=int, default=None, metavar="R",
+                   help=f"diagonal blocks of each R (default: {LAYOUT['blocks']})")
     g.add_argument("--towers", nargs="+", default=None, choices=list(orthcr.TOWER_PREFIX),
-                   help="towers to finetune (default visual text)")
-    g.add_argument("--neumann", type=int, default=None,
-                   help="terms of the approximate, not exactly orthogonal Cayley; 0: the exact solve (default 0)")
-    g.add_argument("--lambda1", type=float, default=orthcr.LAMBDA1, help="weight of KL(zero-shot || finetuned) on the clean images")
-    g.add_argument("--lambda2", type=float, default=None,
-                   help=f"weight of the KL term on the Cutout images (default {orthcr.LAMBDA2})")
+                   help=f"towers to finetune (default: {' '.join(LAYOUT['towers'])})")
+    g.add_argument("--neumann", type=int, default=None, metavar="N",
+                   help="terms of the approximate Cayley transform, which is not exactly orthogonal; 0: the exact "
+                        "solve (default: 0)")
+    g.add_argument("--lambda1", type=float, default=orthcr.LAMBDA1, metavar="L1",
+                   help="weight of KL(zero-shot || finetuned) on the clean images")
+    g.add_argument("--lambda2", type=float, default=None, metavar="L2",
+                   help=f"weight of the KL on the Cutout images (default: {orthcr.LAMBDA2}; 0 with --cutout none)")
     g.add_argument("--cutout", default="random", choices=orthcr.CUTOUT_MODES,
-                   help="random: OrthCR's (v1) Cutout; attentive: OrthSR's (v3), the hole on the patch most "
-                        "similar to the class text; none: no Cutout views and terms")
-    g.add_argument("--cutout-size", type=int, default=orthcr.CUTOUT_SIZE, help="side of the hole in pixels")
-    g.add_argument("--cutout-holes", type=int, default=None, help="holes per image, random Cutout only (default 1)")
-    g.add_argument("--cutout-temperature", type=float, default=None,
-                   help="attentive Cutout: draw the hole's patch from softmax(similarity / T) instead of argmax")
+                   help="random: OrthCR's Cutout (v1); attentive: OrthSR's (v3), the hole on the patch most "
+                        "similar to the class text; none: no Cutout views, no Cutout terms")
+    g.add_argument("--cutout-size", type=int, default=orthcr.CUTOUT_SIZE, metavar="PX",
+                   help="side of the square hole in pixels (16 covers 0.5 %% of a 224 px image)")
+    g.add_argument("--cutout-holes", type=int, default=None, metavar="N",
+                   help="holes per image, random Cutout only (default: 1)")
+    g.add_argument("--cutout-temperature", type=float, default=None, metavar="T",
+                   help="attentive Cutout: draw the hole's patch from softmax(similarity / T) instead of taking "
+                        "the argmax (default: argmax)")
+    g.add_argument("--cutout-grid", default=None, metavar="PNG",
+                   help="write a picture of the first training batch (random hole, attentive hole, similarity "
+                        "map) to PNG and stop, without training (default: off)")
     g.add_argument("--prompt", default=None, choices=("fixed", "coop"),
-                   help="fixed: CoOp's hand-written template; coop: CoOp's learned context (default fixed)")
-    g.add_argument("--n-ctx", type=int, default=None, help=f"--prompt coop: context vectors (default {N_CTX})")
-    g.add_argument("--ctx-init", default=None,
-                   help="--prompt coop: initial words of the context, e.g. 'a photo of a' (sets --n-ctx)")
+                   help="fixed: the dataset's hand-written template; coop: CoOp's learned context "
+                        "(default: fixed; --eval-only: the adapters file's)")
+    g.add_argument("--n-ctx", type=int, default=None, metavar="N",
+                   help=f"--prompt coop: context vectors (default: {N_CTX}, or the words of --ctx-init)")
+    g.add_argument("--ctx-init", default=None, metavar="WORDS",
+                   help="--prompt coop: initialize the context with these words, e.g. 'a photo of a' "
+                        "(default: random, N(0, 0.02^2))")
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=EPOCHS)
-    g.add_argument("--batch-size", type=int, default=BATCH_SIZE, help="training images per step (plus their Cutout copies)")
-    g.add_argument("--lr", type=float, default=LR, help="AdamW learning rate (peak of the schedule)")
-    g.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY)
-    g.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, help="linear warm-up, then cosine decay to 0")
+    g.add_argument("--epochs", type=int, default=EPOCHS, help="passes over the few-shot training set")
+    g.add_argument("--batch-size", type=int, default=BATCH_SIZE, metavar="N",
+                   help="training images per step, plus their Cutout copies")
+    g.add_argument("--lr", type=float, default=LR, help="AdamW's learning rate, the schedule's peak")
+    g.add_argument("--weight-decay", type=float, default=WEIGHT_DECAY, metavar="WD", help="AdamW's weight decay on P")
+    g.add_argument("--warmup-steps", type=int, default=WARMUP_STEPS, metavar="N",
+                   help="linear warm-up (at most a tenth of the steps), then cosine decay to 0")
     g = p.add_argument_group("evaluation")
-    g.add_argument("--zero-shot", action="store_true", help="evaluate plain CLIP (no training)")
-    g.add_argument("--eval-only", action="store_true", help="evaluate saved --adapters (no training)")
-    g.add_argument("--adapters", default=None, help="an adapters.pt to evaluate with --eval-only")
-    g.add_argument("--eval-data", nargs="+", default=None, choices=list(data.DATASETS),
-                   help="datasets evaluated by cross/dg (default: the paper's)")
-    g.add_argument("--eval-limit", type=int, default=None, help="evaluate N class-balanced test images per split")
-    g.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH_SIZE)
+    g.add_argument("--zero-shot", action="store_true", help="evaluate plain CLIP, no training: the CLIP row")
+    g.add_argument("--eval-only", action="store_true", help="evaluate saved --adapters, no training")
+    g.add_argument("--adapters", default=None, metavar="FILE", help="the adapters.pt that --eval-only evaluates")
+    g.add_argument("--eval-data", nargs="+", default=None, choices=list(data.DATASETS), metavar="NAME",
+                   help="the datasets that cross and dg evaluate (default: the paper's)")
+    g.add_argument("--eval-limit", type=int, default=None, metavar="N",
+                   help="evaluate N class-balanced test images per split (default: all)")
+    g.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH_SIZE, metavar="N", help="images per batch")
     g = p.add_argument_group("run files")
-    g.add_argument("--out", default=None, help="run folder (default runs/<data>_<protocol>_<shots>shot_seed<S>; "
-                                               "--eval-only: eval_<data>_<protocol>_seed<S> beside the adapters)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint.pt")
-    g.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    g.add_argument("--export", action="store_true", help="also write merged.pt, the merged official state dict")
+    g.add_argument("--out", default=None, metavar="DIR",
+                   help="the run folder (default: runs/<data>_<protocol>_<K>shot_seed<S>; --eval-only: "
+                        "eval_<data>_<protocol>_seed<S> beside the adapters file)")
+    g.add_argument("--resume", action="store_true", help="continue the run in the run folder from its checkpoint")
+    g.add_argument("--overwrite", action="store_true", help="replace the run already in the run folder")
+    g.add_argument("--export", action="store_true", help="also write merged.pt, the merged weights in OpenAI's format")
     g.add_argument("--export-dtype", default="fp32", choices=("fp32", "fp16"),
-                   help="merged.pt's dtype (fp16: OpenAI's, half the size, rounds small rotations)")
-    g.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: at each epoch's end)")
-    g.add_argument("--log-every", type=int, default=1, help="progress line every N steps")
+                   help="merged.pt's dtype; fp16 (OpenAI's) is half the size but rounds small rotations away")
+    g.add_argument("--save-every", type=int, default=0, metavar="N",
+                   help="checkpoint every N steps; 0: at the end of each epoch")
+    g.add_argument("--log-every", type=int, default=1, metavar="N", help="a progress line every N steps")
     g = p.add_argument_group("model and hardware")
-    g.add_argument("--model", default="ViT-B/16", choices=clip_min.available_models(), help="OpenAI's CLIP")
-    g.add_argument("--weights", default=None, help="a local checkpoint file to use instead of downloading --model")
-    g.add_argument("--download-root", default=None, help="model cache (default ~/.cache/clip, as OpenAI's clip)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu, cuda or cuda:N")
+    g.add_argument("--model", default="ViT-B/16", choices=clip_min.available_models(),
+                   help="OpenAI's CLIP, downloaded and verified once")
+    g.add_argument("--weights", default=None, metavar="FILE",
+                   help="a local checkpoint to use instead of downloading --model (default: none)")
+    g.add_argument("--download-root", default=None, metavar="DIR",
+                   help="where --model is cached (default: ~/.cache/clip, as OpenAI's clip package)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu, cuda or cuda:N (default: cuda where available, else cpu)")
     g.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16", "fp16"),
-                   help="autocast of the towers' matmuls; auto: fp16 (+ grad scaler) on CUDA, fp32 on the CPU")
-    g.add_argument("--workers", type=int, default=None, help="data loading processes (default 0 on CPU, 8 on CUDA)")
+                   help="autocast of the towers' matrix products; auto: fp16 with a grad scaler on CUDA, fp32 on "
+                        "the CPU")
+    g.add_argument("--workers", type=int, default=None, metavar="N",
+                   help="data loading processes (default: 0 on the CPU, 8 on CUDA)")
     return p
 
 
@@ -1001,6 +1058,8 @@ def validate_files(args):
         bad.append("--out names one run folder: use it with a single seed")
     if args.resume and args.overwrite:
         bad.append("--resume continues the run in --out, --overwrite replaces it: choose one")
+    if args.cutout_grid and not Path(args.cutout_grid).expanduser().resolve().parent.is_dir():
+        bad.append(f"--cutout-grid {args.cutout_grid}: its folder does not exist")
     if args.resume and args.eval_only:
         bad.append("--resume continues training; --eval-only trains nothing")
     if not args.root.strip():
@@ -1056,7 +1115,7 @@ def main(argv=None):
     one_line_warnings()
     args = parse_args(argv)
     cfg = settings_from(args, read_training_settings(args.adapters) if args.eval_only else None)
-    plan = plan_runs(cfg)  # run folders first: a refused folder costs nothing
+    plan = {} if args.cutout_grid else plan_runs(cfg)  # run folders first: a refused folder costs nothing
     check_root(cfg)
     clock = time.monotonic()
     try:  # the datasets are read and checked, completely, before the model is loaded or downloaded
@@ -1068,7 +1127,7 @@ def main(argv=None):
         path, model_sha256 = clip_min.checkpoint(cfg.weights or cfg.model, cfg.download_root)
         cfg = dataclasses.replace(cfg, checkpoint_sha256=model_sha256)
         adapters, context = check_layout(cfg, path)
-        for seed in (s for s in cfg.seeds if plan[s] == "resume"):
+        for seed in (s for s in cfg.seeds if plan.get(s) == "resume"):
             state = read_checkpoint(run_folder(cfg, seed) / "checkpoint.pt", cfg, seed, adapters, context)
             check_steps(run_folder(cfg, seed) / "checkpoint.pt", state,
                         cfg.epochs * data.steps_per_epoch(len(datasets[seed][0].train), cfg.batch_size))
@@ -1078,6 +1137,12 @@ def main(argv=None):
         fail(str(e).splitlines()[0] if str(e) else repr(e))
     model.requires_grad_(False)  # W0 is frozen: only the adapters (and CoOp's context) get gradients
     params = dict(model.state_dict())
+    if args.cutout_grid:
+        seed = cfg.seeds[0]
+        write_file(Path(args.cutout_grid), lambda tmp: cutout_grid(model, params, datasets[seed][0], cfg, seed)
+                   .save(tmp, format="PNG"))
+        say(f"Cutout grid written to {args.cutout_grid}")
+        return []
     seconds = {"data": data_s, "model": time.monotonic() - clock - data_s}
     all_results = [run(cfg, seed, plan[seed], datasets[seed], model, params, seconds) for seed in cfg.seeds]
     print(summary_table(all_results))

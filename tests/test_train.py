@@ -337,3 +337,61 @@ def test_one_epoch_on_the_real_eurosat_sample(shared, weights, tmp_path):
     assert len(read_log(tmp_path / "run")) == 2  # 4 shots x 5 base classes / batch 10
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["train_images"] == 20
+
+
+# ----------------------------------------------------------------------------------------------------
+# Both versions of the paper and their ablations, one command each
+
+
+def table_row(capsys):
+    return capsys.readouterr().out.strip().splitlines()[2]
+
+
+@pytest.mark.parametrize("flags, method", [
+    ([], "OrthCR"),
+    (["--cutout", "attentive"], "OrthSR"),
+    (["--cutout", "attentive", "--prompt", "coop", "--ctx-init", "a photo of a"], "OrthSR + CoOp"),
+    (["--towers", "visual"], "OrthCR (image tower only)"),
+    (["--towers", "text"], "OrthCR (text tower only)"),
+    (["--lambda1", "0", "--lambda2", "0"], "OrthCR (w/o KL)"),
+    (["--cutout", "none"], "OrthCR (w/o CutOut)"),
+    (["--targets", "none", "--prompt", "coop", "--n-ctx", "4", "--lambda1", "0", "--cutout", "none"], "CoOp"),
+    (["--zero-shot"], "zero-shot CLIP"),
+])
+def test_each_ablation_prints_its_row_in_the_papers_table_form(root, weights, tmp_path, capsys, flags, method):
+    run_main(*base_args(root, weights, tmp_path / "run", "--epochs", 1, "--eval-limit", 4, *flags))
+    row = table_row(capsys)
+    assert row.startswith(f"| eurosat | {method} (1 seed) | ") and " ± " not in row  # one seed: no "± 0.00"
+
+
+def test_a_coop_run_reloads_to_identical_results_and_exports_its_context(root, weights, tmp_path):
+    out, again = tmp_path / "coop", tmp_path / "again"
+    flags = ("--prompt", "coop", "--n-ctx", 4, "--cutout", "attentive", "--epochs", 2, "--lr", 1e-2)
+    first = run_main(*base_args(root, weights, out, *flags))[0]
+    saved = saved_adapters(out)
+    assert saved["context"].shape == (4, 64) and saved["config"]["prompt"] == "coop"
+    assert saved["context"].abs().sum() > 0
+    second = run_main(*base_args(root, weights, again, "--eval-only", "--adapters", out / "adapters.pt", "--export"))[0]
+    assert second["results"] == first["results"]  # prompt, n_ctx and the layout were read from the file
+    context = torch.load(again / "context.pt", weights_only=True)
+    assert torch.equal(context["context"], saved["context"]) and context["n_ctx"] == 4
+    merged = torch.load(again / "merged.pt", weights_only=True)
+    assert merged["visual.proj"].dtype == torch.float32 and set(merged) == set(clip_min.random_model().state_dict())
+
+
+def test_export_in_fp16_halves_the_file(root, weights, tmp_path):
+    run_main(*base_args(root, weights, tmp_path / "a", "--epochs", 1, "--export"))
+    run_main(*base_args(root, weights, tmp_path / "b", "--epochs", 1, "--export", "--export-dtype", "fp16"))
+    fp32, fp16 = (torch.load(tmp_path / x / "merged.pt", weights_only=True) for x in "ab")
+    assert all(v.dtype == torch.float16 for v in fp16.values() if v.is_floating_point())
+    assert (tmp_path / "b" / "merged.pt").stat().st_size < 0.6 * (tmp_path / "a" / "merged.pt").stat().st_size
+    assert all(torch.equal(fp32[k].half(), fp16[k]) for k in fp32)
+
+
+def test_the_cutout_grid_is_a_png_of_the_first_batch(root, weights, tmp_path):
+    path = tmp_path / "grid.png"
+    assert run_main("--data", "eurosat", "--root", root, "--weights", weights, "--shots", 4,
+                    "--cutout-grid", path) == []
+    image = Image.open(path)
+    assert image.format == "PNG" and image.size == (4 * 32, 8 * 32)  # 4 panels per image, 8 images of 32 px
+    assert not (tmp_path / "runs").exists()
