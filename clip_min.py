@@ -333,7 +333,14 @@ SOT, EOT = 49406, 49407
 # --- ftfy's fix_text, as OpenAI runs it (ftfy 6.3.1, default TextFixerConfig), without its mojibake repair.
 # The facts below (which characters each fix rewrites, the order of the fixes) are read from ftfy 6.3.1's
 # fixes.py, chardata.py and __init__.py; the tables are built here from unicodedata and Python's codecs.
+# In ftfy's order:
 
+# unescape_html: only references ending in ';' ("this&not that" stays)...
+_HTML_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
+# ...and the all-caps spelling of a lower-case HTML5 name where html.unescape reads none of it ('&EACUTE;' -> 'É';
+# not '&COPYSR;', which html.unescape reads as '©SR;')
+_CAPS_ENTITIES = {f"&{name.upper()}": char.upper() for name, char in html.entities.html5.items()
+                  if name.endswith(";") and name.islower() and html.unescape(f"&{name.upper()}") == f"&{name.upper()}"}
 # fix_c1_controls: U+0080-U+009F read as Windows-1252 bytes ('\x93' -> '“'); the five bytes Windows-1252 leaves
 # undefined (81 8D 8F 90 9D) stay, as in ftfy's "sloppy" codec
 _C1_CONTROLS = {b: bytes([b]).decode("cp1252", errors="ignore") or chr(b) for b in range(0x80, 0xA0)}
@@ -347,19 +354,16 @@ _WIDTH = {0x3000: " "} | {c: unicodedata.normalize("NFKC", chr(c)) for c in rang
                           if unicodedata.normalize("NFKC", chr(c)) != chr(c)}
 # uncurl_quotes
 _STRAIGHT_QUOTES = dict.fromkeys([0x02BC, *range(0x2018, 0x201C)], "'") | dict.fromkeys(range(0x201C, 0x2020), '"')
+# fix_line_breaks: CR LF (replaced first), CR, line and paragraph separators, NEL to LF
+_LINE_BREAKS = dict.fromkeys(map(ord, "\r\u2028\u2029\x85"), "\n")
+# fix_surrogates
+_SURROGATE_PAIR, _SURROGATE = re.compile("[\ud800-\udbff][\udc00-\udfff]"), re.compile("[\ud800-\udfff]")
+# remove_terminal_escapes: ANSI "ESC [ digits/semicolons letter" (\d: any Unicode digit, as in ftfy's `re`)
+_TERMINAL_ESCAPE = re.compile(r"\x1b\[[\d;]*[a-zA-Z]")
 # remove_control_chars: C0 controls but \t \n \f \r, DEL, deprecated Arabic format controls, BOM, interlinear
 # annotation marks, object replacement (not C1 controls, joiners, bidi marks, tags)
 _CONTROL_CHARS = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070),
                                 0xFEFF, *range(0xFFF9, 0xFFFD)])
-# remove_terminal_escapes: ANSI "ESC [ digits/semicolons letter" (\d: any Unicode digit, as in ftfy's `re`)
-_TERMINAL_ESCAPE = re.compile(r"\x1b\[[\d;]*[a-zA-Z]")
-_SURROGATE_PAIR, _SURROGATE = re.compile("[\ud800-\udbff][\udc00-\udfff]"), re.compile("[\ud800-\udfff]")
-# unescape_html: only references ending in ';' ("this&not that" stays)...
-_HTML_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
-# ...and the all-caps spelling of a lower-case HTML5 name where html.unescape reads none of it ('&EACUTE;' -> 'É';
-# not '&COPYSR;', which html.unescape reads as '©SR;')
-_CAPS_ENTITIES = {f"&{name.upper()}": char.upper() for name, char in html.entities.html5.items()
-                  if name.endswith(";") and name.islower() and html.unescape(f"&{name.upper()}") == f"&{name.upper()}"}
 _FTFY_SEGMENT = 1_000_000  # ftfy fixes a text line by line, lines cut to segments of at most this many characters
 
 
@@ -373,9 +377,6 @@ def _chained(*tables):
     return table
 
 
-# fix_line_breaks: CR LF (replaced first), CR, line and paragraph separators, NEL to LF
-_LINE_BREAKS = dict.fromkeys(map(ord, "\r\u2028\u2029\x85"), "\n")
-# ftfy's character fixes, in its order
 _FIX_CHARACTERS = _chained(_C1_CONTROLS, _LIGATURES, _WIDTH, _STRAIGHT_QUOTES, _LINE_BREAKS)
 
 
