@@ -16,7 +16,6 @@ import gzip
 import hashlib
 import html
 import html.entities
-import io
 import math
 import os
 import pickle
@@ -676,36 +675,96 @@ def load(name_or_path="ViT-B/16", device="cpu", download_root=None):
 
 # ----------------------------------------------------------------------------------------------------
 # Reading OpenAI's TorchScript archive without executing it
+#
+# A checkpoint is untrusted input: nothing in it is executed, and it can't make the reader allocate more than
+# the file's own size. PyTorch stores the pickle and tensor records of its zip archives uncompressed (so that
+# they can be memory-mapped): such a record can't inflate, and each storage record must hold exactly numel x
+# itemsize bytes. (TorchScript's code/ records are compressed; they are never read.)
+
+# storage classes named in archives, and the dtype of their elements
+_STORAGE_DTYPES = {
+    "HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+_MAX_NESTING = 100  # modules within modules; CLIP's deepest tensor is 5 deep (visual.transformer.resblocks.0.attn)
+_CHUNK = 1 << 20  # bytes read at a time into a storage
 
 
 def read_state_dict(path):
     """The tensors of a checkpoint file: OpenAI's TorchScript archive, or a `torch.save`d state dict.
 
-    Nothing from the file is executed: archives go through a restricted unpickler (`ArchiveUnpickler`),
-    plain files through `torch.load(weights_only=True)`.
+    Nothing from the file is executed: archives go through a restricted unpickler (`_ArchiveUnpickler`),
+    plain files through `torch.load(weights_only=True)`. Records are size-checked before anything is allocated
+    and read once, into the tensors' own memory. A file that is not a sound checkpoint raises one ValueError
+    naming it (a missing one FileNotFoundError).
     """
-    path = Path(path)
+    return _read_checkpoint(Path(path), data=True)
+
+
+def read_shapes(path):
+    """{name: torch.Size} of a checkpoint's tensors without reading their data, with read_state_dict's checks
+    (to check a model's layout before loading it)."""
+    return {name: tensor.shape for name, tensor in _read_checkpoint(Path(path), data=False).items()}
+
+
+def _read_checkpoint(path, data):
+    """{name: tensor} of a checkpoint; without `data`, tensors with the right shapes and dtypes whose bytes are
+    never read (meta tensors from archives, memory-mapped ones from torch.load)."""
+    if path.is_dir():
+        raise ValueError(f"{path}: a directory, not a checkpoint file")
     with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"{path}: empty file, not a checkpoint")
+    is_zip = head == b"PK\x03\x04"
     if is_zip:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                top = archive_top(archive, path)
-                if f"{top}/constants.pkl" in archive.namelist():  # only TorchScript archives carry code + constants
-                    return read_torchscript(archive, top, path)
-        except zipfile.BadZipFile as e:
-            raise ValueError(f"{path}: truncated or corrupt checkpoint archive ({e})") from None
+        with _open_archive(path) as archive:
+            top = _archive_top(archive, path)
+            if f"{top}/constants.pkl" in archive.NameToInfo:  # only TorchScript archives carry constants
+                _check_records([info for info in archive.infolist() if info.filename in (
+                    f"{top}/data.pkl", f"{top}/byteorder") or info.filename.startswith(f"{top}/data/")], path)
+                return _checked(_read_torchscript(archive, top, path, data), path)
+            _check_records(archive.infolist(), path)  # before torch.load reads any of them
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        # a zip (records checked above) can be memory-mapped: its tensors' bytes are then never read
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip and not data)
     except Exception as e:
         raise ValueError(f"{path}: not a CLIP checkpoint (neither a TorchScript archive nor a torch.save "
-                         f"state dict that loads with weights_only=True): {e}") from None
+                         f"state dict that loads with weights_only=True): {_reason(e)}") from None
+    return _checked(state_dict, path)
+
+
+def _reason(error):
+    """One line saying why `error` happened. (torch.load's weights-only message opens with advice to switch the
+    check off; its reason is the next line.)"""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Weights only load failed"):
+        lines = lines[1:]
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+
+
+def _checked(state_dict, path):
+    """The state dict as a plain dict, if it is a dict of tensors none of which overlaps itself (a view with
+    stride 0 would let a small file make a huge tensor)."""
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path}: expected a dict of tensors (a state dict), got {type(state_dict).__name__}")
+    for name, tensor in state_dict.items():
+        if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+            raise ValueError(f"{path}: tensor {name} of shape {tuple(tensor.shape)} overlaps itself: more "
+                             f"elements than its storage holds")
     return dict(state_dict)
 
 
-def archive_top(archive, path):
+def _open_archive(path):
+    """The zip archive at `path`, its directory read."""
+    try:
+        return zipfile.ZipFile(path)
+    except Exception as e:  # BadZipFile, NotImplementedError, UnicodeDecodeError...: zipfile's ways to fail
+        raise ValueError(f"{path}: truncated or corrupt checkpoint archive ({_reason(e)})") from None
+
+
+def _archive_top(archive, path):
     """The archive's top-level folder (named after the saved file, so never assumed), the one holding data.pkl."""
     tops = [name[:-len("/data.pkl")] for name in archive.namelist()
             if name.endswith("/data.pkl") and name.count("/") == 1]
@@ -714,21 +773,58 @@ def archive_top(archive, path):
     return tops[0]
 
 
-def read_torchscript(archive, top, path):
+def _check_records(records, path):
+    """Each record stored uncompressed and inside the file, and all together no bigger than the file (zip
+    entries may point at the same bytes): then reading them takes at most the file's size."""
+    size, total = path.stat().st_size, 0
+    for info in records:
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            raise ValueError(f"{path}: record {info.filename!r} is compressed ({info.compress_size} bytes declared "
+                             f"to inflate to {info.file_size}); PyTorch stores tensor records uncompressed")
+        if info.header_offset + info.file_size > size:
+            raise ValueError(f"{path}: record {info.filename!r} declares {info.file_size} bytes, past the end of "
+                             f"the {size}-byte file")
+        total += info.file_size
+    if total > size:
+        raise ValueError(f"{path}: the records declare {total} bytes in all, more than the file's {size}")
+
+
+def _read_torchscript(archive, top, path, data):
     """{dotted name: tensor} of every tensor in the archive's module tree, rebuilt from its data/ records."""
-    byteorder = f"{top}/byteorder"
-    if byteorder in archive.namelist() and archive.read(byteorder).decode() != sys.byteorder:
-        raise ValueError(f"{path}: archive byte order {archive.read(byteorder).decode()} is not this machine's")
+    byteorder = archive.NameToInfo.get(f"{top}/byteorder")  # absent in archives from before torch 1.10: little
+    order = _read_record(archive, byteorder, bytearray(min(byteorder.file_size, 16)), path) if byteorder else b"little"
+    if order != sys.byteorder.encode():
+        raise ValueError(f"{path}: archive byte order {bytes(order)!r} is not this machine's ({sys.byteorder})")
     try:
-        root = ArchiveUnpickler(archive, top, path).load()
-    except (pickle.UnpicklingError, ValueError, KeyError, EOFError, RuntimeError, TypeError) as e:
-        raise ValueError(f"{path}: cannot read the TorchScript archive's data.pkl: {e}") from None
-    if not isinstance(root, ScriptObject):
-        raise ValueError(f"{path}: data.pkl holds a {type(root).__name__}, not a TorchScript module")
-    return dict(module_tensors(root))
+        with archive.open(f"{top}/data.pkl") as pickled:  # unpickled as it is read
+            unpickler = _ArchiveUnpickler(pickled, archive, top, data)
+            root = unpickler.load()
+        if not isinstance(root, _ScriptObject):
+            raise ValueError(f"data.pkl holds a {type(root).__name__}, not a TorchScript module")
+        tensors = dict(_module_tensors(root))
+    except Exception as e:  # whatever the pickle makes the unpickler raise
+        raise ValueError(f"{path}: cannot read the TorchScript archive's data.pkl: {_reason(e)}") from None
+    for info, storage in unpickler.unread:
+        _read_record(archive, info, memoryview(storage.view(torch.uint8).numpy()), path)
+    return tensors
 
 
-class ScriptObject:
+def _read_record(archive, info, buffer, path):
+    """`buffer` filled with the first len(buffer) bytes of record `info`, read a chunk at a time: no second
+    copy of the record."""
+    view = memoryview(buffer)
+    try:
+        with archive.open(info) as record:
+            for start in range(0, len(view), _CHUNK):
+                end = min(start + _CHUNK, len(view))
+                if record.readinto(view[start:end]) != end - start:
+                    raise EOFError(f"{info.file_size}-byte record ends early")
+    except Exception as e:  # a damaged local header, a CRC mismatch, a short file...
+        raise ValueError(f"{path}: record {info.filename!r} is corrupt ({_reason(e)})") from None
+    return buffer
+
+
+class _ScriptObject:
     """Stands for any `__torch__.*` class of an archive (OpenAI-internal module classes): just its attributes."""
 
     def __setstate__(self, state):
@@ -737,59 +833,72 @@ class ScriptObject:
         self.__dict__.update(state)
 
 
-def module_tensors(obj, prefix=""):
-    """(dotted name, tensor) for every tensor attribute in the tree, as a state dict names them."""
+def _module_tensors(obj, prefix="", ancestors=()):
+    """(dotted name, tensor) for every tensor attribute in the tree, as a state dict names them; a module that
+    holds itself, or nesting deeper than _MAX_NESTING, is an error (not a RecursionError)."""
+    if len(ancestors) == _MAX_NESTING:
+        raise ValueError(f"modules nested deeper than {_MAX_NESTING} (at {prefix[:80]}...)")
     for name, value in vars(obj).items():
         if isinstance(value, torch.Tensor):
-            yield prefix + name, value
-        elif isinstance(value, ScriptObject):
-            yield from module_tensors(value, prefix + name + ".")
+            yield prefix + str(name), value
+        elif isinstance(value, _ScriptObject):
+            if value is obj or any(value is a for a in ancestors):
+                raise ValueError(f"module {(prefix + str(name))[:80]!r} contains itself")
+            yield from _module_tensors(value, f"{prefix}{name}.", ancestors + (obj,))
 
 
-# storage classes named in archives, and the dtype of their elements
-STORAGE_DTYPES = {
-    "HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-}
-
-
-def rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    """What `torch._utils._rebuild_tensor_v2` means: a strided view of a flat storage."""
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    """What `torch._utils._rebuild_tensor_v2` means: a strided view of a flat storage, which must lie inside it
+    (checked here: on the meta device torch doesn't)."""
+    if not all(isinstance(n, int) and n >= 0 for n in (offset, *size, *stride)) or len(size) != len(stride):
+        raise ValueError(f"tensor with offset {offset!r:.40}, size {size!r:.80}, stride {stride!r:.80}")
+    end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if math.prod(size) else 0
+    if end > storage.numel():
+        raise ValueError(f"tensor of size {tuple(size)} at offset {offset} reaches past its storage of "
+                         f"{storage.numel()} elements")
     return torch.as_strided(storage, size, stride, offset)
 
 
-class ArchiveUnpickler(pickle.Unpickler):
+class _ArchiveUnpickler(pickle.Unpickler):
     """Unpickles an archive's data.pkl allowing only tensors, storages, OrderedDicts and TorchScript objects.
 
-    Any other global (os.system, builtins.eval, ...) is refused before it can be called.
+    Any other global (os.system, builtins.eval, ...) is refused before it can be called. Each storage is
+    allocated once its record is found to hold exactly numel x itemsize bytes, and left empty: `unread` lists
+    (record, storage) pairs to fill (with data=False storages are meta tensors and nothing is to be read).
     """
 
-    def __init__(self, archive, top, path):
-        super().__init__(io.BytesIO(archive.read(f"{top}/data.pkl")))
-        self.archive, self.top, self.path, self.storages = archive, top, path, {}
+    def __init__(self, pickled, archive, top, data):
+        super().__init__(pickled)
+        self.archive, self.top, self.data = archive, top, data
+        self.storages, self.unread = {}, []
 
     def find_class(self, module, name):
         if module == "__torch__" or module.startswith("__torch__."):
-            return ScriptObject
+            return _ScriptObject
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return rebuild_tensor
-        if module == "torch" and name in STORAGE_DTYPES:
-            return STORAGE_DTYPES[name]
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
         if (module, name) == ("collections", "OrderedDict"):
             return dict  # only used for the (empty) backward-hook dicts; order is irrelevant here
         raise pickle.UnpicklingError(f"refusing global '{module}.{name}' (a checkpoint holds only tensors)")
 
     def persistent_load(self, pid):
         # pid = ('storage', dtype, key, location, numel): the storage lives in the record <top>/data/<key>
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
+                and isinstance(pid[2], str) and pid[2].isalnum() and isinstance(pid[4], int) and pid[4] >= 0):
+            raise pickle.UnpicklingError(f"unexpected persistent id (a {type(pid).__name__})")
         _, dtype, key, _, numel = pid
         if key not in self.storages:
-            data = bytearray(self.archive.read(f"{self.top}/data/{key}"))
-            if len(data) < numel * dtype.itemsize:
-                raise ValueError(f"record data/{key} holds {len(data)} bytes, expected {numel * dtype.itemsize}")
-            self.storages[key] = torch.frombuffer(data, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+            info = self.archive.NameToInfo.get(f"{self.top}/data/{key}")
+            if info is None:
+                raise ValueError(f"no record data/{key}")
+            if info.file_size != numel * dtype.itemsize:  # before allocating or reading anything
+                raise ValueError(f"record data/{key} holds {info.file_size} bytes, its storage of {numel} {dtype} "
+                                 f"takes {numel * dtype.itemsize}")
+            self.storages[key] = torch.empty(numel, dtype=dtype, device="cpu" if self.data else "meta")
+            if self.data:
+                self.unread.append((info, self.storages[key]))
         return self.storages[key]
 
 
