@@ -674,7 +674,7 @@ def load(name_or_path="ViT-B/16", device="cpu", download_root=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading OpenAI's TorchScript archive without executing it
+# Reading checkpoints (OpenAI's TorchScript archives, torch.save files) without executing them
 #
 # A checkpoint is untrusted input: nothing in it is executed, and it can't make the reader allocate more than
 # the file's own size. PyTorch stores the pickle and tensor records of its zip archives uncompressed (so that
@@ -704,7 +704,7 @@ def read_state_dict(path):
 
 def read_shapes(path):
     """{name: torch.Size} of a checkpoint's tensors without reading their data, with read_state_dict's checks
-    (to check a model's layout before loading it)."""
+    (to check a model's layout before loading it). Only a legacy torch.save file (not a zip) is read whole."""
     return {name: tensor.shape for name, tensor in _read_checkpoint(Path(path), data=False).items()}
 
 
@@ -791,8 +791,10 @@ def _check_records(records, path):
 
 def _read_torchscript(archive, top, path, data):
     """{dotted name: tensor} of every tensor in the archive's module tree, rebuilt from its data/ records."""
-    byteorder = archive.NameToInfo.get(f"{top}/byteorder")  # absent in archives from before torch 1.10: little
-    order = _read_record(archive, byteorder, bytearray(min(byteorder.file_size, 16)), path) if byteorder else b"little"
+    byteorder = archive.NameToInfo.get(f"{top}/byteorder")  # older archives have none: they are little-endian
+    order = b"little"
+    if byteorder is not None:  # its first 16 bytes at most: 'little' or 'big'
+        order = _read_record(archive, byteorder, bytearray(min(byteorder.file_size, 16)), path)
     if order != sys.byteorder.encode():
         raise ValueError(f"{path}: archive byte order {bytes(order)!r} is not this machine's ({sys.byteorder})")
     try:
@@ -851,7 +853,7 @@ def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=No
     """What `torch._utils._rebuild_tensor_v2` means: a strided view of a flat storage, which must lie inside it
     (checked here: on the meta device torch doesn't)."""
     if not all(isinstance(n, int) and n >= 0 for n in (offset, *size, *stride)) or len(size) != len(stride):
-        raise ValueError(f"tensor with offset {offset!r:.40}, size {size!r:.80}, stride {stride!r:.80}")
+        raise ValueError("a tensor with a malformed offset, size or stride")
     end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if math.prod(size) else 0
     if end > storage.numel():
         raise ValueError(f"tensor of size {tuple(size)} at offset {offset} reaches past its storage of "

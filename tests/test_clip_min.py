@@ -184,9 +184,9 @@ DEEP_LIST = b"\x80\x02" + b"]" * 100_000 + b"a" * 99_999 + b"."  # a list in a l
 def patch_sizes(path, name, size):
     """Make the local and central zip headers of record `name` declare `size` bytes (both sizes: still stored)."""
     data = bytearray(path.read_bytes())
-    for signature, name_at, sizes_at in [(b"PK\x03\x04", 30, 18), (b"PK\x01\x02", 46, 20)]:
-        at = data.find(signature + b"")
-        while not data.startswith(name.encode(), at + name_at):
+    for signature, name_at, sizes_at in [(b"PK\x03\x04", 30, 18), (b"PK\x01\x02", 46, 20)]:  # local, central
+        at = data.find(signature)
+        while not data.startswith(name.encode(), at + name_at):  # the header of this record
             at = data.find(signature, at + 1)
         data[at + sizes_at:at + sizes_at + 8] = struct.pack("<II", size, size)
     path.write_bytes(bytes(data))
@@ -226,7 +226,8 @@ FAULTS = {
     "record past the end": (lambda p: patch_sizes(rewrite_zip(ARCHIVE, p), f"{TOP}/data/0", 1 << 31),
                             "declares 2147483648 bytes, past the end of the"),
     "record bigger than its storage": (lambda p: archive_with(p, **{"data/0": bytes(19712 + 64)}),
-                                       "record data/0 holds 19776 bytes, its storage of 4928 torch.float32 takes 19712"),
+                                       "record data/0 holds 19776 bytes, its storage of 4928 torch.float32 takes "
+                                       "19712"),
     "record smaller than its storage": (lambda p: archive_with(p, **{"data/0": bytes(100)}),
                                         "record data/0 holds 100 bytes"),
     "missing record": (lambda p: rewrite_zip(ARCHIVE, p, drop={f"{TOP}/data/3"}), "no record data/3"),
@@ -332,7 +333,8 @@ def test_read_shapes_reads_no_tensor_data(tmp_path, opened):
     with zipfile.ZipFile(ARCHIVE) as z:
         for info in z.infolist():
             if "/data/" in info.filename and info.file_size:
-                start = info.header_offset + 30 + len(info.filename) + struct.unpack_from("<H", data, info.header_offset + 28)[0]
+                extra = struct.unpack_from("<H", data, info.header_offset + 28)[0]  # the local header's
+                start = info.header_offset + 30 + len(info.filename) + extra
                 data[start:start + info.file_size] = bytes(b ^ 0xFF for b in data[start:start + info.file_size])
     path.write_bytes(bytes(data))
     with pytest.raises(ValueError, match="is corrupt.*Bad CRC-32"):
@@ -460,6 +462,8 @@ def test_load_by_name_end_to_end(server, tmp_path, monkeypatch, outputs):
 
 
 def test_model_table_sha256_is_the_path_component():
+    # load() verifies each download against this path component: a wrong one would refuse OpenAI's real file,
+    # so the ViT-B/16 entry is pinned to the SHA-256 OpenAI's own clip package checks
     assert set(clip_min.MODELS) == {"ViT-B/32", "ViT-B/16", "ViT-L/14", "ViT-L/14@336px"}
     url = clip_min.MODELS["ViT-B/16"]
     assert url.split("/")[-2] == "5806e77cd80f8b59890b7e101eabd078d9fb84e6937f9e85e4ecb61988df416f"
