@@ -10,11 +10,12 @@ TorchScript archive without executing anything from it; `tokenize(texts)` is the
 OpenAI's code.
 """
 
+import bisect
 import functools
 import gzip
 import hashlib
 import html
-import io
+import html.entities
 import math
 import os
 import pickle
@@ -337,70 +338,171 @@ def random_model(config="tiny", seed=0):
 
 # ----------------------------------------------------------------------------------------------------
 # Tokenizer: OpenAI's byte-level BPE, in pure Python (no ftfy, no regex module)
+#
+# OpenAI's SimpleTokenizer cleans a text (ftfy.fix_text, html.unescape twice, whitespace runs to one space,
+# lower case), splits it with a `regex` pattern, and BPE-merges the UTF-8 bytes of each piece. Here `clean` is
+# the cleaning (`_fix_text` is ftfy's part), `_pretokenize` the split, `_bpe` the merges.
 
 VOCAB_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
-N_MERGES = 49152 - 256 - 2  # 48,894: 2 x 256 byte symbols + merges + 2 special tokens = 49,408 ids
+_N_MERGES = 49152 - 256 - 2  # 48,894: 2 x 256 byte symbols + merges + 2 special tokens = 49,408 ids
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 SOT, EOT = 49406, 49407
-CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")  # after an apostrophe, in OpenAI's pattern's order
+
+# --- ftfy's fix_text, as OpenAI runs it (ftfy 6.3.1, default TextFixerConfig), without its mojibake repair.
+# The facts below (which characters each fix rewrites, the order of the fixes) are read from ftfy 6.3.1's
+# fixes.py, chardata.py and __init__.py; the tables are built here from unicodedata and Python's codecs.
+# In ftfy's order:
+
+# unescape_html: only references ending in ';' ("this&not that" stays)...
+_HTML_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
+# ...and the all-caps spelling of a lower-case HTML5 name where html.unescape reads none of it ('&EACUTE;' -> 'É';
+# not '&COPYSR;', which html.unescape reads as '©SR;')
+_CAPS_ENTITIES = {f"&{name.upper()}": char.upper() for name, char in html.entities.html5.items()
+                  if name.endswith(";") and name.islower() and html.unescape(f"&{name.upper()}") == f"&{name.upper()}"}
+# fix_c1_controls: U+0080-U+009F read as Windows-1252 bytes ('\x93' -> '“'); the five bytes Windows-1252 leaves
+# undefined (81 8D 8F 90 9D) stay, as in ftfy's "sloppy" codec
+_C1_CONTROLS = {b: bytes([b]).decode("cp1252", errors="ignore") or chr(b) for b in range(0x80, 0xA0)}
+# fix_latin_ligatures: these 22 Latin ligatures and digraphs become their letters (one level of their Unicode
+# compatibility decomposition: 'ﬅ' -> 'ſt', not NFKC's 'st'); 'æ', 'œ' and non-Latin ligatures stay
+_LIGATURES = str.maketrans({c: "".join(chr(int(h, 16)) for h in unicodedata.decomposition(c).split()[1:])
+                            for c in "ĲĳŉǄǅǆǇǈǉǊǋǌǱǲǳﬀﬁﬂﬃﬄﬅﬆ"})
+# fix_character_width: the full- and half-width forms block (U+FF01-U+FFEF) to its NFKC form, and the
+# ideographic space to a space
+_WIDTH = {0x3000: " "} | {c: unicodedata.normalize("NFKC", chr(c)) for c in range(0xFF01, 0xFFF0)
+                          if unicodedata.normalize("NFKC", chr(c)) != chr(c)}
+# uncurl_quotes
+_STRAIGHT_QUOTES = dict.fromkeys([0x02BC, *range(0x2018, 0x201C)], "'") | dict.fromkeys(range(0x201C, 0x2020), '"')
+# fix_line_breaks: CR LF (replaced first), CR, line and paragraph separators, NEL to LF
+_LINE_BREAKS = dict.fromkeys(map(ord, "\r\u2028\u2029\x85"), "\n")
+# fix_surrogates
+_SURROGATE_PAIR, _SURROGATE = re.compile("[\ud800-\udbff][\udc00-\udfff]"), re.compile("[\ud800-\udfff]")
+# remove_terminal_escapes: ANSI "ESC [ digits/semicolons letter" (\d: any Unicode digit, as in ftfy's `re`)
+_TERMINAL_ESCAPE = re.compile(r"\x1b\[[\d;]*[a-zA-Z]")
+# remove_control_chars: C0 controls but \t \n \f \r, DEL, deprecated Arabic format controls, BOM, interlinear
+# annotation marks, object replacement (not C1 controls, joiners, bidi marks, tags)
+_CONTROL_CHARS = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070),
+                                0xFEFF, *range(0xFFF9, 0xFFFD)])
+_FTFY_SEGMENT = 1_000_000  # ftfy fixes a text line by line, lines cut to segments of at most this many characters
+
+
+def _chained(*tables):
+    """One str.translate table that does `tables` one after another."""
+    table = {}
+    for c in set().union(*tables):
+        table[c] = chr(c)
+        for t in tables:
+            table[c] = table[c].translate(t)
+    return table
+
+
+_FIX_CHARACTERS = _chained(_C1_CONTROLS, _LIGATURES, _WIDTH, _STRAIGHT_QUOTES, _LINE_BREAKS)
+
+
+def _unescape_entity(match):
+    """An HTML reference ftfy decodes: one that html.unescape reads whole (';' included), or an all-caps name."""
+    entity = match.group()
+    decoded = html.unescape(entity)
+    return decoded if ";" not in decoded else _CAPS_ENTITIES.get(entity, entity)
+
+
+def _fix_surrogates(text):
+    """UTF-16 surrogate pairs to the character they encode, lone surrogates to U+FFFD (a str may hold them)."""
+    text = _SURROGATE_PAIR.sub(lambda m: m.group().encode("utf-16-le", "surrogatepass").decode("utf-16-le"), text)
+    return _SURROGATE.sub("\ufffd", text)
+
+
+def _fix_segment(text, unescape):
+    """ftfy's fixes on one segment, in its order, repeated until the text stops changing (as ftfy does)."""
+    while True:
+        before = text
+        if unescape:
+            text = _HTML_ENTITY.sub(_unescape_entity, text)
+        # CR LF first: no character fix makes or takes a CR or LF, so this is ftfy's order too
+        text = _fix_surrogates(text.replace("\r\n", "\n").translate(_FIX_CHARACTERS))
+        text = _TERMINAL_ESCAPE.sub("", text).translate(_CONTROL_CHARS)
+        text = unicodedata.normalize("NFC", text)
+        if text == before:
+            return text
+
+
+def _fix_text(text):
+    """ftfy.fix_text without mojibake repair: segment by segment (lines, cut every _FTFY_SEGMENT characters).
+    HTML references are decoded only before the first segment holding a '<' (ftfy takes that text for HTML)."""
+    unescape, fixed = True, []
+    for line in re.findall(r"[^\n]*\n|[^\n]+", text):
+        for start in range(0, len(line), _FTFY_SEGMENT):
+            segment = line[start:start + _FTFY_SEGMENT]
+            unescape = unescape and "<" not in segment
+            fixed.append(_fix_segment(segment, unescape))
+    return "".join(fixed)
+
+
+# --- OpenAI's pattern, by Unicode category: <|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|
+# [^\s\p{L}\p{N}]+, case-insensitive
+
+_CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")  # after an apostrophe, in OpenAI's pattern's order
 # Unicode's White_Space characters: what OpenAI's `\s` (regex module) matches and collapses
-WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
-             "\u2028\u2029\u202f\u205f\u3000"
-WHITESPACE_RUN = re.compile(f"[{WHITESPACE}]+")
-# ftfy (which OpenAI runs first) straightens curly quotes; this is the one ftfy repair that well-formed text meets
-STRAIGHT_QUOTES = str.maketrans({c: "'" for c in "\u02bc\u2018\u2019\u201a\u201b"}
-                                | {c: '"' for c in "\u201c\u201d\u201e\u201f"})
+_WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
+              "\u2028\u2029\u202f\u205f\u3000"
+_WHITESPACE_RUN = re.compile(f"[{_WHITESPACE}]+")
+# Letters (L) and numbers (N) in the regex module 2026.11.19's Unicode data that Python 3.11's unicodedata
+# (Unicode 14.0) doesn't know yet: (first, last, class), sorted; used only for characters unicodedata calls 'Cn'
+_NEWER_LETTERS_AND_NUMBERS = (
+    (0x558, 0x558, "L"), (0x58B, 0x58C, "L"), (0x88F, 0x88F, "L"), (0xC5C, 0xC5C, "L"), (0xCDC, 0xCDC, "L"),
+    (0x1C89, 0x1C8A, "L"), (0x208F, 0x208F, "L"), (0x209D, 0x209F, "L"), (0xA7CB, 0xA7CF, "L"), (0xA7D2, 0xA7D2, "L"),
+    (0xA7D4, 0xA7D4, "L"), (0xA7DA, 0xA7DD, "L"), (0xA7E2, 0xA7E2, "L"), (0xA7F1, 0xA7F1, "L"), (0xAB6C, 0xAB6D, "L"),
+    (0x105C0, 0x105F3, "L"), (0x107BB, 0x107BF, "L"), (0x10940, 0x10959, "L"), (0x10D40, 0x10D49, "N"),
+    (0x10D4A, 0x10D65, "L"), (0x10D6F, 0x10D85, "L"), (0x10EC2, 0x10EC7, "L"), (0x10ED9, 0x10EEE, "L"),
+    (0x1123F, 0x11240, "L"), (0x11380, 0x11389, "L"), (0x1138B, 0x1138B, "L"), (0x1138E, 0x1138E, "L"),
+    (0x11390, 0x113B5, "L"), (0x113B7, 0x113B7, "L"), (0x113D1, 0x113D1, "L"), (0x113D3, 0x113D3, "L"),
+    (0x116D0, 0x116E3, "N"), (0x11B0A, 0x11B0A, "L"), (0x11BC0, 0x11BE0, "L"), (0x11BF0, 0x11BF9, "N"),
+    (0x11DB0, 0x11DDB, "L"), (0x11DE0, 0x11DE9, "N"), (0x11DF1, 0x11DF1, "L"), (0x11F02, 0x11F02, "L"),
+    (0x11F04, 0x11F10, "L"), (0x11F12, 0x11F33, "L"), (0x11F50, 0x11F59, "N"), (0x1246F, 0x1246F, "N"),
+    (0x12475, 0x1247F, "N"), (0x12550, 0x12686, "N"), (0x1342F, 0x1342F, "L"), (0x13441, 0x13446, "L"),
+    (0x13460, 0x143FA, "L"), (0x16100, 0x1611D, "L"), (0x16130, 0x16139, "N"), (0x16D40, 0x16D6C, "L"),
+    (0x16D70, 0x16D79, "N"), (0x16EA0, 0x16EB8, "L"), (0x16EBB, 0x16ED3, "L"), (0x16FF2, 0x16FF3, "L"),
+    (0x16FF4, 0x16FF6, "N"), (0x187F8, 0x187FF, "L"), (0x18CD6, 0x18CDA, "L"), (0x18CFF, 0x18CFF, "L"),
+    (0x18D09, 0x18D20, "L"), (0x18D80, 0x18DF2, "L"), (0x18E00, 0x19191, "L"), (0x191A0, 0x191D2, "L"),
+    (0x1B123, 0x1B128, "L"), (0x1B132, 0x1B132, "L"), (0x1B155, 0x1B155, "L"), (0x1B168, 0x1B168, "L"),
+    (0x1CCF0, 0x1CCF9, "N"), (0x1D2C0, 0x1D2D3, "N"), (0x1D6A6, 0x1D6A6, "L"), (0x1DF1F, 0x1DF81, "L"),
+    (0x1DF90, 0x1DF96, "L"), (0x1DFCD, 0x1DFFF, "L"), (0x1E030, 0x1E06D, "L"), (0x1E4D0, 0x1E4EB, "L"),
+    (0x1E4F0, 0x1E4F9, "N"), (0x1E5D0, 0x1E5ED, "L"), (0x1E5F0, 0x1E5F0, "L"), (0x1E5F1, 0x1E5FA, "N"),
+    (0x1E6C0, 0x1E6DE, "L"), (0x1E6E0, 0x1E6E2, "L"), (0x1E6E4, 0x1E6E5, "L"), (0x1E6E7, 0x1E6ED, "L"),
+    (0x1E6F0, 0x1E6F4, "L"), (0x1E6FE, 0x1E6FF, "L"), (0x2B739, 0x2B73F, "L"), (0x2B81E, 0x2B81E, "L"),
+    (0x2CEA2, 0x2CEAD, "L"), (0x2EBF0, 0x2EE5D, "L"), (0x31350, 0x33479, "L"), (0x3D000, 0x3FC3F, "L"),
+)
 
 
-def byte_symbols():
-    """{byte: the character standing for it}: printable Latin-1 bytes stand for themselves, the other 68 for
-    chr(256 + n) in byte order, so that BPE works on strings without whitespace or control characters."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    others = [b for b in range(256) if b not in printable]
-    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+def _category(c):
+    """The major class of c's Unicode general category ('L', 'N', 'P', ...); for a character this Python's
+    unicodedata doesn't know ('Cn'), the class the newer table gives it."""
+    category = unicodedata.category(c)
+    if category == "Cn":
+        i = bisect.bisect_right(_NEWER_LETTERS_AND_NUMBERS, (ord(c), math.inf))  # the last range starting <= c
+        if i and ord(c) <= _NEWER_LETTERS_AND_NUMBERS[i - 1][1]:
+            return _NEWER_LETTERS_AND_NUMBERS[i - 1][2]
+    return category[0]
 
 
-BYTE_SYMBOLS = byte_symbols()
-
-
-@functools.lru_cache(maxsize=None)
-def vocabulary():
-    """(token -> id, merge pair -> rank), in OpenAI's order: bytes, word-final bytes, merges, special tokens."""
-    if not VOCAB_FILE.is_file():
-        raise FileNotFoundError(f"{VOCAB_FILE}: CLIP's BPE vocabulary file is missing (it ships beside clip_min.py)")
-    lines = gzip.decompress(VOCAB_FILE.read_bytes()).decode("utf-8").split("\n")
-    merges = [tuple(line.split()) for line in lines[1:1 + N_MERGES]]  # line 0 is a version header
-    symbols = list(BYTE_SYMBOLS.values())
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + list(SPECIAL_TOKENS)
-    return {t: i for i, t in enumerate(tokens)}, {m: r for r, m in enumerate(merges)}
-
-
-def clean(text):
-    """OpenAI's text cleaning: NFC + straight quotes (ftfy's part), html.unescape twice, whitespace, lowercase."""
-    text = unicodedata.normalize("NFC", text).translate(STRAIGHT_QUOTES)
-    text = html.unescape(html.unescape(text)).strip()
-    return WHITESPACE_RUN.sub(" ", text).strip().lower()
-
-
-def char_class(c):
+def _char_class(c):
     """'L' (letter), 'N' (number), ' ' (whitespace, skipped) or 'P' (anything else) by Unicode category."""
-    if c in WHITESPACE:
+    if c in _WHITESPACE:
         return " "
     if c == "\u0345":  # a combining mark that case-folds to a letter: OpenAI's case-insensitive classes skip it
         return " "
-    category = unicodedata.category(c)[0]
+    category = _category(c)
     return category if category in "LN" else "P"
 
 
-def pretokenize(text):
+def _pretokenize(text):
     """Split cleaned text as OpenAI's pattern does: special tokens, contractions, runs of letters, single
     number characters, runs of other non-space characters (whitespace separates and is dropped)."""
     i = 0
     while i < len(text):
         folded = text[i:i + 16].replace("ſ", "s")  # long s matches 's' in OpenAI's case-insensitive pattern
         special = next((t for t in SPECIAL_TOKENS if folded.startswith(t)), None)
-        contraction = next((c for c in CONTRACTIONS if folded.startswith("'" + c)), None) if text[i] == "'" else None
-        kind = char_class(text[i])
+        contraction = next((c for c in _CONTRACTIONS if folded.startswith("'" + c)), None) if text[i] == "'" else None
+        kind = _char_class(text[i])
         if special or contraction:
             j = i + len(special or "'" + contraction)
         elif kind == " ":
@@ -410,14 +512,39 @@ def pretokenize(text):
             j = i + 1
         else:
             j = i + 1
-            while j < len(text) and char_class(text[j]) == kind:
+            while j < len(text) and _char_class(text[j]) == kind:
                 j += 1
         yield text[i:j]
         i = j
 
 
+# --- byte-pair encoding
+
+def _byte_symbols():
+    """{byte: the character standing for it}: printable Latin-1 bytes stand for themselves, the other 68 for
+    chr(256 + n) in byte order, so that BPE works on strings without whitespace or control characters."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + n) for n, b in enumerate(others)}
+
+
+_BYTE_SYMBOLS = _byte_symbols()
+
+
+@functools.lru_cache(maxsize=None)
+def vocabulary():
+    """(token -> id, merge pair -> rank), in OpenAI's order: bytes, word-final bytes, merges, special tokens."""
+    if not VOCAB_FILE.is_file():
+        raise FileNotFoundError(f"{VOCAB_FILE}: CLIP's BPE vocabulary file is missing (it ships beside clip_min.py)")
+    lines = gzip.decompress(VOCAB_FILE.read_bytes()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1:1 + _N_MERGES]]  # line 0 is a version header
+    symbols = list(_BYTE_SYMBOLS.values())
+    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in merges] + list(SPECIAL_TOKENS)
+    return {t: i for i, t in enumerate(tokens)}, {m: r for r, m in enumerate(merges)}
+
+
 @functools.lru_cache(maxsize=1 << 16)
-def bpe(word):
+def _bpe(word):
     """Byte-pair merges of one pre-token (as byte symbols): merge the lowest-ranked adjacent pair everywhere,
     repeat until no adjacent pair is in the merge list. The last symbol is marked word-final with '</w>'."""
     if word in SPECIAL_TOKENS:
@@ -440,12 +567,21 @@ def bpe(word):
     return tuple(parts)
 
 
+# --- the API
+
+def clean(text):
+    """OpenAI's text cleaning: ftfy's fixes (`_fix_text`), html.unescape twice, strip, whitespace runs to one
+    space, lower case."""
+    text = html.unescape(html.unescape(_fix_text(text))).strip()
+    return _WHITESPACE_RUN.sub(" ", text).strip().lower()
+
+
 def encode(text):
     """BPE token ids of `text` (without start/end tokens)."""
     ids = vocabulary()[0]
     return [ids[part]
-            for word in pretokenize(clean(text))
-            for part in bpe("".join(BYTE_SYMBOLS[b] for b in word.encode("utf-8")))]
+            for word in _pretokenize(clean(text))
+            for part in _bpe("".join(_BYTE_SYMBOLS[b] for b in word.encode("utf-8")))]
 
 
 def tokenize(texts, context_length=77, truncate=False):
@@ -557,37 +693,97 @@ def load(name_or_path="ViT-B/16", device="cpu", download_root=None):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Reading OpenAI's TorchScript archive without executing it
+# Reading checkpoints (OpenAI's TorchScript archives, torch.save files) without executing them
+#
+# A checkpoint is untrusted input: nothing in it is executed, and it can't make the reader allocate more than
+# the file's own size. PyTorch stores the pickle and tensor records of its zip archives uncompressed (so that
+# they can be memory-mapped): such a record can't inflate, and each storage record must hold exactly numel x
+# itemsize bytes. (TorchScript's code/ records are compressed; they are never read.)
+
+# storage classes named in archives, and the dtype of their elements
+_STORAGE_DTYPES = {
+    "HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+_MAX_NESTING = 100  # modules within modules; CLIP's deepest tensor is 5 deep (visual.transformer.resblocks.0.attn)
+_CHUNK = 1 << 20  # bytes read at a time into a storage
 
 
 def read_state_dict(path):
     """The tensors of a checkpoint file: OpenAI's TorchScript archive, or a `torch.save`d state dict.
 
-    Nothing from the file is executed: archives go through a restricted unpickler (`ArchiveUnpickler`),
-    plain files through `torch.load(weights_only=True)`.
+    Nothing from the file is executed: archives go through a restricted unpickler (`_ArchiveUnpickler`),
+    plain files through `torch.load(weights_only=True)`. Records are size-checked before anything is allocated
+    and read once, into the tensors' own memory. A file that is not a sound checkpoint raises one ValueError
+    naming it (a missing one FileNotFoundError).
     """
-    path = Path(path)
+    return _read_checkpoint(Path(path), data=True)
+
+
+def read_shapes(path):
+    """{name: torch.Size} of a checkpoint's tensors without reading their data, with read_state_dict's checks
+    (to check a model's layout before loading it). Only a legacy torch.save file (not a zip) is read whole."""
+    return {name: tensor.shape for name, tensor in _read_checkpoint(Path(path), data=False).items()}
+
+
+def _read_checkpoint(path, data):
+    """{name: tensor} of a checkpoint; without `data`, tensors with the right shapes and dtypes whose bytes are
+    never read (meta tensors from archives, memory-mapped ones from torch.load)."""
+    if path.is_dir():
+        raise ValueError(f"{path}: a directory, not a checkpoint file")
     with open(path, "rb") as f:
-        is_zip = f.read(4) == b"PK\x03\x04"
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"{path}: empty file, not a checkpoint")
+    is_zip = head == b"PK\x03\x04"
     if is_zip:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                top = archive_top(archive, path)
-                if f"{top}/constants.pkl" in archive.namelist():  # only TorchScript archives carry code + constants
-                    return read_torchscript(archive, top, path)
-        except zipfile.BadZipFile as e:
-            raise ValueError(f"{path}: truncated or corrupt checkpoint archive ({e})") from None
+        with _open_archive(path) as archive:
+            top = _archive_top(archive, path)
+            if f"{top}/constants.pkl" in archive.NameToInfo:  # only TorchScript archives carry constants
+                _check_records([info for info in archive.infolist() if info.filename in (
+                    f"{top}/data.pkl", f"{top}/byteorder") or info.filename.startswith(f"{top}/data/")], path)
+                return _checked(_read_torchscript(archive, top, path, data), path)
+            _check_records(archive.infolist(), path)  # before torch.load reads any of them
     try:
-        state_dict = torch.load(path, map_location="cpu", weights_only=True)
+        # a zip (records checked above) can be memory-mapped: its tensors' bytes are then never read
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip and not data)
     except Exception as e:
         raise ValueError(f"{path}: not a CLIP checkpoint (neither a TorchScript archive nor a torch.save "
-                         f"state dict that loads with weights_only=True): {e}") from None
+                         f"state dict that loads with weights_only=True): {_reason(e)}") from None
+    return _checked(state_dict, path)
+
+
+def _reason(error):
+    """One line saying why `error` happened. (torch.load's weights-only message opens with advice to switch the
+    check off; its reason is the next line.)"""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Weights only load failed"):
+        lines = lines[1:]
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+
+
+def _checked(state_dict, path):
+    """The state dict as a plain dict, if it is a dict of tensors none of which overlaps itself (a view with
+    stride 0 would let a small file make a huge tensor)."""
     if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
         raise ValueError(f"{path}: expected a dict of tensors (a state dict), got {type(state_dict).__name__}")
+    for name, tensor in state_dict.items():
+        if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+            raise ValueError(f"{path}: tensor {name} of shape {tuple(tensor.shape)} overlaps itself: more "
+                             f"elements than its storage holds")
     return dict(state_dict)
 
 
-def archive_top(archive, path):
+def _open_archive(path):
+    """The zip archive at `path`, its directory read."""
+    try:
+        return zipfile.ZipFile(path)
+    except Exception as e:  # BadZipFile, NotImplementedError, UnicodeDecodeError...: zipfile's ways to fail
+        raise ValueError(f"{path}: truncated or corrupt checkpoint archive ({_reason(e)})") from None
+
+
+def _archive_top(archive, path):
     """The archive's top-level folder (named after the saved file, so never assumed), the one holding data.pkl."""
     tops = [name[:-len("/data.pkl")] for name in archive.namelist()
             if name.endswith("/data.pkl") and name.count("/") == 1]
@@ -596,21 +792,60 @@ def archive_top(archive, path):
     return tops[0]
 
 
-def read_torchscript(archive, top, path):
+def _check_records(records, path):
+    """Each record stored uncompressed and inside the file, and all together no bigger than the file (zip
+    entries may point at the same bytes): then reading them takes at most the file's size."""
+    size, total = path.stat().st_size, 0
+    for info in records:
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            raise ValueError(f"{path}: record {info.filename!r} is compressed ({info.compress_size} bytes declared "
+                             f"to inflate to {info.file_size}); PyTorch stores tensor records uncompressed")
+        if info.header_offset + info.file_size > size:
+            raise ValueError(f"{path}: record {info.filename!r} declares {info.file_size} bytes, past the end of "
+                             f"the {size}-byte file")
+        total += info.file_size
+    if total > size:
+        raise ValueError(f"{path}: the records declare {total} bytes in all, more than the file's {size}")
+
+
+def _read_torchscript(archive, top, path, data):
     """{dotted name: tensor} of every tensor in the archive's module tree, rebuilt from its data/ records."""
-    byteorder = f"{top}/byteorder"
-    if byteorder in archive.namelist() and archive.read(byteorder).decode() != sys.byteorder:
-        raise ValueError(f"{path}: archive byte order {archive.read(byteorder).decode()} is not this machine's")
+    byteorder = archive.NameToInfo.get(f"{top}/byteorder")  # older archives have none: they are little-endian
+    order = b"little"
+    if byteorder is not None:  # its first 16 bytes at most: 'little' or 'big'
+        order = _read_record(archive, byteorder, bytearray(min(byteorder.file_size, 16)), path)
+    if order != sys.byteorder.encode():
+        raise ValueError(f"{path}: archive byte order {bytes(order)!r} is not this machine's ({sys.byteorder})")
     try:
-        root = ArchiveUnpickler(archive, top, path).load()
-    except (pickle.UnpicklingError, ValueError, KeyError, EOFError, RuntimeError, TypeError) as e:
-        raise ValueError(f"{path}: cannot read the TorchScript archive's data.pkl: {e}") from None
-    if not isinstance(root, ScriptObject):
-        raise ValueError(f"{path}: data.pkl holds a {type(root).__name__}, not a TorchScript module")
-    return dict(module_tensors(root))
+        with archive.open(f"{top}/data.pkl") as pickled:  # unpickled as it is read
+            unpickler = _ArchiveUnpickler(pickled, archive, top, data)
+            root = unpickler.load()
+        if not isinstance(root, _ScriptObject):
+            raise ValueError(f"data.pkl holds a {type(root).__name__}, not a TorchScript module")
+        tensors = dict(_module_tensors(root))
+    except Exception as e:  # whatever the pickle makes the unpickler raise
+        raise ValueError(f"{path}: cannot read the TorchScript archive's data.pkl: {_reason(e)}") from None
+    for info, storage in unpickler.unread:
+        _read_record(archive, info, memoryview(storage.view(torch.uint8).numpy()), path)
+    return tensors
 
 
-class ScriptObject:
+def _read_record(archive, info, buffer, path):
+    """`buffer` filled with the first len(buffer) bytes of record `info`, read a chunk at a time: no second
+    copy of the record."""
+    view = memoryview(buffer)
+    try:
+        with archive.open(info) as record:
+            for start in range(0, len(view), _CHUNK):
+                end = min(start + _CHUNK, len(view))
+                if record.readinto(view[start:end]) != end - start:
+                    raise EOFError(f"{info.file_size}-byte record ends early")
+    except Exception as e:  # a damaged local header, a CRC mismatch, a short file...
+        raise ValueError(f"{path}: record {info.filename!r} is corrupt ({_reason(e)})") from None
+    return buffer
+
+
+class _ScriptObject:
     """Stands for any `__torch__.*` class of an archive (OpenAI-internal module classes): just its attributes."""
 
     def __setstate__(self, state):
@@ -619,59 +854,72 @@ class ScriptObject:
         self.__dict__.update(state)
 
 
-def module_tensors(obj, prefix=""):
-    """(dotted name, tensor) for every tensor attribute in the tree, as a state dict names them."""
+def _module_tensors(obj, prefix="", ancestors=()):
+    """(dotted name, tensor) for every tensor attribute in the tree, as a state dict names them; a module that
+    holds itself, or nesting deeper than _MAX_NESTING, is an error (not a RecursionError)."""
+    if len(ancestors) == _MAX_NESTING:
+        raise ValueError(f"modules nested deeper than {_MAX_NESTING} (at {prefix[:80]}...)")
     for name, value in vars(obj).items():
         if isinstance(value, torch.Tensor):
-            yield prefix + name, value
-        elif isinstance(value, ScriptObject):
-            yield from module_tensors(value, prefix + name + ".")
+            yield prefix + str(name), value
+        elif isinstance(value, _ScriptObject):
+            if value is obj or any(value is a for a in ancestors):
+                raise ValueError(f"module {(prefix + str(name))[:80]!r} contains itself")
+            yield from _module_tensors(value, f"{prefix}{name}.", ancestors + (obj,))
 
 
-# storage classes named in archives, and the dtype of their elements
-STORAGE_DTYPES = {
-    "HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
-    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
-    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
-}
-
-
-def rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
-    """What `torch._utils._rebuild_tensor_v2` means: a strided view of a flat storage."""
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    """What `torch._utils._rebuild_tensor_v2` means: a strided view of a flat storage, which must lie inside it
+    (checked here: on the meta device torch doesn't)."""
+    if not all(isinstance(n, int) and n >= 0 for n in (offset, *size, *stride)) or len(size) != len(stride):
+        raise ValueError("a tensor with a malformed offset, size or stride")
+    end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if math.prod(size) else 0
+    if end > storage.numel():
+        raise ValueError(f"tensor of size {tuple(size)} at offset {offset} reaches past its storage of "
+                         f"{storage.numel()} elements")
     return torch.as_strided(storage, size, stride, offset)
 
 
-class ArchiveUnpickler(pickle.Unpickler):
+class _ArchiveUnpickler(pickle.Unpickler):
     """Unpickles an archive's data.pkl allowing only tensors, storages, OrderedDicts and TorchScript objects.
 
-    Any other global (os.system, builtins.eval, ...) is refused before it can be called.
+    Any other global (os.system, builtins.eval, ...) is refused before it can be called. Each storage is
+    allocated once its record is found to hold exactly numel x itemsize bytes, and left empty: `unread` lists
+    (record, storage) pairs to fill (with data=False storages are meta tensors and nothing is to be read).
     """
 
-    def __init__(self, archive, top, path):
-        super().__init__(io.BytesIO(archive.read(f"{top}/data.pkl")))
-        self.archive, self.top, self.path, self.storages = archive, top, path, {}
+    def __init__(self, pickled, archive, top, data):
+        super().__init__(pickled)
+        self.archive, self.top, self.data = archive, top, data
+        self.storages, self.unread = {}, []
 
     def find_class(self, module, name):
         if module == "__torch__" or module.startswith("__torch__."):
-            return ScriptObject
+            return _ScriptObject
         if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
-            return rebuild_tensor
-        if module == "torch" and name in STORAGE_DTYPES:
-            return STORAGE_DTYPES[name]
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
         if (module, name) == ("collections", "OrderedDict"):
             return dict  # only used for the (empty) backward-hook dicts; order is irrelevant here
         raise pickle.UnpicklingError(f"refusing global '{module}.{name}' (a checkpoint holds only tensors)")
 
     def persistent_load(self, pid):
         # pid = ('storage', dtype, key, location, numel): the storage lives in the record <top>/data/<key>
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)):
-            raise pickle.UnpicklingError(f"unexpected persistent id {pid!r}")
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
+                and isinstance(pid[2], str) and pid[2].isalnum() and isinstance(pid[4], int) and pid[4] >= 0):
+            raise pickle.UnpicklingError(f"unexpected persistent id (a {type(pid).__name__})")
         _, dtype, key, _, numel = pid
         if key not in self.storages:
-            data = bytearray(self.archive.read(f"{self.top}/data/{key}"))
-            if len(data) < numel * dtype.itemsize:
-                raise ValueError(f"record data/{key} holds {len(data)} bytes, expected {numel * dtype.itemsize}")
-            self.storages[key] = torch.frombuffer(data, dtype=dtype, count=numel) if numel else torch.empty(0, dtype=dtype)
+            info = self.archive.NameToInfo.get(f"{self.top}/data/{key}")
+            if info is None:
+                raise ValueError(f"no record data/{key}")
+            if info.file_size != numel * dtype.itemsize:  # before allocating or reading anything
+                raise ValueError(f"record data/{key} holds {info.file_size} bytes, its storage of {numel} {dtype} "
+                                 f"takes {numel * dtype.itemsize}")
+            self.storages[key] = torch.empty(numel, dtype=dtype, device="cpu" if self.data else "meta")
+            if self.data:
+                self.unread.append((info, self.storages[key]))
         return self.storages[key]
 
 

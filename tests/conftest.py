@@ -1,8 +1,11 @@
-"""Shared test helpers: devices, the tiny random CLIP, OpenAI's reference code, ../shared."""
+"""Shared test helpers: devices, the tiny random CLIP, OpenAI's reference code, ../shared, a local HTTP server."""
 
+import hashlib
+import http.server
 import importlib.util
 import os
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -56,3 +59,44 @@ def shared():
     if not SHARED.is_dir():
         pytest.skip("../shared is not present")
     return SHARED
+
+
+@pytest.fixture
+def server():
+    """A local HTTP server: `files` maps a path to bytes; /404, /500 fail; /drop/<n> promises 2n bytes, sends n."""
+    state = dict(files={}, requests=[])
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            state["requests"].append(self.path)
+            if self.path in state["files"]:
+                body = state["files"][self.path]
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+            elif self.path.startswith("/drop/"):
+                n = int(self.path.split("/")[2])
+                self.send_response(200)
+                self.send_header("Content-Length", str(2 * n))
+                self.end_headers()
+                self.wfile.write(b"x" * n)
+                self.wfile.flush()
+                self.close_connection = True
+            else:
+                self.send_error(500 if self.path == "/500" else 404)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=httpd.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
+    thread.start()
+    state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}"
+    yield state
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def sha256(data):
+    return hashlib.sha256(data).hexdigest()

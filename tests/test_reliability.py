@@ -22,7 +22,7 @@ import clip_min
 import orthcr
 import train
 from conftest import ROOT
-from test_clip_min import server, sha256  # noqa: F401 (a fixture: the local HTTP server)
+from conftest import sha256
 from test_train import weights  # noqa: F401 (a fixture: the tiny random CLIP saved as a state dict)
 from test_train import base_args, make_eurosat_like, make_imagenet_like, read_log, run_main, saved_adapters
 
