@@ -1097,18 +1097,11 @@ def check_root(cfg):
 def check_layout(cfg, path):
     """--targets/--blocks/--towers against the checkpoint's shapes, read without building the model (its
     tensors as meta tensors: shapes, no data). Returns the trainables this run will have, on the meta device."""
-    shapes = {k: torch.empty(s, device="meta") for k, s in read_shapes(path).items()}
+    shapes = {k: torch.empty(s, device="meta") for k, s in clip_min.read_shapes(path).items()}
     try:
         return init_trainables(shapes, cfg, seed=0)
     except ValueError as e:
         fail(f"{'--blocks' if 'divisible' in str(e) else '--targets/--towers'} do not fit {path}: {e}")
-
-
-def read_shapes(path):
-    reader = getattr(clip_min, "read_shapes", None)
-    if reader is not None:
-        return reader(path)
-    return {k: v.shape for k, v in clip_min.read_state_dict(path).items()}
 
 
 def main(argv=None):
