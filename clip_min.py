@@ -691,10 +691,10 @@ def download(url, path, sha256=None, md5=None, what=None, size=None, retries=3, 
                 resumable |= _transfer(url, part, what or path.name, size, chunk, path)
                 break
             except (OSError, http.client.HTTPException) as e:
-                if isinstance(e, (_WriteFailed, urllib.error.HTTPError)) or attempt == retries:
-                    raise  # the disk or the server said no: retrying cannot help
-                done = part.stat().st_size if part.exists() else 0
                 resumable |= getattr(e, "resumable", False)
+                if isinstance(e, (_WriteFailed, urllib.error.HTTPError)) or attempt == retries:
+                    raise  # the disk or the server said no (retrying cannot help), or the retries are spent
+                done = part.stat().st_size if part.exists() else 0
                 print(f"\n{what or path.name}: interrupted at {done / 2**20:.1f} MiB ({e}); "
                       f"{'resuming' if resumable else 'restarting'}", file=sys.stderr)
         if not checksum_ok(part, sha256, md5):

@@ -1132,7 +1132,7 @@ def _extract_tar(path, dest):
                     reason = "a link" if member.issym() or member.islnk() else "a device or special file"
                 if reason:
                     raise DataError(f"{path}: refusing unsafe member {member.name!r} ({reason})")
-                tar.extract(member, dest, **safe)
+                tar.extract(member, dest, set_attrs=False, **safe)  # modes from the umask, as zip gets them
     except (tarfile.TarError, EOFError, zlib.error) as e:
         raise DataError(f"{path} is not a readable tar archive ({e}); delete it and retry") from None
 
@@ -1145,7 +1145,7 @@ def _extract_zip(path, dest):
                 reason = _unsafe_name(info.filename)
                 if not reason and stat.S_ISLNK(mode):
                     reason = "a link"
-                elif not reason and mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                elif not reason and stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
                     reason = "a device or special file"
                 if reason:
                     raise DataError(f"{path}: refusing unsafe member {info.filename!r} ({reason})")
@@ -1192,7 +1192,12 @@ def main(argv=None):
     action.add_argument("--download", metavar="NAME|all", help="fetch the public datasets now (manual ones: what to do)")
     p.add_argument("--root", default=None, help="data root (default: $ORTHCR_DATA, else ~/data)")
     args = p.parse_args(argv)
-    warnings.showwarning = _warning_line
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_line  # the library warns; the command line says "warning: ..." once
+        return _run(args)
+
+
+def _run(args):
     target = args.check or args.download
     names = list(DATASETS) if target == "all" else [target]
     try:
