@@ -726,6 +726,10 @@ def test_train_batches_cover_every_step_once_deterministically(small_items):
         order = data.epoch_order(10, 4, epoch)[:9]  # the epoch's permutation, first 3 full batches
         assert labels == [small_items[i].label for i in order]
     assert not torch.equal(run[0][1], run[3][1])  # epochs differ
+    # position 4 of epoch 0 (step 1, row 1) is augmented with the generator of (seed, epoch, position)
+    item = small_items[data.epoch_order(10, 4, 0)[4]]
+    g = torch.Generator().manual_seed(data.derive_seed(4, 0, 4))
+    assert torch.equal(run[1][1][1], data.train_transform(data.load_image(item.impath), g, 16))
     assert same(run, list(data.train_batches(small_items, 3, seed=4, epochs=3, n_px=16)))
     other_seed = list(data.train_batches(small_items, 3, seed=5, epochs=3, n_px=16))
     assert not all(torch.equal(a[1], b[1]) for a, b in zip(run, other_seed))
