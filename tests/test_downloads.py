@@ -570,3 +570,23 @@ def test_a_full_disk_while_copying_the_split_is_a_data_error(tmp_path, monkeypat
 def test_shipped_classnames_file_is_what_splits_holds():
     file, digest = data.SHIPPED["classnames.txt"]
     assert sha256((ROOT / "splits" / file).read_bytes()) == digest
+
+
+def test_a_full_disk_while_unpacking_keeps_the_verified_archive_for_the_rerun(www, monkeypatch, tmp_path):
+    serve(www, monkeypatch, tmp_path, "dtd")
+    real_extract = data._extract
+
+    def no_room(path, dest):
+        real_extract(path, dest)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(data, "_extract", no_room)
+    root = tmp_path / "data"
+    with pytest.raises(data.DataError, match=r"could not unpack .*dtd-r1\.0\.1\.tar\.gz into .*No space left on "
+                                             r"device; the verified archive is kept for a rerun") as e:
+        data.build_dataset("dtd", root)
+    one_line(e)
+    assert sorted(p.name for p in (root / "dtd").iterdir()) == ["dtd-r1.0.1.tar.gz"]  # no half-unpacked images/
+    monkeypatch.setattr(data, "_extract", real_extract)
+    assert len(data.build_dataset("dtd", root, shots=1).test) == 2
+    assert len(www["requests"]) == 1  # the archive was verified again, not fetched again
