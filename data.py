@@ -1,11 +1,31 @@
 """CoOp's few-shot benchmarks, read in CoOp's folder layout, without torchvision or Dassl.
 
-The benchmarks (`DATASETS`): 11 classification datasets for few-shot and base-to-new training (ImageNet, Caltech101,
-OxfordPets, StanfordCars, Flowers102, Food101, FGVCAircraft, SUN397, DTD, EuroSAT, UCF101) and 4 ImageNet variants
-for domain generalisation (ImageNet-V2, -Sketch, -A, -R), each in its own folder under one data root, exactly as
-CoOp's DATASETS.md lays them out. Every split-file dataset comes with CoOp's `split_zhou_*.json`: a fixed list of
-(image path, label, class name) for train, val and test. Seven of those files ship in `splits/`; the public
-datasets download themselves on first use (`prepare`); the rest name the exact folder, files and source.
+The benchmarks (`DATASETS`): 11 classification datasets for few-shot and base-to-new training and 4 ImageNet
+variants for domain generalisation, each in its own folder under one data root, exactly as CoOp's DATASETS.md lays
+them out. A split file `split_zhou_*.json` is CoOp's fixed list of (image path, label, class name) for train, val
+and test; seven of them ship in `splits/`, two are generated as CoOp generated them.
+
+    --data           images, under the data root                          labels and class names               obtained
+    eurosat          eurosat/2750/<Class>/                                split_zhou_EuroSAT.json              download
+    caltech101       caltech-101/101_ObjectCategories/<class>/            split_zhou_Caltech101.json           download
+    oxford_pets      oxford_pets/images/                                  split_zhou_OxfordPets.json           download
+    oxford_flowers   oxford_flowers/jpg/                                  split_zhou_OxfordFlowers.json        download
+    dtd              dtd/images/<class>/                                  split_zhou_DescribableTextures.json  download
+    food101          food-101/images/<class>/                             split_zhou_Food101.json *            download
+    sun397           sun397/SUN397/<letter>/<class>/                      split_zhou_SUN397.json *             download
+    fgvc_aircraft    fgvc_aircraft/images/                                variants.txt, images_variant_*.txt   download
+    stanford_cars    stanford_cars/cars_train/, cars_test/                split_zhou_StanfordCars.json         by hand
+    ucf101           ucf101/UCF-101-midframes/<Action>/                   split_zhou_UCF101.json               by hand
+    imagenet         imagenet/images/{train,val}/<wnid>/                  sorted folders, classnames.txt       by hand
+    imagenet_v2      imagenetv2/imagenetv2-matched-frequency-format-val/  folders 0..999, classnames.txt       download
+    imagenet_sketch  imagenet-sketch/images/<wnid>/                       sorted folders, classnames.txt       by hand
+    imagenet_a       imagenet-adversarial/imagenet-a/<wnid>/              sorted folders (200)                 download
+    imagenet_r       imagenet-rendition/imagenet-r/<wnid>/                sorted folders (200)                 download
+
+* generated as CoOp generates it (CoOp's own file, on Google Drive, is not shipped); the other split files and
+ImageNet's classnames.txt (CLIP's class names) ship in splits/. "download" datasets are fetched, checksum-verified and
+laid out on first use (`prepare`); the others raise a DataError naming the exact folder, files and source, and
+`python data.py --check all` reports what is where.
 
 The protocol, as CoOp runs it (`build_dataset(name, root, shots, seed, subsample)`):
 - **Few-shot sampling** is Dassl's `generate_fewshot_dataset`: Python's `random` seeded with the run's seed, the
@@ -94,7 +114,8 @@ PHOTO = "a photo of a {}."
 DATASETS = {
     "eurosat": Spec(
         "eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}.", "split",
-        "EuroSAT RGB (Helber et al.), public", (Archive(EUROSAT_URL, "md5:" + EUROSAT_MD5, 94_280_567, (("2750", "2750"),)),)),
+        "EuroSAT RGB (Helber et al.), public",
+        (Archive(EUROSAT_URL, "md5:" + EUROSAT_MD5, 94_280_567, (("2750", "2750"),)),)),
     "imagenet": Spec(
         "imagenet", "images", "", PHOTO, "imagenet",
         "ILSVRC2012 from https://image-net.org (registration needed): its train/ and val/ folders, val sorted into "
@@ -1193,7 +1214,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Check or fetch CoOp's benchmarks in CoOp's layout.")
     action = p.add_mutually_exclusive_group(required=True)
     action.add_argument("--check", metavar="NAME|all", help="report what is present and missing, and how to get it")
-    action.add_argument("--download", metavar="NAME|all", help="fetch the public datasets now (manual ones: what to do)")
+    action.add_argument("--download", metavar="NAME|all",
+                        help="fetch the public datasets now (for the others: what to do)")
     p.add_argument("--root", default=None, help="data root (default: $ORTHCR_DATA, else ~/data)")
     args = p.parse_args(argv)
     with warnings.catch_warnings():
