@@ -717,7 +717,9 @@ class _WriteFailed(OSError):
 
 
 def _transfer(url, part, what, size, chunk, path):
-    """One HTTP request appending to `part` from its current size; True when the server honoured a Range request.
+    """One HTTP request appending to `part` from its current size (a Range request); returns whether the server
+    takes Range requests, i.e. whether a broken transfer can resume. A server that answers 200 to a Range request
+    sends the whole file, which then overwrites `part` from 0.
 
     Raises OSError (with `.resumable`) when the connection breaks, _WriteFailed when the disk does.
     """
