@@ -1,20 +1,67 @@
 """CoOp's few-shot benchmarks, read in CoOp's folder layout, without torchvision or Dassl.
 
-`build_dataset(name, root, shots, seed)` reads `<root>/<dataset folder>` exactly as CoOp does, picks the same
-few-shot images CoOp picks for the same seed (Dassl's `generate_fewshot_dataset`), caches them as JSON in
-`split_fewshot/`, optionally keeps only the base or new half of the classes, and checks every image it will
-train on before returning. `batches(...)` turns a list of items into deterministic tensor batches.
+The benchmarks (`DATASETS`): 11 classification datasets for few-shot and base-to-new training and 4 ImageNet
+variants for domain generalisation, each in its own folder under one data root, exactly as CoOp's DATASETS.md lays
+them out. A split file `split_zhou_*.json` is CoOp's fixed list of (image path, label, class name) for train, val
+and test; seven of them ship in `splits/`, two are generated as CoOp generated them.
+
+    --data           images, under the data root                          labels and class names               obtained
+    eurosat          eurosat/2750/<Class>/                                split_zhou_EuroSAT.json              download
+    caltech101       caltech-101/101_ObjectCategories/<class>/            split_zhou_Caltech101.json           download
+    oxford_pets      oxford_pets/images/                                  split_zhou_OxfordPets.json           download
+    oxford_flowers   oxford_flowers/jpg/                                  split_zhou_OxfordFlowers.json        download
+    dtd              dtd/images/<class>/                                  split_zhou_DescribableTextures.json  download
+    food101          food-101/images/<class>/                             split_zhou_Food101.json *            download
+    sun397           sun397/SUN397/<letter>/<class>/                      split_zhou_SUN397.json *             download
+    fgvc_aircraft    fgvc_aircraft/images/                                variants.txt, images_variant_*.txt   download
+    stanford_cars    stanford_cars/cars_train/, cars_test/                split_zhou_StanfordCars.json         by hand
+    ucf101           ucf101/UCF-101-midframes/<Action>/                   split_zhou_UCF101.json               by hand
+    imagenet         imagenet/images/{train,val}/<wnid>/                  sorted folders, classnames.txt       by hand
+    imagenet_v2      imagenetv2/imagenetv2-matched-frequency-format-val/  folders 0..999, classnames.txt       download
+    imagenet_sketch  imagenet-sketch/images/<wnid>/                       sorted folders, classnames.txt       by hand
+    imagenet_a       imagenet-adversarial/imagenet-a/<wnid>/              sorted folders (200)                 download
+    imagenet_r       imagenet-rendition/imagenet-r/<wnid>/                sorted folders (200)                 download
+
+* generated as CoOp generates it (CoOp's own file, on Google Drive, is not shipped); the other split files and
+ImageNet's classnames.txt (CLIP's class names) ship in splits/. "download" datasets are fetched, checksum-verified and
+laid out on first use (`prepare`); the others raise a DataError naming the exact folder, files and source, and
+`python data.py --check all` reports what is where.
+
+The protocol, as CoOp runs it (`build_dataset(name, root, shots, seed, subsample)`):
+- **Few-shot sampling** is Dassl's `generate_fewshot_dataset`: Python's `random` seeded with the run's seed, the
+  items grouped by label in order of first appearance, `random.sample(group, K)` per label (all of them if fewer),
+  train with K shots then val with min(K, 4); ImageNet samples train only. The subset is cached as JSON in
+  `split_fewshot/shot_{K}-seed_{S}.json` beside the data, so every later run of that seed trains on the same images.
+- **Base-to-new**: the sorted labels of the train set; the first ceil(n/2) are the base classes (trained on), the
+  rest the new classes (only evaluated); each half is relabeled from 0.
+- **Checked before the model loads**: the split, the labels, the cache and every image that will be read; a fault
+  is one `DataError` line naming the file and what was expected.
+
+`train_batches` and `eval_batches` then turn item lists into tensor batches through one DataLoader each, with every
+image's augmentation seeded from (seed, epoch, position): a resumed run, or any number of workers, sees the same
+batches. The end of the file is plumbing: image files, shipped files, downloads, archives and the command line
+(`python data.py --check all`, `python data.py --download dtd`).
 """
 
+import argparse
+import gzip
 import hashlib
 import json
 import math
 import os
 import random
+import re
 import shutil
+import stat
+import sys
+import tarfile
 import tempfile
+import time
+import urllib.parse
 import warnings
 import zipfile
+import zlib
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -26,28 +73,22 @@ from PIL import Image
 import clip_min
 
 COOP_GUIDE = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
-SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # CoOp's split files shipped with this repo
-
-# EuroSAT RGB (Helber et al.): the only benchmark that can be fetched without registration
-EUROSAT_URL = ("https://huggingface.co/datasets/torchgeo/eurosat/resolve/"
-               "c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip")
-EUROSAT_MD5 = "c8fa014336c82ac7804f0398fcb19387"
-EUROSAT_SPLIT_SHA256 = "541503a77d0b26b735d85ec7a3e672804fe0aa466c2e5f07da772cc6c0af8ad2"
-
-# CoOp's class names where they differ from the folder names (used when a split is generated from folders)
-EUROSAT_CNAMES = {
-    "AnnualCrop": "Annual Crop Land", "Forest": "Forest", "HerbaceousVegetation": "Herbaceous Vegetation Land",
-    "Highway": "Highway or Road", "Industrial": "Industrial Buildings", "Pasture": "Pasture Land",
-    "PermanentCrop": "Permanent Crop Land", "Residential": "Residential Buildings", "River": "River",
-    "SeaLake": "Sea or Lake",
-}
-CALTECH_CNAMES = {"airplanes": "airplane", "Faces": "face", "Leopards": "leopard", "Motorbikes": "motorbike"}
-
-SPLIT_SEED = 1  # seed of a generated split: fixed, so every run seed sees the same split
+SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # CoOp's files shipped with this repository
+SPLIT_SEED = 1  # seed of a generated split: fixed, so that every run seed sees the same split
 
 
 class DataError(RuntimeError):
-    """Bad or missing data on disk; the message names the path and what was expected."""
+    """Bad or missing data on disk; the message (one line) names the path and what was expected."""
+
+
+class Archive(NamedTuple):
+    """A public archive that builds (part of) a dataset folder in CoOp's layout."""
+    url: str
+    checksum: str  # "sha256:<hex>" or "md5:<hex>", verified before anything is unpacked
+    size: int  # bytes, for the message before the download starts and the free-space check
+    moves: tuple  # (path in the archive, path in the dataset folder); "dir/*" moves every entry of dir
+    nested: str = ""  # an archive inside this one that is unpacked before the moves (Caltech101's zip)
+    needed: str = "images"  # "images": fetched when the images are missing; "split": only to generate a split
 
 
 class Spec(NamedTuple):
@@ -56,62 +97,135 @@ class Spec(NamedTuple):
     split_file: str  # CoOp's split_zhou_*.json under `folder`, "" for datasets read from their own files
     template: str  # CoOp's prompt template
     kind: str  # reader: "split", "aircraft", "imagenet", "imagenet_v2", "imagenet_folders"
-    source: str  # where the files come from, in one line
-    generate: bool = False  # a missing split file can be generated from one folder per class, as CoOp does
-    cnames: tuple = ()  # (folder, class name) renames applied when generating
-    ignored: tuple = ()  # folders that are not classes
+    source: str  # where the images come from, in one line (for a manual dataset: what to do)
+    archives: tuple = ()  # public archives that build the folder automatically; () = manual
+    generate: str = ""  # without a split file nor a shipped one: "folders" (50/20/30 per class) or "sun397"
+    parts: tuple = ()  # for messages: the folders the split's paths start with, when image_dir is the folder
 
 
+# Sources. sha256 and sizes from TensorFlow Datasets' url_checksums (tensorflow/datasets), md5s from torchvision's
+# dataset classes (pytorch/vision torchvision/datasets/*.py); where both exist they describe the same file.
+EUROSAT_URL = ("https://huggingface.co/datasets/torchgeo/eurosat/resolve/"
+               "c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip")  # torchvision's EuroSAT URL
+EUROSAT_MD5 = "c8fa014336c82ac7804f0398fcb19387"  # torchvision eurosat.py; 94,280,567 bytes (TFDS, madm.dfki.de copy)
+ROBOTS = "https://www.robots.ox.ac.uk/~vgg/data"
 PHOTO = "a photo of a {}."
+
 DATASETS = {
-    "eurosat": Spec("eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}.", "split",
-                    "downloaded automatically (EuroSAT RGB zip, extracts to 2750/); split file shipped in splits/",
-                    True, tuple(EUROSAT_CNAMES.items())),
-    "imagenet": Spec("imagenet", "images", "", PHOTO, "imagenet",
-                     "ILSVRC2012 train/ and val/ (val in class folders) from image-net.org into imagenet/images/, "
-                     "classnames.txt from CoOp's DATASETS.md into imagenet/"),
-    "caltech101": Spec("caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", PHOTO, "split",
-                       "101_ObjectCategories.tar.gz from vision.caltech.edu extracted into caltech-101/, "
-                       "split_zhou_Caltech101.json from CoOp's DATASETS.md",
-                       True, tuple(CALTECH_CNAMES.items()), ("BACKGROUND_Google", "Faces_easy")),
-    "oxford_pets": Spec("oxford_pets", "images", "split_zhou_OxfordPets.json", "a photo of a {}, a type of pet.",
-                        "split", "images.tar.gz and annotations.tar.gz from robots.ox.ac.uk/~vgg/data/pets into "
-                        "oxford_pets/, split_zhou_OxfordPets.json from CoOp's DATASETS.md"),
-    "stanford_cars": Spec("stanford_cars", "", "split_zhou_StanfordCars.json", PHOTO, "split",
-                          "cars_train/, cars_test/ (ai.stanford.edu/~jkrause/cars) in stanford_cars/, "
-                          "split_zhou_StanfordCars.json from CoOp's DATASETS.md"),
-    "oxford_flowers": Spec("oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json",
-                           "a photo of a {}, a type of flower.", "split",
-                           "102flowers.tgz from robots.ox.ac.uk/~vgg/data/flowers/102 extracted into "
-                           "oxford_flowers/, split_zhou_OxfordFlowers.json from CoOp's DATASETS.md"),
-    "food101": Spec("food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food.", "split",
-                    "food-101.tar.gz from data.vision.ee.ethz.ch/cvl/datasets_extra/food-101 extracted to food-101/, "
-                    "split_zhou_Food101.json from CoOp's DATASETS.md", True),
-    "fgvc_aircraft": Spec("fgvc_aircraft", "images", "", "a photo of a {}, a type of aircraft.", "aircraft",
-                          "the data/ folder of fgvc-aircraft-2013b.tar.gz (robots.ox.ac.uk/~vgg/data/fgvc-aircraft) "
-                          "renamed to fgvc_aircraft/"),
-    "sun397": Spec("sun397", "SUN397", "split_zhou_SUN397.json", PHOTO, "split",
-                   "SUN397.tar.gz from vision.princeton.edu/projects/2010/SUN extracted into sun397/, "
-                   "split_zhou_SUN397.json from CoOp's DATASETS.md"),
-    "dtd": Spec("dtd", "images", "split_zhou_DescribableTextures.json", "{} texture.", "split",
-                "dtd-r1.0.1.tar.gz from robots.ox.ac.uk/~vgg/data/dtd extracted to dtd/, "
-                "split_zhou_DescribableTextures.json from CoOp's DATASETS.md", True),
-    "ucf101": Spec("ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}.", "split",
-                   "UCF-101-midframes.zip and split_zhou_UCF101.json from CoOp's DATASETS.md into ucf101/"),
-    "imagenet_v2": Spec("imagenetv2", "imagenetv2-matched-frequency-format-val", "", PHOTO, "imagenet_v2",
-                        "imagenetv2-matched-frequency.tar.gz (github.com/modestyachts/ImageNetV2) extracted into "
-                        "imagenetv2/, plus imagenet/classnames.txt copied there"),
-    "imagenet_sketch": Spec("imagenet-sketch", "images", "", PHOTO, "imagenet_folders",
-                            "github.com/HaohanWang/ImageNet-Sketch extracted to imagenet-sketch/, "
-                            "plus imagenet/classnames.txt copied there"),
-    "imagenet_a": Spec("imagenet-adversarial", "imagenet-a", "", PHOTO, "imagenet_folders",
-                       "github.com/hendrycks/natural-adv-examples extracted into imagenet-adversarial/, "
-                       "plus imagenet/classnames.txt copied there"),
-    "imagenet_r": Spec("imagenet-rendition", "imagenet-r", "", PHOTO, "imagenet_folders",
-                       "github.com/hendrycks/imagenet-r extracted into imagenet-rendition/, "
-                       "plus imagenet/classnames.txt copied there"),
+    "eurosat": Spec(
+        "eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}.", "split",
+        "EuroSAT RGB (Helber et al.), public",
+        (Archive(EUROSAT_URL, "md5:" + EUROSAT_MD5, 94_280_567, (("2750", "2750"),)),)),
+    "imagenet": Spec(
+        "imagenet", "images", "", PHOTO, "imagenet",
+        "ILSVRC2012 from https://image-net.org (registration needed): its train/ and val/ folders, val sorted into "
+        "one folder per wnid, in imagenet/images/"),
+    "caltech101": Spec(
+        "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", PHOTO, "split",
+        "Caltech101 from CaltechDATA, public",
+        # caltech-101.zip wraps 101_ObjectCategories.tar.gz; md5 from torchvision caltech.py, size 137,414,764
+        (Archive("https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip",
+                 "md5:3138e1922a9193bfa496528edbbc45d0", 137_414_764,
+                 (("101_ObjectCategories", "101_ObjectCategories"),),
+                 nested="caltech-101/101_ObjectCategories.tar.gz"),)),
+    "oxford_pets": Spec(
+        "oxford_pets", "images", "split_zhou_OxfordPets.json", "a photo of a {}, a type of pet.", "split",
+        "Oxford-IIIT Pets (VGG), public",  # torchvision md5 5c4f3ee8e5d25df40f4fd59a7f44e54c
+        (Archive(f"{ROBOTS}/pets/data/images.tar.gz",
+                 "sha256:67195c5e1c01f1ab5f9b6a5d22b8c27a580d896ece458917e61d459337fa318d", 791_918_971,
+                 (("images", "images"),)),)),
+    "stanford_cars": Spec(
+        "stanford_cars", "", "split_zhou_StanfordCars.json", PHOTO, "split",
+        "Stanford Cars: the official ai.stanford.edu/~jkrause/cars files are gone; copies circulate (e.g. "
+        "kaggle.com/datasets/jessicali9530/stanford-cars-dataset, login needed); put their cars_train/ and "
+        "cars_test/ folders (00001.jpg, ...) in stanford_cars/", parts=("cars_train", "cars_test")),
+    "oxford_flowers": Spec(
+        "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", "a photo of a {}, a type of flower.", "split",
+        "Oxford Flowers 102 (VGG), public",  # torchvision md5 52808999861908f626f3c1f4e79d11fa
+        (Archive(f"{ROBOTS}/flowers/102/102flowers.tgz",
+                 "sha256:2d01ecc807db462958cfe3d92f57a8c252b4abd240eb955770201e45f783b246", 344_862_509,
+                 (("jpg", "jpg"),)),)),
+    "food101": Spec(
+        "food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food.", "split",
+        "Food-101 (ETH Zurich), public",  # torchvision md5 85eeb15f3717b99a5da872d97d918f87
+        (Archive("http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz",
+                 "sha256:d97d15e438b7f4498f96086a4f7e2fa42a32f2712e87d3295441b2b6314053a4", 4_996_278_331,
+                 (("food-101/*", ""),)),),
+        generate="folders"),
+    "fgvc_aircraft": Spec(
+        "fgvc_aircraft", "images", "", "a photo of a {}, a type of aircraft.", "aircraft",
+        "FGVC-Aircraft 2013b (VGG), public: the data/ folder of fgvc-aircraft-2013b.tar.gz renamed fgvc_aircraft/",
+        (Archive(f"{ROBOTS}/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
+                 "sha256:d5f68b1b81d6d7831eb9d5c5517074176b5dfbce6bcb43dc14ed1c66a87b8d75", 2_770_575_360,
+                 (("fgvc-aircraft-2013b/data/*", ""),)),)),
+    "sun397": Spec(
+        "sun397", "SUN397", "split_zhou_SUN397.json", PHOTO, "split",
+        "SUN397 (Princeton), public",  # torchvision md5 8ca2778205c41d23104230ba66911c7a for SUN397.tar.gz
+        (Archive("https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip",
+                 "sha256:e3311ea5f812d4cc6faef194688343d1111f6cd6f70f2c62f393c2b8d6ba1ec9", 18_293_705,
+                 (("**/ClassName.txt", "ClassName.txt"), ("**/Training_01.txt", "Training_01.txt"),
+                  ("**/Testing_01.txt", "Testing_01.txt")), needed="split"),
+         Archive("https://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz",
+                 "sha256:f404130965a7ad77bed5ececc71e720ab50f3cc1e1bb257257610d38f3b928ec", 39_077_296_924,
+                 (("SUN397", "SUN397"),))),
+        generate="sun397"),
+    "dtd": Spec(
+        "dtd", "images", "split_zhou_DescribableTextures.json", "{} texture.", "split",
+        "DTD (VGG), public",  # torchvision md5 fff73e5086ae6bdbea199a49dfb8a4c1
+        (Archive(f"{ROBOTS}/dtd/download/dtd-r1.0.1.tar.gz",
+                 "sha256:e42855a52a4950a3b59612834602aa253914755c95b0cff9ead6d07395f8e205", 625_239_812,
+                 (("dtd/*", ""),)),)),
+    "ucf101": Spec(
+        "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}.", "split",
+        "UCF-101-midframes.zip, CoOp's middle frames of UCF101, on Google Drive "
+        "(https://drive.google.com/file/d/10Jqome3vtUA2keJkNanAiFpgbyC9Hc2O), extracted into ucf101/"),
+    "imagenet_v2": Spec(
+        "imagenetv2", "imagenetv2-matched-frequency-format-val", "", PHOTO, "imagenet_v2",
+        "ImageNetV2 matched-frequency (Recht et al.), public",  # an uncompressed tar despite its name
+        (Archive("https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/imagenetv2-matched-frequency.tar.gz",
+                 "sha256:f0c37fdf925916b19ea1323cd9a2208cdb6959ba2c32eef2a7fc393835c9ca7c", 1_264_079_360,
+                 (("imagenetv2-matched-frequency-format-val", "imagenetv2-matched-frequency-format-val"),)),)),
+    "imagenet_sketch": Spec(
+        "imagenet-sketch", "images", "", PHOTO, "imagenet_folders",
+        "ImageNet-Sketch (https://github.com/HaohanWang/ImageNet-Sketch, Google Drive or Kaggle): its one folder "
+        "per wnid in imagenet-sketch/images/"),
+    "imagenet_a": Spec(
+        "imagenet-adversarial", "imagenet-a", "", PHOTO, "imagenet_folders",
+        "ImageNet-A (Hendrycks et al.), public",
+        (Archive("https://people.eecs.berkeley.edu/~hendrycks/imagenet-a.tar",
+                 "sha256:3bb3632277e6ba6392ea64c02ddbf4dd2266c9caffd6bc09c9656d28f012589e", 687_552_512,
+                 (("imagenet-a", "imagenet-a"),)),)),
+    "imagenet_r": Spec(
+        "imagenet-rendition", "imagenet-r", "", PHOTO, "imagenet_folders",
+        "ImageNet-R (Hendrycks et al.), public",
+        (Archive("https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar",
+                 "sha256:18c6bf493b39a0d975d48e587437f562caab9c52ae6327dcfa9dd8eb54aa1b52", 2_191_079_936,
+                 (("imagenet-r", "imagenet-r"),)),)),
 }
 TEST_ONLY = ("imagenet_v2", "imagenet_folders")  # kinds with no train/val: evaluated with ImageNet's classifier
+
+# CoOp's files shipped in splits/: (file there, sha256 of the file as CoOp distributes it). The seven split files are
+# CoOp's (MIT); imagenet_classnames.txt is CoOp's recipe (DATASETS.md: "copied from CLIP"): the sorted ILSVRC2012
+# wnids (tmlr-group/SCT classnames.txt, same order as Keras' imagenet_class_index.json) paired with the class names of
+# CLIP's notebooks/Prompt_Engineering_for_ImageNet.ipynb (openai/CLIP fcab8b6; azshue/TPT's list is identical).
+SHIPPED = {
+    "split_zhou_Caltech101.json": (
+        "split_zhou_Caltech101.json.gz", "52ce83205ff8ff8a1a18119aad6376120ae35c36e783a984bc560cbf10e73fa5"),
+    "split_zhou_DescribableTextures.json": (
+        "split_zhou_DescribableTextures.json.gz", "f26ebeccd2b58e68d70f07a0dc39fe49bf7b69024bac34396b954dfd87969c38"),
+    "split_zhou_EuroSAT.json": (
+        "split_zhou_EuroSAT.json.gz", "541503a77d0b26b735d85ec7a3e672804fe0aa466c2e5f07da772cc6c0af8ad2"),
+    "split_zhou_OxfordFlowers.json": (
+        "split_zhou_OxfordFlowers.json.gz", "2f50c42fc1a17ca13c271cb4269b1347bdb43d2be672e34f74a4e4cbfbcca794"),
+    "split_zhou_OxfordPets.json": (
+        "split_zhou_OxfordPets.json.gz", "d7f3ffe65b3919f95132e51422894ae18686b83c331fd8c0adcdc3dc2de6301e"),
+    "split_zhou_StanfordCars.json": (
+        "split_zhou_StanfordCars.json.gz", "40acee7aa65c8e4727a32d90e884b7c3f8960b523422317e163f7af65432959d"),
+    "split_zhou_UCF101.json": (
+        "split_zhou_UCF101.json.gz", "d78cb834f7c5792ceaff2c5ee2d7c76a9e4086e48a3a6b01232989d29cbefdd8"),
+    "classnames.txt": (
+        "imagenet_classnames.txt", "89e0b642c6697a3a43a06a2bb65f9fefb3ca295ccc5f4ba9ce385f1a3a58c629"),
+}
 
 
 class Item(NamedTuple):
@@ -133,261 +247,36 @@ class Dataset:
         return [self.template.format(c) for c in self.classnames]
 
 
-# ---------------------------------------------------------------------------------------------- files on disk
+# ---------------------------------------------------------------------------------------------- CoOp's protocol
 
-def load_image(path):
-    """Decode `path` fully into an RGB PIL image; a missing or truncated file raises DataError naming it."""
-    try:
-        with Image.open(path) as im:
-            return im.convert("RGB")  # convert decodes every pixel, so truncation surfaces here, not mid-epoch
-    except FileNotFoundError:
-        raise DataError(f"image {path} does not exist") from None
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable or truncated files
-        raise DataError(f"image {path} cannot be decoded: {e}") from None
+def build_dataset(name, root, shots=16, seed=1, subsample="all", download=True):
+    """Dataset `name` in CoOp's layout under `root`: `shots` per class (0/None: all), base/new/all classes.
 
+    Downloads what is public and missing (unless `download=False`), then checks everything a run will read: a
+    fault is a DataError, raised before any model is loaded.
+    """
+    if name not in DATASETS:
+        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if subsample not in ("all", "base", "new"):
+        raise DataError(f"subsample should be 'all', 'base' or 'new', got {subsample!r}")
+    shots = shots or 0
+    if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
+        raise DataError(f"shots should be a non-negative integer, got {shots!r}")
+    spec, root = DATASETS[name], check_root(root)
+    prepare(name, root, download)
+    train, val, test, classnames = read_dataset(spec, root)
+    if shots and spec.kind not in TEST_ONLY:
+        train, val = fewshot_subset(root / spec.folder, train, val, shots, seed, sample_val=spec.kind != "imagenet")
+    train, val, test, classnames = subsample_classes(train, val, test, classnames, subsample, name)
+    if spec.kind not in TEST_ONLY and not train:
+        raise DataError(f"{name} has no training images under {root / spec.folder}")
+    if not test:
+        raise DataError(f"{name} has no test images under {root / spec.folder}")
+    # every image a run reads is checked now; the few-shot subset (small) is decoded in full
+    check_images(train + val, name, "train/val", decode=bool(shots))
+    check_images(test, name, "test")
+    return Dataset(name, [c.replace("_", " ") for c in classnames], spec.template, train, val, test)
 
-def write_json(path, obj):
-    """Write JSON to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    clip_min.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj)))
-
-
-def read_json(path, what):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{what} {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{what} {path} is not valid JSON: {e}") from None
-
-
-def listdir_nohidden(path):
-    """Sorted names in `path` without dot-files (CoOp leaves image order to the filesystem; we sort)."""
-    return sorted(f for f in os.listdir(path) if not f.startswith("."))
-
-
-def to_items(entries, prefix, path, key):
-    """[[relative path, label, classname], ...] of split/cache file `path` -> Items under `prefix`."""
-    if not isinstance(entries, list):
-        raise DataError(f"{path}: '{key}' should be a list of [image path, label, class name]")
-    items = []
-    for e in entries:
-        if not (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and isinstance(e[1], int)
-                and isinstance(e[2], str)):
-            raise DataError(f"{path}: '{key}' entry {e!r} is not [image path, label, class name]")
-        items.append(Item(os.path.join(prefix, e[0]), e[1], e[2]))
-    return items
-
-
-def from_items(items, prefix):
-    return [[os.path.relpath(it.impath, prefix).replace(os.sep, "/"), it.label, it.classname] for it in items]
-
-
-# ---------------------------------------------------------------------------------------------- readers
-
-def read_split(path, image_dir):
-    """CoOp's split_zhou_*.json: {"train","val","test"} lists of [path relative to image_dir, label, name]."""
-    raw = read_json(path, "split file")
-    if not isinstance(raw, dict) or not all(k in raw for k in ("train", "val", "test")):
-        raise DataError(f"split file {path} should be a JSON object with 'train', 'val' and 'test' lists")
-    return tuple(to_items(raw[k], str(image_dir), path, k) for k in ("train", "val", "test"))
-
-
-def save_split(train, val, test, path, image_dir):
-    write_json(path, {k: from_items(v, image_dir) for k, v in (("train", train), ("val", val), ("test", test))})
-
-
-def generate_split(image_dir, seed, cnames=(), ignored=(), p_train=0.5, p_val=0.2):
-    """CoOp's split of one-folder-per-class data: per class, shuffle, 50% train, 20% val, the rest test."""
-    rng = random.Random(seed)
-    cnames = dict(cnames)
-    categories = [c for c in listdir_nohidden(image_dir) if c not in ignored and (image_dir / c).is_dir()]
-    train, val, test = [], [], []
-    for label, category in enumerate(categories):
-        images = [str(image_dir / category / f) for f in listdir_nohidden(image_dir / category)]
-        rng.shuffle(images)
-        n_train, n_val = round(len(images) * p_train), round(len(images) * p_val)
-        if not (n_train > 0 and n_val > 0 and len(images) - n_train - n_val > 0):
-            raise DataError(f"class folder {image_dir / category} has {len(images)} images; "
-                            "a train/val/test split needs at least 4")
-        name = cnames.get(category, category)
-        train += [Item(p, label, name) for p in images[:n_train]]
-        val += [Item(p, label, name) for p in images[n_train:n_train + n_val]]
-        test += [Item(p, label, name) for p in images[n_train + n_val:]]
-    return train, val, test
-
-
-def read_aircraft(folder, image_dir):
-    """FGVC-Aircraft's own files: variants.txt (class per line), images_variant_<split>.txt ("id variant")."""
-    def lines(name):
-        path = folder / name
-        if not path.is_file():
-            raise DataError(f"{path} does not exist; expected {DATASETS['fgvc_aircraft'].source}")
-        return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
-
-    classnames = lines("variants.txt")
-    label_of = {c: i for i, c in enumerate(classnames)}
-
-    def read(split):
-        items = []
-        for ln in lines(f"images_variant_{split}.txt"):
-            image_id, _, variant = ln.partition(" ")
-            if variant not in label_of:
-                raise DataError(f"{folder / f'images_variant_{split}.txt'}: variant {variant!r} of image "
-                                f"{image_id} is not in {folder / 'variants.txt'}")
-            items.append(Item(str(image_dir / f"{image_id}.jpg"), label_of[variant], variant))
-        return items
-
-    return read("train"), read("val"), read("test"), classnames
-
-
-def read_imagenet_classnames(path):
-    """classnames.txt: "<wnid> <class name>" per line, in ImageNet's label order."""
-    if not path.is_file():
-        raise DataError(f"{path} does not exist; it is CoOp's ImageNet classnames.txt (see {COOP_GUIDE})")
-    names = {}
-    for ln in path.read_text().splitlines():
-        if ln.strip():
-            wnid, _, name = ln.strip().partition(" ")
-            names[wnid] = name
-    return names
-
-
-def read_class_folders(split_dir, names, ignored=("README.txt",)):
-    """One folder per wnid; labels index the sorted folders, class names come from `names` (wnid -> name)."""
-    folders = [f for f in listdir_nohidden(split_dir) if f not in ignored and (split_dir / f).is_dir()]
-    items = []
-    for label, wnid in enumerate(folders):
-        if wnid not in names:
-            raise DataError(f"class folder {split_dir / wnid} is not listed in classnames.txt")
-        images = listdir_nohidden(split_dir / wnid)
-        if not images:
-            raise DataError(f"class folder {split_dir / wnid} is empty")
-        items += [Item(str(split_dir / wnid / f), label, names[wnid]) for f in images]
-    return items, [names[w] for w in folders]
-
-
-def read_imagenet_v2(image_dir, names):
-    """ImageNet-V2: folders named by ImageNet label 0..999, so labels index all of classnames.txt."""
-    classnames = list(names.values())
-    items = []
-    for folder in sorted((f for f in listdir_nohidden(image_dir) if f.isdigit()), key=int):
-        label = int(folder)
-        if label >= len(classnames):
-            raise DataError(f"folder {image_dir / folder} has no class in classnames.txt ({len(classnames)} lines)")
-        images = listdir_nohidden(image_dir / folder)
-        if not images:
-            raise DataError(f"class folder {image_dir / folder} is empty")
-        items += [Item(str(image_dir / folder / f), label, classnames[label]) for f in images]
-    return items, classnames
-
-
-def classnames_of(*splits):
-    """Label -> class name over all splits, as a list; labels must be 0..n-1 with one name each."""
-    names = {}
-    for items in splits:
-        for it in items:
-            if names.setdefault(it.label, it.classname) != it.classname:
-                raise DataError(f"label {it.label} is named both {names[it.label]!r} and {it.classname!r}")
-    if sorted(names) != list(range(len(names))):
-        raise DataError(f"labels should be 0..{len(names) - 1}, got {sorted(names)[:5]}...")
-    return [names[y] for y in range(len(names))]
-
-
-def expected(spec):
-    files = [f"{spec.folder}/{spec.image_dir}/" if spec.image_dir else f"{spec.folder}/"]
-    if spec.split_file:
-        files.append(f"{spec.folder}/{spec.split_file}")
-    return f"expected {' and '.join(files)} ({spec.source}; see {COOP_GUIDE})"
-
-
-def read_dataset(spec, root):
-    """(train, val, test, classnames) of dataset `name` in CoOp's layout under `root`."""
-    folder = root / spec.folder
-    image_dir = folder / spec.image_dir
-    if not image_dir.is_dir():
-        raise DataError(f"{image_dir} does not exist: {expected(spec)}")
-    if spec.kind == "split":
-        split_path = folder / spec.split_file
-        if not split_path.is_file():
-            if not spec.generate:
-                raise DataError(f"split file {split_path} does not exist: {expected(spec)}")
-            warnings.warn(f"{split_path} is missing: generating a 50/20/30 split per class (seed {SPLIT_SEED}); "
-                          f"numbers are comparable with published ones only on CoOp's official split")
-            save_split(*generate_split(image_dir, SPLIT_SEED, spec.cnames, spec.ignored), split_path, image_dir)
-        train, val, test = read_split(split_path, image_dir)
-        return train, val, test, classnames_of(train, val, test)
-    if spec.kind == "aircraft":
-        return read_aircraft(folder, image_dir)
-    if spec.kind == "imagenet":
-        names = read_imagenet_classnames(folder / "classnames.txt")
-        for split in ("train", "val"):
-            if not (image_dir / split).is_dir():
-                raise DataError(f"{image_dir / split} does not exist: {expected(spec)}")
-        train, classnames = read_class_folders(image_dir / "train", names)
-        test, test_names = read_class_folders(image_dir / "val", names)  # ImageNet's val set is the test set
-        if test_names != classnames:  # labels index the sorted folders, so both must hold the same classes
-            raise DataError(f"{image_dir / 'val'} and {image_dir / 'train'} should hold the same class folders")
-        return train, [], test, classnames
-    # the ImageNet variants read classnames.txt in their own folder as CoOp does, else ImageNet's
-    names_path = folder / "classnames.txt"
-    if not names_path.is_file() and (root / "imagenet" / "classnames.txt").is_file():
-        names_path = root / "imagenet" / "classnames.txt"
-    names = read_imagenet_classnames(names_path)
-    read = read_imagenet_v2 if spec.kind == "imagenet_v2" else read_class_folders
-    test, classnames = read(image_dir, names)
-    return [], [], test, classnames
-
-
-# ---------------------------------------------------------------------------------------------- EuroSAT setup
-
-def extract_zip(zip_path, dest, top):
-    """Extract folder `top` of `zip_path` into `dest/top`: members checked first, unpacked aside, renamed in."""
-    try:
-        archive = zipfile.ZipFile(zip_path)
-    except zipfile.BadZipFile as e:
-        raise DataError(f"{zip_path} is not a zip file ({e}); delete it and retry") from None
-    with archive:
-        for info in archive.infolist():
-            parts = PurePosixPath(info.filename.replace("\\", "/")).parts
-            is_link = (info.external_attr >> 16) & 0o170000 == 0o120000
-            if info.filename.startswith(("/", "\\")) or ".." in parts or ":" in info.filename or is_link:
-                raise DataError(f"{zip_path}: refusing unsafe member {info.filename!r}")
-        tmp = Path(tempfile.mkdtemp(dir=dest, prefix=f".{top}."))
-        try:
-            archive.extractall(tmp)
-            if not (tmp / top).is_dir():
-                raise DataError(f"{zip_path} has no {top}/ folder")
-            os.replace(tmp / top, dest / top)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def copy_verified(src, dst, sha256):
-    data = Path(src).read_bytes()
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise DataError(f"{src} does not have sha256 {sha256}; restore it from the repository")
-    clip_min.write_atomic(dst, lambda tmp: tmp.write_bytes(data))
-
-
-def setup_eurosat(folder, download=True):
-    """Make `folder` hold EuroSAT in CoOp's layout: 2750/ from the public zip, CoOp's split from splits/."""
-    folder = Path(folder)
-    if not (folder / "2750").is_dir():
-        if not download:
-            raise DataError(f"{folder / '2750'} does not exist and download=False; "
-                            f"{EUROSAT_URL} (md5 {EUROSAT_MD5}) extracts to it")
-        folder.mkdir(parents=True, exist_ok=True)
-        zip_path = clip_min.download(EUROSAT_URL, folder / "EuroSAT.zip", md5=EUROSAT_MD5)
-        extract_zip(zip_path, folder, "2750")
-        os.remove(zip_path)
-    if not (folder / DATASETS["eurosat"].split_file).is_file():
-        copy_verified(SPLITS_DIR / DATASETS["eurosat"].split_file, folder / DATASETS["eurosat"].split_file,
-                      EUROSAT_SPLIT_SHA256)
-
-
-# ---------------------------------------------------------------------------------------------- protocol
 
 def split_dataset_by_label(items):
     """label -> items, labels in order of first appearance (the order Dassl samples them in)."""
@@ -415,84 +304,41 @@ def generate_fewshot_dataset(items, num_shots, rng, what="train"):
 def fewshot_subset(folder, train, val, shots, seed, sample_val=True):
     """CoOp's few-shot train (and val, min(shots, 4)) for `seed`, cached in split_fewshot/ and reused."""
     path = Path(folder) / "split_fewshot" / f"shot_{shots}-seed_{seed}.json"
+    val_shots = min(shots, 4) if sample_val else 0
     if path.is_file():
         raw = read_json(path, "few-shot cache")
         if not isinstance(raw, dict) or "train" not in raw:
             raise DataError(f"few-shot cache {path} should be a JSON object with a 'train' list; delete it")
-        cached = tuple(to_items(raw.get(key, []), str(folder), path, key) for key in ("train", "val"))
-        for items, pool, key in ((cached[0], train, "train"), (cached[1], val, "val")):
-            stray = set(items) - set(pool)
-            if stray:
-                raise DataError(f"few-shot cache {path} lists {key} items not in the split "
-                                f"(e.g. {next(iter(stray)).impath}); it is stale: delete it")
+        cached = tuple(_to_items(raw.get(key, []), folder, path, key) for key in ("train", "val"))
+        _check_cache(path, "train", cached[0], train, shots)
+        _check_cache(path, "val", cached[1], val, val_shots)
         return cached
     rng = random.Random(seed)  # the same stream as Dassl's random.seed(seed): train drawn first, then val
     train = generate_fewshot_dataset(train, shots, rng, "train")
-    val = generate_fewshot_dataset(val, min(shots, 4), rng, "val") if sample_val else []
+    val = generate_fewshot_dataset(val, val_shots, rng, "val") if sample_val else []
     try:
-        write_json(path, {"train": from_items(train, folder), "val": from_items(val, folder)})
-    except OSError as e:  # a read-only data folder still works, it just resamples next time
+        write_json(path, {"train": _from_items(train, folder), "val": _from_items(val, folder)})
+    except OSError as e:  # a read-only (or full) data folder still works, it just resamples next time
         warnings.warn(f"could not cache the few-shot subset at {path}: {e}")
     return train, val
 
 
-def subsample_classes(train, val, test, classnames, subsample="all"):
+def subsample_classes(train, val, test, classnames, subsample="all", name="dataset"):
     """Base-to-new: sorted train labels, first ceil(n/2) are base, the rest new; kept ones relabeled from 0."""
     if subsample == "all":
         return train, val, test, classnames
     labels = sorted({it.label for it in (train or test)})
     m = math.ceil(len(labels) / 2)
     selected = labels[:m] if subsample == "base" else labels[m:]
+    if not selected:
+        raise DataError(f"{name} has {len(labels)} class(es): its {subsample} half is empty, so base-to-new "
+                        "needs at least 2 classes")
     relabel = {y: i for i, y in enumerate(selected)}
 
     def keep(items):
         return [it._replace(label=relabel[it.label]) for it in items if it.label in relabel]
 
     return keep(train), keep(val), keep(test), [classnames[y] for y in selected]
-
-
-def check_images(items, what, decode):
-    """Raise DataError listing the first bad paths if any image is missing (or, with `decode`, unreadable)."""
-    def problem(path):
-        if not decode:
-            return None if os.path.isfile(path) else "does not exist"
-        try:
-            load_image(path)
-        except DataError as e:
-            return str(e)
-        return None
-
-    paths = list(dict.fromkeys(it.impath for it in items))
-    with ThreadPoolExecutor(8) as pool:  # PIL releases the GIL while decoding
-        problems = list(pool.map(problem, paths))
-    bad = [(p, msg) for p, msg in zip(paths, problems) if msg]
-    if bad:
-        listing = "\n".join(f"  {p}: {msg}" for p, msg in bad[:5])
-        raise DataError(f"{len(bad)} of {len(paths)} {what} images are missing or unreadable, first:\n{listing}")
-
-
-def build_dataset(name, root, shots=16, seed=1, subsample="all", download=True):
-    """Dataset `name` from CoOp's layout under `root`: `shots` per class (0/None: all), base/new/all classes."""
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
-    if subsample not in ("all", "base", "new"):
-        raise DataError(f"subsample should be 'all', 'base' or 'new', got {subsample!r}")
-    shots = shots or 0
-    if not isinstance(shots, int) or shots < 0:
-        raise DataError(f"shots should be a non-negative integer, got {shots!r}")
-    spec, root = DATASETS[name], Path(root).expanduser()
-    if name == "eurosat":
-        setup_eurosat(root / spec.folder, download)
-    elif not (root / spec.folder).is_dir():
-        raise DataError(f"{root / spec.folder} does not exist: {expected(spec)}")
-    train, val, test, classnames = read_dataset(spec, root)
-    if shots and spec.kind not in TEST_ONLY:
-        train, val = fewshot_subset(root / spec.folder, train, val, shots, seed, sample_val=spec.kind != "imagenet")
-    train, val, test, classnames = subsample_classes(train, val, test, classnames, subsample)
-    # decode what we train on (a few-shot subset is small); the full train set and test only have to exist
-    check_images(train + val, f"{name} train/val", decode=bool(shots))
-    check_images(test, f"{name} test", decode=False)
-    return Dataset(name, [c.replace("_", " ") for c in classnames], spec.template, train, val, test)
 
 
 def class_balanced_subset(items, n, seed):
@@ -510,6 +356,350 @@ def class_balanced_subset(items, n, seed):
         if len(chosen) >= n:
             break
     return [items[i] for i in sorted(chosen[:n])]
+
+
+def _check_cache(path, key, items, pool, shots):
+    """A few-shot cache must hold, per class of the split, min(shots, class size) distinct images of that class."""
+    stray = set(items) - set(pool)
+    if stray:
+        raise DataError(f"few-shot cache {path} lists {key} items not in the split (e.g. "
+                        f"{next(iter(stray)).impath}); it is stale: delete it")
+    twice = [it for it, n in Counter(items).items() if n > 1]
+    if twice:
+        raise DataError(f"few-shot cache {path} lists {key} image {twice[0].impath} twice; delete it")
+    have, size = Counter(it.label for it in items), Counter(it.label for it in pool)
+    names = {it.label: it.classname for it in pool}
+    for label in split_dataset_by_label(pool):
+        want = min(shots, size[label])
+        if have[label] != want:
+            why = "more than" if have[label] > want else "fewer than"
+            raise DataError(f"few-shot cache {path} has {have[label]} {key} images of class {names[label]!r} "
+                            f"(label {label}), {why} the {want} that {shots} shots take; delete it")
+
+
+# ---------------------------------------------------------------------------------------------- CoOp's layouts
+
+def read_dataset(spec, root):
+    """(train, val, test, classnames) of a prepared dataset folder (see `prepare`) under `root`."""
+    folder = root / spec.folder
+    image_dir = folder / spec.image_dir
+    if spec.kind == "split":
+        train, val, test = read_split(folder / spec.split_file, image_dir)
+        return train, val, test, classnames_of(train, val, test, source=folder / spec.split_file)
+    if spec.kind == "aircraft":
+        return read_aircraft(folder, image_dir)
+    if spec.kind == "imagenet":
+        names = read_imagenet_classnames(folder / "classnames.txt")
+        train, classnames = read_class_folders(image_dir / "train", names)
+        test, test_names = read_class_folders(image_dir / "val", names)  # ImageNet's val set is the test set
+        if test_names != classnames:  # labels index the sorted folders, so both must hold the same classes
+            raise DataError(f"{image_dir / 'val'} and {image_dir / 'train'} should hold the same class folders")
+        return train, [], test, classnames
+    names = read_imagenet_classnames(_variant_classnames(spec, root))
+    read = read_imagenet_v2 if spec.kind == "imagenet_v2" else read_class_folders
+    test, classnames = read(image_dir, names)
+    return [], [], test, classnames
+
+
+def read_split(path, image_dir):
+    """CoOp's split_zhou_*.json: {"train","val","test"} lists of [path relative to image_dir, label, name]."""
+    raw = read_json(path, "split file")
+    if not isinstance(raw, dict) or not all(k in raw for k in ("train", "val", "test")):
+        raise DataError(f"split file {path} should be a JSON object with 'train', 'val' and 'test' lists")
+    train, val, test = (_to_items(raw[k], image_dir, path, k) for k in ("train", "val", "test"))
+    seen = Counter(it.impath for it in train + val + test)
+    twice = next((p for p, n in seen.items() if n > 1), None)
+    if twice:
+        raise DataError(f"split file {path} lists image {twice} twice")
+    for items, key in ((train, "training"), (test, "test")):
+        if not items:
+            raise DataError(f"split file {path} has no {key} images")
+    names = classnames_of(train, val, test, source=path)
+    lacking = sorted({it.label for it in test} - {it.label for it in train})
+    if lacking:
+        raise DataError(f"split file {path}: test label {lacking[0]} ({names[lacking[0]]!r}) has no training "
+                        f"images" + (f" (nor do {len(lacking) - 1} more)" if len(lacking) > 1 else ""))
+    return train, val, test
+
+
+def classnames_of(*splits, source=None):
+    """Label -> class name over all splits, as a list; labels must be 0..n-1, one name per label and vice versa."""
+    where = f"{source}: " if source else ""
+    names, labels = {}, {}
+    for items in splits:
+        for it in items:
+            if it.label < 0:
+                raise DataError(f"{where}label {it.label} of {it.impath} is negative")
+            if names.setdefault(it.label, it.classname) != it.classname:
+                raise DataError(f"{where}label {it.label} is named both {names[it.label]!r} and {it.classname!r}")
+            if labels.setdefault(it.classname, it.label) != it.label:
+                raise DataError(f"{where}class {it.classname!r} has labels {labels[it.classname]} and {it.label}")
+    out_of_range = [y for y in names if y >= len(names)]
+    if out_of_range:
+        raise DataError(f"{where}label {max(out_of_range)} is out of range: {len(names)} classes take labels "
+                        f"0..{len(names) - 1}")
+    return [names[y] for y in range(len(names))]
+
+
+def generate_split(image_dir, seed, p_train=0.5, p_val=0.2):
+    """CoOp's split of one-folder-per-class data: per class, shuffle, 50% train, 20% val, the rest test."""
+    rng = random.Random(seed)
+    train, val, test = [], [], []
+    for label, category in enumerate(_class_folders(image_dir)):
+        images = [str(image_dir / category / f) for f in _image_files(image_dir / category)]
+        rng.shuffle(images)
+        n_train, n_val = round(len(images) * p_train), round(len(images) * p_val)
+        if not (n_train > 0 and n_val > 0 and len(images) - n_train - n_val > 0):
+            raise DataError(f"class folder {image_dir / category} has {len(images)} images; "
+                            "a train/val/test split needs at least 4")
+        train += [Item(p, label, category) for p in images[:n_train]]
+        val += [Item(p, label, category) for p in images[n_train:n_train + n_val]]
+        test += [Item(p, label, category) for p in images[n_train + n_val:]]
+    if not train:
+        raise DataError(f"{image_dir} has no class folders to generate a split from")
+    return train, val, test
+
+
+def generate_sun397_split(folder, image_dir, seed, p_val=0.2):
+    """CoOp's SUN397 split: labels in ClassName.txt's order, Training_01.txt split per class into 80% train and
+    20% val (seeded), Testing_01.txt the test set; class "/a/apartment_building/outdoor" is named
+    "outdoor apartment_building", as CoOp names it."""
+    classes = [ln.strip()[1:] for ln in _lines(folder / "ClassName.txt")]  # "/a/abbey" -> "a/abbey"
+    label_of = {c: i for i, c in enumerate(classes)}
+
+    def read(name):
+        items = []
+        for ln in _lines(folder / name):
+            rel = ln.strip()[1:]  # "/a/abbey/sun_x.jpg" -> "a/abbey/sun_x.jpg"
+            category = str(PurePosixPath(rel).parent)
+            if category not in label_of:
+                raise DataError(f"{folder / name}: {rel} is in no class of {folder / 'ClassName.txt'}")
+            words = category.split("/")[1:][::-1]  # drop the initial letter, put indoor/outdoor first
+            items.append(Item(str(image_dir / rel), label_of[category], " ".join(words)))
+        return items
+
+    trainval, test = read("Training_01.txt"), read("Testing_01.txt")
+    rng, train, val = random.Random(seed), [], []
+    for label, group in split_dataset_by_label(trainval).items():  # CoOp's OxfordPets.split_trainval
+        n_val = round(len(group) * p_val)
+        if n_val == 0:
+            raise DataError(f"{folder / 'Training_01.txt'}: class {group[0].classname!r} has {len(group)} images, "
+                            "too few for a val split")
+        order = list(range(len(group)))
+        rng.shuffle(order)
+        val += [group[i] for i in order[:n_val]]
+        train += [group[i] for i in order[n_val:]]
+    return train, val, test
+
+
+def read_aircraft(folder, image_dir):
+    """FGVC-Aircraft's own files: variants.txt (class per line), images_variant_<split>.txt ("id variant")."""
+    classnames = _lines(folder / "variants.txt")
+    label_of = {c: i for i, c in enumerate(classnames)}
+
+    def read(split):
+        items = []
+        for ln in _lines(folder / f"images_variant_{split}.txt"):
+            image_id, _, variant = ln.partition(" ")
+            if variant not in label_of:
+                raise DataError(f"{folder / f'images_variant_{split}.txt'}: variant {variant!r} of image "
+                                f"{image_id} is not in {folder / 'variants.txt'}")
+            items.append(Item(str(image_dir / f"{image_id}.jpg"), label_of[variant], variant))
+        return items
+
+    train, val, test = read("train"), read("val"), read("test")
+    lacking = sorted({it.label for it in test} - {it.label for it in train})
+    if lacking:
+        raise DataError(f"{folder / 'images_variant_test.txt'}: variant {classnames[lacking[0]]!r} has no "
+                        f"training images in {folder / 'images_variant_train.txt'}")
+    return train, val, test, classnames
+
+
+def read_imagenet_classnames(path):
+    """classnames.txt: "<wnid> <class name>" per line, in ImageNet's label order."""
+    names = {}
+    for ln in _lines(path):
+        wnid, _, name = ln.partition(" ")
+        names[wnid] = name
+    return names
+
+
+def read_class_folders(split_dir, names, ignored=("README.txt",)):
+    """One folder per wnid; labels index the sorted folders, class names come from `names` (wnid -> name)."""
+    if not split_dir.is_dir():
+        raise DataError(f"{split_dir} does not exist or is not a folder")
+    folders = [f for f in _listdir(split_dir) if f not in ignored and (split_dir / f).is_dir()]
+    items = []
+    for label, wnid in enumerate(folders):
+        if wnid not in names:
+            raise DataError(f"class folder {split_dir / wnid} is not listed in classnames.txt")
+        images = _image_files(split_dir / wnid)
+        if not images:
+            raise DataError(f"class folder {split_dir / wnid} is empty")
+        items += [Item(str(split_dir / wnid / f), label, names[wnid]) for f in images]
+    return items, [names[w] for w in folders]
+
+
+def read_imagenet_v2(image_dir, names):
+    """ImageNet-V2: folders named by ImageNet label 0..999, so labels index all of classnames.txt."""
+    classnames = list(names.values())
+    items = []
+    for folder in sorted((f for f in _listdir(image_dir) if f.isdigit()), key=int):
+        label = int(folder)
+        if label >= len(classnames):
+            raise DataError(f"folder {image_dir / folder} has no class in classnames.txt ({len(classnames)} lines)")
+        images = _image_files(image_dir / folder)
+        if not images:
+            raise DataError(f"class folder {image_dir / folder} is empty")
+        items += [Item(str(image_dir / folder / f), label, classnames[label]) for f in images]
+    return items, classnames
+
+
+def _variant_classnames(spec, root):
+    """An ImageNet variant reads classnames.txt in its own folder, as CoOp does, else ImageNet's."""
+    own = root / spec.folder / "classnames.txt"
+    imagenet = root / "imagenet" / "classnames.txt"
+    return imagenet if not own.is_file() and imagenet.is_file() else own
+
+
+def _class_folders(image_dir):
+    """Sorted class folders of `image_dir`; symlinked folders are not followed (a link loop cannot recurse)."""
+    folders, links = [], []
+    with os.scandir(image_dir) as entries:
+        for e in entries:
+            if e.name.startswith(".") or not e.is_dir():
+                continue
+            (links if e.is_symlink() else folders).append(e.name)
+    if links:
+        warnings.warn(f"{image_dir}: not following symlinked folder(s) {', '.join(sorted(links)[:5])}")
+    return sorted(folders)
+
+
+def _image_files(folder):
+    """Sorted names of the files in `folder` (no dot-files, no folders; CoOp leaves the order to the filesystem)."""
+    with os.scandir(folder) as entries:
+        return sorted(e.name for e in entries if not e.name.startswith(".") and e.is_file())
+
+
+def _listdir(path):
+    return sorted(f for f in os.listdir(path) if not f.startswith("."))
+
+
+def _lines(path):
+    """The non-empty lines of a text file, stripped; DataError naming it if it cannot be read."""
+    try:
+        return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except FileNotFoundError:
+        raise DataError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} cannot be read: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- checks
+
+PROGRESS_MIN = 1000  # checks of this many images or more say so on stderr
+TAIL = 4096  # bytes read from the end of an image to find its end marker
+
+
+def check_root(path):
+    """The data root as a Path (it need not exist yet); DataError if it is empty, a file or a symlink loop."""
+    if path is None or str(path) == "":
+        raise DataError("the data root is an empty string: set ORTHCR_DATA or --root to a folder")
+    root = Path(path).expanduser()
+    try:
+        root.stat()
+    except FileNotFoundError:
+        if root.is_symlink():
+            raise DataError(f"data root {root} is a symlink to {os.readlink(root)}, which does not exist") from None
+        return root
+    except OSError as e:  # ELOOP for a symlink loop, ENOTDIR when a parent is a file
+        raise DataError(f"data root {root} cannot be used: {e.strerror}") from None
+    if not root.is_dir():
+        raise DataError(f"data root {root} is a file, not a folder")
+    return root
+
+
+def check_images(items, name, split, decode=False):
+    """DataError listing the first bad paths if an image that will be read is missing, not a regular file, not an
+    image, a possible decompression bomb or cut short; with `decode`, every pixel is decoded too.
+
+    Without `decode` the check reads each file's header and its last 4 KiB (an intact JPEG or PNG ends with its
+    end marker, which truncation cuts off): 0.15-0.3 ms per image, in one thread (threads only add contention
+    here), whatever the image size; decoding costs more, and far more for a photo than for a 64x64 tile. A file
+    without the marker (trailing bytes are legal) is decoded in full to be sure.
+    """
+    paths = list(dict.fromkeys(it.impath for it in items))
+    loud = len(paths) >= PROGRESS_MIN
+    if loud:
+        print(f"checking {len(paths):,} {split} images of {name}", end="", file=sys.stderr, flush=True)
+    start = time.monotonic()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)  # a warning is not enough: refuse
+        problems = [_image_problem(p) for p in paths]
+    if decode and not any(problems):
+        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL releases the GIL while decoding
+            problems = list(pool.map(_decode_problem, paths))
+    if loud:
+        print(f" ({time.monotonic() - start:.1f} s)", file=sys.stderr)
+    bad = [(p, msg) for p, msg in zip(paths, problems) if msg]
+    if bad:
+        listing = "; ".join(f"{p} {msg}" for p, msg in bad[:5])
+        raise DataError(f"{len(bad)} of {len(paths):,} {split} images of {name} are missing or unreadable: "
+                        f"{listing}{'; ...' if len(bad) > 5 else ''}")
+
+
+def _image_problem(path):
+    """Why `path` cannot be read as an image (None if it can), from its type, header and last bytes."""
+    problem, st = _file_problem(path)
+    if problem:
+        return problem
+    try:
+        with open(path, "rb") as f:
+            with Image.open(f) as im:
+                problem = _pixels_problem(im)
+                image_format = im.format
+            f.seek(max(0, st.st_size - TAIL))
+            tail = f.read()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        return f"is a possible decompression bomb ({e})"
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for files it cannot identify
+        return f"is not a readable image ({e})"
+    if problem:
+        return problem
+    marker = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}.get(image_format)
+    return None if marker and marker in tail else _decode_problem(path)
+
+
+def _decode_problem(path):
+    try:
+        load_image(path)
+    except DataError as e:
+        return str(e).removeprefix(f"image {path} ")
+    return None
+
+
+def _file_problem(path):
+    """(why `path` is not a non-empty regular file or None, its stat); checked before opening: a FIFO would hang."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return "does not exist", None
+    except OSError as e:
+        return f"cannot be read ({e.strerror})", None
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device"
+        return f"is {kind}, not a regular file", st
+    if st.st_size == 0:
+        return "is empty", st
+    return None, st
+
+
+def _pixels_problem(im):
+    """PIL warns above Image.MAX_IMAGE_PIXELS; the count is checked here too, whatever the warning filters say."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and im.width * im.height > limit:
+        return f"is a possible decompression bomb ({im.width}x{im.height} pixels, more than {limit})"
+    return None
 
 
 # ---------------------------------------------------------------------------------------------- transforms
@@ -551,7 +741,50 @@ def test_transform(pil, n_px=224):
     return clip_min.preprocess(pil, n_px)
 
 
-# ---------------------------------------------------------------------------------------------- batches
+# ---------------------------------------------------------------------------------------------- loaders
+
+def steps_per_epoch(n_items, batch_size):
+    """Dassl's train loader drops the last partial batch when the train set holds at least one full batch
+    (EuroSAT 16-shot base, 80 images at batch 32: 2 steps, not 3); a smaller set is one partial batch."""
+    return n_items // batch_size if n_items >= batch_size else int(n_items > 0)
+
+
+def train_batches(items, batch_size, seed, epochs, start_step=0, num_workers=0, n_px=224):
+    """Yield (epoch, images (B, 3, n_px, n_px) in [0, 1], labels (B,)) for every step from `start_step` to the end
+    of the last epoch, through one DataLoader (its workers start once per run, not once per epoch).
+
+    Epoch e visits the items in a permutation seeded from (seed, e); the image at position k of epoch e is cropped
+    and flipped with a generator seeded from (seed, e, k): a resumed run (any `start_step`) and any `num_workers`
+    see the same batches. Images are not normalized (Cutout comes first, then clip_min.normalize).
+    """
+    per_epoch = steps_per_epoch(len(items), batch_size)
+    if not per_epoch:
+        raise ValueError("train_batches needs at least one item")
+    steps = _TrainSteps(len(items), batch_size, seed, epochs, start_step)
+    loader = torch.utils.data.DataLoader(_TrainImages(items, seed, n_px), batch_sampler=steps,
+                                         num_workers=num_workers)
+    for step, (images, labels) in enumerate(loader, start_step):
+        yield step // per_epoch, images, labels
+
+
+def eval_batches(item_lists, batch_size, num_workers=0, n_px=224):
+    """Yield (index into item_lists, images (B, 3, n_px, n_px) CLIP-normalized, labels (B,)) for every list in
+    order, through one DataLoader for all of them."""
+    keys = [[(i, k) for k in range(s, min(s + batch_size, len(items)))]
+            for i, items in enumerate(item_lists) for s in range(0, len(items), batch_size)]
+    loader = torch.utils.data.DataLoader(_EvalImages(item_lists, n_px), batch_sampler=keys, num_workers=num_workers)
+    for batch_keys, (images, labels) in zip(keys, loader):
+        yield batch_keys[0][0], images, labels
+
+
+def default_workers(device):
+    """Loader processes for `device`: 0 on the CPU (decoding would take cores from the model), on an accelerator
+    up to 8, so that image decoding never keeps it waiting."""
+    if torch.device(device).type == "cpu":
+        return 0
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return min(8, cores)
+
 
 def derive_seed(*ints):
     """A 63-bit seed from a tuple of ints, stable across runs and platforms."""
@@ -563,41 +796,459 @@ def epoch_order(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch))).tolist()
 
 
-class EpochView(torch.utils.data.Dataset):
-    """Position k of one epoch: its item, transformed with a generator seeded from (seed, epoch, k).
+class _TrainSteps(torch.utils.data.Sampler):
+    """The batches of steps start_step.. of a run, each a list of (epoch, position, item index) keys."""
 
-    Each position owns its randomness, so which worker (or which resumed run) computes it changes nothing.
-    """
-
-    def __init__(self, items, order, train, seed, epoch, n_px):
-        self.items, self.order, self.train = items, order, train
-        self.seed, self.epoch, self.n_px = seed, epoch, n_px
+    def __init__(self, n, batch_size, seed, epochs, start_step):
+        self.n, self.batch_size, self.seed, self.epochs, self.start_step = n, batch_size, seed, epochs, start_step
+        self.per_epoch = steps_per_epoch(n, batch_size)
 
     def __len__(self):
-        return len(self.order)
+        return max(0, self.per_epoch * self.epochs - self.start_step)
 
-    def __getitem__(self, k):
-        item = self.items[self.order[k]]
-        img = load_image(item.impath)
-        if self.train:
-            g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, k))
-            return train_transform(img, g, self.n_px), item.label
-        return test_transform(img, self.n_px), item.label
+    def __iter__(self):
+        first_epoch, skip = divmod(self.start_step, self.per_epoch)
+        for epoch in range(first_epoch, self.epochs):
+            order = epoch_order(self.n, self.seed, epoch)
+            for step in range(skip if epoch == first_epoch else 0, self.per_epoch):
+                positions = range(step * self.batch_size, min((step + 1) * self.batch_size, self.n))
+                yield [(epoch, k, order[k]) for k in positions]
+
+
+class _TrainImages(torch.utils.data.Dataset):
+    """Key (epoch, position, item index) -> (augmented image, label); each position owns its randomness, so which
+    worker (or which resumed run) computes it changes nothing."""
+
+    def __init__(self, items, seed, n_px):
+        self.items, self.seed, self.n_px = items, seed, n_px
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, key):
+        epoch, position, index = key
+        item = self.items[index]
+        g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, position))
+        return train_transform(load_image(item.impath), g, self.n_px), item.label
+
+
+class _EvalImages(torch.utils.data.Dataset):
+    """Key (list index, position) -> (CLIP-preprocessed image, label)."""
+
+    def __init__(self, item_lists, n_px):
+        self.item_lists, self.n_px = item_lists, n_px
+
+    def __len__(self):
+        return sum(len(items) for items in self.item_lists)
+
+    def __getitem__(self, key):
+        item = self.item_lists[key[0]][key[1]]
+        return test_transform(load_image(item.impath), self.n_px), item.label
 
 
 def num_batches(n, batch_size, drop_last=False):
+    """Compatibility for train.py until it calls steps_per_epoch (which applies Dassl's drop_last rule)."""
     return n // batch_size if drop_last else math.ceil(n / batch_size)
 
 
 def batches(items, batch_size, train, seed=0, epoch=0, start=0, drop_last=False, num_workers=0, n_px=224):
-    """Yield (images (B, 3, n_px, n_px) float, labels (B,) long) from batch `start` on.
+    """Compatibility for train.py until it calls train_batches / eval_batches: one epoch (train) or one list
+    (eval), from batch `start`, through the same datasets and seeds as those (a DataLoader per call)."""
+    if not train:
+        yield from ((x, y) for _, x, y in eval_batches([items], batch_size, num_workers, n_px))
+        return
+    order = epoch_order(len(items), seed, epoch)
+    keys = [[(epoch, k, order[k]) for k in range(b * batch_size, min((b + 1) * batch_size, len(items)))]
+            for b in range(num_batches(len(items), batch_size, drop_last))]
+    yield from torch.utils.data.DataLoader(_TrainImages(items, seed, n_px), batch_sampler=keys[start:],
+                                           num_workers=num_workers)
 
-    train=True: shuffled by (seed, epoch), random crop + flip, images in [0, 1] (normalize after Cutout);
-    train=False: in order, CLIP-normalized. The same arguments give the same batches with any num_workers.
-    """
-    order = epoch_order(len(items), seed, epoch) if train else list(range(len(items)))
-    positions = [list(range(b * batch_size, min((b + 1) * batch_size, len(order))))
-                 for b in range(num_batches(len(order), batch_size, drop_last))]
-    loader = torch.utils.data.DataLoader(EpochView(items, order, train, seed, epoch, n_px),
-                                         batch_sampler=positions[start:], num_workers=num_workers)
-    yield from loader
+
+# ---------------------------------------------------------------------------------------------- files
+
+def load_image(path):
+    """Decode `path` fully into an RGB PIL image; a missing, non-regular or truncated file raises DataError."""
+    problem, _ = _file_problem(path)
+    if problem:
+        raise DataError(f"image {path} {problem}")
+    try:
+        with Image.open(path) as im:
+            problem = _pixels_problem(im)
+            if not problem:
+                return im.convert("RGB")  # convert decodes every pixel, so truncation surfaces here, not mid-epoch
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        problem = f"is a possible decompression bomb ({e})"
+    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable or truncated files
+        problem = f"cannot be decoded ({e})"
+    raise DataError(f"image {path} {problem}")
+
+
+def write_json(path, obj):
+    """Write JSON to a temporary file beside `path`, then rename: a crash never leaves half a file."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    clip_min.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj)))
+
+
+def read_json(path, what):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{what} {path} is not valid JSON: {e}") from None
+    except OSError as e:
+        raise DataError(f"{what} {path} cannot be read: {e}") from None
+
+
+def _to_items(entries, prefix, path, key):
+    """[[relative path, label, classname], ...] of split/cache file `path` -> Items under `prefix`."""
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: '{key}' should be a list of [image path, label, class name]")
+    items, prefix = [], str(prefix)
+    for e in entries:
+        if not (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and type(e[1]) is int
+                and isinstance(e[2], str)):
+            raise DataError(f"{path}: '{key}' entry {e!r} is not [image path, label, class name]")
+        items.append(Item(os.path.join(prefix, _relative(e[0], path, key)), e[1], e[2]))
+    return items
+
+
+def _relative(name, path, key):
+    """A split entry's image path as the cache writes it ("./a\\b.jpg" -> "a/b.jpg"); absolute paths and ".."
+    are refused: a split file names images inside its dataset, nothing else."""
+    if "\\" not in name and ":" not in name and not {"", ".", ".."} & set(name.split("/")):
+        return name  # already in the cache's form (the common case, and 10x faster than PurePosixPath)
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if not parts or name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts:
+        raise DataError(f"{path}: '{key}' image path {name!r} should be relative to the dataset, without '..'")
+    return PurePosixPath(*parts).as_posix()
+
+
+def _from_items(items, prefix):
+    return [[os.path.relpath(it.impath, prefix).replace(os.sep, "/"), it.label, it.classname] for it in items]
+
+
+def _save_split(train, val, test, path, image_dir):
+    write_json(path, {k: _from_items(v, image_dir) for k, v in (("train", train), ("val", val), ("test", test))})
+
+
+def _copy_shipped(name, dst):
+    """Copy CoOp's file `name` from splits/ to `dst`, byte for byte, after checking its SHA-256."""
+    file, sha256 = SHIPPED[name]
+    src = SPLITS_DIR / file
+    try:
+        data = gzip.decompress(src.read_bytes()) if file.endswith(".gz") else src.read_bytes()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{src} cannot be read ({e}); restore it from the repository") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise DataError(f"{src} does not hold CoOp's {name} (sha256 {sha256}); restore it from the repository")
+    try:
+        clip_min.write_atomic(dst, lambda tmp: tmp.write_bytes(data))
+    except OSError as e:
+        raise DataError(f"could not copy CoOp's {name} to {dst}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- dataset folders
+
+class Need(NamedTuple):
+    path: Path  # a file or folder a reader needs
+    how: str  # "download" (from `archive`), "shipped" (copied from splits/), "generated" or "manual"
+    archive: Archive = None
+
+
+def requirements(name, root):
+    """What dataset `name` needs under `root` to be read, and how each part is obtained if missing."""
+    spec, root = DATASETS[name], Path(root)
+    folder = root / spec.folder
+    images = next((a for a in spec.archives if a.needed == "images"), None)
+    how = "download" if images else "manual"
+    if spec.kind == "imagenet":
+        needs = [Need(folder / spec.image_dir / "train", how), Need(folder / spec.image_dir / "val", how)]
+    else:
+        needs = [Need(folder / spec.image_dir, how, images)]
+    if spec.kind == "aircraft":
+        needs += [Need(folder / f, how, images) for f in ("variants.txt", "images_variant_train.txt",
+                                                          "images_variant_val.txt", "images_variant_test.txt")]
+    if spec.kind in ("imagenet",) + TEST_ONLY:
+        needs.append(Need(_variant_classnames(spec, root) if spec.kind in TEST_ONLY else folder / "classnames.txt",
+                          "shipped"))
+    if spec.kind == "split":
+        split = folder / spec.split_file
+        if spec.split_file in SHIPPED or split.is_file():
+            needs.append(Need(split, "shipped"))
+        elif not spec.generate:
+            needs.append(Need(split, "manual"))
+        else:
+            needs.append(Need(split, "generated"))
+            if spec.generate == "sun397":
+                partitions = next(a for a in spec.archives if a.needed == "split")
+                needs += [Need(folder / f, "download", partitions)
+                          for f in ("ClassName.txt", "Training_01.txt", "Testing_01.txt")]
+    return needs
+
+
+def prepare(name, root, download=True):
+    """Make `<root>/<folder>` hold dataset `name` in CoOp's layout: download and unpack what is public and
+    missing, copy CoOp's files shipped in splits/, generate a split where CoOp would; DataError naming the exact
+    folder, files and source for what must be fetched by hand (or with download=False)."""
+    spec, root = DATASETS[name], Path(root)
+    folder = root / spec.folder
+    missing = [n for n in requirements(name, root) if not n.path.exists()]
+    manual = [n for n in missing if n.how == "manual"]
+    if manual:
+        raise DataError(f"{manual[0].path} does not exist: {_expected(spec)}")
+    archives = list(dict.fromkeys(n.archive for n in missing if n.how == "download"))
+    if archives and not download:
+        a = archives[0]
+        raise DataError(f"{next(n.path for n in missing if n.archive == a)} does not exist and download=False "
+                        f"(--no-download); {_archive_name(a)} ({_size(a.size)}) from {a.url} provides it")
+    for a in archives:
+        _fetch(name, folder, a)
+    for n in missing:
+        if n.how == "shipped":
+            _copy_shipped(n.path.name, n.path)
+        elif n.how == "generated":
+            _generate_split(spec, folder, n.path)
+
+
+def _generate_split(spec, folder, path):
+    warnings.warn(f"{path} is missing and CoOp's is not shipped: generating it as CoOp does (seed {SPLIT_SEED}); "
+                  "numbers are comparable with published ones only on CoOp's official split")
+    image_dir = folder / spec.image_dir
+    if spec.generate == "sun397":
+        splits = generate_sun397_split(folder, image_dir, SPLIT_SEED)
+    else:
+        splits = generate_split(image_dir, SPLIT_SEED)
+    try:
+        _save_split(*splits, path, image_dir)
+    except OSError as e:
+        raise DataError(f"could not write the generated split {path}: {e}") from None
+
+
+def _expected(spec):
+    parts = ("train/<wnid>", "val/<wnid>") if spec.kind == "imagenet" else spec.parts or ("",)
+    files = [str(PurePosixPath(spec.folder, spec.image_dir, part)) + "/" for part in parts]
+    if spec.kind == "split" and spec.split_file not in SHIPPED and not spec.generate:
+        files.append(f"{spec.folder}/{spec.split_file}")
+    return f"expected {' and '.join(files)} ({spec.source}; see {COOP_GUIDE})"
+
+
+def _fetch(name, folder, archive):
+    """Download `archive` into `folder`, verify it, unpack it beside the target and rename its parts into place;
+    a failure is one DataError line saying how to do it offline, and leaves no folder this call created."""
+    created = clip_min.make_dirs(folder)
+    path = folder / _archive_name(archive)
+    algorithm, _, digest = archive.checksum.partition(":")
+    try:
+        _check_space(folder, archive, path)
+        clip_min.download(archive.url, path, what=f"{name} {path.name}", size=archive.size, **{algorithm: digest})
+    except (RuntimeError, OSError) as e:
+        clip_min.remove_empty_dirs(created)
+        raise DataError(f"{e}; offline: {_offline(folder, archive)}") from None
+    try:
+        _unpack(path, folder, archive, folder / DATASETS[name].image_dir)
+    except DataError as e:  # refused or unreadable: the archive is of no use
+        path.unlink(missing_ok=True)
+        clip_min.remove_empty_dirs(created)
+        raise DataError(f"{e}; offline: {_offline(folder, archive)}") from None
+    except OSError as e:  # a full disk, say: the verified archive stays, so that a rerun need not download it
+        raise DataError(f"could not unpack {path} into {folder}: {e}; the verified archive is kept for a rerun") \
+            from None
+    path.unlink()
+
+
+def _unpack(path, folder, archive, image_dir):
+    """Extract `path` into a temporary folder beside the dataset, then rename each part into place, the image
+    folder last: whatever exists under its final name is complete."""
+    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{path.name}.unpack-"))
+    try:
+        _extract(path, tmp)
+        if archive.nested:
+            inner = tmp / archive.nested
+            if not inner.is_file():
+                raise DataError(f"{path} has no {archive.nested}")
+            _extract(inner, tmp)
+            inner.unlink()
+        moves = _resolve_moves(tmp, folder, archive.moves, path, image_dir)
+        for src, dst in moves:
+            if not dst.exists():  # an annotation file kept from an earlier try stays as it is
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _resolve_moves(tmp, folder, moves, path, image_dir):
+    """[(source, destination)] for the archive's moves, all found before anything moves; the image folder last."""
+    pairs = []
+    for pattern, dst in moves:
+        if pattern.endswith("/*"):
+            parent = tmp / pattern[:-2]
+            if not parent.is_dir():
+                raise DataError(f"{path} has no {pattern[:-2]}/ folder")
+            pairs += [(src, folder / dst / src.name) for src in sorted(parent.iterdir())]
+        else:
+            found = sorted(tmp.glob(pattern))
+            if len(found) != 1:
+                raise DataError(f"{path} should hold one {pattern}, found {len(found)}")
+            pairs.append((found[0], folder / dst))
+    return sorted(pairs, key=lambda pair: pair[1] == image_dir)
+
+
+def _check_space(folder, archive, path):
+    """Refuse before downloading when the disk cannot hold the rest of the archive plus its unpacked copy."""
+    part = path.with_name(path.name + ".part")
+    have = path.stat().st_size if path.is_file() else part.stat().st_size if part.is_file() else 0
+    need = max(0, archive.size - have) + archive.size
+    free = shutil.disk_usage(folder).free
+    if free < need:
+        raise DataError(f"{folder} has {_size(free)} free; downloading and unpacking {path.name} needs about "
+                        f"{_size(need)}")
+
+
+def _archive_name(archive):
+    return PurePosixPath(urllib.parse.urlparse(archive.url).path).name
+
+
+def _offline(folder, archive):
+    """How to do by hand what _fetch does: "put the 2750/ folder of EuroSAT.zip in <root>/eurosat/ (from URL)"."""
+    parts = []
+    for src, _ in archive.moves:
+        name = src.removeprefix("**/")
+        parts.append(f"contents of the {name[:-2]}/ folder" if name.endswith("/*") else
+                     name if "." in name else f"{name}/ folder")
+    inside = _archive_name(archive)
+    if archive.nested:
+        inside = f"{PurePosixPath(archive.nested).name} (inside {inside})"
+    return f"put the {', '.join(parts)} of {inside} in {folder}/ (from {archive.url})"
+
+
+def _size(n):
+    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+
+
+# ---------------------------------------------------------------------------------------------- archives
+
+def _extract(path, dest):
+    """Unpack a zip or tar (any compression) into `dest`, refusing absolute paths, '..', links and devices."""
+    if path.name.endswith(".zip"):
+        _extract_zip(path, dest)
+    else:
+        _extract_tar(path, dest)
+
+
+def _unsafe_name(name):
+    """Why an archive member name could write outside the folder it is unpacked in, or None."""
+    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
+        return "an absolute path"
+    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        return "'..' in its path"
+    return None
+
+
+def _extract_tar(path, dest):
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python's own checks, where it has them
+    try:
+        with tarfile.open(path, "r|*") as tar:  # one streaming pass: each member is checked, then written
+            for member in tar:
+                reason = _unsafe_name(member.name)
+                if not reason and not (member.isfile() or member.isdir()):
+                    reason = "a link" if member.issym() or member.islnk() else "a device or special file"
+                if reason:
+                    raise DataError(f"{path}: refusing unsafe member {member.name!r} ({reason})")
+                tar.extract(member, dest, set_attrs=False, **safe)  # modes from the umask, as zip gets them
+    except (tarfile.TarError, EOFError, zlib.error) as e:
+        raise DataError(f"{path} is not a readable tar archive ({e}); delete it and retry") from None
+
+
+def _extract_zip(path, dest):
+    try:
+        with zipfile.ZipFile(path) as archive:
+            for info in archive.infolist():  # a zip lists its members up front: all are checked before any is written
+                mode = info.external_attr >> 16
+                reason = _unsafe_name(info.filename)
+                if not reason and stat.S_ISLNK(mode):
+                    reason = "a link"
+                elif not reason and stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+                    reason = "a device or special file"
+                if reason:
+                    raise DataError(f"{path}: refusing unsafe member {info.filename!r} ({reason})")
+            archive.extractall(dest)
+    except (zipfile.BadZipFile, EOFError) as e:
+        raise DataError(f"{path} is not a readable zip file ({e}); delete it and retry") from None
+
+
+# ---------------------------------------------------------------------------------------------- command line
+
+def status(name, root):
+    """(ready, lines) for dataset `name` under `root`: ready means a run can start without fetching anything by
+    hand or over the network (CoOp's shipped files and generated splits are made on first use); lines say what is
+    present, what comes on first use and what is missing, and how to get it."""
+    spec, root = DATASETS[name], Path(root)
+    needs = requirements(name, root)
+    groups = {}  # (label, how to get it) -> paths, in order
+    for n in needs:
+        if n.path.exists():
+            key = ("present", "")
+        elif n.how == "shipped":
+            key = ("on use", f"CoOp's, copied from {SPLITS_DIR / SHIPPED[n.path.name][0]}")
+        elif n.how == "generated":
+            key = ("on use", "generated as CoOp does (CoOp's own is not shipped)")
+        elif n.how == "download":
+            key = ("missing", f"automatic: python data.py --download {name} fetches {_archive_name(n.archive)} "
+                              f"({_size(n.archive.size)}) from {n.archive.url}")
+        else:
+            key = ("missing", f"by hand: {_expected(spec)}")
+        groups.setdefault(key, []).append(str(n.path))
+    lines = [f"{label:8s} {', '.join(paths)}{': ' + how if how else ''}" for (label, how), paths in groups.items()]
+    return not any(label == "missing" for label, _ in groups), lines
+
+
+def default_root():
+    """$ORTHCR_DATA (even if empty: check_root says so), else ~/data."""
+    return os.environ.get("ORTHCR_DATA", "~/data")
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Check or fetch CoOp's benchmarks in CoOp's layout.")
+    action = p.add_mutually_exclusive_group(required=True)
+    action.add_argument("--check", metavar="NAME|all", help="report what is present and missing, and how to get it")
+    action.add_argument("--download", metavar="NAME|all",
+                        help="fetch the public datasets now (for the others: what to do)")
+    p.add_argument("--root", default=None, help="data root (default: $ORTHCR_DATA, else ~/data)")
+    args = p.parse_args(argv)
+    with warnings.catch_warnings():
+        warnings.showwarning = _warning_line  # the library warns; the command line says "warning: ..." once
+        return _run(args)
+
+
+def _run(args):
+    target = args.check or args.download
+    names = list(DATASETS) if target == "all" else [target]
+    try:
+        root = check_root(default_root() if args.root is None else args.root)
+        if target not in DATASETS and target != "all":
+            raise DataError(f"unknown dataset {target!r}; valid names: all, {', '.join(DATASETS)}")
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    all_ready = True
+    for name in names:
+        if args.download and DATASETS[name].archives:
+            try:
+                prepare(name, root, download=True)
+            except DataError as e:
+                print(f"error: {e}", file=sys.stderr)
+        ready, lines = status(name, root)
+        all_ready &= ready
+        print(f"{name}: {'ready' if ready else 'not ready'}" + "".join(f"\n  {line}" for line in lines))
+    return 0 if all_ready else 1
+
+
+def _warning_line(message, category, filename, lineno, file=None, line=None):
+    print(f"warning: {message}", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -18,7 +18,6 @@ import json
 import math
 import os
 import shlex
-import shutil
 import signal
 import statistics
 import sys
@@ -1086,12 +1085,10 @@ def validate_device(args):
 
 
 def check_root(cfg):
-    check = getattr(data, "check_root", None)
-    if check:
-        try:
-            check(Path(cfg.root).expanduser())
-        except data.DataError as e:
-            fail(f"--root: {e}")
+    try:
+        data.check_root(Path(cfg.root).expanduser())
+    except data.DataError as e:
+        fail(f"--root: {e}")
 
 
 def check_layout(cfg, path):
@@ -1140,29 +1137,6 @@ def main(argv=None):
     all_results = [run(cfg, seed, plan[seed], datasets[seed], model, params, seconds) for seed in cfg.seeds]
     print(summary_table(all_results))
     return all_results
-
-
-# TEMPORARY: the data loaders of the data.py rewrite, until it lands on main
-if not hasattr(data, "train_batches"):
-    def _steps_per_epoch(n, batch_size):
-        return n // batch_size if n >= batch_size else 1
-
-    def _train_batches(items, batch_size, seed, epochs, start_step=0, num_workers=0, n_px=224):
-        per_epoch = _steps_per_epoch(len(items), batch_size)
-        drop_last = len(items) >= batch_size
-        for epoch in range(start_step // per_epoch, epochs):
-            start = start_step - epoch * per_epoch if epoch == start_step // per_epoch else 0
-            for images, labels in data.batches(items, batch_size, True, seed, epoch, start, drop_last, num_workers,
-                                               n_px):
-                yield epoch, images, labels
-
-    def _eval_batches(item_lists, batch_size, num_workers=0, n_px=224):
-        for i, items in enumerate(item_lists):
-            for images, labels in data.batches(items, batch_size, False, num_workers=num_workers, n_px=n_px):
-                yield i, images, labels
-
-    data.steps_per_epoch, data.train_batches, data.eval_batches = _steps_per_epoch, _train_batches, _eval_batches
-    data.default_workers = lambda device: 0 if torch.device(device).type == "cpu" else min(8, os.cpu_count() or 1)
 
 
 if __name__ == "__main__":
