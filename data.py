@@ -846,24 +846,6 @@ class _EvalImages(torch.utils.data.Dataset):
         return test_transform(load_image(item.impath), self.n_px), item.label
 
 
-def num_batches(n, batch_size, drop_last=False):
-    """Compatibility for train.py until it calls steps_per_epoch (which applies Dassl's drop_last rule)."""
-    return n // batch_size if drop_last else math.ceil(n / batch_size)
-
-
-def batches(items, batch_size, train, seed=0, epoch=0, start=0, drop_last=False, num_workers=0, n_px=224):
-    """Compatibility for train.py until it calls train_batches / eval_batches: one epoch (train) or one list
-    (eval), from batch `start`, through the same datasets and seeds as those (a DataLoader per call)."""
-    if not train:
-        yield from ((x, y) for _, x, y in eval_batches([items], batch_size, num_workers, n_px))
-        return
-    order = epoch_order(len(items), seed, epoch)
-    keys = [[(epoch, k, order[k]) for k in range(b * batch_size, min((b + 1) * batch_size, len(items)))]
-            for b in range(num_batches(len(items), batch_size, drop_last))]
-    yield from torch.utils.data.DataLoader(_TrainImages(items, seed, n_px), batch_sampler=keys[start:],
-                                           num_workers=num_workers)
-
-
 # ---------------------------------------------------------------------------------------------- files
 
 def load_image(path):

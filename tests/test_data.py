@@ -753,13 +753,6 @@ def test_a_train_set_smaller_than_a_batch_is_one_batch_per_epoch(small_items):
     assert [(e, len(y)) for e, _, y in run] == [(0, 10), (1, 10)]
 
 
-def test_compat_batches_match_train_batches(small_items):
-    new = [x for e, x, _ in data.train_batches(small_items, 3, seed=4, epochs=2, n_px=16) if e == 1]
-    old = [x for x, _ in data.batches(small_items, 3, train=True, seed=4, epoch=1, drop_last=True, n_px=16)]
-    assert len(new) == len(old) == 3 and all(torch.equal(a, b) for a, b in zip(new, old))
-    assert data.num_batches(10, 3) == 4 and data.num_batches(10, 3, drop_last=True) == 3
-
-
 def test_eval_batches_walk_every_list_in_order_through_one_loader(small_items):
     clip_min = pytest.importorskip("clip_min")
     lists = [small_items[:5], [], small_items[5:]]

@@ -291,3 +291,31 @@ def test_the_cli_prints_one_line_and_no_traceback(root, weights, finished):  # n
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: {finished} already holds a run")
+
+
+def test_run_files_follow_the_users_umask(root, weights, tmp_path):  # noqa: F811
+    previous = os.umask(0o022)
+    try:
+        run_main(*base_args(root, weights, tmp_path / "run", "--epochs", 1, "--export"))
+    finally:
+        os.umask(previous)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "run").iterdir()}
+    assert modes == {name: 0o644 for name in ("config.json", "log.jsonl", "adapters.pt", "merged.pt", "results.json")}
+
+
+@pytest.mark.parametrize("kind", ["a file", "a symlink loop", "empty"])
+def test_a_bad_data_root_is_one_line_before_anything_is_read(weights, tmp_path, monkeypatch, capsys, no_model,  # noqa
+                                                            kind):
+    bad = tmp_path / "data"
+    if kind == "a file":
+        bad.write_text("not a folder")
+    elif kind == "a symlink loop":
+        bad.symlink_to(bad)
+    monkeypatch.setenv("ORTHCR_DATA", "" if kind == "empty" else str(bad))
+    if kind == "empty":  # a flag problem: argparse's one line, exit 2
+        with pytest.raises(SystemExit) as stop:
+            run_main("--weights", weights, "--out", tmp_path / "run")
+        assert stop.value.code == 2 and "--root (or $ORTHCR_DATA) is empty" in capsys.readouterr().err
+    else:
+        assert str(bad) in refused("--weights", weights, "--out", tmp_path / "run")
+    assert not no_model and not (tmp_path / "run").exists()
