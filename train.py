@@ -27,7 +27,7 @@ from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 import clip_min
 import data
@@ -286,7 +286,19 @@ def cutout_grid(model, params, train_set, cfg, seed, n=8):
     overlay = images * (1 - 0.6 * heat) + red * 0.6 * heat
     columns = [images, random_cut, attentive_cut, overlay]  # each (N, 3, H, W) in [0, 1]
     grid = torch.cat([torch.cat(list(column), dim=1) for column in columns], dim=2)  # (3, N*H, 4*W)
-    return Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+    picture = Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy())
+    return _with_header(picture, ["image", "random hole", "attentive hole", "similarity"])
+
+
+def _with_header(picture, titles, height=20):
+    """The picture under a white band naming its columns."""
+    framed = Image.new("RGB", (picture.width, picture.height + height), "white")
+    framed.paste(picture, (0, height))
+    draw, width = ImageDraw.Draw(framed), picture.width // len(titles)
+    font = ImageFont.load_default(size=min(12, max(6, width // 10)))
+    for i, title in enumerate(titles):
+        draw.text((i * width + 3, 3), title, fill="black", font=font)
+    return framed
 
 
 # ==================================================================================================== plumbing
@@ -845,7 +857,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "(default" not in text and action.default not in (None, False, argparse.SUPPRESS):
+        if "(default" not in text and not any(action.default is x for x in (None, False, argparse.SUPPRESS)):
             shown = " ".join(map(str, action.default)) if isinstance(action.default, (list, tuple)) else action.default
             text += f" (default: {shown})"
         return text
@@ -880,7 +892,7 @@ def parser():
                    help="terms of the approximate Cayley transform, which is not exactly orthogonal; 0: the exact "
                         "solve (default: 0)")
     g.add_argument("--lambda1", type=float, default=orthcr.LAMBDA1, metavar="L1",
-                   help="weight of KL(zero-shot || finetuned) on the clean images")
+                   help="weight of KL(zero-shot ‖ finetuned) on the clean images")
     g.add_argument("--lambda2", type=float, default=None, metavar="L2",
                    help=f"weight of the KL on the Cutout images (default: {orthcr.LAMBDA2}; 0 with --cutout none)")
     g.add_argument("--cutout", default="random", choices=orthcr.CUTOUT_MODES,
@@ -915,7 +927,7 @@ def parser():
     g = p.add_argument_group("evaluation")
     g.add_argument("--zero-shot", action="store_true", help="evaluate plain CLIP, no training: the CLIP row")
     g.add_argument("--eval-only", action="store_true", help="evaluate saved --adapters, no training")
-    g.add_argument("--adapters", default=None, metavar="FILE", help="the adapters.pt that --eval-only evaluates")
+    g.add_argument("--adapters", default=None, metavar="FILE", help="the adapters.pt that --eval-only evaluates (default: none)")
     g.add_argument("--eval-data", nargs="+", default=None, choices=list(data.DATASETS), metavar="NAME",
                    help="the datasets that cross and dg evaluate (default: the paper's)")
     g.add_argument("--eval-limit", type=int, default=None, metavar="N",

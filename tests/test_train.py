@@ -393,5 +393,45 @@ def test_the_cutout_grid_is_a_png_of_the_first_batch(root, weights, tmp_path):
     assert run_main("--data", "eurosat", "--root", root, "--weights", weights, "--shots", 4,
                     "--cutout-grid", path) == []
     image = Image.open(path)
-    assert image.format == "PNG" and image.size == (4 * 32, 8 * 32)  # 4 panels per image, 8 images of 32 px
+    assert image.format == "PNG" and image.size == (4 * 32, 20 + 8 * 32)  # titles, then 4 panels x 8 images
     assert not (tmp_path / "runs").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# --help and the README's flags table
+
+
+def help_rows():
+    """(flags, default, text) of every flag as --help shows them, grouped as --help groups them."""
+    formatter = train._HelpFormatter("train.py")
+    rows = []
+    for group in train.parser()._action_groups[2:]:  # after positionals and "options" (just --help)
+        rows.append((group.title, None, None))
+        for action in group._group_actions:
+            text = formatter._get_help_string(action)
+            body, _, default = text.rpartition(" (default: ")
+            rows.append((", ".join(action.option_strings), default[:-1] if body else "", body or text))
+    return rows
+
+
+def flags_table():
+    lines = ["| flag | default | what it does |", "|---|---|---|"]
+    for flags, default, text in help_rows():
+        if default is None:
+            lines.append(f"| **{flags}** | | |")
+        else:
+            cell = lambda x: x.replace("%%", "%").replace("|", "/").replace("<", "&lt;")  # noqa: E731 (markdown)
+            lines.append(f"| `{flags}` | {cell(default)} | {cell(text)} |")
+    return "\n".join(lines)
+
+
+def test_help_shows_a_default_for_every_flag_that_has_one():
+    for flags, default, text in help_rows():
+        if default is not None and flags not in ("--no-download", "--zero-shot", "--eval-only", "--resume",
+                                                 "--overwrite", "--export"):  # switches: off unless given
+            assert default, f"{flags} shows no default"
+
+
+def test_the_readme_flags_table_is_what_help_shows():
+    readme = (ROOT / "README.md").read_text()
+    assert flags_table() in readme, "README's flags table differs from --help; paste:\n" + flags_table()
