@@ -60,19 +60,19 @@ def train(model, params, train_set, cfg, seed, folder, resume=False):
     tokens, teacher_text = class_prompts(model, params, train_set.classnames, train_set.template, cfg)
     generator = torch.Generator().manual_seed(seed)  # all of Cutout's randomness
     total = cfg.epochs * data.steps_per_epoch(len(train_set.train), cfg.batch_size)
-    step = resume_from(folder, cfg, seed, adapters, context, optimizer, scaler, generator) if resume else 0
-    save = lambda step: save_checkpoint(folder, cfg, seed, step, total, adapters, context, optimizer, scaler,  # noqa
+    step = _resume_from(folder, cfg, seed, adapters, context, optimizer, scaler, generator) if resume else 0
+    save = lambda step: _save_checkpoint(folder, cfg, seed, step, total, adapters, context, optimizer, scaler,  # noqa
                                         generator)
-    with Bookkeeping(folder, cfg, step, total, save) as books:
+    with _Bookkeeping(folder, cfg, step, total, save) as books:
         for epoch, images, labels in data.train_batches(train_set.train, cfg.batch_size, seed, cfg.epochs, step,
                                                         cfg.workers, model.visual.input_resolution):
-            lr = set_lr(optimizer, lr_at(step, total, cfg.lr, cfg.warmup_steps))
-            with autocast(cfg.device, cfg.precision):
+            lr = _set_lr(optimizer, lr_at(step, total, cfg.lr, cfg.warmup_steps))
+            with _autocast(cfg.device, cfg.precision):
                 loss, terms = orthcr.objective(model, params, adapters, images.to(cfg.device), labels.to(cfg.device),
                                                tokens, teacher_text, generator, context=context, **method_settings(cfg))
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
-            stop_if_not_finite(loss, adapters, context, scaler, step + 1, folder)  # before it can reach P
+            _stop_if_not_finite(loss, adapters, context, scaler, step + 1, folder)  # before it can reach P
             scaler.step(optimizer)
             scaler.update()
             step += 1
@@ -86,7 +86,7 @@ def method_settings(cfg):
                 size=cfg.cutout_size, temperature=cfg.cutout_temperature, transform=cayley_transform(cfg.neumann))
 
 
-def set_lr(optimizer, lr):
+def _set_lr(optimizer, lr):
     for group in optimizer.param_groups:
         group["lr"] = lr
     return lr
@@ -119,7 +119,7 @@ def class_prompts(model, params, classnames, template, cfg):
     hand-written template; the student reads it too, or CoOp's prompts when its context is learned. Tokens are
     trimmed once, here on the CPU, because trimming reads their values."""
     teacher_tokens = orthcr.trim_tokens(clip_min.tokenize([template.format(c) for c in classnames]))
-    with autocast(cfg.device, cfg.precision):
+    with _autocast(cfg.device, cfg.precision):
         teacher_text = orthcr.zero_shot_text_features(model, params, teacher_tokens.to(cfg.device))
     student_tokens = teacher_tokens if cfg.prompt == "fixed" else \
         orthcr.trim_tokens(orthcr.coop_tokens(classnames, cfg.n_ctx, cfg.ctx_init))
@@ -143,7 +143,7 @@ def evaluate(model, params, context, eval_sets, cfg, seed):
         if key not in classifiers:
             classifiers[key] = classifier(model, params, context, dataset.classnames, dataset.template, cfg)
     splits = list(eval_sets)
-    items = [test_items(eval_sets[s].test, cfg.eval_limit, seed) for s in splits]
+    items = [_test_items(eval_sets[s].test, cfg.eval_limit, seed) for s in splits]
     correct = [0] * len(splits)
     for i, images, labels in data.eval_batches(items, cfg.eval_batch_size, cfg.workers, model.visual.input_resolution):
         dataset = eval_sets[splits[i]]
@@ -158,7 +158,7 @@ def classifier(model, params, context, classnames, template, cfg, batch=256):
     """The class-prompt features under `params`, (C, E) fp32: the template's prompts, or CoOp's with `context`."""
     tokens = clip_min.tokenize([template.format(c) for c in classnames]) if context is None else \
         orthcr.coop_tokens(classnames, cfg.n_ctx, cfg.ctx_init)
-    with autocast(cfg.device, cfg.precision):
+    with _autocast(cfg.device, cfg.precision):
         return torch.cat([orthcr.encode_text(model, params, orthcr.trim_tokens(t).to(cfg.device), context).float()
                           for t in tokens.split(batch)])
 
@@ -166,12 +166,12 @@ def classifier(model, params, context, classnames, template, cfg, batch=256):
 @torch.no_grad()
 def predict(model, params, images, class_features, cfg):
     """The predicted class of each (normalized) image: argmax of CLIP's logits."""
-    with autocast(cfg.device, cfg.precision):
+    with _autocast(cfg.device, cfg.precision):
         features = orthcr.encode_image(model, params, images)
     return orthcr.clip_logits(features, class_features, params["logit_scale"]).argmax(dim=-1)
 
 
-def test_items(items, limit, seed):
+def _test_items(items, limit, seed):
     return items if limit is None else data.class_balanced_subset(items, limit, seed)
 
 
@@ -184,28 +184,28 @@ def harmonic_mean(a, b):
 def run(cfg, seed, plan, datasets, model, params, seconds):
     """One seed: train (`plan` "new" or "resume") or load adapters, merge, evaluate, write the run folder.
     Returns results.json's content (a finished run that --resume meets is kept as it is)."""
-    folder = run_folder(cfg, seed)
+    folder = _run_folder(cfg, seed)
     if plan == "done":
-        say(f"{folder} is finished: its results.json is kept as it is")
+        _say(f"{folder} is finished: its results.json is kept as it is")
         return json.loads((folder / "results.json").read_text())
     train_set, eval_sets = datasets
     torch.manual_seed(seed)
-    with exclusive(folder, cfg, plan):
+    with _exclusive(folder, cfg, plan):
         started = time.monotonic()
         adapters, context = {}, None  # zero-shot CLIP
         if cfg.eval_only:  # checked against the model before anything is written
-            adapters, context = read_adapters_file(cfg.adapters, params, cfg)
-        write_json(folder / "config.json", run_config(cfg, seed, train_set))
+            adapters, context = _read_adapters_file(cfg.adapters, params, cfg)
+        _write_json(folder / "config.json", _run_config(cfg, seed, train_set))
         if not (cfg.zero_shot or cfg.eval_only):
             adapters, context = train(model, params, train_set, cfg, seed, folder, resume=plan == "resume")
-            save_adapters(folder / "adapters.pt", adapters, context, cfg, seed)
+            _save_adapters(folder / "adapters.pt", adapters, context, cfg, seed)
         trained = time.monotonic()
         merged = orthcr.export_state_dict(params, adapters, cayley_transform(cfg.neumann))  # eval costs plain CLIP
         if cfg.export:
-            export(folder, merged, context, cfg)
+            _export(folder, merged, context, cfg)
         results = evaluate(model, merged, context, eval_sets, cfg, seed)
         for split, r in results.items():
-            say(f"{split}: {r['accuracy']:.2f}% of {r['n']} test images")
+            _say(f"{split}: {r['accuracy']:.2f}% of {r['n']} test images")
         if cfg.protocol == "base2new":
             results["hm"] = harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])
         record = {"data": cfg.data, "protocol": cfg.protocol, "shots": cfg.shots, "seed": seed,
@@ -214,10 +214,10 @@ def run(cfg, seed, plan, datasets, model, params, seconds):
         if cfg.eval_only:
             record["evaluated"] = {"adapters": str(Path(cfg.adapters).resolve()),
                                    "adapters_sha256": clip_min.file_sha256(cfg.adapters),
-                                   "training_settings": read_training_settings(cfg.adapters)}
-        write_json(folder / "results.json", record)
+                                   "training_settings": _read_training_settings(cfg.adapters)}
+        _write_json(folder / "results.json", record)
         (folder / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete: adapters.pt holds what it learned
-    say(f"results written to {folder / 'results.json'}")
+    _say(f"results written to {folder / 'results.json'}")
     return record
 
 
@@ -274,7 +274,7 @@ def cutout_grid(model, params, train_set, cfg, seed, n=8):
                                model.visual.input_resolution)
     images, labels = next(iter(first))[1:]  # the first batch of epoch 1, as training sees it
     _, teacher_text = class_prompts(model, params, train_set.classnames, train_set.template, cfg)
-    with torch.no_grad(), autocast(cfg.device, cfg.precision):
+    with torch.no_grad(), _autocast(cfg.device, cfg.precision):
         _, patches = orthcr.encode_image(model, params, clip_min.normalize(images.to(cfg.device)), dense=True)
     similarity = orthcr.similarity_map(patches, teacher_text[labels.to(cfg.device)]).cpu()  # (N, grid, grid)
     random_cut = orthcr.cutout(images, torch.Generator().manual_seed(seed), cfg.cutout_holes, cfg.cutout_size)
@@ -353,7 +353,7 @@ class Settings:
 
 
 # the settings that change what a run computes: a resumed run must match its checkpoint in each of them
-RESULT_SETTINGS = ("checkpoint_sha256", "data", "protocol", "shots", "epochs", "batch_size", "lr", "weight_decay", "warmup_steps",
+_RESULT_SETTINGS = ("checkpoint_sha256", "data", "protocol", "shots", "epochs", "batch_size", "lr", "weight_decay", "warmup_steps",
                    "targets", "blocks", "towers", "neumann", "lambda1", "lambda2", "cutout", "cutout_size",
                    "cutout_holes", "cutout_temperature", "prompt", "n_ctx", "ctx_init", "precision", "eval_data",
                    "eval_limit", "zero_shot")
@@ -379,18 +379,18 @@ def settings_from(args, saved=None):
               # CoOp: initial words fix the context length
               "n_ctx": len(clip_min.encode(ctx_init)) if ctx_init else pick("n_ctx", N_CTX),
               "eval_data": tuple(args.eval_data) if args.eval_data else None,
-              "precision": resolve_precision(args.precision, args.device), "download": not args.no_download}
+              "precision": _resolve_precision(args.precision, args.device), "download": not args.no_download}
     return Settings(**{f.name: values[f.name] for f in dataclasses.fields(Settings) if f.name in values})
 
 
-def resolve_precision(precision, device):
+def _resolve_precision(precision, device):
     """fp32 on the CPU; on CUDA, `auto` is fp16 autocast with a grad scaler (README: "Precision")."""
     if precision != "auto":
         return precision
     return "fp32" if torch.device(device).type == "cpu" else "fp16"
 
 
-def autocast(device, precision):
+def _autocast(device, precision):
     """Autocast of the towers' matrix products in bf16 or fp16; nothing for fp32 (and on the tests' meta device)."""
     device_type = torch.device(device).type
     if precision == "fp32" or not torch.amp.is_autocast_available(device_type):
@@ -398,18 +398,18 @@ def autocast(device, precision):
     return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def run_config(cfg, seed, train_set):
-    return {**dataclasses.asdict(cfg), "seed": seed, "method": method_name(cfg), "model_file": model_label(cfg),
-            "code_version": code_version(), "torch": torch.__version__,
+def _run_config(cfg, seed, train_set):
+    return {**dataclasses.asdict(cfg), "seed": seed, "method": method_name(cfg), "model_file": _model_label(cfg),
+            "code_version": _code_version(), "torch": torch.__version__,
             "train_images": len(train_set.train) if train_set else 0}
 
 
-def model_label(cfg):
+def _model_label(cfg):
     """The base model as recorded: the --weights file when one is given, else OpenAI's model name."""
     return str(Path(cfg.weights).resolve()) if cfg.weights else cfg.model
 
 
-def code_version():
+def _code_version():
     """sha256 of the four modules: identifies the code even outside a git checkout."""
     h = hashlib.sha256()
     for name in ("clip_min.py", "orthcr.py", "data.py", "train.py"):
@@ -417,15 +417,15 @@ def code_version():
     return h.hexdigest()[:16]
 
 
-def result_settings(cfg, seed):
+def _result_settings(cfg, seed):
     """The settings a checkpoint must have been written with to be resumed by this run."""
     return {**{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
-               if k in RESULT_SETTINGS}, "seed": seed}
+               if k in _RESULT_SETTINGS}, "seed": seed}
 
 
 # ---------------------------------------------------------------------------------------------------- protocols
 
-def protocol_datasets(cfg, seed):
+def _protocol_datasets(cfg, seed):
     """(training Dataset or None, {split name: Dataset to evaluate}) for the chosen protocol."""
     root = Path(cfg.root).expanduser()
 
@@ -448,7 +448,7 @@ def protocol_datasets(cfg, seed):
 RUN_FILES = ("config.json", "log.jsonl", "checkpoint.pt", "adapters.pt", "results.json", "merged.pt", "context.pt")
 
 
-def run_folder(cfg, seed):
+def _run_folder(cfg, seed):
     if cfg.out:
         return Path(cfg.out)
     if cfg.eval_only:  # beside the training run, never into its files
@@ -458,7 +458,7 @@ def run_folder(cfg, seed):
 
 
 @contextmanager
-def exclusive(folder, cfg, plan):
+def _exclusive(folder, cfg, plan):
     """Hold the run folder for one run: created if needed, locked against concurrent use (flock, which the
     kernel releases when a run crashes), and refused if it already holds a run unless --resume or --overwrite
     says what to do with it. A folder made here that is still empty at the end is removed again."""
@@ -469,10 +469,10 @@ def exclusive(folder, cfg, plan):
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fail(f"{folder} is in use by another run (its .lock is held): wait for it, or choose another --out")
+            _fail(f"{folder} is in use by another run (its .lock is held): wait for it, or choose another --out")
         try:
-            if run_state(folder) != PLAN_STATE[plan] and not (plan == "new" and cfg.overwrite):
-                fail(f"{folder} changed while this run was starting (another run?): start again")
+            if _run_state(folder) != _PLAN_STATE[plan] and not (plan == "new" and cfg.overwrite):
+                _fail(f"{folder} changed while this run was starting (another run?): start again")
             if cfg.overwrite:
                 for name in RUN_FILES:
                     (folder / name).unlink(missing_ok=True)
@@ -485,7 +485,7 @@ def exclusive(folder, cfg, plan):
             folder.rmdir()
 
 
-def run_state(folder):
+def _run_state(folder):
     """'done' (results.json), 'checkpoint' (checkpoint.pt, unfinished), 'partial' (a run that stopped before
     its first checkpoint) or 'empty'."""
     if (folder / "results.json").exists():
@@ -495,86 +495,86 @@ def run_state(folder):
     return "partial" if any((folder / name).exists() for name in RUN_FILES) else "empty"
 
 
-PLAN_STATE = {"new": "empty", "resume": "checkpoint", "done": "done"}
+_PLAN_STATE = {"new": "empty", "resume": "checkpoint", "done": "done"}
 
 
-def plan_runs(cfg):
+def _plan_runs(cfg):
     """What each seed's run folder will do: "new", "resume" or "done" (--resume keeps a finished seed of a
     sweep as it is). One-line errors, before any work, for folders that cannot take their run."""
-    folders = {seed: run_folder(cfg, seed) for seed in cfg.seeds}
+    folders = {seed: _run_folder(cfg, seed) for seed in cfg.seeds}
     for folder in folders.values():
-        check_writable(folder)
-    states = {seed: run_state(folder) for seed, folder in folders.items()}
+        _check_writable(folder)
+    states = {seed: _run_state(folder) for seed, folder in folders.items()}
     if not cfg.resume:
         for seed, folder in folders.items():
             held = [name for name in RUN_FILES if (folder / name).exists()]
             if held and not cfg.overwrite:
-                fail(f"{folder} already holds a run ({', '.join(held)}): continue exactly that run with --resume, "
+                _fail(f"{folder} already holds a run ({', '.join(held)}): continue exactly that run with --resume, "
                      f"replace it with --overwrite, or choose another --out")
         return {seed: "new" for seed in folders}
     first = folders[cfg.seeds[0]]
     if len(folders) == 1 and states[cfg.seeds[0]] == "done":
-        fail(f"--resume: {first} holds a finished run (results.json); there is nothing to resume")
+        _fail(f"--resume: {first} holds a finished run (results.json); there is nothing to resume")
     if all(state == "empty" for state in states.values()):
-        fail(f"--resume: no checkpoint in {first} (expected {first / 'checkpoint.pt'}); check --out, or start "
+        _fail(f"--resume: no checkpoint in {first} (expected {first / 'checkpoint.pt'}); check --out, or start "
              f"a new run without --resume")
     for seed, state in states.items():
         if state == "partial":
-            fail(f"--resume: {folders[seed]} holds a run that stopped before its first checkpoint; start it "
+            _fail(f"--resume: {folders[seed]} holds a run that stopped before its first checkpoint; start it "
                  f"again with --overwrite")
         if state == "done":
-            check_recorded_settings(folders[seed] / "config.json", cfg, seed)
+            _check_recorded_settings(folders[seed] / "config.json", cfg, seed)
     return {seed: {"done": "done", "checkpoint": "resume", "empty": "new"}[state] for seed, state in states.items()}
 
 
-def check_writable(folder):
+def _check_writable(folder):
     """--out (or a default run folder) must be a folder, or creatable, and writable."""
     for parent in [folder, *folder.parents]:
         if parent.exists() and not parent.is_dir():
-            fail(f"--out {folder}: {parent} is a file, not a folder")
+            _fail(f"--out {folder}: {parent} is a file, not a folder")
         if parent.exists():
             if not os.access(parent, os.W_OK | os.X_OK):
-                fail(f"--out {folder}: {parent} is not writable")
+                _fail(f"--out {folder}: {parent} is not writable")
             return
 
 
-def check_recorded_settings(path, cfg, seed):
+def _check_recorded_settings(path, cfg, seed):
     """A finished run kept by --resume must have been run with this run's settings."""
     try:
         recorded = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        fail(f"--resume: cannot read {path}: {e}")
-    current = result_settings(cfg, seed)
+        _fail(f"--resume: cannot read {path}: {e}")
+    current = _result_settings(cfg, seed)
     current.pop("checkpoint_sha256")  # not known yet; config.json records it
     for key, value in current.items():
         if recorded.get(key, "(not recorded)") != value:
-            fail(f"--resume: {path} was run with {key} = {recorded.get(key, '(not recorded)')!r}, this run has "
+            _fail(f"--resume: {path} was run with {key} = {recorded.get(key, '(not recorded)')!r}, this run has "
                  f"{key} = {value!r}")
 
 
-def write_json(path, obj):
+def _write_json(path, obj):
     """Every file of a run goes through clip_min.write_atomic: a temporary name, fsync, then the rename."""
-    write_file(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
+    _write_file(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
-def write_torch(path, obj):
-    write_file(path, lambda tmp: torch.save(obj, tmp))
+def _write_torch(path, obj):
+    _write_file(path, lambda tmp: torch.save(obj, tmp))
 
 
-def write_file(path, write):
+def _write_file(path, write):
     """clip_min.write_atomic, with a full disk as one line that names the file (the previous file is kept)."""
     try:
         clip_min.write_atomic(path, write)
     except OSError as e:
         if e.errno != errno.ENOSPC:
-            fail(f"cannot write {path}: {e.strerror or e}")
+            _fail(f"cannot write {path}: {e.strerror or e}")
         if (path.parent / "checkpoint.pt").is_file():
-            say(f"free some space, then resume with:\n  {resume_command(path.parent)}")
-        fail(f"cannot write {path}: no space left on device (ENOSPC); the previous "
+            _say(f"free some space, then resume with:\n  {_resume_command(path.parent)}")
+        _fail(f"cannot write {path}: no space left on device (ENOSPC); the previous "
              f"{path.name if path.exists() else 'file'} is kept")
 
 
-def resume_command(folder):
+def _resume_command(folder):
     """The command that continues this run: the same flags plus --resume, minus --overwrite (which would
     discard what was just saved). Quoted, so that paths with spaces survive copy and paste."""
     argv = [a for a in sys.argv if a != "--overwrite"]
@@ -586,21 +586,21 @@ def resume_command(folder):
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
-def save_checkpoint(folder, cfg, seed, step, total, adapters, context, optimizer, scaler, generator):
+def _save_checkpoint(folder, cfg, seed, step, total, adapters, context, optimizer, scaler, generator):
     """Everything a resumed run needs to continue bit for bit, with the settings it must be resumed with."""
-    write_torch(folder / "checkpoint.pt", {
+    _write_torch(folder / "checkpoint.pt", {
         "step": step, "total": total, "adapters": {k: P.detach().cpu() for k, P in adapters.items()},
         "context": None if context is None else context.detach().cpu(),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "cutout": generator.get_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "settings": result_settings(cfg, seed)})
+        "settings": _result_settings(cfg, seed)})
 
 
-def resume_from(folder, cfg, seed, adapters, context, optimizer, scaler, generator):
+def _resume_from(folder, cfg, seed, adapters, context, optimizer, scaler, generator):
     """Load the checkpoint (checked before the model was loaded) into the fresh trainables, the optimizer, the
     scaler and every RNG; trim the step log to the checkpoint's step. Returns the step."""
-    state = read_checkpoint(folder / "checkpoint.pt", cfg, seed, adapters, context)
+    state = _read_checkpoint(folder / "checkpoint.pt", cfg, seed, adapters, context)
     with torch.no_grad():
         for k, P in adapters.items():
             P.copy_(state["adapters"][k])
@@ -615,127 +615,127 @@ def resume_from(folder, cfg, seed, adapters, context, optimizer, scaler, generat
     log_path = folder / "log.jsonl"
     kept = [line for line in (log_path.read_text().splitlines() if log_path.is_file() else [])
             if json.loads(line)["step"] <= state["step"]]
-    write_file(log_path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
-    say(f"resumed from {folder / 'checkpoint.pt'} at step {state['step']}/{state['total']}")
+    _write_file(log_path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+    _say(f"resumed from {folder / 'checkpoint.pt'} at step {state['step']}/{state['total']}")
     return state["step"]
 
 
-def read_checkpoint(path, cfg, seed, adapters=None, context=None):
+def _read_checkpoint(path, cfg, seed, adapters=None, context=None):
     """The checkpoint, refused with one line unless it is whole and was written by this very run: same settings
     (the first difference is named), steps within the schedule, finite tensors of the expected shapes."""
-    state = load_trusted(path, "checkpoint")
+    state = _load_trusted(path, "checkpoint")
     expected = {"step": int, "total": int, "adapters": dict, "optimizer": dict, "scaler": dict, "rng": dict, "settings": dict}
     for key, kind in expected.items():
         if not isinstance(state.get(key), kind):
-            fail(f"{path} is not a checkpoint written by train.py: '{key}' is missing or not a {kind.__name__}")
-    current = result_settings(cfg, seed)
+            _fail(f"{path} is not a checkpoint written by train.py: '{key}' is missing or not a {kind.__name__}")
+    current = _result_settings(cfg, seed)
     for key, value in current.items():
         if state["settings"].get(key, "(not recorded)") != value:
-            fail(f"--resume: {path} was written with {key} = {state['settings'].get(key, '(not recorded)')!r}, "
+            _fail(f"--resume: {path} was written with {key} = {state['settings'].get(key, '(not recorded)')!r}, "
                  f"this run has {key} = {value!r}; resume with the run's own settings, or start a new run")
     if adapters is not None:
-        check_trainables(path, state["adapters"], state.get("context"), adapters, context)
+        _check_trainables(path, state["adapters"], state.get("context"), adapters, context)
     return state
 
 
-def check_trainables(path, saved_adapters, saved_context, adapters, context):
+def _check_trainables(path, saved_adapters, saved_context, adapters, context):
     """The saved tensors must be exactly this run's: same keys, same shapes, finite."""
     for key, P in adapters.items():
         saved = saved_adapters.get(key)
         if not isinstance(saved, torch.Tensor) or saved.shape != P.shape:
-            fail(f"{path}: adapter {key} has shape {tuple(saved.shape) if isinstance(saved, torch.Tensor) else None}, "
+            _fail(f"{path}: adapter {key} has shape {tuple(saved.shape) if isinstance(saved, torch.Tensor) else None}, "
                  f"this run expects {tuple(P.shape)}")
     if set(saved_adapters) - set(adapters):
-        fail(f"{path}: adapter {sorted(set(saved_adapters) - set(adapters))[0]} is not part of this run's layout")
+        _fail(f"{path}: adapter {sorted(set(saved_adapters) - set(adapters))[0]} is not part of this run's layout")
     if (context is None) != (saved_context is None) or (context is not None and saved_context.shape != context.shape):
-        fail(f"{path}: CoOp context {None if saved_context is None else tuple(saved_context.shape)} does not match "
+        _fail(f"{path}: CoOp context {None if saved_context is None else tuple(saved_context.shape)} does not match "
              f"this run's {None if context is None else tuple(context.shape)}")
     for key, P in [*saved_adapters.items(), *([("context", saved_context)] if saved_context is not None else [])]:
         if not torch.isfinite(P).all():
-            fail(f"{path}: {key} holds non-finite values")
+            _fail(f"{path}: {key} holds non-finite values")
 
 
-def check_steps(path, state, total):
+def _check_steps(path, state, total):
     if not (0 <= state["step"] <= total and state["total"] == total):
-        fail(f"{path}: step {state['step']} of {state['total']} does not fit this run's {total} steps")
+        _fail(f"{path}: step {state['step']} of {state['total']} does not fit this run's {total} steps")
 
 
 # ---------------------------------------------------------------------------------------------------- adapters files
 
-def save_adapters(path, adapters, context, cfg, seed):
+def _save_adapters(path, adapters, context, cfg, seed):
     """Only the trainable tensors (a few hundred MB at most), with the layout and the full training settings."""
-    write_torch(path, {"adapters": {k: P.detach().cpu() for k, P in adapters.items()},
+    _write_torch(path, {"adapters": {k: P.detach().cpu() for k, P in adapters.items()},
                        "context": None if context is None else context.detach().cpu(),
-                       "config": {"model": model_label(cfg), "checkpoint_sha256": cfg.checkpoint_sha256,
+                       "config": {"model": _model_label(cfg), "checkpoint_sha256": cfg.checkpoint_sha256,
                                   "targets": list(cfg.targets), "blocks": cfg.blocks, "towers": list(cfg.towers),
                                   "neumann": cfg.neumann, "prompt": cfg.prompt, "n_ctx": cfg.n_ctx,
                                   "ctx_init": cfg.ctx_init},
-                       "settings": result_settings(cfg, seed)})
+                       "settings": _result_settings(cfg, seed)})
 
 
-def read_training_settings(path):
+def _read_training_settings(path):
     """The training settings recorded in an adapters file (its layout at least), or {}."""
-    saved = load_trusted(path, "adapters")
+    saved = _load_trusted(path, "adapters")
     if not isinstance(saved, dict) or not isinstance(saved.get("adapters"), dict):
-        fail(f"{path} holds no 'adapters' entry: not an adapters.pt written by train.py")
+        _fail(f"{path} holds no 'adapters' entry: not an adapters.pt written by train.py")
     return {**(saved.get("config") or {}), **(saved.get("settings") or {})}
 
 
-def read_adapters_file(path, params, cfg):
+def _read_adapters_file(path, params, cfg):
     """(adapters, context) of an adapters file, checked against the model and this run's layout: a partial or
     foreign file names its first mismatching tensor (in state-dict order) and is never evaluated."""
-    saved = load_trusted(path, "adapters")
+    saved = _load_trusted(path, "adapters")
     try:
         orthcr.check_adapters(params, saved["adapters"])
     except (ValueError, AttributeError) as e:
-        fail(f"{path} does not fit this model: {e}")
+        _fail(f"{path} does not fit this model: {e}")
     expected, expected_context = init_trainables(params, cfg, 0)  # the layout this run evaluates
     first = next((k for k in params if (k in expected) != (k in saved["adapters"])
                   or (k in expected and saved["adapters"][k].shape != expected[k].shape)), None)
     if first is not None:
         config = saved.get("config") or {}
-        fail(f"{path} was made for another configuration (its config: --targets "
+        _fail(f"{path} was made for another configuration (its config: --targets "
              f"{' '.join(config.get('targets', ['?'])) or 'none'} --blocks {config.get('blocks', '?')} --towers "
              f"{' '.join(config.get('towers', ['?']))}, model {config.get('model', '?')}); first mismatching tensor "
              f"{first}: this run expects {tuple(expected[first].shape) if first in expected else 'no adapter'}, "
              f"the file has {tuple(saved['adapters'][first].shape) if first in saved['adapters'] else 'none'}")
-    check_trainables(path, saved["adapters"], saved.get("context"), expected, expected_context)
+    _check_trainables(path, saved["adapters"], saved.get("context"), expected, expected_context)
     context = saved.get("context")
     return ({k: P.to(cfg.device) for k, P in saved["adapters"].items()},
             None if context is None else context.to(cfg.device))
 
 
-def export(folder, merged, context, cfg):
+def _export(folder, merged, context, cfg):
     """merged.pt: the merged weights as a state dict in OpenAI's key format (fp32, or fp16 as OpenAI ships
     them); the learned CoOp context beside it in context.pt, since OpenAI's format has no place for it."""
     dtype = torch.float16 if cfg.export_dtype == "fp16" else torch.float32
-    write_torch(folder / "merged.pt", {k: v.to("cpu", dtype if v.is_floating_point() else v.dtype)
+    _write_torch(folder / "merged.pt", {k: v.to("cpu", dtype if v.is_floating_point() else v.dtype)
                                        for k, v in merged.items()})
-    say(f"merged weights written to {folder / 'merged.pt'} ({cfg.export_dtype})")
+    _say(f"merged weights written to {folder / 'merged.pt'} ({cfg.export_dtype})")
     if context is not None:
-        write_torch(folder / "context.pt", {"context": context.detach().cpu(), "n_ctx": cfg.n_ctx,
+        _write_torch(folder / "context.pt", {"context": context.detach().cpu(), "n_ctx": cfg.n_ctx,
                                             "ctx_init": cfg.ctx_init, "prompt": "[SOS] ctx_1..ctx_n {class}. [EOS]"})
-        say(f"CoOp context written to {folder / 'context.pt'}")
+        _say(f"CoOp context written to {folder / 'context.pt'}")
 
 
-def load_trusted(path, what):
+def _load_trusted(path, what):
     """torch.load with weights_only=True: tensors and plain containers only, no code from the file runs."""
     try:
         if Path(path).stat().st_size == 0:
-            fail(f"{path} is empty (0 bytes): not a {what} file")
+            _fail(f"{path} is empty (0 bytes): not a {what} file")
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
-        fail(f"cannot read {what} file {path}: {e.strerror or e}")
+        _fail(f"cannot read {what} file {path}: {e.strerror or e}")
     except Exception as e:
-        fail(f"{path} is not a valid {what} file (loaded with weights_only=True): {str(e).splitlines()[0]}")
+        _fail(f"{path} is not a valid {what} file (loaded with weights_only=True): {str(e).splitlines()[0]}")
     if not isinstance(obj, dict):
-        fail(f"{path} is not a {what} file written by train.py (it holds a {type(obj).__name__})")
+        _fail(f"{path} is not a {what} file written by train.py (it holds a {type(obj).__name__})")
     return obj
 
 
 # ---------------------------------------------------------------------------------------------------- the loop's helpers
 
-def stop_if_not_finite(loss, adapters, context, scaler, step, folder):
+def _stop_if_not_finite(loss, adapters, context, scaler, step, folder):
     """A non-finite loss or gradient stops the run before it can reach P or a checkpoint (the fp16 scaler
     skips inf/NaN gradient steps itself). Reads values: one device sync per step."""
     if not torch.isfinite(loss):
@@ -745,17 +745,17 @@ def stop_if_not_finite(loss, adapters, context, scaler, step, folder):
     else:
         return
     last = folder / "checkpoint.pt"
-    fail(f"non-finite {what} at step {step}; the last good checkpoint is "
+    _fail(f"non-finite {what} at step {step}; the last good checkpoint is "
          f"{last if last.is_file() else 'none (no checkpoint was saved yet)'}", code=3)
 
 
-def stop_interrupted(folder, step, total):
-    say(f"checkpoint saved to {folder / 'checkpoint.pt'} at step {step}/{total}; resume with:\n  "
-        f"{resume_command(folder)}")
+def _stop_interrupted(folder, step, total):
+    _say(f"checkpoint saved to {folder / 'checkpoint.pt'} at step {step}/{total}; resume with:\n  "
+        f"{_resume_command(folder)}")
     raise SystemExit(130)
 
 
-class Interrupt:
+class _Interrupt:
     """The first Ctrl-C asks the loop to checkpoint and stop after the current step; a second one kills."""
 
     def __init__(self):
@@ -768,13 +768,13 @@ class Interrupt:
     def handle(self, signum, frame):
         self.requested = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
-        say("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)")
+        _say("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
         signal.signal(signal.SIGINT, self.previous)
 
 
-class Bookkeeping:
+class _Bookkeeping:
     """Everything around a step that is not the method: log.jsonl (one JSON line per step, flushed), the
     checkpoint at each epoch's end (or every --save-every steps) and on Ctrl-C, the progress line."""
 
@@ -782,10 +782,10 @@ class Bookkeeping:
         self.folder, self.cfg, self.total, self.save = folder, cfg, total, save
         per_epoch = total // cfg.epochs
         self.save_every = cfg.save_every or per_epoch
-        self.progress = Progress(step, total, cfg.batch_size)
+        self.progress = _Progress(step, total, cfg.batch_size)
 
     def __enter__(self):
-        self.interrupt = Interrupt().__enter__()
+        self.interrupt = _Interrupt().__enter__()
         self.log = open(self.folder / "log.jsonl", "a")
         return self
 
@@ -797,7 +797,7 @@ class Bookkeeping:
         if self.interrupt.requested or step % self.save_every == 0 or step == self.total:
             self.save(step)
         if self.interrupt.requested:
-            stop_interrupted(self.folder, step, self.total)
+            _stop_interrupted(self.folder, step, self.total)
         if step % self.cfg.log_every == 0 or step == self.total:
             self.progress.report(step, epoch, self.cfg.epochs, lr, terms)
 
@@ -806,7 +806,7 @@ class Bookkeeping:
         self.interrupt.__exit__(*exc)
 
 
-class Progress:
+class _Progress:
     """One stderr line per --log-every steps: loss terms, lr, images/s and the time left."""
 
     def __init__(self, step, total, batch_size):
@@ -821,11 +821,11 @@ class Progress:
     def report(self, step, epoch, epochs, lr, terms):
         rate = (step - self.start_step) / max(time.monotonic() - self.start, 1e-9)
         parts = " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
-        say(f"step {step}/{self.total} epoch {epoch + 1}/{epochs} ({parts}) lr {lr:.2e} "
-            f"{rate * self.batch_size:.1f} img/s ETA {duration((self.total - step) / max(rate, 1e-9))}")
+        _say(f"step {step}/{self.total} epoch {epoch + 1}/{epochs} ({parts}) lr {lr:.2e} "
+            f"{rate * self.batch_size:.1f} img/s ETA {_duration((self.total - step) / max(rate, 1e-9))}")
 
 
-def duration(seconds):
+def _duration(seconds):
     """H:MM:SS, with as many hours as it takes (never wraps at 24 h)."""
     seconds = int(seconds)
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
@@ -833,21 +833,21 @@ def duration(seconds):
 
 # ---------------------------------------------------------------------------------------------------- messages
 
-def say(message):
+def _say(message):
     print(message, file=sys.stderr, flush=True)
 
 
-def fail(message, code=1):
+def _fail(message, code=1):
     """Stop with one `error: ...` line on stderr and a non-zero exit, no traceback."""
     if code == 1:
         raise SystemExit(f"error: {message}")  # Python prints it and exits with 1
-    say(f"error: {message}")
+    _say(f"error: {message}")
     raise SystemExit(code)
 
 
-def one_line_warnings():
+def _one_line_warnings():
     """Warnings as one `warning: ...` line each, without Python's category and source line."""
-    warnings.showwarning = lambda message, *args, **kwargs: say(f"warning: {message}")
+    warnings.showwarning = lambda message, *args, **kwargs: _say(f"warning: {message}")
 
 
 # ---------------------------------------------------------------------------------------------------- the command line
@@ -966,7 +966,7 @@ def parse_args(argv=None):
     """The flags, validated before anything heavy is loaded (exit 2 with one line)."""
     p = parser()
     args = p.parse_args(argv)
-    problems = validate(args)
+    problems = _validate(args)
     if problems:
         p.error("; ".join(problems))
     if args.workers is None:
@@ -978,7 +978,7 @@ def parse_args(argv=None):
     return args
 
 
-def validate(args):
+def _validate(args):
     """Every flag checked before anything is read: a list of one-line problems."""
     bad = []
     positive = dict(epochs=args.epochs, batch_size=args.batch_size, eval_batch_size=args.eval_batch_size,
@@ -1002,14 +1002,14 @@ def validate(args):
         if len(set(args.seeds)) != len(args.seeds):
             bad.append(f"--seeds {' '.join(map(str, args.seeds))}: each seed once (a repeated seed repeats its run)")
         bad += [f"--seeds: {s} is not a seed (expected 0 <= seed < 2**32)" for s in args.seeds if not 0 <= s < 2**32]
-    bad += validate_method(args)
-    bad += validate_protocol(args)
-    bad += validate_files(args)
-    bad += validate_device(args)
+    bad += _validate_method(args)
+    bad += _validate_protocol(args)
+    bad += _validate_files(args)
+    bad += _validate_device(args)
     return bad
 
 
-def validate_method(args):
+def _validate_method(args):
     """Combinations of the method's flags that make no sense, one line each."""
     bad = []
     no_adapters = args.targets is not None and [t.lower() for t in args.targets] == ["none"]
@@ -1041,7 +1041,7 @@ def validate_method(args):
     return bad
 
 
-def validate_protocol(args):
+def _validate_protocol(args):
     bad = []
     name = args.data or "eurosat"
     if args.protocol == "dg" and name != "imagenet":
@@ -1055,7 +1055,7 @@ def validate_protocol(args):
     return bad
 
 
-def validate_files(args):
+def _validate_files(args):
     bad = []
     if args.weights is not None and not Path(args.weights).is_file():
         bad.append(f"--weights {args.weights}: no such file")
@@ -1078,7 +1078,7 @@ def validate_files(args):
     return bad
 
 
-def validate_device(args):
+def _validate_device(args):
     try:
         device = torch.device(args.device)
     except RuntimeError:
@@ -1096,54 +1096,54 @@ def validate_device(args):
     return []
 
 
-def check_root(cfg):
+def _check_root(cfg):
     try:
         data.check_root(Path(cfg.root).expanduser())
     except data.DataError as e:
-        fail(f"--root: {e}")
+        _fail(f"--root: {e}")
 
 
-def check_layout(cfg, path):
+def _check_layout(cfg, path):
     """--targets/--blocks/--towers against the checkpoint's shapes, read without building the model (its
     tensors as meta tensors: shapes, no data). Returns the trainables this run will have, on the meta device."""
     shapes = {k: torch.empty(s, device="meta") for k, s in clip_min.read_shapes(path).items()}
     try:
         return init_trainables(shapes, cfg, seed=0)
     except ValueError as e:
-        fail(f"{'--blocks' if 'divisible' in str(e) else '--targets/--towers'} do not fit {path}: {e}")
+        _fail(f"{'--blocks' if 'divisible' in str(e) else '--targets/--towers'} do not fit {path}: {e}")
 
 
 def main(argv=None):
-    one_line_warnings()
+    _one_line_warnings()
     args = parse_args(argv)
-    cfg = settings_from(args, read_training_settings(args.adapters) if args.eval_only else None)
-    plan = {} if args.cutout_grid else plan_runs(cfg)  # run folders first: a refused folder costs nothing
-    check_root(cfg)
+    cfg = settings_from(args, _read_training_settings(args.adapters) if args.eval_only else None)
+    plan = {} if args.cutout_grid else _plan_runs(cfg)  # run folders first: a refused folder costs nothing
+    _check_root(cfg)
     clock = time.monotonic()
     try:  # the datasets are read and checked, completely, before the model is loaded or downloaded
-        datasets = {seed: protocol_datasets(cfg, seed) for seed in cfg.seeds}
+        datasets = {seed: _protocol_datasets(cfg, seed) for seed in cfg.seeds}
     except data.DataError as e:
-        fail(str(e))
+        _fail(str(e))
     data_s = time.monotonic() - clock
     try:
         path, model_sha256 = clip_min.checkpoint(cfg.weights or cfg.model, cfg.download_root)
         cfg = dataclasses.replace(cfg, checkpoint_sha256=model_sha256)
-        adapters, context = check_layout(cfg, path)
+        adapters, context = _check_layout(cfg, path)
         for seed in (s for s in cfg.seeds if plan.get(s) == "resume"):
-            state = read_checkpoint(run_folder(cfg, seed) / "checkpoint.pt", cfg, seed, adapters, context)
-            check_steps(run_folder(cfg, seed) / "checkpoint.pt", state,
+            state = _read_checkpoint(_run_folder(cfg, seed) / "checkpoint.pt", cfg, seed, adapters, context)
+            _check_steps(_run_folder(cfg, seed) / "checkpoint.pt", state,
                         cfg.epochs * data.steps_per_epoch(len(datasets[seed][0].train), cfg.batch_size))
-        say(f"loading {model_label(cfg)} ({path.stat().st_size / 2**20:.0f} MiB)")
+        _say(f"loading {_model_label(cfg)} ({path.stat().st_size / 2**20:.0f} MiB)")
         model = clip_min.build_model(clip_min.read_state_dict(path), source=str(path)).to(cfg.device)
     except (ValueError, RuntimeError, OSError) as e:  # bad file, failed download, unreadable path
-        fail(str(e).splitlines()[0] if str(e) else repr(e))
+        _fail(str(e).splitlines()[0] if str(e) else repr(e))
     model.requires_grad_(False)  # W0 is frozen: only the adapters (and CoOp's context) get gradients
     params = dict(model.state_dict())
     if args.cutout_grid:
         seed = cfg.seeds[0]
-        write_file(Path(args.cutout_grid), lambda tmp: cutout_grid(model, params, datasets[seed][0], cfg, seed)
+        _write_file(Path(args.cutout_grid), lambda tmp: cutout_grid(model, params, datasets[seed][0], cfg, seed)
                    .save(tmp, format="PNG"))
-        say(f"Cutout grid written to {args.cutout_grid}")
+        _say(f"Cutout grid written to {args.cutout_grid}")
         return []
     seconds = {"data": data_s, "model": time.monotonic() - clock - data_s}
     all_results = [run(cfg, seed, plan[seed], datasets[seed], model, params, seconds) for seed in cfg.seeds]

@@ -58,10 +58,10 @@ if sys.argv[2] == "torch":
         real_save(obj, buf)
         half_then_hang(path, buf.getvalue())
     real_save, torch.save = torch.save, save
-    train.write_torch(sys.argv[1], {"step": 2, "adapters": {"w": torch.full((100_000,), 2.0)}})
+    train._write_torch(sys.argv[1], {"step": 2, "adapters": {"w": torch.full((100_000,), 2.0)}})
 else:
     pathlib.Path.write_text = lambda path, text: half_then_hang(path, text.encode())
-    train.write_json(sys.argv[1], {"step": 2, "results": list(range(100_000))})
+    train._write_json(sys.argv[1], {"step": 2, "results": list(range(100_000))})
 """
 
 
@@ -69,8 +69,8 @@ else:
 def test_a_save_killed_midway_leaves_the_previous_file(tmp_path, kind):
     path = tmp_path / ("checkpoint.pt" if kind == "torch" else "results.json")
     old = {"step": 1, "adapters": {"w": torch.full((10,), 1.0)}} if kind == "torch" else {"step": 1, "results": [1]}
-    save, load = (train.write_torch, lambda: torch.load(path, weights_only=True)) if kind == "torch" else \
-        (train.write_json, lambda: json.loads(path.read_text()))
+    save, load = (train._write_torch, lambda: torch.load(path, weights_only=True)) if kind == "torch" else \
+        (train._write_json, lambda: json.loads(path.read_text()))
     save(path, old)
     child = python(HALF_WRITTEN_SAVE, path, kind, stdout=subprocess.PIPE, text=True)
     try:
@@ -89,9 +89,9 @@ def test_a_save_killed_midway_leaves_the_previous_file(tmp_path, kind):
 
 def test_a_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "checkpoint.pt"
-    train.write_torch(path, {"step": 1})
+    train._write_torch(path, {"step": 1})
     with pytest.raises(Exception):
-        train.write_torch(path, {"step": 2, "not a tensor": lambda: 0})  # pickling fails halfway through the file
+        train._write_torch(path, {"step": 2, "not a tensor": lambda: 0})  # pickling fails halfway through the file
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
@@ -155,12 +155,12 @@ def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_to_the_same_a
 
 
 def test_ctrl_c_in_a_several_seed_run_prints_a_command_the_cli_accepts(root, weights, tmp_path, monkeypatch, capsys):
-    class StopAtStep1(train.Interrupt):  # as if Ctrl-C came during the first step
+    class StopAtStep1(train._Interrupt):  # as if Ctrl-C came during the first step
         requested = property(lambda self: True, lambda self, value: None)
 
     argv = ["--data", "eurosat", "--root", root, "--weights", weights, "--shots", 2, "--epochs", 1, "--seeds", 1, 2]
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train, "Interrupt", StopAtStep1)
+    monkeypatch.setattr(train, "_Interrupt", StopAtStep1)
     monkeypatch.setattr(sys, "argv", ["train.py", *map(str, argv)])
     with pytest.raises(SystemExit) as stop:
         run_main(*argv)

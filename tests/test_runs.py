@@ -119,11 +119,11 @@ def stopped(root, weights, tmp_path, monkeypatch):  # noqa: F811
     """A run stopped (as by Ctrl-C) at step 3 of 4, with its checkpoint."""
     out = tmp_path / "stopped"
 
-    class StopAtStep3(train.Interrupt):
+    class StopAtStep3(train._Interrupt):
         requested = property(lambda self: (out / "log.jsonl").exists() and len(read_log(out)) >= 3,
                              lambda self, value: None)
 
-    monkeypatch.setattr(train, "Interrupt", StopAtStep3)
+    monkeypatch.setattr(train, "_Interrupt", StopAtStep3)
     with pytest.raises(SystemExit):
         run_main(*base_args(root, weights, out, "--epochs", 2, "--lr", 1e-2))
     monkeypatch.undo()
@@ -282,8 +282,8 @@ def test_a_failed_evaluation_of_foreign_adapters_leaves_no_folder(root, weights,
 
 
 def test_the_eta_does_not_wrap_at_24_hours():
-    assert train.duration(25 * 3600 + 61) == "25:01:01"
-    assert train.duration(59) == "0:00:59"
+    assert train._duration(25 * 3600 + 61) == "25:01:01"
+    assert train._duration(59) == "0:00:59"
 
 
 def test_the_cli_prints_one_line_and_no_traceback(root, weights, finished):  # noqa: F811

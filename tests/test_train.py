@@ -171,7 +171,7 @@ def test_resume_after_a_stop_equals_the_uninterrupted_run(root, weights, tmp_pat
     args = ("--epochs", 3, "--lr", 1e-2, "--save-every", 1)
     run_main(*base_args(root, weights, full, *args))
 
-    class StopAtStep5(train.Interrupt):  # as if Ctrl-C came during step 5
+    class StopAtStep5(train._Interrupt):  # as if Ctrl-C came during step 5
         @property
         def requested(self):
             return len(read_log(stopped)) >= 5 if (stopped / "log.jsonl").exists() else False
@@ -180,7 +180,7 @@ def test_resume_after_a_stop_equals_the_uninterrupted_run(root, weights, tmp_pat
         def requested(self, value):
             pass
 
-    monkeypatch.setattr(train, "Interrupt", StopAtStep5)
+    monkeypatch.setattr(train, "_Interrupt", StopAtStep5)
     with pytest.raises(SystemExit) as stop:
         run_main(*base_args(root, weights, stopped, *args))
     assert stop.value.code == 130 and not (stopped / "results.json").exists()
