@@ -1,8 +1,10 @@
-"""Shared test helpers: devices, the tiny random CLIP, OpenAI's reference code, ../shared, a local HTTP server."""
+"""Shared test helpers: devices, the tiny random CLIP, OpenAI's reference code, ../shared, a local HTTP server,
+miniature datasets and the training CLI."""
 
 import hashlib
 import http.server
 import importlib.util
+import json
 import os
 import sys
 import threading
@@ -10,9 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+import clip_min  # noqa: E402 (the repository is importable from here on)
+import train  # noqa: E402
 
 # every test that takes `device` runs on the CPU and, where present, on CUDA
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
@@ -50,14 +56,14 @@ def device(request):
 
 @pytest.fixture(scope="session")
 def tiny_model():
-    import clip_min
     return clip_min.random_model("tiny", seed=0)
 
 
 @pytest.fixture
 def shared():
     if not SHARED.is_dir():
-        pytest.skip("../shared is not present")
+        pytest.skip(f"needs {SHARED} beside the checkout (the real EuroSAT sample and CoOp's split files, as in "
+                    "this project's CI); see the README's Tests section")
     return SHARED
 
 
@@ -100,3 +106,87 @@ def server():
 
 def sha256(data):
     return hashlib.sha256(data).hexdigest()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training end to end: miniature datasets in CoOp's layout, the tiny CLIP as a checkpoint file, the CLI
+
+# one solid colour per class (plus noise): a task the tiny model can learn
+COLOURS = [(220, 30, 30), (30, 200, 40), (40, 60, 220), (230, 220, 40), (200, 40, 210), (40, 210, 210)]
+
+
+def toy_image(path, colour, seed, size=40):
+    g = torch.Generator().manual_seed(seed)
+    pixels = (torch.tensor(colour).view(1, 1, 3) + torch.randint(-25, 26, (size, size, 3), generator=g)).clamp(0, 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels.to(torch.uint8).numpy()).save(path, quality=95)
+
+
+def make_eurosat_like(root, classes=4, per_split=(8, 2, 6)):
+    """root/eurosat/2750/<Class>/*.jpg + a split_zhou_EuroSAT.json in CoOp's format."""
+    folder = root / "eurosat"
+    split = {"train": [], "val": [], "test": []}
+    seed = 0
+    for label in range(classes):
+        name = f"Class{label}"
+        for part, count in zip(split, per_split):
+            for _ in range(count):
+                rel = f"{name}/{name}_{seed}.jpg"
+                toy_image(folder / "2750" / rel, COLOURS[label], seed)
+                split[part].append([rel, label, f"class {label}"])
+                seed += 1
+    (folder / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
+    return root
+
+
+def make_imagenet_like(root, classes=4, train_n=6, test_n=4):
+    """ImageNet and its four variants in CoOp's layout, with `classes` wnids."""
+    wnids = [f"n{i:08d}" for i in range(classes)]
+    lines = [f"{w} thing {i}" for i, w in enumerate(wnids)]
+    seed = 1000
+    for split, n in (("train", train_n), ("val", test_n)):
+        for i, w in enumerate(wnids):
+            for _ in range(n):
+                toy_image(root / "imagenet" / "images" / split / w / f"{w}_{seed}.JPEG", COLOURS[i], seed)
+                seed += 1
+    (root / "imagenet" / "classnames.txt").write_text("\n".join(lines) + "\n")
+    for i, w in enumerate(wnids):
+        for _ in range(2):
+            toy_image(root / "imagenetv2" / "imagenetv2-matched-frequency-format-val" / str(i) / f"{seed}.jpeg",
+                      COLOURS[i], seed)
+            toy_image(root / "imagenet-sketch" / "images" / w / f"{seed}.JPEG", COLOURS[i], seed + 1)
+            seed += 2
+    for folder, sub in (("imagenet-adversarial", "imagenet-a"), ("imagenet-rendition", "imagenet-r")):
+        for i, w in enumerate(wnids[:2]):  # a subset of the classes, as the 200 of -A and -R
+            toy_image(root / folder / sub / w / f"{seed}.jpg", COLOURS[i], seed)
+            seed += 1
+    return root
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    path = tmp_path_factory.mktemp("model") / "tiny.pt"
+    torch.save(clip_min.random_model("tiny", seed=0).state_dict(), path)
+    return path
+
+
+@pytest.fixture
+def root(tmp_path):
+    return make_eurosat_like(tmp_path / "data")
+
+
+def run_main(*argv):
+    return train.main([str(a) for a in argv])
+
+
+def base_args(root, weights, out, *extra):
+    return ["--data", "eurosat", "--root", root, "--weights", weights, "--out", out, "--shots", 8,
+            "--batch-size", 8, "--log-every", 100, *extra]
+
+
+def read_log(out):
+    return [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+def saved_adapters(out):
+    return torch.load(out / "adapters.pt", weights_only=True)

@@ -23,13 +23,9 @@ import orthcr
 import train
 from conftest import ROOT
 from conftest import sha256
-from test_train import weights  # noqa: F401 (a fixture: the tiny random CLIP saved as a state dict)
-from test_train import base_args, make_eurosat_like, make_imagenet_like, read_log, run_main, saved_adapters
+from conftest import base_args, make_eurosat_like, make_imagenet_like, read_log, run_main, saved_adapters
 
 
-@pytest.fixture
-def root(tmp_path):
-    return make_eurosat_like(tmp_path / "data")
 
 
 def python(script, *argv, **kwargs):

@@ -16,13 +16,9 @@ import torch
 import clip_min
 import train
 from conftest import ROOT
-from test_train import weights  # noqa: F401 (a fixture: the tiny random CLIP saved as a state dict)
-from test_train import base_args, make_eurosat_like, read_log, run_main
+from conftest import base_args, read_log, run_main
 
 
-@pytest.fixture
-def root(tmp_path):
-    return make_eurosat_like(tmp_path / "data")
 
 
 def snapshot(folder):
