@@ -946,7 +946,7 @@ def download(url, path, sha256=None, md5=None, what=None, size=None, retries=3, 
     if path.exists() and not path.is_file():
         raise RuntimeError(f"{path} exists and is not a regular file")
     if path.is_file():
-        if checksum_ok(path, sha256, md5):
+        if _checksum_ok(path, sha256, md5):
             return path
         print(f"{path}: checksum mismatch, downloading {url} again", file=sys.stderr)
     part = path.with_name(path.name + ".part")  # a stable name, so that the next call can resume from it
@@ -964,11 +964,11 @@ def download(url, path, sha256=None, md5=None, what=None, size=None, retries=3, 
                 done = part.stat().st_size if part.exists() else 0
                 print(f"\n{what or path.name}: interrupted at {done / 2**20:.1f} MiB ({e}); "
                       f"{'resuming' if resumable else 'restarting'}", file=sys.stderr)
-        if not checksum_ok(part, sha256, md5):
+        if not _checksum_ok(part, sha256, md5):
             part.unlink()
             raise RuntimeError("checksum mismatch (expected " + (f"sha256 {sha256})" if sha256 else f"md5 {md5})"))
         os.replace(part, path)
-        fsync_dir(path.parent)
+        _fsync_dir(path.parent)
         return path
     except Exception as e:
         kept = part.exists() and part.stat().st_size > 0 and resumable and not isinstance(e, _WriteFailed)
@@ -1017,7 +1017,7 @@ def _transfer(url, part, what, size, chunk, path):
                     done += len(block)
                     if time.monotonic() - last > 0.5 or done == total:
                         last = time.monotonic()
-                        progress(what, done, total, last - start, offset)
+                        _progress(what, done, total, last - start, offset)
             except (OSError, http.client.HTTPException) as e:
                 if not isinstance(e, _WriteFailed):
                     e.resumable = resumable
@@ -1063,7 +1063,7 @@ def _mib(n):
     return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
 
 
-def progress(what, done, total, seconds, start=0):
+def _progress(what, done, total, seconds, start=0):
     """One `\r` line on stderr: share done, rate and time left (over the bytes of this call)."""
     rate = (done - start) / max(seconds, 1e-9)
     if total:
@@ -1097,10 +1097,10 @@ def write_atomic(path, write):
         raise
     finally:
         tmp.unlink(missing_ok=True)
-    fsync_dir(path.parent)
+    _fsync_dir(path.parent)
 
 
-def fsync_dir(folder):
+def _fsync_dir(folder):
     """Make a rename in `folder` durable, where the platform allows fsync on a folder."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -1134,18 +1134,18 @@ def remove_empty_dirs(folders):
             return
 
 
-def checksum_ok(path, sha256=None, md5=None):
+def _checksum_ok(path, sha256=None, md5=None):
     """True when the file's sha256 (or md5) matches; with no expected checksum, True."""
     if not (sha256 or md5):
         return True
-    return file_hash(path, "sha256" if sha256 else "md5") == (sha256 or md5)
+    return _file_hash(path, "sha256" if sha256 else "md5") == (sha256 or md5)
 
 
 def file_sha256(path):
-    return file_hash(path, "sha256")
+    return _file_hash(path, "sha256")
 
 
-def file_hash(path, algorithm="sha256"):
+def _file_hash(path, algorithm="sha256"):
     h = hashlib.new(algorithm)
     with open(path, "rb") as f:
         while block := f.read(1 << 20):
