@@ -1103,6 +1103,20 @@ def _check_root(cfg):
         _fail(f"--root: {e}")
 
 
+def _check_prompts(cfg, datasets):
+    """Every prompt the run will tokenize fits CLIP's 77 tokens (a long class name, or a long CoOp context)."""
+    for train_set, eval_sets in datasets.values():
+        for dataset in [*([train_set] if train_set else []), *eval_sets.values()]:
+            prompts = [dataset.template.format(c) for c in dataset.classnames]
+            try:
+                clip_min.tokenize(prompts)
+                if cfg.prompt == "coop":
+                    orthcr.coop_tokens(dataset.classnames, cfg.n_ctx, cfg.ctx_init)
+            except RuntimeError as e:
+                flag = f"--n-ctx {cfg.n_ctx}: " if cfg.prompt == "coop" else ""
+                _fail(f"{flag}a prompt of {dataset.name} does not fit CLIP's context: {e}".split(";")[0])
+
+
 def _check_layout(cfg, path):
     """--targets/--blocks/--towers against the checkpoint's shapes, read without building the model (its
     tensors as meta tensors: shapes, no data). Returns the trainables this run will have, on the meta device."""
@@ -1124,6 +1138,7 @@ def main(argv=None):
         datasets = {seed: _protocol_datasets(cfg, seed) for seed in cfg.seeds}
     except data.DataError as e:
         _fail(str(e))
+    _check_prompts(cfg, datasets)
     data_s = time.monotonic() - clock
     try:
         path, model_sha256 = clip_min.checkpoint(cfg.weights or cfg.model, cfg.download_root)

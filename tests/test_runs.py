@@ -315,3 +315,10 @@ def test_a_bad_data_root_is_one_line_before_anything_is_read(weights, tmp_path, 
     else:
         assert str(bad) in refused("--weights", weights, "--out", tmp_path / "run")
     assert not no_model and not (tmp_path / "run").exists()
+
+
+def test_a_coop_context_too_long_for_clip_is_refused_before_the_model_is_loaded(root, weights, tmp_path,  # noqa
+                                                                                 no_model):
+    refused(*base_args(root, weights, tmp_path / "run", "--prompt", "coop", "--n-ctx", 75),
+            match="--n-ctx 75: a prompt of eurosat does not fit CLIP's context")
+    assert not no_model and not (tmp_path / "run").exists()
