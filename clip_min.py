@@ -286,6 +286,9 @@ def build_model(state_dict, source="state dict"):
                          + "; ".join(problems))
     model = model.to_empty(device="cpu")
     # fp16 storage (OpenAI's archives) is upcast: the model computes in fp32 unless the caller casts it
+    bad = next((k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()), None)
+    if bad is not None:  # a NaN weight would surface as a NaN loss at step 1, far from its cause
+        raise ValueError(f"{source}: tensor {bad} holds non-finite values")
     model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
     return model.eval()
 

@@ -616,6 +616,8 @@ def check_root(path):
         raise DataError(f"data root {root} cannot be used: {e.strerror}") from None
     if not root.is_dir():
         raise DataError(f"data root {root} is a file, not a folder")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise DataError(f"data root {root} is not readable")
     return root
 
 
@@ -877,8 +879,8 @@ def read_json(path, what):
             return json.load(f)
     except FileNotFoundError:
         raise DataError(f"{what} {path} does not exist") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise DataError(f"{what} {path} is not valid JSON: {e}") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, a 5,000-digit number, deep nesting
+        raise DataError(f"{what} {path} is not valid JSON: {str(e).splitlines()[0][:200]}") from None
     except OSError as e:
         raise DataError(f"{what} {path} cannot be read: {e}") from None
 
@@ -899,6 +901,8 @@ def _to_items(entries, prefix, path, key):
 def _relative(name, path, key):
     """A split entry's image path as the cache writes it ("./a\\b.jpg" -> "a/b.jpg"); absolute paths and ".."
     are refused: a split file names images inside its dataset, nothing else."""
+    if "\0" in name:
+        raise DataError(f"{path}: '{key}' image path {name[:80]!r} holds a NUL character")
     if "\\" not in name and ":" not in name and not {"", ".", ".."} & set(name.split("/")):
         return name  # already in the cache's form (the common case, and 10x faster than PurePosixPath)
     parts = PurePosixPath(name.replace("\\", "/")).parts
@@ -1202,7 +1206,11 @@ def main(argv=None):
     args = p.parse_args(argv)
     with warnings.catch_warnings():
         warnings.showwarning = _warning_line  # the library warns; the command line says "warning: ..." once
-        return _run(args)
+        try:
+            return _run(args)
+        except OSError as e:  # a folder it may not read or write (permissions), named by the error
+            print(f"error: {e}", file=sys.stderr)
+            return 1
 
 
 def _run(args):

@@ -52,17 +52,18 @@ DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")  # C
 
 # ---------------------------------------------------------------------------------------------------- the loop
 
-def train(model, params, train_set, cfg, seed, folder, resume=False):
-    """OrthCR's training loop on one few-shot set. Returns the trained adapters and CoOp context (or None)."""
+def train(model, params, train_set, cfg, seed, folder, resume=None, data_sha256=None):
+    """OrthCR's training loop on one few-shot set, from scratch or from the checkpoint `resume`. Returns the
+    trained adapters and CoOp context (or None)."""
     adapters, context = init_trainables(params, cfg, seed)
     optimizer = torch.optim.AdamW(trainable_tensors(adapters, context), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = torch.amp.GradScaler(enabled=cfg.precision == "fp16")  # fp16's gradients need loss scaling
     tokens, teacher_text = class_prompts(model, params, train_set.classnames, train_set.template, cfg)
     generator = torch.Generator().manual_seed(seed)  # all of Cutout's randomness
     total = cfg.epochs * data.steps_per_epoch(len(train_set.train), cfg.batch_size)
-    step = _resume_from(folder, cfg, seed, adapters, context, optimizer, scaler, generator) if resume else 0
-    save = lambda step: _save_checkpoint(folder, cfg, seed, step, total, adapters, context, optimizer, scaler,  # noqa
-                                        generator)
+    step = _resume_from(resume, folder, adapters, context, optimizer, scaler, generator) if resume else 0
+    save = lambda step: _save_checkpoint(folder, cfg, seed, data_sha256, step, total, adapters, context,  # noqa
+                                         optimizer, scaler, generator)
     with _Bookkeeping(folder, cfg, step, total, save) as books:
         for epoch, images, labels in data.train_batches(train_set.train, cfg.batch_size, seed, cfg.epochs, step,
                                                         cfg.workers, model.visual.input_resolution):
@@ -181,24 +182,26 @@ def harmonic_mean(a, b):
 
 # ---------------------------------------------------------------------------------------------------- one run
 
-def run(cfg, seed, plan, datasets, model, params, seconds):
-    """One seed: train (`plan` "new" or "resume") or load adapters, merge, evaluate, write the run folder.
-    Returns results.json's content (a finished run that --resume meets is kept as it is)."""
-    folder = _run_folder(cfg, seed)
-    if plan == "done":
+def run(cfg, seed, plan, datasets, model, params, seconds, data_sha256):
+    """One seed: train (`plan` ("new", None) or ("resume", checkpoint)) or load adapters, merge, evaluate, write
+    the run folder. Returns results.json's content (a finished run that --resume meets is kept as it is)."""
+    folder, (mode, payload) = _run_folder(cfg, seed), plan
+    if mode == "done":
         _say(f"{folder} is finished: its results.json is kept as it is")
-        return json.loads((folder / "results.json").read_text())
+        return payload[1]
     train_set, eval_sets = datasets
     torch.manual_seed(seed)
-    with _exclusive(folder, cfg, plan):
+    with _exclusive(folder, cfg, mode):
         started = time.monotonic()
         adapters, context = {}, None  # zero-shot CLIP
         if cfg.eval_only:  # checked against the model before anything is written
             adapters, context = _read_adapters_file(cfg.adapters, params, cfg)
-        _write_json(folder / "config.json", _run_config(cfg, seed, train_set))
+        if cfg.overwrite:
+            _clear(folder)
+        _write_json(folder / "config.json", _run_config(cfg, seed, train_set, data_sha256))
         if not (cfg.zero_shot or cfg.eval_only):
-            adapters, context = train(model, params, train_set, cfg, seed, folder, resume=plan == "resume")
-            _save_adapters(folder / "adapters.pt", adapters, context, cfg, seed)
+            adapters, context = train(model, params, train_set, cfg, seed, folder, payload, data_sha256)
+            _save_adapters(folder / "adapters.pt", adapters, context, cfg, seed, data_sha256)
         trained = time.monotonic()
         merged = orthcr.export_state_dict(params, adapters, cayley_transform(cfg.neumann))  # eval costs plain CLIP
         if cfg.export:
@@ -398,8 +401,9 @@ def _autocast(device, precision):
     return torch.autocast(device_type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
 
 
-def _run_config(cfg, seed, train_set):
-    return {**dataclasses.asdict(cfg), "seed": seed, "method": method_name(cfg), "model_file": _model_label(cfg),
+def _run_config(cfg, seed, train_set, data_sha256):
+    return {**dataclasses.asdict(cfg), "seed": seed, "data_sha256": data_sha256, "method": method_name(cfg),
+            "model_file": _model_label(cfg),
             "code_version": _code_version(), "torch": torch.__version__,
             "train_images": len(train_set.train) if train_set else 0}
 
@@ -417,10 +421,23 @@ def _code_version():
     return h.hexdigest()[:16]
 
 
-def _result_settings(cfg, seed):
+def _result_settings(cfg, seed, data_sha256=None):
     """The settings a checkpoint must have been written with to be resumed by this run."""
     return {**{k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(cfg).items()
-               if k in _RESULT_SETTINGS}, "seed": seed}
+               if k in _RESULT_SETTINGS}, "seed": seed, "data_sha256": data_sha256}
+
+
+def _data_fingerprint(cfg, datasets):
+    """SHA-256 of what a run reads: every training and test item (its path under the data root, its label), so
+    that a resumed run sees the same few-shot images and the same test sets."""
+    root = os.path.abspath(Path(cfg.root).expanduser())
+    train_set, eval_sets = datasets
+    h = hashlib.sha256()
+    for name, items in [("train", train_set.train if train_set else []), *((s, d.test) for s, d in eval_sets.items())]:
+        h.update(f"[{name}]\n".encode())
+        for it in items:
+            h.update(f"{os.path.relpath(os.path.abspath(it.impath), root)}\t{it.label}\n".encode())
+    return h.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------------------------------- protocols
@@ -459,9 +476,9 @@ def _run_folder(cfg, seed):
 
 @contextmanager
 def _exclusive(folder, cfg, plan):
-    """Hold the run folder for one run: created if needed, locked against concurrent use (flock, which the
-    kernel releases when a run crashes), and refused if it already holds a run unless --resume or --overwrite
-    says what to do with it. A folder made here that is still empty at the end is removed again."""
+    """Hold the run folder for one run: created if needed and locked against concurrent use (flock, which the
+    kernel releases when a run crashes). What it holds was checked by _plan_runs; it is checked again under the
+    lock. A folder made here that is still empty at the end is removed again."""
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     lock = open(folder / ".lock", "a")
@@ -473,9 +490,6 @@ def _exclusive(folder, cfg, plan):
         try:
             if _run_state(folder) != _PLAN_STATE[plan] and not (plan == "new" and cfg.overwrite):
                 _fail(f"{folder} changed while this run was starting (another run?): start again")
-            if cfg.overwrite:
-                for name in RUN_FILES:
-                    (folder / name).unlink(missing_ok=True)
             yield folder
         finally:
             (folder / ".lock").unlink(missing_ok=True)
@@ -483,6 +497,12 @@ def _exclusive(folder, cfg, plan):
         lock.close()
         if created and not any(folder.iterdir()):
             folder.rmdir()
+
+
+def _clear(folder):
+    """--overwrite: the previous run's files go, once the new run has passed every check."""
+    for name in RUN_FILES:
+        (folder / name).unlink(missing_ok=True)
 
 
 def _run_state(folder):
@@ -499,57 +519,91 @@ _PLAN_STATE = {"new": "empty", "resume": "checkpoint", "done": "done"}
 
 
 def _plan_runs(cfg):
-    """What each seed's run folder will do: "new", "resume" or "done" (--resume keeps a finished seed of a
-    sweep as it is). One-line errors, before any work, for folders that cannot take their run."""
+    """What each seed's run does: ("new", None), ("resume", checkpoint) or ("done", results) (--resume keeps a
+    finished seed of a sweep as it is). One-line errors, before any data is read, for folders that cannot take
+    their run; a checkpoint or finished run whose recorded settings differ from this run's is refused here."""
     folders = {seed: _run_folder(cfg, seed) for seed in cfg.seeds}
     for folder in folders.values():
         _check_writable(folder)
+    if cfg.eval_only:
+        adapters = Path(cfg.adapters).resolve()
+        for folder in folders.values():
+            if adapters.parent == folder.resolve():
+                _fail(f"--out {folder} holds the adapters being evaluated ({adapters.name}): --eval-only writes its "
+                      f"own folder; choose another --out")
     states = {seed: _run_state(folder) for seed, folder in folders.items()}
     if not cfg.resume:
         for seed, folder in folders.items():
             held = [name for name in RUN_FILES if (folder / name).exists()]
             if held and not cfg.overwrite:
                 _fail(f"{folder} already holds a run ({', '.join(held)}): continue exactly that run with --resume, "
-                     f"replace it with --overwrite, or choose another --out")
-        return {seed: "new" for seed in folders}
+                      f"replace it with --overwrite, or choose another --out")
+        return {seed: ("new", None) for seed in folders}
     first = folders[cfg.seeds[0]]
-    if len(folders) == 1 and states[cfg.seeds[0]] == "done":
-        _fail(f"--resume: {first} holds a finished run (results.json); there is nothing to resume")
+    if all(state == "done" for state in states.values()):
+        _fail(f"--resume: {first} holds a finished run (results.json){' and so does every seed' * (len(states) > 1)}; "
+              f"there is nothing to resume")
     if all(state == "empty" for state in states.values()):
         _fail(f"--resume: no checkpoint in {first} (expected {first / 'checkpoint.pt'}); check --out, or start "
-             f"a new run without --resume")
+              f"a new run without --resume")
+    plan = {}
     for seed, state in states.items():
+        folder = folders[seed]
         if state == "partial":
-            _fail(f"--resume: {folders[seed]} holds a run that stopped before its first checkpoint; start it "
-                 f"again with --overwrite")
+            _fail(f"--resume: {folder} holds a run that stopped before its first checkpoint; start it again with "
+                  f"--overwrite")
         if state == "done":
-            _check_recorded_settings(folders[seed] / "config.json", cfg, seed)
-    return {seed: {"done": "done", "checkpoint": "resume", "empty": "new"}[state] for seed, state in states.items()}
+            plan[seed] = ("done", _read_finished_run(folder, cfg, seed))
+        elif state == "checkpoint":
+            plan[seed] = ("resume", _load_checkpoint(folder / "checkpoint.pt", cfg, seed))
+        else:
+            plan[seed] = ("new", None)
+    return plan
 
 
 def _check_writable(folder):
     """--out (or a default run folder) must be a folder, or creatable, and writable."""
-    for parent in [folder, *folder.parents]:
-        if parent.exists() and not parent.is_dir():
-            _fail(f"--out {folder}: {parent} is a file, not a folder")
-        if parent.exists():
-            if not os.access(parent, os.W_OK | os.X_OK):
-                _fail(f"--out {folder}: {parent} is not writable")
+    for path in [folder, *folder.parents]:
+        if os.path.lexists(path) and not path.exists():
+            _fail(f"--out {folder}: {path} is a dangling symlink or a symlink loop")
+        if path.exists() and not path.is_dir():
+            _fail(f"--out {folder}: {path} is a file, not a folder")
+        if path.exists():
+            if not os.access(path, os.W_OK | os.X_OK):
+                _fail(f"--out {folder}: {path} is not writable")
             return
 
 
-def _check_recorded_settings(path, cfg, seed):
-    """A finished run kept by --resume must have been run with this run's settings."""
+def _read_finished_run(folder, cfg, seed):
+    """The results.json of a finished seed that --resume keeps, refused unless it was run with these settings."""
+    config, results = (_read_json_record(folder / name) for name in ("config.json", "results.json"))
+    if not isinstance(results.get("results"), dict):
+        _fail(f"--resume: {folder / 'results.json'} is not a results file written by train.py")
+    _compare_settings(folder / "config.json", config, cfg, seed, later=("checkpoint_sha256", "data_sha256"))
+    return config, results
+
+
+def _read_json_record(path):
     try:
-        recorded = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        _fail(f"--resume: cannot read {path}: {e}")
-    current = _result_settings(cfg, seed)
-    current.pop("checkpoint_sha256")  # not known yet; config.json records it
-    for key, value in current.items():
+        record = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        _fail(f"--resume: cannot read {path}: {e}".splitlines()[0])
+    if not isinstance(record, dict):
+        _fail(f"--resume: {path} is not a record written by train.py")
+    return record
+
+
+def _compare_settings(path, recorded, cfg, seed, data_sha256=None, later=(), only=None):
+    """Refuse, naming the first difference and both values, a record written with other result settings.
+    `later`: keys not known yet (compared once the model's checksum and the data are known), `only`: just those."""
+    current = _result_settings(cfg, seed, data_sha256)
+    for key in only or current:
+        if key in later:
+            continue
+        value = current[key]
         if recorded.get(key, "(not recorded)") != value:
-            _fail(f"--resume: {path} was run with {key} = {recorded.get(key, '(not recorded)')!r}, this run has "
-                 f"{key} = {value!r}")
+            _fail(f"--resume: {path} was written with {key} = {recorded.get(key, '(not recorded)')!r}, this run has "
+                  f"{key} = {value!r}; resume with the run's own settings, or start a new run")
 
 
 def _write_json(path, obj):
@@ -558,7 +612,10 @@ def _write_json(path, obj):
 
 
 def _write_torch(path, obj):
-    _write_file(path, lambda tmp: torch.save(obj, tmp))
+    def write(tmp):
+        with open(tmp, "wb") as f:  # through a Python file, a full disk is an OSError (ENOSPC), not a torch error
+            torch.save(obj, f)
+    _write_file(path, write)
 
 
 def _write_file(path, write):
@@ -566,18 +623,30 @@ def _write_file(path, write):
     try:
         clip_min.write_atomic(path, write)
     except OSError as e:
-        if e.errno != errno.ENOSPC:
-            _fail(f"cannot write {path}: {e.strerror or e}")
-        if (path.parent / "checkpoint.pt").is_file():
-            _say(f"free some space, then resume with:\n  {_resume_command(path.parent)}")
-        _fail(f"cannot write {path}: no space left on device (ENOSPC); the previous "
-             f"{path.name if path.exists() else 'file'} is kept")
+        _disk_error(path, e, f"the previous {path.name} is kept" if path.exists() else "nothing was written")
+
+
+def _disk_error(path, error, kept):
+    """One line for a failed write; on a full disk, first the command that resumes the run, if it can be."""
+    if error.errno != errno.ENOSPC:
+        _fail(f"cannot write {path}: {error.strerror or error}")
+    if (path.parent / "checkpoint.pt").is_file():
+        _say(f"free some space, then resume with:\n  {_resume_command(path.parent)}")
+    _fail(f"cannot write {path}: no space left on device (ENOSPC); {kept}")
+
+
+_PATH_FLAGS = ("--out", "--root", "--weights", "--adapters", "--download-root")
 
 
 def _resume_command(folder):
     """The command that continues this run: the same flags plus --resume, minus --overwrite (which would
-    discard what was just saved). Quoted, so that paths with spaces survive copy and paste."""
+    discard what was just saved), with absolute paths so that it works from any folder. Quoted, so that
+    paths with spaces survive copy and paste."""
     argv = [a for a in sys.argv if a != "--overwrite"]
+    for i, a in enumerate(argv[:-1]):
+        if a in _PATH_FLAGS:
+            argv[i + 1] = str(Path(argv[i + 1]).expanduser().resolve())
+    argv[0] = str(Path(argv[0]).resolve()) if argv[0].endswith(".py") else argv[0]
     argv += [] if "--resume" in argv else ["--resume"]
     if "--out" not in argv and "--seeds" not in argv:  # the default folder, named: the command works from anywhere
         argv += ["--out", str(folder.resolve())]
@@ -586,21 +655,24 @@ def _resume_command(folder):
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
 
-def _save_checkpoint(folder, cfg, seed, step, total, adapters, context, optimizer, scaler, generator):
-    """Everything a resumed run needs to continue bit for bit, with the settings it must be resumed with."""
+def _save_checkpoint(folder, cfg, seed, data_sha256, step, total, adapters, context, optimizer, scaler, generator):
+    """Everything a resumed run needs to continue bit for bit, with the settings it must be resumed with.
+    Non-finite trainables are never saved: the last good checkpoint stays the last one."""
+    if not all(torch.isfinite(P).all() for P in trainable_tensors(adapters, context)):
+        _fail(f"non-finite adapters after step {step} (the loss and gradient were finite: the optimizer's state?); "
+              f"the last good checkpoint is {folder / 'checkpoint.pt'}", code=3)
     _write_torch(folder / "checkpoint.pt", {
         "step": step, "total": total, "adapters": {k: P.detach().cpu() for k, P in adapters.items()},
         "context": None if context is None else context.detach().cpu(),
         "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "cutout": generator.get_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-        "settings": _result_settings(cfg, seed)})
+        "settings": _result_settings(cfg, seed, data_sha256), "code_version": _code_version()})
 
 
-def _resume_from(folder, cfg, seed, adapters, context, optimizer, scaler, generator):
-    """Load the checkpoint (checked before the model was loaded) into the fresh trainables, the optimizer, the
-    scaler and every RNG; trim the step log to the checkpoint's step. Returns the step."""
-    state = _read_checkpoint(folder / "checkpoint.pt", cfg, seed, adapters, context)
+def _resume_from(state, folder, adapters, context, optimizer, scaler, generator):
+    """Load a checkpoint (checked completely before the model was loaded) into the fresh trainables, the
+    optimizer, the scaler and every RNG; trim the step log to the checkpoint's step. Returns the step."""
     with torch.no_grad():
         for k, P in adapters.items():
             P.copy_(state["adapters"][k])
@@ -612,73 +684,153 @@ def _resume_from(folder, cfg, seed, adapters, context, optimizer, scaler, genera
     generator.set_state(state["rng"]["cutout"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    log_path = folder / "log.jsonl"
-    kept = [line for line in (log_path.read_text().splitlines() if log_path.is_file() else [])
-            if json.loads(line)["step"] <= state["step"]]
-    _write_file(log_path, lambda tmp: tmp.write_text("".join(line + "\n" for line in kept)))
+    _write_file(folder / "log.jsonl", lambda tmp: tmp.write_text("".join(_log_lines_until(folder, state["step"]))))
     _say(f"resumed from {folder / 'checkpoint.pt'} at step {state['step']}/{state['total']}")
     return state["step"]
 
 
-def _read_checkpoint(path, cfg, seed, adapters=None, context=None):
-    """The checkpoint, refused with one line unless it is whole and was written by this very run: same settings
-    (the first difference is named), steps within the schedule, finite tensors of the expected shapes."""
+def _log_lines_until(folder, step):
+    """The step log's lines up to `step`; a line cut short by a crash (or not a step record) is dropped."""
+    path, kept = folder / "log.jsonl", []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and type(record.get("step")) is int and record["step"] <= step:
+            kept.append(line + "\n")
+    return kept
+
+
+def _load_checkpoint(path, cfg, seed):
+    """A checkpoint, refused with one line unless its structure is train.py's and it was written with this run's
+    settings (the model's checksum and the data are compared once known: _check_checkpoint)."""
     state = _load_trusted(path, "checkpoint")
-    expected = {"step": int, "total": int, "adapters": dict, "optimizer": dict, "scaler": dict, "rng": dict, "settings": dict}
+    expected = {"step": int, "total": int, "adapters": dict, "optimizer": dict, "scaler": dict, "rng": dict,
+                "settings": dict}
     for key, kind in expected.items():
-        if not isinstance(state.get(key), kind):
+        if type(state.get(key)) is not kind:
             _fail(f"{path} is not a checkpoint written by train.py: '{key}' is missing or not a {kind.__name__}")
-    current = _result_settings(cfg, seed)
-    for key, value in current.items():
-        if state["settings"].get(key, "(not recorded)") != value:
-            _fail(f"--resume: {path} was written with {key} = {state['settings'].get(key, '(not recorded)')!r}, "
-                 f"this run has {key} = {value!r}; resume with the run's own settings, or start a new run")
-    if adapters is not None:
-        _check_trainables(path, state["adapters"], state.get("context"), adapters, context)
+    _compare_settings(path, state["settings"], cfg, seed, later=("checkpoint_sha256", "data_sha256"))
     return state
 
 
+def _check_checkpoint(path, state, cfg, seed, data_sha256, total, adapters, context):
+    """The rest of a checkpoint's checks: the base model and the data, the steps, every tensor's shape, dtype and
+    finiteness, the optimizer's and the scaler's state, the RNG states. `adapters` and `context` are this run's
+    trainables (on the meta device: only their shapes count)."""
+    _compare_settings(path, state["settings"], cfg, seed, data_sha256, only=("checkpoint_sha256", "data_sha256"))
+    if not (0 <= state["step"] <= total and state["total"] == total):
+        _fail(f"{path}: step {state['step']} of {state['total']} does not fit this run's {total} steps")
+    _check_trainables(path, state["adapters"], state.get("context"), adapters, context)
+    _check_optimizer_state(path, state["optimizer"], [P.shape for P in trainable_tensors(adapters, context)],
+                           state["step"])
+    fresh = torch.amp.GradScaler(enabled=cfg.precision == "fp16").state_dict()
+    if set(state["scaler"]) != set(fresh) or any(type(state["scaler"][k]) is not type(v) for k, v in fresh.items()):
+        _fail(f"{path}: the grad scaler's state {state['scaler']!r} is not that of a {cfg.precision} run")
+    rng, size = state["rng"], torch.get_rng_state().shape
+    for key in ("torch", "cutout"):
+        if not (isinstance(rng.get(key), torch.Tensor) and rng[key].dtype == torch.uint8 and rng[key].shape == size):
+            _fail(f"{path}: the {key} random state is missing or not a generator state")
+    if not isinstance(rng.get("cuda"), list):
+        _fail(f"{path}: the CUDA random states are missing")
+    if state.get("code_version") not in (None, _code_version()):
+        warnings.warn(f"{path} was written by other code (version {state['code_version']}, now {_code_version()}): "
+                      f"the resumed run may differ from an uninterrupted one")
+
+
+def _check_optimizer_state(path, optimizer, shapes, step):
+    """AdamW's state must hold, for each trainable tensor, finite moments of its shape (after the first step)."""
+    groups, moments = optimizer.get("param_groups"), optimizer.get("state")
+    if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
+            and isinstance(groups[0].get("params"), list) and len(groups[0]["params"]) == len(shapes)
+            and isinstance(moments, dict)):
+        _fail(f"{path}: the optimizer's state is not AdamW's over this run's {len(shapes)} trainable tensors")
+    for index, shape in zip(groups[0]["params"], shapes):
+        entry = moments.get(index)
+        if entry is None and step == 0:
+            continue
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), torch.Tensor) and entry[k].shape == shape
+                                                and torch.isfinite(entry[k]).all() for k in ("exp_avg", "exp_avg_sq"))
+                and isinstance(entry.get("step"), torch.Tensor) and torch.isfinite(entry["step"]).all()):
+            _fail(f"{path}: the optimizer's moments of tensor {index} are missing, of the wrong shape or non-finite")
+
+
 def _check_trainables(path, saved_adapters, saved_context, adapters, context):
-    """The saved tensors must be exactly this run's: same keys, same shapes, finite."""
+    """The saved tensors must be exactly this run's: same keys, same shapes, floating point, finite."""
+    def describe(t):
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
     for key, P in adapters.items():
         saved = saved_adapters.get(key)
         if not isinstance(saved, torch.Tensor) or saved.shape != P.shape:
-            _fail(f"{path}: adapter {key} has shape {tuple(saved.shape) if isinstance(saved, torch.Tensor) else None}, "
-                 f"this run expects {tuple(P.shape)}")
+            _fail(f"{path}: adapter {key} has shape {describe(saved)}, this run expects {tuple(P.shape)}")
     if set(saved_adapters) - set(adapters):
         _fail(f"{path}: adapter {sorted(set(saved_adapters) - set(adapters))[0]} is not part of this run's layout")
-    if (context is None) != (saved_context is None) or (context is not None and saved_context.shape != context.shape):
-        _fail(f"{path}: CoOp context {None if saved_context is None else tuple(saved_context.shape)} does not match "
-             f"this run's {None if context is None else tuple(context.shape)}")
+    if (context is None) != (saved_context is None) or (
+            context is not None and (not isinstance(saved_context, torch.Tensor) or saved_context.shape != context.shape)):
+        _fail(f"{path}: CoOp context {None if saved_context is None else describe(saved_context)} does not match this "
+              f"run's {None if context is None else tuple(context.shape)}")
     for key, P in [*saved_adapters.items(), *([("context", saved_context)] if saved_context is not None else [])]:
+        if not P.is_floating_point():
+            _fail(f"{path}: {key} holds {P.dtype} values, not floating point")
         if not torch.isfinite(P).all():
             _fail(f"{path}: {key} holds non-finite values")
 
 
-def _check_steps(path, state, total):
-    if not (0 <= state["step"] <= total and state["total"] == total):
-        _fail(f"{path}: step {state['step']} of {state['total']} does not fit this run's {total} steps")
-
-
 # ---------------------------------------------------------------------------------------------------- adapters files
 
-def _save_adapters(path, adapters, context, cfg, seed):
+def _save_adapters(path, adapters, context, cfg, seed, data_sha256):
     """Only the trainable tensors (a few hundred MB at most), with the layout and the full training settings."""
     _write_torch(path, {"adapters": {k: P.detach().cpu() for k, P in adapters.items()},
-                       "context": None if context is None else context.detach().cpu(),
-                       "config": {"model": _model_label(cfg), "checkpoint_sha256": cfg.checkpoint_sha256,
-                                  "targets": list(cfg.targets), "blocks": cfg.blocks, "towers": list(cfg.towers),
-                                  "neumann": cfg.neumann, "prompt": cfg.prompt, "n_ctx": cfg.n_ctx,
-                                  "ctx_init": cfg.ctx_init},
-                       "settings": _result_settings(cfg, seed)})
+                        "context": None if context is None else context.detach().cpu(),
+                        "config": {"model": _model_label(cfg), "checkpoint_sha256": cfg.checkpoint_sha256,
+                                   "targets": list(cfg.targets), "blocks": cfg.blocks, "towers": list(cfg.towers),
+                                   "neumann": cfg.neumann, "prompt": cfg.prompt, "n_ctx": cfg.n_ctx,
+                                   "ctx_init": cfg.ctx_init},
+                        "settings": _result_settings(cfg, seed, data_sha256)})
+
+
+# what --eval-only may take from an adapters file, and what each must be
+_SAVED_KINDS = {"data": lambda v: v in data.DATASETS, "protocol": lambda v: v in PROTOCOLS,
+                "shots": lambda v: type(v) is int and v >= 1, "seed": lambda v: type(v) is int and 0 <= v < 2**32,
+                "targets": lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
+                "blocks": lambda v: type(v) is int and v >= 1,
+                "towers": lambda v: isinstance(v, list) and v and set(v) <= set(orthcr.TOWER_PREFIX),
+                "neumann": lambda v: type(v) is int and v >= 0, "prompt": lambda v: v in ("fixed", "coop"),
+                "n_ctx": lambda v: type(v) is int and v >= 1, "ctx_init": lambda v: v is None or isinstance(v, str),
+                "checkpoint_sha256": lambda v: v is None or isinstance(v, str)}
 
 
 def _read_training_settings(path):
-    """The training settings recorded in an adapters file (its layout at least), or {}."""
+    """The training settings recorded in an adapters file: what --eval-only takes when a flag is not given."""
     saved = _load_trusted(path, "adapters")
-    if not isinstance(saved, dict) or not isinstance(saved.get("adapters"), dict):
+    if not isinstance(saved.get("adapters"), dict):
         _fail(f"{path} holds no 'adapters' entry: not an adapters.pt written by train.py")
-    return {**(saved.get("config") or {}), **(saved.get("settings") or {})}
+    if "optimizer" in saved or "step" in saved:
+        _fail(f"{path} is a training checkpoint (step {saved.get('step')}), not finished adapters: continue its run "
+              f"with --resume")
+    for part in ("config", "settings"):
+        if not isinstance(saved.get(part, {}) or {}, dict):
+            _fail(f"{path}: its '{part}' is a {type(saved[part]).__name__}, not the record train.py writes")
+    settings = {**(saved.get("config") or {}), **(saved.get("settings") or {})}
+    for key, valid in _SAVED_KINDS.items():
+        if key in settings and not valid(settings[key]):
+            _fail(f"{path}: its recorded {key} = {settings[key]!r} is not a valid setting")
+    return settings
+
+
+def _check_evaluation(cfg, saved):
+    """--eval-only must evaluate the adapters as what they are: on the base model they were trained on, and
+    without calling "new" the classes they were trained on."""
+    trained = saved.get("checkpoint_sha256")
+    if trained and cfg.checkpoint_sha256 and trained != cfg.checkpoint_sha256:
+        _fail(f"--adapters {cfg.adapters} were trained on a base model with SHA-256 {trained[:16]}..., not on "
+              f"{_model_label(cfg)} ({cfg.checkpoint_sha256[:16]}...): pass that model's --weights or --model")
+    if (cfg.protocol == "base2new" and saved.get("data") == cfg.data
+            and saved.get("protocol") in ("fewshot", "cross", "dg")):
+        _fail(f"--adapters {cfg.adapters} were trained on all classes of {cfg.data} (--protocol "
+              f"{saved['protocol']}): base-to-new would call trained classes new; evaluate with --protocol fewshot")
 
 
 def _read_adapters_file(path, params, cfg):
@@ -687,7 +839,7 @@ def _read_adapters_file(path, params, cfg):
     saved = _load_trusted(path, "adapters")
     try:
         orthcr.check_adapters(params, saved["adapters"])
-    except (ValueError, AttributeError) as e:
+    except (ValueError, AttributeError, TypeError) as e:
         _fail(f"{path} does not fit this model: {e}")
     expected, expected_context = init_trainables(params, cfg, 0)  # the layout this run evaluates
     first = next((k for k in params if (k in expected) != (k in saved["adapters"])
@@ -695,10 +847,10 @@ def _read_adapters_file(path, params, cfg):
     if first is not None:
         config = saved.get("config") or {}
         _fail(f"{path} was made for another configuration (its config: --targets "
-             f"{' '.join(config.get('targets', ['?'])) or 'none'} --blocks {config.get('blocks', '?')} --towers "
-             f"{' '.join(config.get('towers', ['?']))}, model {config.get('model', '?')}); first mismatching tensor "
-             f"{first}: this run expects {tuple(expected[first].shape) if first in expected else 'no adapter'}, "
-             f"the file has {tuple(saved['adapters'][first].shape) if first in saved['adapters'] else 'none'}")
+              f"{' '.join(config.get('targets', ['?'])) or 'none'} --blocks {config.get('blocks', '?')} --towers "
+              f"{' '.join(config.get('towers', ['?']))}, model {config.get('model', '?')}); first mismatching tensor "
+              f"{first}: this run expects {tuple(expected[first].shape) if first in expected else 'no adapter'}, "
+              f"the file has {tuple(saved['adapters'][first].shape) if first in saved['adapters'] else 'none'}")
     _check_trainables(path, saved["adapters"], saved.get("context"), expected, expected_context)
     context = saved.get("context")
     return ({k: P.to(cfg.device) for k, P in saved["adapters"].items()},
@@ -710,26 +862,29 @@ def _export(folder, merged, context, cfg):
     them); the learned CoOp context beside it in context.pt, since OpenAI's format has no place for it."""
     dtype = torch.float16 if cfg.export_dtype == "fp16" else torch.float32
     _write_torch(folder / "merged.pt", {k: v.to("cpu", dtype if v.is_floating_point() else v.dtype)
-                                       for k, v in merged.items()})
+                                        for k, v in merged.items()})
     _say(f"merged weights written to {folder / 'merged.pt'} ({cfg.export_dtype})")
     if context is not None:
         _write_torch(folder / "context.pt", {"context": context.detach().cpu(), "n_ctx": cfg.n_ctx,
-                                            "ctx_init": cfg.ctx_init, "prompt": "[SOS] ctx_1..ctx_n {class}. [EOS]"})
+                                             "ctx_init": cfg.ctx_init, "prompt": "[SOS] ctx_1..ctx_n {class}. [EOS]"})
         _say(f"CoOp context written to {folder / 'context.pt'}")
 
 
 def _load_trusted(path, what):
     """torch.load with weights_only=True: tensors and plain containers only, no code from the file runs."""
+    article = "an" if what[0] in "aeiou" else "a"
     try:
+        if not Path(path).is_file():
+            _fail(f"{path} is not a regular file: not {article} {what} file")
         if Path(path).stat().st_size == 0:
-            _fail(f"{path} is empty (0 bytes): not a {what} file")
+            _fail(f"{path} is empty (0 bytes): not {article} {what} file")
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except OSError as e:
         _fail(f"cannot read {what} file {path}: {e.strerror or e}")
     except Exception as e:
         _fail(f"{path} is not a valid {what} file (loaded with weights_only=True): {str(e).splitlines()[0]}")
     if not isinstance(obj, dict):
-        _fail(f"{path} is not a {what} file written by train.py (it holds a {type(obj).__name__})")
+        _fail(f"{path} is not {article} {what} file written by train.py (it holds a {type(obj).__name__})")
     return obj
 
 
@@ -792,8 +947,11 @@ class _Bookkeeping:
     def after_step(self, step, epoch, lr, loss, terms):
         record = {"step": step, "epoch": epoch + 1, "lr": lr, "loss": loss.item(),
                   **{k: v.item() for k, v in terms.items()}, "step_s": self.progress.tick()}
-        self.log.write(json.dumps(record) + "\n")
-        self.log.flush()
+        try:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+        except OSError as e:
+            _disk_error(self.folder / "log.jsonl", e, "the steps before are kept")
         if self.interrupt.requested or step % self.save_every == 0 or step == self.total:
             self.save(step)
         if self.interrupt.requested:
@@ -802,8 +960,11 @@ class _Bookkeeping:
             self.progress.report(step, epoch, self.cfg.epochs, lr, terms)
 
     def __exit__(self, *exc):
-        self.log.close()
         self.interrupt.__exit__(*exc)
+        try:
+            self.log.close()
+        except OSError:
+            pass  # a full disk was reported when the line was written
 
 
 class _Progress:
@@ -988,8 +1149,8 @@ def _validate(args):
     non_negative = dict(warmup_steps=args.warmup_steps, neumann=args.neumann, save_every=args.save_every,
                         workers=args.workers)
     bad += [f"--{k.replace('_', '-')} must be >= 0, got {v}" for k, v in non_negative.items() if v is not None and v < 0]
-    if not (args.lr > 0 and math.isfinite(args.lr)):
-        bad.append(f"--lr must be a positive number, got {args.lr}")
+    if not (0 < args.lr < torch.finfo(torch.float32).max):  # AdamW keeps it as a float32 tensor on some paths
+        bad.append(f"--lr must be a positive number (below 3.4e38), got {args.lr}")
     for name in ("weight_decay", "lambda1", "lambda2"):
         value = getattr(args, name)
         if value is not None and not (value >= 0 and math.isfinite(value)):
@@ -1058,13 +1219,22 @@ def _validate_protocol(args):
 def _validate_files(args):
     bad = []
     if args.weights is not None and not Path(args.weights).is_file():
-        bad.append(f"--weights {args.weights}: no such file")
+        bad.append(f"--weights {args.weights}: {'not a regular file' if os.path.lexists(args.weights) else 'no such file'}")
+    if args.download_root is not None and Path(args.download_root).expanduser().exists() \
+            and not Path(args.download_root).expanduser().is_dir():
+        bad.append(f"--download-root {args.download_root} is a file, not a folder")
+    if args.out is not None and not args.out.strip():
+        bad.append("--out is empty: give the run folder, or leave --out out for the default one")
+    if args.cutout_grid and Path(args.cutout_grid).is_dir():
+        bad.append(f"--cutout-grid {args.cutout_grid} is a folder: give the PNG file to write")
+    elif args.cutout_grid and os.path.lexists(args.cutout_grid) and not args.overwrite:
+        bad.append(f"--cutout-grid {args.cutout_grid} exists: add --overwrite to replace it")
     if args.eval_only and not args.adapters:
         bad.append("--eval-only needs --adapters PATH")
     if args.adapters and not args.eval_only:
         bad.append("--adapters is read by --eval-only: add --eval-only")
     if args.adapters and not Path(args.adapters).is_file():
-        bad.append(f"--adapters {args.adapters}: no such file")
+        bad.append(f"--adapters {args.adapters}: {'not a regular file' if os.path.lexists(args.adapters) else 'no such file'}")
     if args.out and args.seeds and len(args.seeds) > 1:
         bad.append("--out names one run folder: use it with a single seed")
     if args.resume and args.overwrite:
@@ -1075,6 +1245,8 @@ def _validate_files(args):
         bad.append("--resume continues training; --eval-only trains nothing")
     if not args.root.strip():
         bad.append("--root (or $ORTHCR_DATA) is empty: give the folder holding the datasets")
+    if args.cutout_grid and (args.resume or args.eval_only or args.zero_shot):
+        bad.append("--cutout-grid draws a training batch and stops: it takes no --resume, --eval-only or --zero-shot")
     return bad
 
 
@@ -1099,8 +1271,8 @@ def _validate_device(args):
 def _check_root(cfg):
     try:
         data.check_root(Path(cfg.root).expanduser())
-    except data.DataError as e:
-        _fail(f"--root: {e}")
+    except (data.DataError, OSError) as e:
+        _fail(f"--root (or $ORTHCR_DATA): {e}")
 
 
 def _check_prompts(cfg, datasets):
@@ -1122,32 +1294,47 @@ def _check_layout(cfg, path):
     tensors as meta tensors: shapes, no data). Returns the trainables this run will have, on the meta device."""
     shapes = {k: torch.empty(s, device="meta") for k, s in clip_min.read_shapes(path).items()}
     try:
+        n_px = clip_min.config_from_state_dict(shapes)["image_resolution"]
+    except (ValueError, KeyError, IndexError, TypeError):  # not a CLIP checkpoint: build_model says why, in one line
+        clip_min.build_model(clip_min.read_state_dict(path), source=str(path))
+    if cfg.cutout_size > n_px:
+        _fail(f"--cutout-size {cfg.cutout_size} is larger than the model's {n_px} px images")
+    try:
         return init_trainables(shapes, cfg, seed=0)
-    except ValueError as e:
+    except (ValueError, KeyError) as e:
         _fail(f"{'--blocks' if 'divisible' in str(e) else '--targets/--towers'} do not fit {path}: {e}")
 
 
 def main(argv=None):
     _one_line_warnings()
     args = parse_args(argv)
-    cfg = settings_from(args, _read_training_settings(args.adapters) if args.eval_only else None)
+    saved = _read_training_settings(args.adapters) if args.eval_only else None
+    cfg = settings_from(args, saved)
     plan = {} if args.cutout_grid else _plan_runs(cfg)  # run folders first: a refused folder costs nothing
     _check_root(cfg)
     clock = time.monotonic()
     try:  # the datasets are read and checked, completely, before the model is loaded or downloaded
         datasets = {seed: _protocol_datasets(cfg, seed) for seed in cfg.seeds}
-    except data.DataError as e:
-        _fail(str(e))
+    except (data.DataError, OSError) as e:
+        _fail(str(e) if isinstance(e, data.DataError) else f"cannot read the data: {e}")
     _check_prompts(cfg, datasets)
+    fingerprints = {seed: _data_fingerprint(cfg, datasets[seed]) for seed in cfg.seeds}
     data_s = time.monotonic() - clock
     try:
         path, model_sha256 = clip_min.checkpoint(cfg.weights or cfg.model, cfg.download_root)
         cfg = dataclasses.replace(cfg, checkpoint_sha256=model_sha256)
         adapters, context = _check_layout(cfg, path)
-        for seed in (s for s in cfg.seeds if plan.get(s) == "resume"):
-            state = _read_checkpoint(_run_folder(cfg, seed) / "checkpoint.pt", cfg, seed, adapters, context)
-            _check_steps(_run_folder(cfg, seed) / "checkpoint.pt", state,
-                        cfg.epochs * data.steps_per_epoch(len(datasets[seed][0].train), cfg.batch_size))
+        if cfg.eval_only:
+            _check_evaluation(cfg, saved)
+        for seed, (mode, payload) in plan.items():  # what could not be compared before: the model, the data
+            folder = _run_folder(cfg, seed)
+            if mode == "resume":
+                total = cfg.epochs * data.steps_per_epoch(len(datasets[seed][0].train), cfg.batch_size)
+                _check_checkpoint(folder / "checkpoint.pt", payload, cfg, seed, fingerprints[seed], total, adapters,
+                                  context)
+            elif mode == "done":
+                _compare_settings(folder / "config.json", payload[0], cfg, seed, fingerprints[seed],
+                                  only=("checkpoint_sha256", "data_sha256"))
         _say(f"loading {_model_label(cfg)} ({path.stat().st_size / 2**20:.0f} MiB)")
         model = clip_min.build_model(clip_min.read_state_dict(path), source=str(path)).to(cfg.device)
     except (ValueError, RuntimeError, OSError) as e:  # bad file, failed download, unreadable path
@@ -1157,11 +1344,19 @@ def main(argv=None):
     if args.cutout_grid:
         seed = cfg.seeds[0]
         _write_file(Path(args.cutout_grid), lambda tmp: cutout_grid(model, params, datasets[seed][0], cfg, seed)
-                   .save(tmp, format="PNG"))
+                    .save(tmp, format="PNG"))
         _say(f"Cutout grid written to {args.cutout_grid}")
         return []
     seconds = {"data": data_s, "model": time.monotonic() - clock - data_s}
-    all_results = [run(cfg, seed, plan[seed], datasets[seed], model, params, seconds) for seed in cfg.seeds]
+    all_results = []
+    for seed in cfg.seeds:
+        try:
+            all_results.append(run(cfg, seed, plan[seed], datasets[seed], model, params, seconds, fingerprints[seed]))
+        except data.DataError as e:  # a file that changed on disk since it was checked
+            folder = _run_folder(cfg, seed)
+            if (folder / "checkpoint.pt").is_file():
+                _say(f"the run can continue from its checkpoint once the data is back:\n  {_resume_command(folder)}")
+            _fail(str(e))
     print(summary_table(all_results))
     return all_results
 

@@ -831,3 +831,25 @@ def test_real_eurosat_base_new(eurosat_sample):
     assert {it.label for it in new.test} == set(range(5))
     assert data.steps_per_epoch(len(data.build_dataset("eurosat", eurosat_sample, shots=16,
                                                        subsample="base").train), 32) == 2  # 80 images
+
+
+@pytest.mark.parametrize("fault, match", [
+    ("a 5,000-digit label", "is not valid JSON"),
+    ("100,000 nested lists", "is not valid JSON"),
+    ("a NUL in an image path", "holds a NUL character"),
+])
+def test_hostile_split_files_are_one_data_error(tmp_path, fault, match):
+    make_split_dataset(tmp_path, "dtd")
+    path = tmp_path / data.DATASETS["dtd"].folder / data.DATASETS["dtd"].split_file
+    text = path.read_text()
+    if fault == "a 5,000-digit label":
+        path.write_text(text.replace(', 0, "class_0"]', ', ' + "9" * 5000 + ', "class_0"]', 1))
+    elif fault == "100,000 nested lists":
+        path.write_text("[" * 100_000 + "]" * 100_000)
+    else:
+        entries = json.loads(text)
+        entries["test"][0][0] = "c0/te\u0000st.jpg"
+        path.write_text(json.dumps(entries))
+    with pytest.raises(data.DataError, match=match) as error:
+        data.build_dataset("dtd", tmp_path, shots=1)
+    assert str(path) in str(error.value) and "\n" not in str(error.value)

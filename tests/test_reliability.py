@@ -49,10 +49,10 @@ def half_then_hang(path, blob):
     time.sleep(300)
 
 if sys.argv[2] == "torch":
-    def save(obj, path):
+    def save(obj, f):  # train.py saves through an open file
         buf = io.BytesIO()
         real_save(obj, buf)
-        half_then_hang(path, buf.getvalue())
+        half_then_hang(f.name, buf.getvalue())
     real_save, torch.save = torch.save, save
     train._write_torch(sys.argv[1], {"step": 2, "adapters": {"w": torch.full((100_000,), 2.0)}})
 else:

@@ -7,6 +7,7 @@ import errno
 import fcntl
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 import clip_min
+import data
 import train
 from conftest import ROOT
 from conftest import base_args, read_log, run_main
@@ -176,38 +178,133 @@ def first_adapter(state):
     return next(iter(state["adapters"]))
 
 
-@pytest.mark.parametrize("fault, match", [
-    ("empty file", "is empty (0 bytes)"),
-    ("not a checkpoint", "is not a valid checkpoint file"),
-    ("missing key", "'optimizer' is missing"),
-    ("wrong type", "'step' is missing or not a int"),
-    ("negative step", "step -4 of 4"),
-    ("step past the end", "step 9 of 4"),
-    ("adapter of the wrong shape", "this run expects (4, 16, 16)"),
-    ("non-finite adapter", "holds non-finite values"),
-])
-def test_bad_checkpoints_are_refused_before_anything_is_rewritten(root, weights, stopped, fault, match):  # noqa
+def optimizer_moment(state):
+    return state["optimizer"]["state"][0]
+
+
+# each fault: how the checkpoint is damaged, and what the one-line refusal must say
+CHECKPOINT_FAULTS = {
+    "empty file": (lambda path: path.write_bytes(b""), "is empty (0 bytes)"),
+    "not a checkpoint": (lambda path: path.write_bytes(b"\x80\x04 not a pickle"), "is not a valid checkpoint file"),
+    "missing key": (lambda s: s.pop("optimizer"), "'optimizer' is missing"),
+    "step not an int": (lambda s: s.update(step="3"), "'step' is missing or not a int"),
+    "step a bool": (lambda s: s.update(step=True), "'step' is missing or not a int"),
+    "negative step": (lambda s: s.update(step=-4), "step -4 of 4"),
+    "step past the end": (lambda s: s.update(step=9), "step 9 of 4"),
+    "adapter of the wrong shape": (lambda s: s["adapters"].update({first_adapter(s): torch.zeros(1, 16)}),
+                                   "this run expects (4, 16, 16)"),
+    "integer adapter": (lambda s: s["adapters"].update({first_adapter(s): torch.zeros(4, 16, 16, dtype=torch.long)}),
+                        "not floating point"),
+    "non-finite adapter": (lambda s: s["adapters"][first_adapter(s)].view(-1).__setitem__(0, float("nan")),
+                           "holds non-finite values"),
+    "context that is not a tensor": (lambda s: s.update(context="abc"), "CoOp context str does not match"),
+    "non-finite optimizer moment": (lambda s: optimizer_moment(s)["exp_avg"].view(-1).__setitem__(0, float("nan")),
+                                    "moments of tensor 0 are missing, of the wrong shape or non-finite"),
+    "optimizer moment of the wrong shape": (lambda s: optimizer_moment(s).update(exp_avg=torch.zeros(3)),
+                                            "moments of tensor 0"),
+    "optimizer moments missing": (lambda s: s["optimizer"].update(state={}), "moments of tensor 0"),
+    "another optimizer": (lambda s: s.update(optimizer={"foo": 1}), "not AdamW's"),
+    "scaler state of another precision": (lambda s: s.update(scaler={"scale": "x"}), "grad scaler's state"),
+    "random state missing": (lambda s: s.update(rng={}), "torch random state is missing"),
+    "random state cut short": (lambda s: s["rng"].update(cutout=torch.zeros(3, dtype=torch.uint8)),
+                               "cutout random state"),
+}
+
+
+@pytest.mark.parametrize("fault", CHECKPOINT_FAULTS)
+def test_bad_checkpoints_are_refused_before_anything_is_rewritten(root, weights, stopped, fault):  # noqa: F811
+    damage, match = CHECKPOINT_FAULTS[fault]
     path = stopped / "checkpoint.pt"
-    if fault == "empty file":
-        path.write_bytes(b"")
-    elif fault == "not a checkpoint":
-        path.write_bytes(b"\x80\x04 not a pickle")
-    elif fault == "missing key":
-        corrupt(path, lambda s: s.pop("optimizer"))
-    elif fault == "wrong type":
-        corrupt(path, lambda s: s.update(step="3"))
-    elif fault == "negative step":
-        corrupt(path, lambda s: s.update(step=-4))
-    elif fault == "step past the end":
-        corrupt(path, lambda s: s.update(step=9))
-    elif fault == "adapter of the wrong shape":
-        corrupt(path, lambda s: s["adapters"].update({first_adapter(s): torch.zeros(1, 16)}))
+    if fault in ("empty file", "not a checkpoint"):
+        damage(path)
     else:
-        corrupt(path, lambda s: s["adapters"][first_adapter(s)].view(-1).__setitem__(0, float("nan")))
+        corrupt(path, damage)
     before = snapshot(stopped)
     message = refused(*base_args(root, weights, stopped, "--epochs", 2, "--lr", 1e-2, "--resume"), match=match)
     assert str(path) in message
     assert snapshot(stopped) == before
+
+
+def test_resume_refuses_other_data(root, weights, stopped, tmp_path):  # noqa: F811
+    other = tmp_path / "other_data"
+    shutil.copytree(root, other)
+    split = other / "eurosat" / "split_zhou_EuroSAT.json"
+    entries = json.loads(split.read_text())
+    entries["test"] = entries["test"][:-1]  # one test image fewer: the same settings, other data
+    split.write_text(json.dumps(entries))
+    before = snapshot(stopped)
+    args = base_args(other, weights, stopped, "--epochs", 2, "--lr", 1e-2, "--resume")
+    refused(*args, match="data_sha256")
+    assert snapshot(stopped) == before
+
+
+def test_a_log_line_cut_short_by_a_crash_does_not_stop_the_resume(root, weights, stopped):  # noqa: F811
+    with open(stopped / "log.jsonl", "a") as log:
+        log.write('{"step": 4, "epo')  # a crash in the middle of writing step 4's line
+    run_main(*base_args(root, weights, stopped, "--epochs", 2, "--lr", 1e-2, "--resume"))
+    assert [r["step"] for r in read_log(stopped)] == [1, 2, 3, 4]
+
+
+def test_non_finite_adapters_are_never_saved(root, weights, tmp_path):  # noqa: F811
+    cfg = train.settings_from(train.parse_args(["--root", str(root), "--weights", str(weights)]))
+    P = torch.full((2, 2), float("nan"))
+    with pytest.raises(SystemExit) as stop:
+        train._save_checkpoint(tmp_path, cfg, 1, "x", 3, 4, {"w": P}, None, torch.optim.AdamW([P]),
+                               torch.amp.GradScaler(enabled=False), torch.Generator())
+    assert stop.value.code == 3 and not (tmp_path / "checkpoint.pt").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Sweeps and --eval-only: nothing mixed, nothing relabeled
+
+
+def test_a_resumed_sweep_refuses_another_base_model_and_a_finished_one_is_not_resumed(root, weights, tmp_path,  # noqa
+                                                                                     monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    sweep = ["--data", "eurosat", "--root", root, "--shots", 2, "--epochs", 1, "--batch-size", 4, "--eval-limit", 4]
+    run_main(*sweep, "--weights", weights, "--seeds", 3)
+    other = tmp_path / "other.pt"
+    torch.save(clip_min.random_model("tiny", seed=5).state_dict(), other)
+    finished = tmp_path / "runs" / "eurosat_base2new_2shot_seed3"
+    before = snapshot(finished)
+    refused(*sweep, "--weights", other, "--seeds", 3, 7, "--resume", match="checkpoint_sha256")
+    assert snapshot(finished) == before and not (tmp_path / "runs" / "eurosat_base2new_2shot_seed7").exists()
+    run_main(*sweep, "--weights", weights, "--seeds", 3, 7, "--resume")  # seed 3 kept, seed 7 run
+    refused(*sweep, "--weights", weights, "--seeds", 3, 7, "--resume", match="nothing to resume")
+
+
+def test_eval_only_refuses_what_would_mislabel_its_results(root, weights, tmp_path, finished):  # noqa: F811
+    adapters = finished / "adapters.pt"
+    before = snapshot(finished)
+    refused("--root", root, "--weights", weights, "--eval-only", "--adapters", adapters, "--out", finished,
+            "--overwrite", match="holds the adapters being evaluated")
+    other = tmp_path / "other.pt"
+    torch.save(clip_min.random_model("tiny", seed=5).state_dict(), other)
+    refused("--root", root, "--weights", other, "--eval-only", "--adapters", adapters, "--out", tmp_path / "e1",
+            match="were trained on a base model with SHA-256")
+    fewshot = tmp_path / "fewshot"
+    run_main(*base_args(root, weights, fewshot, "--protocol", "fewshot", "--epochs", 1))
+    refused("--root", root, "--weights", weights, "--eval-only", "--adapters", fewshot / "adapters.pt",
+            "--protocol", "base2new", "--out", tmp_path / "e3", match="trained on all classes of eurosat")
+    assert snapshot(finished) == before and not any((tmp_path / f"e{i}").exists() for i in (1, 3))
+
+
+def test_eval_only_refuses_a_training_checkpoint(root, weights, stopped, tmp_path):  # noqa: F811
+    refused("--root", root, "--weights", weights, "--eval-only", "--adapters", stopped / "checkpoint.pt",
+            "--out", tmp_path / "e", match="is a training checkpoint (step 3), not finished adapters")
+
+
+def test_a_refused_overwrite_deletes_nothing(root, weights, finished, tmp_path):  # noqa: F811
+    bad = tmp_path / "bad.pt"
+    saved = torch.load(finished / "adapters.pt", weights_only=True)
+    saved["adapters"][next(iter(saved["adapters"]))].view(-1)[0] = float("nan")
+    torch.save(saved, bad)
+    target = tmp_path / "target"
+    run_main(*base_args(root, weights, target, "--epochs", 1))
+    before = snapshot(target)
+    refused("--root", root, "--weights", weights, "--eval-only", "--adapters", bad, "--out", target, "--overwrite",
+            match="holds non-finite values")
+    assert snapshot(target) == before
 
 
 def test_a_full_disk_while_saving_names_the_file_keeps_the_previous_checkpoint_and_says_how_to_resume(
@@ -322,3 +419,63 @@ def test_a_coop_context_too_long_for_clip_is_refused_before_the_model_is_loaded(
     refused(*base_args(root, weights, tmp_path / "run", "--prompt", "coop", "--n-ctx", 75),
             match="--n-ctx 75: a prompt of eurosat does not fit CLIP's context")
     assert not no_model and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("kind", ["a symlink loop", "a dangling symlink", "under a symlink loop"])
+def test_out_through_a_broken_symlink_is_one_line_before_anything_is_read(root, weights, tmp_path, no_model, kind):  # noqa
+    loop, dangling = tmp_path / "loop", tmp_path / "dangling"
+    loop.symlink_to(loop)
+    dangling.symlink_to(tmp_path / "nowhere")
+    out = {"a symlink loop": loop, "a dangling symlink": dangling, "under a symlink loop": loop / "run"}[kind]
+    refused(*base_args(root, weights, out), match="is a dangling symlink or a symlink loop")
+    assert not no_model
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--lr", "1e300"], "--lr must be a positive number (below 3.4e38)"),
+    (["--out", ""], "--out is empty"),
+    (["--weights", "."], "--weights .: not a regular file"),
+])
+def test_impossible_values_are_flag_errors(root, weights, tmp_path, capsys, flags, match):  # noqa: F811
+    with pytest.raises(SystemExit) as stop:
+        run_main(*base_args(root, weights, tmp_path / "run"), *flags)
+    assert stop.value.code == 2 and match in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_cutout_grid_never_replaces_a_file_unasked(root, weights, tmp_path, capsys):  # noqa: F811
+    picture = tmp_path / "grid.png"
+    picture.write_bytes(b"a result")
+    with pytest.raises(SystemExit) as stop:
+        run_main("--data", "eurosat", "--root", root, "--weights", weights, "--cutout-grid", picture)
+    assert stop.value.code == 2 and "add --overwrite" in capsys.readouterr().err
+    assert picture.read_bytes() == b"a result"
+    run_main("--data", "eurosat", "--root", root, "--weights", weights, "--cutout-grid", picture, "--overwrite")
+    assert picture.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_hole_larger_than_the_image_is_refused_before_the_model_is_loaded(root, weights, tmp_path, no_model):  # noqa
+    refused(*base_args(root, weights, tmp_path / "run", "--cutout-size", 33), match="larger than the model's 32 px")
+    assert not no_model
+
+
+def test_non_finite_base_weights_name_the_tensor(root, tmp_path):
+    state = clip_min.random_model("tiny").state_dict()
+    state["visual.proj"][0, 0] = float("nan")
+    path = tmp_path / "nan.pt"
+    torch.save(state, path)
+    refused(*base_args(root, path, tmp_path / "run"), match=f"{path}: tensor visual.proj holds non-finite values")
+    assert not (tmp_path / "run").exists()
+
+
+def test_data_that_vanishes_during_a_run_is_one_line_with_the_way_back(root, weights, tmp_path, monkeypatch,  # noqa
+                                                                       capsys):
+    def vanished(*args, **kwargs):
+        raise data.DataError(f"image {root / 'eurosat' / '2750' / 'Class1' / 'gone.jpg'} does not exist")
+        yield
+
+    monkeypatch.setattr(data, "eval_batches", vanished)
+    out = tmp_path / "run"
+    refused(*base_args(root, weights, out, "--epochs", 1), match="gone.jpg does not exist")
+    assert (out / "checkpoint.pt").is_file() and not (out / "results.json").exists()
+    assert "once the data is back" in capsys.readouterr().err
