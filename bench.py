@@ -44,7 +44,7 @@ transformers==5.24.0 peft==0.21.2`), carry it too and begin the command with
 """
 
 import argparse
-import copy
+import contextlib
 import importlib.util
 import json
 import math
@@ -181,9 +181,11 @@ def worker_matmul(args):
     machine did)."""
     rates = {}
     dtype = PRECISIONS[args.precision] or torch.float32
-    n = 4096 if not args.quick else 1024
-    tokens = 2 * BATCH * 197  # clean + cutout images x (1 + 14 x 14) tokens of ViT-B/16
-    for name, (m, k, n_) in {"square": (n, n, n), "mlp": (tokens, 768, 3072)}.items():
+    c = clip_min.CONFIGS[args.config]
+    n = 4096 if not args.quick else 256
+    tokens = 2 * BATCH * ((c["image_resolution"] // c["vision_patch_size"]) ** 2 + 1)  # clean + cutout images
+    width = c["vision_width"]
+    for name, (m, k, n_) in {"square": (n, n, n), "mlp": (tokens, width, 4 * width)}.items():
         a = torch.randn(m, k, device=args.device, dtype=dtype)
         b = torch.randn(k, n_, device=args.device, dtype=dtype)
         torch.mm(a, b)  # warm-up
@@ -281,8 +283,9 @@ def openai_module():
 
 
 def eval_dtype(args):
-    """fp16 on CUDA (OpenAI's dtype) and with --precision fp16; else fp32 (fp16 CPU matmuls are very slow)."""
-    return torch.float16 if args.device == "cuda" or args.precision == "fp16" else torch.float32
+    """fp16 on CUDA (OpenAI's dtype); fp32 on the CPU, as OpenAI's clip.load does there (its fp16 LayerNorm feeds
+    an fp32 input with fp16 weights, which only the CUDA kernel accepts)."""
+    return torch.float16 if args.device == "cuda" else torch.float32
 
 
 def worker_eval(args):
@@ -323,6 +326,11 @@ def hf_clip_config(config):
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=c["embed_dim"])
 
 
+def pooled(output):
+    """get_{image,text}_features' result: a tensor (transformers 4) or an output whose pooler_output it is (5)."""
+    return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+
 def worker_peft_step(args, neumann):
     from peft import OFTConfig, get_peft_model
     from transformers import CLIPModel
@@ -336,7 +344,7 @@ def worker_peft_step(args, neumann):
     scaler = grad_scaler(args.device, args.precision)
     images, labels, tokens = reference_batch(args.config, args.device)  # tokens trimmed: the same work as ours
     with torch.no_grad(), model.disable_adapter(), autocast(args.device, args.precision):
-        zs_text = clip.get_text_features(input_ids=tokens).pooler_output.float()  # once per class set
+        zs_text = pooled(clip.get_text_features(input_ids=tokens)).float()  # once per class set
     generator = torch.Generator().manual_seed(0)
 
     def teacher_image_features(x):  # the frozen model's class features and patch tokens, as ours (dense=True)
@@ -354,12 +362,11 @@ def worker_peft_step(args, neumann):
                 else:
                     cut = orthcr.cutout(images, generator) if args.cutout == "random" else None
                     views = images if cut is None else torch.cat([images, cut])
-                    teacher = clip.get_image_features(pixel_values=clip_min.normalize(views)).pooler_output
+                    teacher = pooled(clip.get_image_features(pixel_values=clip_min.normalize(views)))
                 zs = orthcr.clip_logits(teacher, zs_text, clip.logit_scale)
             x = clip_min.normalize(images if cut is None else torch.cat([images, cut]))  # clean, cutout
-            text = clip.get_text_features(input_ids=tokens).pooler_output
-            logits = orthcr.clip_logits(clip.get_image_features(pixel_values=x).pooler_output, text,
-                                        clip.logit_scale)
+            text = pooled(clip.get_text_features(input_ids=tokens))
+            logits = orthcr.clip_logits(pooled(clip.get_image_features(pixel_values=x)), text, clip.logit_scale)
             if cut is None:
                 loss, _ = orthcr.orthcr_loss(logits, None, zs, None, labels)
             else:
@@ -637,12 +644,14 @@ def print_bench(summary, args):
           f"threads, median of {args.steps} after a warm-up")
     memory = "peak_cuda_mb" if args.device == "cuda" else "peak_rss_mb"
     openai_eval = {"eval_img_s": ev["openai_eval_img_s"]} if "openai_eval_img_s" in ev else \
-        {"skipped": ev.get("openai_skipped", "not run")}
+        {"skipped": ev["openai_skipped"]} if "openai_skipped" in ev else {k: ev[k] for k in ("failed", "skipped") if k in ev}
     rows = [("ours (orthcr)", ours, {"eval_img_s": ev["ours_eval_img_s"]} if "ours_eval_img_s" in ev else ev),
             ("OpenAI clip/model.py", {}, openai_eval),
             ("HF + PEFT OFT exact", r.get("peft_exact", {}), {}), ("HF + PEFT OFT Neumann", r.get("peft_neumann", {}), {})]
     print(f"{'':24}{'step s':>9}{'GFLOP/step':>12}{'peak MB':>10}{'eval img/s':>12}")
     for label, step, e in rows:
+        if not step and not e:
+            continue  # not run
         why = step.get("skipped") or step.get("failed") or e.get("skipped") or e.get("failed")
         if why:
             print(f"{label:24}{'skipped' if step.get('skipped') or e.get('skipped') else 'failed'}: {why}")
@@ -750,14 +759,17 @@ def check_precision(args, deadline):
     p = run_worker("precision", args, timeout=max(deadline - time.monotonic(), 1))
     if "failed" in p:
         raise RuntimeError(f"precision worker: {p['failed']}")
+    with contextlib.redirect_stdout(sys.stderr):
+        print_precision(p)
     return {"loss": {q: {k: v for k, v in p["loss"][q].items() if k != "terms"} for q in p["loss"]},
-            "grad": p["grad"], "steps": p["steps"], "difference": p["difference"],
+            "grad": p["grad"], "grad_kl": p["grad_kl"], "steps": p["steps"], "difference": p["difference"],
             "rotations": {s: r["max_R_minus_I"] for s, r in p["rotations"].items()}}
 
 
 def check_bench(args, deadline):
     summary = run_bench(args, ["matmul", "ours_step", "eval", "peft_exact", "peft_neumann"], deadline)
-    print_bench(summary, args)
+    with contextlib.redirect_stdout(sys.stderr):  # stdout holds the summary line alone
+        print_bench(summary, args)
     runs = summary["runs"]
     notes = {name: run.get("skipped") or run.get("failed") for name, run in runs.items()
              if run.get("skipped") or run.get("failed")}
@@ -809,6 +821,11 @@ def check_headline(args, deadline):
     return out
 
 
+# each part and the seconds it may take at most (the whole check also stops at GPU_CHECK_SECONDS)
+GPU_CHECK_PARTS = {"tests": (check_tests, 90), "precision": (check_precision, 90), "bench": (check_bench, 200),
+                   "headline": (check_headline, 150)}
+
+
 def gpu_check(args):
     start = time.monotonic()
     deadline = start + GPU_CHECK_SECONDS
@@ -820,27 +837,53 @@ def gpu_check(args):
     summary = {"gpu_check": 1, "device": args.device, "dry_run": args.device == "cpu", "config": args.config,
                "torch": torch.__version__, "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None,
                "auto_precision": AUTO_CUDA}
-    parts = {"tests": check_tests, "precision": check_precision, "bench": check_bench, "headline": check_headline}
-    for name, part in parts.items():
+    for name in args.parts:
+        part, cap = GPU_CHECK_PARTS[name]
         log(f"\n== gpu-check: {name} ({time.monotonic() - start:.0f} s elapsed)")
         t0 = time.monotonic()
         try:
             if args.data_root is None and name == "headline":
                 raise FileNotFoundError("no EuroSAT sample: pass --data-root (see bench.py's docstring)")
-            result = {"ok": True, **part(args, deadline)}
+            result = {"ok": True, **part(args, min(deadline, t0 + cap))}
         except Exception as e:  # one failure is reported, the other parts still run
             result = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:1000]}"}
             log(f"gpu-check {name} failed: {result['error']}")
         result["part_s"] = time.monotonic() - t0
         summary[name] = result
-    summary["tests"]["ok"] = summary["tests"].get("ok", False) and summary["tests"].get("failed", 1) == 0
-    summary["ok"] = all(summary[name]["ok"] for name in parts)
+    if "tests" in summary:
+        summary["tests"]["ok"] = summary["tests"]["ok"] and summary["tests"].get("failed", 1) == 0
+    summary["ok"] = all(summary[name]["ok"] for name in args.parts)
     summary["seconds"] = time.monotonic() - start
     out = Path(args.out or ROOT / "bench_results" / f"gpu-check{'-cpu' if args.device == 'cpu' else ''}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1) + "\n")
+    log_gpu_check(summary, args)
     log(f"written to {out}")
     print(json.dumps(summary))
+    if not summary["ok"]:
+        raise SystemExit(1)
+
+
+def log_gpu_check(s, args):
+    """A few lines for a reader, on stderr: each part's verdict and its headline figures."""
+    log(f"\ngpu-check on {s['gpu'] or 'the CPU (dry run, tiny config)'}: {'ok' if s['ok'] else 'FAILED'} in "
+        f"{s['seconds']:.0f} s")
+    for name in args.parts:
+        part = s[name]
+        if not part["ok"]:
+            log(f"  {name}: FAILED {part.get('error') or part.get('summary')}")
+        elif name == "tests":
+            log(f"  tests ({part['selection']}): {part['summary']}")
+        elif name == "precision":
+            log("  precision: " + "; ".join(f"{q} loss rel err {part['loss'][q]['rel_err']:.1e}, grad cosine "
+                                            f"{part['grad'][q]['cosine']:.4f}" for q in ("bf16", "fp16")))
+        elif name == "bench":
+            log(f"  bench ({part['precision']}): step {part['step_s']:.3f} s, ratios " +
+                ", ".join(f"{k} {v:.2f}" for k, v in part["ratios"].items() if v is not None))
+        elif name == "headline":
+            phases = ", ".join(f"{k} {v:.1f} s" for k, v in (part["seconds"] or {}).items())
+            log(f"  headline: {part['wall_s']:.1f} s end to end, {part['steps']} steps, {part['test_images']} test "
+                f"images{' (' + phases + ')' if phases else ''}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -860,6 +903,8 @@ def main():
     parser.add_argument("--data-root", default=None, help="--gpu-check: the EuroSAT sample (holding 2750/), "
                                                           "or a folder holding it as eurosat/")
     parser.add_argument("--out", default=None, help="--gpu-check: the JSON file to write")
+    parser.add_argument("--parts", nargs="+", choices=["tests", "precision", "bench", "headline"],
+                        default=["tests", "precision", "bench", "headline"], help="--gpu-check: run only these parts")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
