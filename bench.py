@@ -438,8 +438,8 @@ def worker_precision(args):
     logits at rotations of max |R - I| = ROTATION_SIZES (student: merged weights; teacher: W0; same images, same
     precision), the figure a precision must keep for the KL terms to see the finetuning; (3) the loss of
     orthcr.objective (random Cutout, generator seed 0) and its gradient w.r.t. the adapters at the 1e-3 rotation,
-    the whole loss's and the KL terms' alone (fp16 scaled as GradScaler does: scaled_grad); (4) on CUDA or with --quick, timed AdamW steps
-    and peak CUDA memory per precision. Logit scale 100, as in OpenAI's trained checkpoints."""
+    the whole loss's and the KL terms' alone (fp16 scaled as GradScaler does: scaled_grad); (4) on CUDA or with
+    --quick, timed AdamW steps and peak CUDA memory per precision. Logit scale 100, as OpenAI's trained models."""
     device = args.device
     n = PRECISION_IMAGES_CPU if device == "cpu" else BATCH
     model, params = frozen_model(args.config, device)
@@ -638,16 +638,17 @@ def run_bench(args, names, deadline=None):
 def print_bench(summary, args):
     r = summary["runs"]
     ours, ev, cut = r.get("ours_step", {}), r.get("eval", {}), r.get("cutout", {})
+    precision = args.precision + (" + GradScaler" if args.precision == "fp16" else "")
     print(f"\nOrthCR reference step: {args.config}, batch {BATCH} + {BATCH} {args.cutout} Cutout, {len(CLASSES)} "
-          f"classes, r = {BLOCKS}, {args.device} ({args.precision}{' + GradScaler' if args.precision == 'fp16' else ''}"
-          f"; eval {summary['eval_dtype'] or 'not run'}), torch {torch.__version__}, {torch.get_num_threads()} "
-          f"threads, median of {args.steps} after a warm-up")
+          f"classes, r = {BLOCKS}, {args.device} ({precision}; eval {summary['eval_dtype'] or 'not run'}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.steps} after a warm-up")
     memory = "peak_cuda_mb" if args.device == "cuda" else "peak_rss_mb"
+    failed = {k: ev[k] for k in ("failed", "skipped") if k in ev}  # the eval worker's own fate, if any
     openai_eval = {"eval_img_s": ev["openai_eval_img_s"]} if "openai_eval_img_s" in ev else \
-        {"skipped": ev["openai_skipped"]} if "openai_skipped" in ev else {k: ev[k] for k in ("failed", "skipped") if k in ev}
-    rows = [("ours (orthcr)", ours, {"eval_img_s": ev["ours_eval_img_s"]} if "ours_eval_img_s" in ev else ev),
-            ("OpenAI clip/model.py", {}, openai_eval),
-            ("HF + PEFT OFT exact", r.get("peft_exact", {}), {}), ("HF + PEFT OFT Neumann", r.get("peft_neumann", {}), {})]
+        {"skipped": ev["openai_skipped"]} if "openai_skipped" in ev else failed
+    rows = [("ours (orthcr)", ours, {"eval_img_s": ev["ours_eval_img_s"]} if "ours_eval_img_s" in ev else failed),
+            ("OpenAI clip/model.py", {}, openai_eval), ("HF + PEFT OFT exact", r.get("peft_exact", {}), {}),
+            ("HF + PEFT OFT Neumann", r.get("peft_neumann", {}), {})]
     print(f"{'':24}{'step s':>9}{'GFLOP/step':>12}{'peak MB':>10}{'eval img/s':>12}")
     for label, step, e in rows:
         if not step and not e:
@@ -696,12 +697,11 @@ def print_precision(p):
     print(f"  {'KL term (fp32 ' + format(loss['fp32']['terms']['kl'], '.2e') + ')':32}" +
           "".join(f"{'':>11}   {loss[q]['kl_rel_err']:<8.1e}" for q in ("bf16", "fp16")))
     print(f"{'gradient w.r.t. the adapters':34}{'cosine / rel err':>22}{'cosine / rel err':>22}")
-    print(f"  {'(at max |R - I| = 1e-3)':32}" +
-          "".join(f"{g['cosine']:>11.4f} / {g['rel_err']:<8.1e}" for g in (p["grad"][q] for q in ("bf16", "fp16"))))
-    print(f"  {'KL terms alone':32}" +
-          "".join(f"{g['cosine']:>11.4f} / {g['rel_err']:<8.1e}" for g in (p["grad_kl"][q] for q in ("bf16", "fp16"))))
-    print(f"  fp16 loss scale: {p['grad']['fp16']['loss_scale']:.0f}, KL terms {p['grad_kl']['fp16']['loss_scale']:.0f} "
-          f"(GradScaler starts at 65536)")
+    for label, key in (("(at max |R - I| = 1e-3)", "grad"), ("KL terms alone", "grad_kl")):
+        print(f"  {label:32}" + "".join(f"{g['cosine']:>11.4f} / {g['rel_err']:<8.1e}"
+                                        for g in (p[key][q] for q in ("bf16", "fp16"))))
+    print(f"  fp16 loss scale: {p['grad']['fp16']['loss_scale']:.0f}, KL terms alone "
+          f"{p['grad_kl']['fp16']['loss_scale']:.0f} (GradScaler starts at 65536)")
     print("\nStudent minus teacher logits (merged weights minus W0, same images, same precision) against fp32:")
     print(f"{'target':>8}{'max|R-I|':>10}{'|dW|/|W0|':>11}{'|d fp32|':>10}"
           f"{'bf16 rel err':>14}{'cosine':>8}{'W=W0':>7}{'fp16 rel err':>14}{'cosine':>8}{'W=W0':>7}")
