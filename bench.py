@@ -850,8 +850,9 @@ def gpu_check(args):
             log(f"gpu-check {name} failed: {result['error']}")
         result["part_s"] = time.monotonic() - t0
         summary[name] = result
-    if "tests" in summary:
-        summary["tests"]["ok"] = summary["tests"]["ok"] and summary["tests"].get("failed", 1) == 0
+    if "tests" in summary:  # none selected (exit code 5: CUDA not seen) is a failure too
+        t = summary["tests"]
+        t["ok"] = t["ok"] and t.get("failed", 1) == 0 and t.get("passed", 0) > 0
     summary["ok"] = all(summary[name]["ok"] for name in args.parts)
     summary["seconds"] = time.monotonic() - start
     out = Path(args.out or ROOT / "bench_results" / f"gpu-check{'-cpu' if args.device == 'cpu' else ''}.json")
