@@ -250,9 +250,8 @@ def worker_cutout(args):
     pair timed back to back. Attentive reads the teacher's patch tokens from its clean pass."""
     s = ours_setup(args)
     steps = {mode: ours_step(s, args, mode) for mode in ("random", "attentive")}
-    log(f"cutout: warm-up steps ({args.precision})")
-    for step in steps.values():
-        step()
+    log(f"cutout: warm-up steps ({args.precision}, counting FLOPs)")
+    flops = {mode: count_flops(step) for mode, step in steps.items()}  # the work itself, free of machine noise
     times = {mode: [] for mode in steps}
     for i in range(args.steps):
         for mode in (("random", "attentive") if i % 2 == 0 else ("attentive", "random")):
@@ -260,7 +259,8 @@ def worker_cutout(args):
     median = {mode: statistics.median(t) for mode, t in times.items()}
     pairs = [a / r for a, r in zip(times["attentive"], times["random"])]
     return {"random_step_s": median["random"], "attentive_step_s": median["attentive"],
-            "attentive_vs_random": statistics.median(pairs), "pair_ratios": pairs, "step_times": times}
+            "attentive_vs_random": statistics.median(pairs), "pair_ratios": pairs, "step_times": times,
+            "attentive_vs_random_flops": flops["attentive"] / flops["random"]}
 
 
 def merged_state_dict(config):
@@ -671,7 +671,7 @@ def print_bench(summary, args):
     if "attentive_vs_random" in cut:
         print(f"Attentive vs random Cutout (our step, alternating in one process): {cut['attentive_step_s']:.3f} s "
               f"vs {cut['random_step_s']:.3f} s (medians); attentive / random per round: "
-              + " ".join(f"{x:.3f}" for x in cut["pair_ratios"]))
+              + " ".join(f"{x:.3f}" for x in cut["pair_ratios"]) + f"; FLOPs {cut['attentive_vs_random_flops']:.4f}x")
     print(f"\nRatios (targets in brackets; memory: {memory})")
     targets = {"step_vs_peft_exact": "<= 0.7", "step_vs_peft_neumann": "<= 0.7", "eval_vs_openai": ">= 1.0",
                "memory_vs_peft_exact": "<= 0.8", "memory_vs_peft_neumann": "<= 0.8", "step_vs_floor": "<= 1.3",
@@ -771,7 +771,7 @@ def check_precision(args, deadline):
 
 
 def check_bench(args, deadline):
-    summary = run_bench(args, ["matmul", "ours_step", "eval", "peft_exact", "peft_neumann"], deadline)
+    summary = run_bench(args, ["matmul", "ours_step", "cutout", "eval", "peft_exact", "peft_neumann"], deadline)
     with contextlib.redirect_stdout(sys.stderr):  # stdout holds the summary line alone
         print_bench(summary, args)
     runs = summary["runs"]
