@@ -21,6 +21,8 @@ def test_quick_bench_json_line_has_positive_figures():
         assert summary[key] > 0, key
     assert 0 < summary["cayley_merge_share"] < 1
     assert summary["ratios"]["step_vs_floor"] > 0 and summary["ratios"]["attentive_vs_random"] > 0
+    # attentive Cutout costs the dense projection of the teacher's patch tokens on top of random Cutout's work
+    assert 1 < summary["runs"]["cutout"]["attentive_vs_random_flops"] < 1.05
     assert summary["precision"] == "fp32" and summary["eval_dtype"] == "float32"  # the CPU path stays fp32
     assert summary["runs"]["ours_step"]["trainable"] == 69632  # 2 towers x 2 layers x (4 x 16^2 + 4 x 64^2)
     assert "peft_exact" not in summary["runs"]  # not asked for with --only
