@@ -7,9 +7,11 @@ The reference step: CLIP ViT-B/16 with random weights in the official format; 16
 224x224 plus their 16 Cutout copies (`--cutout`: random, attentive or none); 10 class prompts; adapters on
 c_fc and c_proj of every block of both towers (r = 4 blocks, exact Cayley); loss CE + CE + 1.5 KL + 1 KL
 against the frozen zero-shot model; one AdamW step. fp32 on the CPU; on CUDA in `--precision` (autocast
-dtype for ours and PEFT's alike, fp16 with a GradScaler for both; default: what train.py's auto picks).
-Eval: encode_image at batch 16, fp32 on the CPU; on CUDA both models in fp16 (OpenAI's own dtype: its
-build_model converts the weights to fp16, and ours gets the same weights by `.half()`; no autocast).
+dtype for ours and PEFT's alike, fp16 with a GradScaler for both; default: AUTO_CUDA, what train.py's auto
+should pick). `--precision bf16|fp16` on the CPU runs CPU autocast, a slow stand-in (its half-precision
+matmuls are ~140x slower than fp32 here). Eval: encode_image at batch 16, fp32 on the CPU (OpenAI's fp16
+model runs only on CUDA); on CUDA both models in fp16 (OpenAI's own dtype: its build_model converts the
+weights to fp16, and ours gets the same weights by `.half()`; no autocast).
 
 Every training step runs in its own subprocess (`bench.py --worker NAME`), so each one's peak memory is its
 own; eval throughput of ours and OpenAI's runs in one subprocess, alternating rounds so that machine load
