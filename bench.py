@@ -779,6 +779,8 @@ def check_bench(args, deadline):
     runs = summary["runs"]
     notes = {name: run.get("skipped") or run.get("failed") for name, run in runs.items()
              if run.get("skipped") or run.get("failed")}
+    if "openai_skipped" in runs.get("eval", {}):
+        notes["openai_eval"] = runs["eval"]["openai_skipped"]
     figures = {k: summary[k] for k in ("precision", "eval_dtype", "step_s", "eval_img_s", "peak_cuda_mb", "peak_rss_mb",
                                        "floor_s")}
     return {**figures, "openai_eval_img_s": runs.get("eval", {}).get("openai_eval_img_s"),
