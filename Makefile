@@ -27,3 +27,9 @@ bench:
 
 fixtures:
 	$(PYTHON) tests/make_fixtures.py
+
+# the one-command check of a CUDA machine (bench.py --gpu-check; DEVICE=cpu: a dry run on the tiny config)
+DEVICE ?= cuda
+.PHONY: gpu-check
+gpu-check:
+	$(PYTHON) bench.py --gpu-check --device $(DEVICE) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))

@@ -1,21 +1,63 @@
-"""bench.py --quick runs end to end and its --json line holds the figures the README quotes (no timings asserted)."""
+"""bench.py on the tiny config: its --json line holds the figures the README quotes, and the --gpu-check dry run
+exercises every part of the GPU check and ends with its JSON summary (no timings asserted)."""
 
 import json
 import subprocess
 import sys
 
-from conftest import ROOT
+from conftest import ROOT, SHARED
+
+
+def run_bench(*flags, exit_code=0, timeout=300):
+    done = subprocess.run([sys.executable, str(ROOT / "bench.py"), *flags], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    assert done.returncode == exit_code, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def test_quick_bench_json_line_has_positive_figures():
-    done = subprocess.run([sys.executable, str(ROOT / "bench.py"), "--quick", "--steps", "1", "--json",
-                           "--only", "matmul", "ours_step", "eval"],
-                          capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert done.returncode == 0, done.stderr
-    summary = json.loads(done.stdout.strip().splitlines()[-1])
+    summary = run_bench("--quick", "--steps", "1", "--json", "--only", "matmul", "ours_step", "cutout", "eval")
     for key in ("step_s", "eval_img_s", "peak_rss_mb", "step_flops", "matmul_flops_per_s", "floor_s"):
         assert summary[key] > 0, key
     assert 0 < summary["cayley_merge_share"] < 1
-    assert summary["ratios"]["step_vs_floor"] > 0
+    assert summary["ratios"]["step_vs_floor"] > 0 and summary["ratios"]["attentive_vs_random"] > 0
+    # attentive Cutout costs the dense projection of the teacher's patch tokens on top of random Cutout's work
+    assert 1 < summary["runs"]["cutout"]["attentive_vs_random_flops"] < 1.05
+    assert summary["precision"] == "fp32" and summary["eval_dtype"] == "float32"  # the CPU path stays fp32
     assert summary["runs"]["ours_step"]["trainable"] == 69632  # 2 towers x 2 layers x (4 x 16^2 + 4 x 64^2)
     assert "peft_exact" not in summary["runs"]  # not asked for with --only
+
+
+def test_gpu_check_dry_run_runs_every_part_and_ends_with_its_summary(tmp_path):
+    out = tmp_path / "gpu-check.json"
+    parts = ["tests", "precision", "headline"]  # the bench part is the workers the test above runs
+    sample = SHARED / "data" / "eurosat-sample"
+    data_root = ["--data-root", str(sample)] if sample.is_dir() else []
+    summary = run_bench("--gpu-check", "--device", "cpu", "--parts", *parts, "--out", str(out), *data_root,
+                        exit_code=0 if sample.is_dir() else 1)
+    assert json.loads(out.read_text()) == summary
+    assert summary["dry_run"] and summary["config"] == "tiny"
+    assert summary["tests"]["ok"] and summary["tests"]["passed"] > 0 and summary["tests"]["failed"] == 0
+
+    p = summary["precision"]
+    assert p["ok"] and set(p["steps"]) == {"fp32", "bf16", "fp16"}
+    for size, measured in p["rotations"].items():  # the adapters are scaled to the asked max |R - I|
+        assert abs(measured / float(size) - 1) < 0.01
+    for q in ("bf16", "fp16"):
+        assert p["grad"][q]["finite"] and -1 <= p["grad"][q]["cosine"] <= 1
+    # fp16 has 3 more mantissa bits than bf16: it keeps more of the student-teacher difference, and both keep
+    # more of a larger rotation
+    for size in p["rotations"]:
+        assert p["difference"]["fp16"][size]["rel_err"] < p["difference"]["bf16"][size]["rel_err"]
+    for q in ("bf16", "fp16"):
+        errs = [p["difference"][q][size]["rel_err"] for size in sorted(p["rotations"], key=float)]
+        assert errs == sorted(errs, reverse=True)
+
+    h = summary["headline"]
+    if sample.is_dir():
+        assert summary["ok"] and h["ok"]
+        assert h["steps"] == 3 and h["test_images"] == 40  # 16 shots x 5 base classes / batch 32, 1 epoch; 2 x 20
+        assert h["wall_s"] > 0 and (h["seconds"] is None or set(h["seconds"]) >= {"train", "eval"})
+    else:
+        # reported, and the other parts still ran
+        assert not summary["ok"] and not h["ok"] and "EuroSAT" in h["error"]
