@@ -33,11 +33,8 @@ on one batch (the precision worker), the bench in train.py's auto precision, and
 `train.py --data eurosat --shots 16` on the EuroSAT sample with a random ViT-B/16 checkpoint, timed by
 phase. It ends with one JSON line, also written to --out. With `--device cpu` it is a dry run on the tiny
 config (a minute or two) that exercises every part. On a device machine, which receives only the repo's
-working tree (`../shared` stays behind), from the repo root here first:
-
-    mkdir -p .cache/data && cp -r ../shared/data/eurosat-sample .cache/data/eurosat   # .cache/ is ignored
-
-then run `make gpu-check GPU_CHECK_OUT=$OUT/gpu-check.json` there, carrying `.cache/data` and OpenAI's
+working tree (`../shared` stays behind), the headline command reads the EuroSAT sample shipped in `sample/`
+(the same 360 images). Run `make gpu-check GPU_CHECK_OUT=$OUT/gpu-check.json` there, carrying OpenAI's
 code `.cache/openai-clip-1.0.1` (its model.py is the eval peer and the parity tests' reference). The image
 there has transformers and PEFT; to use requirements-bench.txt's versions instead, download their wheels
 into `.cache/whl` here (`pip download --no-deps --only-binary=:all: --python-version 3.12 -d .cache/whl
@@ -730,7 +727,8 @@ def print_precision(p):
 
 
 def default_data_root():
-    for d in (ROOT / ".cache" / "data" / "eurosat", ROOT.parent / "shared" / "data" / "eurosat-sample"):
+    for d in (ROOT / "sample" / "eurosat", ROOT / ".cache" / "data" / "eurosat",
+              ROOT.parent / "shared" / "data" / "eurosat-sample"):
         if (d / "2750").is_dir():
             return d
     return None
