@@ -2,6 +2,8 @@
 
 import dataclasses
 import json
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -354,3 +356,25 @@ def test_help_shows_a_default_for_every_flag_that_has_one():
 def test_the_readme_flags_table_is_what_help_shows():
     readme = (ROOT / "README.md").read_text()
     assert flags_table() in readme, "README's flags table differs from --help; paste:\n" + flags_table()
+
+
+def readme_commands():
+    """Every `python train.py ...` in the README: code blocks, table cells, the loop over datasets ($d)."""
+    readme = (ROOT / "README.md").read_text()
+    return sorted({m.group(0).strip() for m in re.finditer(r"python train\.py[^`\n#]*", readme)})
+
+
+def test_every_train_command_in_the_readme_passes_the_flag_checks():
+    commands = readme_commands()
+    assert len(commands) > 20 and "python train.py --data eurosat --shots 16 --device cuda" in commands
+    # what an earlier README command makes: the quick start's checkpoint, a training run's adapters, the figure
+    made_earlier = ("--weights tiny.pt: no such file", "--weights vit_b16_random.pt: no such file",
+                    "--adapters runs/eurosat_base2new_16shot_seed1/adapters.pt: no such file",
+                    "--cutout-grid figures/cutout_grid.png exists: add --overwrite to replace it")
+    for command in commands:
+        argv = shlex.split(command.replace("$d", "oxford_pets"))[2:]
+        if argv == ["--help"]:
+            continue
+        argv = ["cpu" if a == "cuda" else a for a in argv]  # this machine's device; the rest as written
+        problems = [p for p in train._validate(train.parser().parse_args(argv)) if p not in made_earlier]
+        assert not problems, f"README: `{command}`: {problems}"
