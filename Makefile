@@ -11,13 +11,19 @@ else
 TORCH ?= torch==$(TORCH_VERSION)
 endif
 
-.PHONY: install test bench fixtures
+.PHONY: install bench-install test bench fixtures
 
 install:
 	python3 -m venv .venv
 	.venv/bin/pip install $(TORCH)
 	.venv/bin/pip install -r requirements.txt
 	@.venv/bin/python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda)"
+
+# bench.py's peers (HF transformers + PEFT), in their own venv with the same torch choice as install
+bench-install:
+	python3 -m venv .bench-venv
+	.bench-venv/bin/pip install $(TORCH)
+	.bench-venv/bin/pip install -r requirements-bench.txt
 
 test:
 	$(PYTHON) -m pytest -q tests

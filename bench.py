@@ -50,6 +50,7 @@ import math
 import os
 import re
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -159,8 +160,12 @@ def memory_figures(device):
     return figures
 
 
+_LOG = []  # every line log() printed: --gpu-check writes them to its .txt
+
+
 def log(*args):
     print(*args, file=sys.stderr, flush=True)
+    _LOG.append(" ".join(map(str, args)))
 
 
 def frozen_model(config, device, seed=0):
@@ -862,10 +867,13 @@ def gpu_check(args):
     summary["ok"] = all(summary[name]["ok"] for name in args.parts)
     summary["seconds"] = time.monotonic() - start
     out = Path(args.out or ROOT / "bench_results" / f"gpu-check{'-cpu' if args.device == 'cpu' else ''}.json")
+    # the log for a reader beside the JSON: bench_results/gpu.txt on a GPU (gpu-cpu.txt for the dry run)
+    text = out.with_suffix(".txt") if args.out else out.with_name(f"gpu{'-cpu' if args.device == 'cpu' else ''}.txt")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(summary, indent=1) + "\n")
     log_gpu_check(summary, args)
-    log(f"written to {out}")
+    log(f"written to {out} and {text}")
+    text.write_text(f"$ {' '.join(map(shlex.quote, sys.argv))}\n" + "\n".join(_LOG) + "\n" + json.dumps(summary) + "\n")
     print(json.dumps(summary))
     if not summary["ok"]:
         raise SystemExit(1)

@@ -301,6 +301,9 @@ CONFIGS = {
                      context_length=77, vocab_size=49408, transformer_width=512, transformer_layers=12),
     "ViT-L/14": dict(embed_dim=768, image_resolution=224, vision_layers=24, vision_width=1024, vision_patch_size=14,
                      context_length=77, vocab_size=49408, transformer_width=768, transformer_layers=12),
+    "ViT-L/14@336px": dict(embed_dim=768, image_resolution=336, vision_layers=24, vision_width=1024,
+                           vision_patch_size=14, context_length=77, vocab_size=49408, transformer_width=768,
+                           transformer_layers=12),
     "tiny": dict(embed_dim=32, image_resolution=32, vision_layers=2, vision_width=64, vision_patch_size=8,
                  context_length=77, vocab_size=49408, transformer_width=64, transformer_layers=2),
 }
@@ -733,6 +736,18 @@ def read_shapes(path):
     """{name: torch.Size} of a checkpoint's tensors without reading their data, with read_state_dict's checks
     (to check a model's layout before loading it). Only a legacy torch.save file (not a zip) is read whole."""
     return {name: tensor.shape for name, tensor in _read_checkpoint(Path(path), data=False).items()}
+
+
+def check_torch_file(path):
+    """Raise one ValueError naming `path` unless it is a torch.save zip archive whose records are stored
+    uncompressed within the file: then torch.load(weights_only=True) allocates at most the file's size."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        if f.read(4) != b"PK\x03\x04":
+            raise ValueError(f"{path}: not a torch.save zip archive")
+    with _open_archive(path) as archive:
+        _archive_top(archive, path)
+        _check_records(archive.infolist(), path)
 
 
 def _read_checkpoint(path, data):

@@ -23,7 +23,7 @@ import statistics
 import sys
 import time
 import warnings
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 import torch
@@ -191,35 +191,34 @@ def run(cfg, seed, plan, datasets, model, params, seconds, data_sha256):
         return payload[1]
     train_set, eval_sets = datasets
     torch.manual_seed(seed)
-    with _exclusive(folder, cfg, mode):
-        started = time.monotonic()
-        adapters, context = {}, None  # zero-shot CLIP
-        if cfg.eval_only:  # checked against the model before anything is written
-            adapters, context = _read_adapters_file(cfg.adapters, params, cfg)
-        if cfg.overwrite:
-            _clear(folder)
-        _write_json(folder / "config.json", _run_config(cfg, seed, train_set, data_sha256))
-        if not (cfg.zero_shot or cfg.eval_only):
-            adapters, context = train(model, params, train_set, cfg, seed, folder, payload, data_sha256)
-            _save_adapters(folder / "adapters.pt", adapters, context, cfg, seed, data_sha256)
-        trained = time.monotonic()
-        merged = orthcr.export_state_dict(params, adapters, cayley_transform(cfg.neumann))  # eval costs plain CLIP
-        if cfg.export:
-            _export(folder, merged, context, cfg)
-        results = evaluate(model, merged, context, eval_sets, cfg, seed)
-        for split, r in results.items():
-            _say(f"{split}: {r['accuracy']:.2f}% of {r['n']} test images")
-        if cfg.protocol == "base2new":
-            results["hm"] = harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])
-        record = {"data": cfg.data, "protocol": cfg.protocol, "shots": cfg.shots, "seed": seed,
-                  "method": method_name(cfg), "eval_limit": cfg.eval_limit, "results": results,
-                  "seconds": {**seconds, "train": trained - started, "eval": time.monotonic() - trained}}
-        if cfg.eval_only:
-            record["evaluated"] = {"adapters": str(Path(cfg.adapters).resolve()),
-                                   "adapters_sha256": clip_min.file_sha256(cfg.adapters),
-                                   "training_settings": _read_training_settings(cfg.adapters)}
-        _write_json(folder / "results.json", record)
-        (folder / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete: adapters.pt holds what it learned
+    started = time.monotonic()
+    adapters, context = {}, None  # zero-shot CLIP
+    if cfg.eval_only:  # checked against the model before anything is written
+        adapters, context = _read_adapters_file(cfg.adapters, params, cfg)
+    if cfg.overwrite:
+        _clear(folder)
+    _write_json(folder / "config.json", _run_config(cfg, seed, train_set, data_sha256))
+    if not (cfg.zero_shot or cfg.eval_only):
+        adapters, context = train(model, params, train_set, cfg, seed, folder, payload, data_sha256)
+        _save_adapters(folder / "adapters.pt", adapters, context, cfg, seed, data_sha256)
+    trained = time.monotonic()
+    merged = orthcr.export_state_dict(params, adapters, cayley_transform(cfg.neumann))  # eval costs plain CLIP
+    if cfg.export:
+        _export(folder, merged, context, cfg)
+    results = evaluate(model, merged, context, eval_sets, cfg, seed)
+    for split, r in results.items():
+        _say(f"{split}: {r['accuracy']:.2f}% of {r['n']} test images")
+    if cfg.protocol == "base2new":
+        results["hm"] = harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])
+    record = {"data": cfg.data, "protocol": cfg.protocol, "shots": cfg.shots, "seed": seed,
+              "method": method_name(cfg), "eval_limit": cfg.eval_limit, "results": results,
+              "seconds": {**seconds, "train": trained - started, "eval": time.monotonic() - trained}}
+    if cfg.eval_only:
+        record["evaluated"] = {"adapters": str(Path(cfg.adapters).resolve()),
+                               "adapters_sha256": clip_min.file_sha256(cfg.adapters),
+                               "training_settings": _read_training_settings(cfg.adapters)}
+    _write_json(folder / "results.json", record)
+    (folder / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete: adapters.pt holds what it learned
     _say(f"results written to {folder / 'results.json'}")
     return record
 
@@ -352,6 +351,7 @@ class Settings:
     workers: int
     log_every: int
     download_root: str | None
+    cutout_grid: str | None
     checkpoint_sha256: str | None = None  # of the base model file, once it is known
 
 
@@ -360,6 +360,11 @@ _RESULT_SETTINGS = ("checkpoint_sha256", "data", "protocol", "shots", "epochs", 
                    "targets", "blocks", "towers", "neumann", "lambda1", "lambda2", "cutout", "cutout_size",
                    "cutout_holes", "cutout_temperature", "prompt", "n_ctx", "ctx_init", "precision", "eval_data",
                    "eval_limit", "zero_shot")
+
+
+# the settings that only training reads: --eval-only takes them from the adapters file, never from flags
+_TRAINING_ONLY = ("epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "lambda1", "lambda2", "cutout",
+                  "cutout_size", "cutout_holes", "cutout_temperature")
 
 
 def settings_from(args, saved=None):
@@ -373,7 +378,12 @@ def settings_from(args, saved=None):
 
     targets = tuple(pick("targets", LAYOUT["targets"]))
     ctx_init = pick("ctx_init", None)
-    values = {**vars(args),
+    training = {"lambda2": 0.0 if args.cutout == "none" else orthcr.LAMBDA2, "cutout_holes": 1}  # flag defaults
+    training = {k: getattr(args, k) if getattr(args, k) is not None else training.get(k) for k in _TRAINING_ONLY}
+    if args.eval_only:  # the adapters as they were trained: the table's label and the record say how
+        training.update({k: saved[k] for k in _TRAINING_ONLY if k in saved})
+    values = {**vars(args), **training,
+              "workers": args.workers if args.workers is not None else data.default_workers(args.device),
               "data": pick("data", "eurosat"), "protocol": pick("protocol", "base2new"), "shots": pick("shots", 16),
               "seeds": tuple(args.seeds or [saved.get("seed", 1)]),
               "targets": () if targets == ("none",) else targets,
@@ -473,12 +483,21 @@ RUN_FILES = ("config.json", "log.jsonl", "checkpoint.pt", "adapters.pt", "result
 
 
 def _run_folder(cfg, seed):
+    """--out ({seed} in it becomes the seed), else runs/<data>_<protocol>_<K>shot_<method>_seed<S>: each row of
+    the ablation table gets its own folder; --eval-only's folder sits beside the adapters file."""
     if cfg.out:
-        return Path(cfg.out)
+        return Path(cfg.out.replace("{seed}", str(seed)))
     if cfg.eval_only:  # beside the training run, never into its files
         return Path(cfg.adapters).resolve().parent / f"eval_{cfg.data}_{cfg.protocol}_seed{seed}"
-    shots = "zeroshot" if cfg.zero_shot else f"{cfg.shots}shot"
-    return Path("runs") / f"{cfg.data}_{cfg.protocol}_{shots}_seed{seed}"
+    if cfg.zero_shot:
+        return Path("runs") / f"{cfg.data}_{cfg.protocol}_zeroshot_seed{seed}"
+    return Path("runs") / f"{cfg.data}_{cfg.protocol}_{cfg.shots}shot_{_method_tag(cfg)}_seed{seed}"
+
+
+def _method_tag(cfg):
+    """The table label as a folder name: "OrthSR + CoOp (w/o CutOut)" -> "orthsr+coop-no-cutout"."""
+    name = method_name(cfg).lower().replace(" + ", "+").replace("w/o ", "no-")
+    return "-".join(name.replace("(", " ").replace(")", " ").replace(",", " ").split())
 
 
 @contextmanager
@@ -806,12 +825,19 @@ _SAVED_KINDS = {"data": lambda v: v in data.DATASETS, "protocol": lambda v: v in
                 "towers": lambda v: isinstance(v, list) and v and set(v) <= set(orthcr.TOWER_PREFIX),
                 "neumann": lambda v: type(v) is int and v >= 0, "prompt": lambda v: v in ("fixed", "coop"),
                 "n_ctx": lambda v: type(v) is int and v >= 1, "ctx_init": lambda v: v is None or isinstance(v, str),
-                "checkpoint_sha256": lambda v: v is None or isinstance(v, str)}
+                "checkpoint_sha256": lambda v: v is None or isinstance(v, str),
+                # the training settings, for the evaluation's label and record
+                **{k: lambda v: type(v) is int and v >= 0 for k in ("epochs", "batch_size", "warmup_steps",
+                                                                    "cutout_size", "cutout_holes")},
+                **{k: lambda v: type(v) in (int, float) and math.isfinite(v) and v >= 0
+                   for k in ("lr", "weight_decay", "lambda1", "lambda2")},
+                "cutout": lambda v: v in orthcr.CUTOUT_MODES,
+                "cutout_temperature": lambda v: v is None or (type(v) in (int, float) and v > 0)}
 
 
 def _read_training_settings(path):
     """The training settings recorded in an adapters file: what --eval-only takes when a flag is not given."""
-    saved = _load_trusted(path, "adapters")
+    saved = _load_trusted(path, "adapters", mmap=True)  # the tensors are read once, by _read_adapters_file
     if not isinstance(saved.get("adapters"), dict):
         _fail(f"{path} holds no 'adapters' entry: not an adapters.pt written by train.py")
     if "optimizer" in saved or "step" in saved:
@@ -825,6 +851,16 @@ def _read_training_settings(path):
         if key in settings and not valid(settings[key]):
             _fail(f"{path}: its recorded {key} = {settings[key]!r} is not a valid setting")
     return settings
+
+
+def _check_training_flags(args, saved):
+    """--eval-only with a training flag that contradicts how the adapters were trained: one line (the flag would
+    describe a training that never happened; the same value, as in a repeated training command, is fine)."""
+    for k in _TRAINING_ONLY:
+        given, default = getattr(args, k), parser().get_default(k)
+        if given != default and k in saved and given != saved[k]:
+            _fail(f"--{k.replace('_', '-')} {given} contradicts {args.adapters}, trained with {k} = {saved[k]}: "
+                  f"--eval-only evaluates the adapters as they were trained; drop --{k.replace('_', '-')}")
 
 
 def _check_evaluation(cfg, saved):
@@ -877,15 +913,20 @@ def _export(folder, merged, context, cfg):
         _say(f"CoOp context written to {folder / 'context.pt'}")
 
 
-def _load_trusted(path, what):
-    """torch.load with weights_only=True: tensors and plain containers only, no code from the file runs."""
+def _load_trusted(path, what, mmap=False):
+    """torch.load with weights_only=True: tensors and plain containers only, no code from the file runs; the
+    archive's records checked first, so that a small file cannot inflate into a large allocation. With `mmap`
+    the tensors' bytes are mapped, not read (for the settings an adapters file records)."""
     article = "an" if what[0] in "aeiou" else "a"
     try:
         if not Path(path).is_file():
             _fail(f"{path} is not a regular file: not {article} {what} file")
         if Path(path).stat().st_size == 0:
             _fail(f"{path} is empty (0 bytes): not {article} {what} file")
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        clip_min.check_torch_file(path)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except ValueError as e:
+        _fail(f"{str(e).splitlines()[0]}: not {article} {what} file written by train.py")
     except OSError as e:
         _fail(f"cannot read {what} file {path}: {e.strerror or e}")
     except Exception as e:
@@ -952,6 +993,16 @@ class _Bookkeeping:
         return self
 
     def after_step(self, step, epoch, lr, loss, terms):
+        self.log_step(step, epoch, lr, loss, terms)
+        if self.interrupt.requested or step % self.save_every == 0 or step == self.total:
+            self.save(step)  # at each epoch's end (or every --save-every steps), at the last step, on Ctrl-C
+        if self.interrupt.requested:
+            _stop_interrupted(self.folder, step, self.total)
+        if step % self.cfg.log_every == 0 or step == self.total:
+            self.progress.report(step, epoch, self.cfg.epochs, lr, terms)
+
+    def log_step(self, step, epoch, lr, loss, terms):
+        """One JSON line in log.jsonl, flushed: reads the loss terms' values (a device sync)."""
         record = {"step": step, "epoch": epoch + 1, "lr": lr, "loss": loss.item(),
                   **{k: v.item() for k, v in terms.items()}, "step_s": self.progress.tick()}
         try:
@@ -959,12 +1010,6 @@ class _Bookkeeping:
             self.log.flush()
         except OSError as e:
             _disk_error(self.folder / "log.jsonl", e, "the steps before are kept")
-        if self.interrupt.requested or step % self.save_every == 0 or step == self.total:
-            self.save(step)
-        if self.interrupt.requested:
-            _stop_interrupted(self.folder, step, self.total)
-        if step % self.cfg.log_every == 0 or step == self.total:
-            self.progress.report(step, epoch, self.cfg.epochs, lr, terms)
 
     def __exit__(self, *exc):
         self.interrupt.__exit__(*exc)
@@ -1103,8 +1148,9 @@ def parser():
     g.add_argument("--eval-batch-size", type=int, default=EVAL_BATCH_SIZE, metavar="N", help="images per batch")
     g = p.add_argument_group("run files")
     g.add_argument("--out", default=None, metavar="DIR",
-                   help="the run folder (default: runs/<data>_<protocol>_<K>shot_seed<S>; --eval-only: "
-                        "eval_<data>_<protocol>_seed<S> beside the adapters file)")
+                   help="the run folder; {seed} in it becomes the seed (default: "
+                        "runs/<data>_<protocol>_<K>shot_<method>_seed<S>, <method> the table's label, e.g. "
+                        "orthsr+coop; --eval-only: eval_<data>_<protocol>_seed<S> beside the adapters file)")
     g.add_argument("--resume", action="store_true", help="continue the run in the run folder from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace the run already in the run folder")
     g.add_argument("--export", action="store_true", help="also write merged.pt, the merged weights in OpenAI's format")
@@ -1137,12 +1183,6 @@ def parse_args(argv=None):
     problems = _validate(args)
     if problems:
         p.error("; ".join(problems))
-    if args.workers is None:
-        args.workers = data.default_workers(args.device)
-    if args.lambda2 is None:
-        args.lambda2 = 0.0 if args.cutout == "none" else orthcr.LAMBDA2
-    if args.cutout_holes is None:
-        args.cutout_holes = 1
     return args
 
 
@@ -1242,8 +1282,8 @@ def _validate_files(args):
         bad.append("--adapters is read by --eval-only: add --eval-only")
     if args.adapters and not Path(args.adapters).is_file():
         bad.append(f"--adapters {args.adapters}: {'not a regular file' if os.path.lexists(args.adapters) else 'no such file'}")
-    if args.out and args.seeds and len(args.seeds) > 1:
-        bad.append("--out names one run folder: use it with a single seed")
+    if args.out and args.seeds and len(args.seeds) > 1 and "{seed}" not in args.out:
+        bad.append("--out names one run folder: with several seeds put {seed} in it, e.g. --out runs/lr3e-4_seed{seed}")
     if args.resume and args.overwrite:
         bad.append("--resume continues the run in --out, --overwrite replaces it: choose one")
     if args.cutout_grid and not Path(args.cutout_grid).expanduser().resolve().parent.is_dir():
@@ -1296,28 +1336,53 @@ def _check_prompts(cfg, datasets):
                 _fail(f"{flag}a prompt of {dataset.name} does not fit CLIP's context: {e}".split(";")[0])
 
 
-def _check_layout(cfg, path):
-    """--targets/--blocks/--towers against the checkpoint's shapes, read without building the model (its
-    tensors as meta tensors: shapes, no data). Returns the trainables this run will have, on the meta device."""
-    shapes = {k: torch.empty(s, device="meta") for k, s in clip_min.read_shapes(path).items()}
+def _check_layout(cfg, path=None):
+    """--targets/--blocks/--towers against the model's shapes, known without loading it: from the checkpoint's
+    records (tensors as meta tensors: shapes, no data), or, before a named --model is downloaded, from its
+    architecture. Returns the trainables this run will have, on the meta device."""
+    if path is None and not cfg.weights and cfg.model not in clip_min.CONFIGS:
+        return None
+    source = path or cfg.weights or cfg.model
+    if path is None and not cfg.weights:
+        with torch.device("meta"):
+            shapes = clip_min.CLIP(**clip_min.CONFIGS[cfg.model]).state_dict()
+    else:
+        try:
+            shapes = {k: torch.empty(s, device="meta") for k, s in clip_min.read_shapes(source).items()}
+        except (ValueError, OSError) as e:
+            _fail(str(e).splitlines()[0])
     try:
         n_px = clip_min.config_from_state_dict(shapes)["image_resolution"]
     except (ValueError, KeyError, IndexError, TypeError):  # not a CLIP checkpoint: build_model says why, in one line
-        clip_min.build_model(clip_min.read_state_dict(path), source=str(path))
+        try:
+            clip_min.build_model(clip_min.read_state_dict(source), source=str(source))
+        except ValueError as e:
+            _fail(str(e).splitlines()[0])
     if cfg.cutout_size > n_px:
         _fail(f"--cutout-size {cfg.cutout_size} is larger than the model's {n_px} px images")
     try:
         return init_trainables(shapes, cfg, seed=0)
     except (ValueError, KeyError) as e:
-        _fail(f"{'--blocks' if 'divisible' in str(e) else '--targets/--towers'} do not fit {path}: {e}")
+        _fail(f"{'--blocks' if 'divisible' in str(e) else '--targets/--towers'} do not fit {source}: {e}")
 
 
 def main(argv=None):
     _one_line_warnings()
     args = parse_args(argv)
     saved = _read_training_settings(args.adapters) if args.eval_only else None
+    if saved:
+        _check_training_flags(args, saved)
     cfg = settings_from(args, saved)
-    plan = {} if args.cutout_grid else _plan_runs(cfg)  # run folders first: a refused folder costs nothing
+    plan = {} if cfg.cutout_grid else _plan_runs(cfg)  # run folders first: a refused folder costs nothing
+    with ExitStack() as held:  # each run folder is locked from here to the end, before any data is read
+        for seed, (mode, _) in plan.items():
+            held.enter_context(_exclusive(_run_folder(cfg, seed), cfg, mode))
+        return _check_and_run(cfg, plan, saved)
+
+
+def _check_and_run(cfg, plan, saved):
+    """The data, then the model, checked completely; then each seed's run and the table."""
+    _check_layout(cfg)  # what the flags ask of the model's shapes, before any data is read or model downloaded
     _check_root(cfg)
     clock = time.monotonic()
     try:  # the datasets are read and checked, completely, before the model is loaded or downloaded
@@ -1348,11 +1413,11 @@ def main(argv=None):
         _fail(str(e).splitlines()[0] if str(e) else repr(e))
     model.requires_grad_(False)  # W0 is frozen: only the adapters (and CoOp's context) get gradients
     params = dict(model.state_dict())
-    if args.cutout_grid:
+    if cfg.cutout_grid:
         seed = cfg.seeds[0]
-        _write_file(Path(args.cutout_grid), lambda tmp: cutout_grid(model, params, datasets[seed][0], cfg, seed)
+        _write_file(Path(cfg.cutout_grid), lambda tmp: cutout_grid(model, params, datasets[seed][0], cfg, seed)
                     .save(tmp, format="PNG"))
-        _say(f"Cutout grid written to {args.cutout_grid}")
+        _say(f"Cutout grid written to {cfg.cutout_grid}")
         return []
     seconds = {"data": data_s, "model": time.monotonic() - clock - data_s}
     all_results = []

@@ -35,6 +35,9 @@ def test_gpu_check_dry_run_runs_every_part_and_ends_with_its_summary(tmp_path):
     summary = run_bench("--gpu-check", "--device", "cpu", "--parts", *parts, "--out", str(out),
                         "--data-root", str(sample))
     assert json.loads(out.read_text()) == summary
+    log = out.with_suffix(".txt").read_text().splitlines()  # the log a reader commits: the command, each part, the JSON
+    assert "--gpu-check" in log[0] and json.loads(log[-1]) == summary
+    assert all(any(line.startswith(f"== gpu-check: {part}") for line in log) for part in parts)
     assert summary["dry_run"] and summary["config"] == "tiny"
     assert summary["tests"]["ok"] and summary["tests"]["passed"] > 0 and summary["tests"]["failed"] == 0
 

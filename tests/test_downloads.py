@@ -24,7 +24,7 @@ from PIL import Image
 
 import clip_min
 import data
-from conftest import ROOT
+from conftest import ROOT, sha256
 
 
 # ---------------------------------------------------------------------------------------------- the server
@@ -80,10 +80,6 @@ def umask():
     old = os.umask(0o027)
     yield 0o027
     os.umask(old)
-
-
-def sha256(blob):
-    return hashlib.sha256(blob).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------- archives

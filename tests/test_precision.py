@@ -9,8 +9,10 @@ import pytest
 import torch
 
 import clip_min
+import data
 import orthcr
 import train
+from conftest import make_eurosat_like
 
 CLASSES = ["cat", "dog", "bird", "car", "tree"]
 
@@ -129,3 +131,26 @@ def test_a_training_step_and_an_evaluation_batch_run_on_the_meta_device(tiny_mod
     weights = train.classifier(tiny_model, merged, context, CLASSES, "a photo of a {}.", cfg)
     predictions = train.predict(tiny_model, merged, clip_min.normalize(images).to("meta"), weights, cfg)
     assert predictions.is_meta and predictions.shape == (8,)
+
+
+@pytest.mark.filterwarnings("ignore:val. 4 classes have fewer")  # the toy dataset's validation set
+@pytest.mark.parametrize("flags", [[], ["--cutout", "attentive", "--prompt", "coop", "--n-ctx", "4"]])
+def test_train_runs_its_loop_on_the_meta_device(tiny_model, tmp_path, monkeypatch, flags):
+    """train() itself, not only the objective: the batches' move to the device, autocast, the grad scaler, AdamW's
+    step and the schedule, with every tensor on meta. Only what reads values is stubbed out: the finiteness
+    check, the log and progress lines' .item()s and the checkpoint's copy to the CPU."""
+    cfg = meta_settings("--epochs", "1", "--batch-size", "4", *flags)
+    train_set = data.build_dataset("eurosat", make_eurosat_like(tmp_path / "data"), shots=4, seed=1, subsample="base")
+    params = {k: v.to("meta") for k, v in tiny_model.state_dict().items()}
+    saved = []
+    monkeypatch.setattr(train, "_stop_if_not_finite", lambda *a: None)
+    monkeypatch.setattr(train._Bookkeeping, "log_step", lambda self, *a: None)
+    monkeypatch.setattr(train._Progress, "report", lambda self, *a: None)
+    monkeypatch.setattr(train, "_save_checkpoint", lambda folder, cfg, seed, sha, step, total, adapters, context, *a:
+                        saved.append((step, total, adapters, context)))
+    adapters, context = train.train(tiny_model, params, train_set, cfg, seed=1, folder=tmp_path)
+    # 4 shots x 2 base classes = 8 images: 2 steps of 4, each checkpointed at the epoch's end
+    assert [(step, total) for step, total, *_ in saved] == [(2, 2)]
+    tensors = train.trainable_tensors(adapters, context)
+    assert tensors and all(P.is_meta for P in tensors)
+    assert (context is not None) == ("coop" in flags)

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import zipfile
 
 import pytest
 import torch
@@ -40,7 +41,7 @@ def refused(*argv, match=None):
 
 
 @pytest.fixture
-def finished(root, weights, tmp_path):  # noqa: F811
+def finished(root, weights, tmp_path):
     """A finished two-epoch run and its files."""
     out = tmp_path / "run"
     run_main(*base_args(root, weights, out, "--epochs", 2, "--lr", 1e-2))
@@ -51,26 +52,28 @@ def finished(root, weights, tmp_path):  # noqa: F811
 # Run folders are exclusive and faithful
 
 
-def test_a_folder_that_holds_a_run_is_refused_and_left_byte_identical(root, weights, finished):  # noqa: F811
+def test_a_folder_that_holds_a_run_is_refused_and_left_byte_identical(root, weights, finished):
     before = snapshot(finished)
     message = refused(*base_args(root, weights, finished, "--epochs", 3, "--lr", 2e-2))
     assert str(finished) in message and "--resume" in message and "--overwrite" in message
     assert snapshot(finished) == before
 
 
-def test_overwrite_replaces_the_run_and_its_log(root, weights, finished):  # noqa: F811
+def test_overwrite_replaces_the_run_and_its_log(root, weights, finished):
     run_main(*base_args(root, weights, finished, "--epochs", 3, "--lr", 2e-2, "--overwrite"))
     config = json.loads((finished / "config.json").read_text())
     assert config["epochs"] == 3 and config["lr"] == 2e-2
     assert [r["step"] for r in read_log(finished)] == [1, 2, 3, 4, 5, 6]  # one run's steps, not two runs mixed
 
 
-def test_a_folder_in_use_is_refused_and_a_crashed_run_does_not_keep_it(root, weights, tmp_path):  # noqa: F811
+def test_a_folder_in_use_is_refused_and_a_crashed_run_does_not_keep_it(root, weights, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     with open(out / ".lock", "a") as held:  # another run holds the folder
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
         refused(*base_args(root, weights, out, "--epochs", 1), match=f"{out} is in use by another run")
+        # refused before the data is read: a second run spends nothing (this root holds no dataset)
+        refused(*base_args(tmp_path / "no_data", weights, out, "--epochs", 1), match=f"{out} is in use")
     assert not (out / "config.json").exists()
     # a run killed while holding the lock: the kernel releases flock with the process
     child = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a'); "
@@ -83,7 +86,7 @@ def test_a_folder_in_use_is_refused_and_a_crashed_run_does_not_keep_it(root, wei
     assert not (out / ".lock").exists()
 
 
-def test_eval_only_writes_its_own_folder_and_records_what_it_evaluated(root, weights, tmp_path):  # noqa: F811
+def test_eval_only_writes_its_own_folder_and_records_what_it_evaluated(root, weights, tmp_path):
     trained = tmp_path / "four_shot"
     run_main(*base_args(root, weights, trained, "--epochs", 1, "--shots", 4, "--lr", 1e-2))
     before = snapshot(trained)
@@ -102,7 +105,20 @@ def test_eval_only_writes_its_own_folder_and_records_what_it_evaluated(root, wei
             match=str(folder))
 
 
-def test_the_recorded_model_is_the_weights_file(root, weights, finished):  # noqa: F811
+def test_eval_only_labels_and_records_the_method_the_adapters_were_trained_with(root, weights, tmp_path):
+    trained = tmp_path / "orthsr"
+    run_main(*base_args(root, weights, trained, "--epochs", 1, "--cutout", "attentive", "--lambda1", 0.5))
+    record = run_main("--root", root, "--weights", weights, "--eval-only", "--adapters", trained / "adapters.pt")[0]
+    assert record["method"] == "OrthSR"  # not the defaults' "OrthCR"
+    config = json.loads((trained / "eval_eurosat_base2new_seed1" / "config.json").read_text())
+    assert (config["cutout"], config["lambda1"], config["epochs"]) == ("attentive", 0.5, 1)
+    # a training flag with --eval-only would describe a training that never happened
+    refused("--root", root, "--weights", weights, "--eval-only", "--adapters", trained / "adapters.pt", "--lr", 1,
+            "--out", tmp_path / "e", match="--lr 1.0 contradicts")
+    assert not (tmp_path / "e").exists()
+
+
+def test_the_recorded_model_is_the_weights_file(root, weights, finished):
     config = json.loads((finished / "config.json").read_text())
     assert config["model_file"] == str(weights.resolve()) and config["checkpoint_sha256"] == clip_min.file_sha256(weights)
     assert torch.load(finished / "adapters.pt", weights_only=True)["config"]["model"] == str(weights.resolve())
@@ -113,7 +129,7 @@ def test_the_recorded_model_is_the_weights_file(root, weights, finished):  # noq
 
 
 @pytest.fixture
-def stopped(root, weights, tmp_path, monkeypatch):  # noqa: F811
+def stopped(root, weights, tmp_path, monkeypatch):
     """A run stopped (as by Ctrl-C) at step 3 of 4, with its checkpoint."""
     out = tmp_path / "stopped"
 
@@ -139,7 +155,7 @@ def stopped(root, weights, tmp_path, monkeypatch):  # noqa: F811
     (["--seeds", "2"], "seed = 1"),
     (["--shots", "4"], "shots = 8"),
 ])
-def test_resume_refuses_other_settings_naming_the_first_difference(root, weights, stopped, flags,  # noqa: F811
+def test_resume_refuses_other_settings_naming_the_first_difference(root, weights, stopped, flags,
                                                                     difference):
     before = snapshot(stopped)
     args = base_args(root, weights, stopped, "--epochs", 2, "--lr", 1e-2, "--resume")
@@ -156,13 +172,13 @@ def test_resume_refuses_another_base_model(root, stopped, tmp_path):
     assert snapshot(stopped) == before
 
 
-def test_resume_of_a_folder_without_checkpoint_is_an_error(root, weights, tmp_path):  # noqa: F811
+def test_resume_of_a_folder_without_checkpoint_is_an_error(root, weights, tmp_path):
     typo = tmp_path / "stoped"
     message = refused(*base_args(root, weights, typo, "--resume"), match="no checkpoint")
     assert str(typo) in message and not typo.exists()
 
 
-def test_resume_of_a_finished_run_is_an_error(root, weights, finished):  # noqa: F811
+def test_resume_of_a_finished_run_is_an_error(root, weights, finished):
     before = snapshot(finished)
     refused(*base_args(root, weights, finished, "--epochs", 2, "--lr", 1e-2, "--resume"), match="finished run")
     assert snapshot(finished) == before
@@ -185,7 +201,7 @@ def optimizer_moment(state):
 # each fault: how the checkpoint is damaged, and what the one-line refusal must say
 CHECKPOINT_FAULTS = {
     "empty file": (lambda path: path.write_bytes(b""), "is empty (0 bytes)"),
-    "not a checkpoint": (lambda path: path.write_bytes(b"\x80\x04 not a pickle"), "is not a valid checkpoint file"),
+    "not a checkpoint": (lambda path: path.write_bytes(b"\x80\x04 not a pickle"), "not a torch.save zip archive: not a checkpoint file written by train.py"),
     "missing key": (lambda s: s.pop("optimizer"), "'optimizer' is missing"),
     "step not an int": (lambda s: s.update(step="3"), "'step' is missing or not a int"),
     "step a bool": (lambda s: s.update(step=True), "'step' is missing or not a int"),
@@ -212,7 +228,7 @@ CHECKPOINT_FAULTS = {
 
 
 @pytest.mark.parametrize("fault", CHECKPOINT_FAULTS)
-def test_bad_checkpoints_are_refused_before_anything_is_rewritten(root, weights, stopped, fault):  # noqa: F811
+def test_bad_checkpoints_are_refused_before_anything_is_rewritten(root, weights, stopped, fault):
     damage, match = CHECKPOINT_FAULTS[fault]
     path = stopped / "checkpoint.pt"
     if fault in ("empty file", "not a checkpoint"):
@@ -225,7 +241,7 @@ def test_bad_checkpoints_are_refused_before_anything_is_rewritten(root, weights,
     assert snapshot(stopped) == before
 
 
-def test_resume_refuses_other_data(root, weights, stopped, tmp_path):  # noqa: F811
+def test_resume_refuses_other_data(root, weights, stopped, tmp_path):
     other = tmp_path / "other_data"
     shutil.copytree(root, other)
     split = other / "eurosat" / "split_zhou_EuroSAT.json"
@@ -238,14 +254,14 @@ def test_resume_refuses_other_data(root, weights, stopped, tmp_path):  # noqa: F
     assert snapshot(stopped) == before
 
 
-def test_a_log_line_cut_short_by_a_crash_does_not_stop_the_resume(root, weights, stopped):  # noqa: F811
+def test_a_log_line_cut_short_by_a_crash_does_not_stop_the_resume(root, weights, stopped):
     with open(stopped / "log.jsonl", "a") as log:
         log.write('{"step": 4, "epo')  # a crash in the middle of writing step 4's line
     run_main(*base_args(root, weights, stopped, "--epochs", 2, "--lr", 1e-2, "--resume"))
     assert [r["step"] for r in read_log(stopped)] == [1, 2, 3, 4]
 
 
-def test_non_finite_adapters_are_never_saved(root, weights, tmp_path):  # noqa: F811
+def test_non_finite_adapters_are_never_saved(root, weights, tmp_path):
     cfg = train.settings_from(train.parse_args(["--root", str(root), "--weights", str(weights)]))
     P = torch.full((2, 2), float("nan"))
     with pytest.raises(SystemExit) as stop:
@@ -265,15 +281,15 @@ def test_a_resumed_sweep_refuses_another_base_model_and_a_finished_one_is_not_re
     run_main(*sweep, "--weights", weights, "--seeds", 3)
     other = tmp_path / "other.pt"
     torch.save(clip_min.random_model("tiny", seed=5).state_dict(), other)
-    finished = tmp_path / "runs" / "eurosat_base2new_2shot_seed3"
+    finished = tmp_path / "runs" / "eurosat_base2new_2shot_orthcr_seed3"
     before = snapshot(finished)
     refused(*sweep, "--weights", other, "--seeds", 3, 7, "--resume", match="checkpoint_sha256")
-    assert snapshot(finished) == before and not (tmp_path / "runs" / "eurosat_base2new_2shot_seed7").exists()
+    assert snapshot(finished) == before and not (tmp_path / "runs" / "eurosat_base2new_2shot_orthcr_seed7").exists()
     run_main(*sweep, "--weights", weights, "--seeds", 3, 7, "--resume")  # seed 3 kept, seed 7 run
     refused(*sweep, "--weights", weights, "--seeds", 3, 7, "--resume", match="nothing to resume")
 
 
-def test_eval_only_refuses_what_would_mislabel_its_results(root, weights, tmp_path, finished):  # noqa: F811
+def test_eval_only_refuses_what_would_mislabel_its_results(root, weights, tmp_path, finished):
     adapters = finished / "adapters.pt"
     before = snapshot(finished)
     refused("--root", root, "--weights", weights, "--eval-only", "--adapters", adapters, "--out", finished,
@@ -289,12 +305,12 @@ def test_eval_only_refuses_what_would_mislabel_its_results(root, weights, tmp_pa
     assert snapshot(finished) == before and not any((tmp_path / f"e{i}").exists() for i in (1, 3))
 
 
-def test_eval_only_refuses_a_training_checkpoint(root, weights, stopped, tmp_path):  # noqa: F811
+def test_eval_only_refuses_a_training_checkpoint(root, weights, stopped, tmp_path):
     refused("--root", root, "--weights", weights, "--eval-only", "--adapters", stopped / "checkpoint.pt",
             "--out", tmp_path / "e", match="is a training checkpoint (step 3), not finished adapters")
 
 
-def test_a_refused_overwrite_deletes_nothing(root, weights, finished, tmp_path):  # noqa: F811
+def test_a_refused_overwrite_deletes_nothing(root, weights, finished, tmp_path):
     bad = tmp_path / "bad.pt"
     saved = torch.load(finished / "adapters.pt", weights_only=True)
     saved["adapters"][next(iter(saved["adapters"]))].view(-1)[0] = float("nan")
@@ -308,7 +324,7 @@ def test_a_refused_overwrite_deletes_nothing(root, weights, finished, tmp_path):
 
 
 def test_a_full_disk_while_saving_names_the_file_keeps_the_previous_checkpoint_and_says_how_to_resume(
-        root, weights, tmp_path, monkeypatch, capsys):  # noqa: F811
+        root, weights, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
     real, saves = clip_min.write_atomic, []
 
@@ -345,7 +361,7 @@ def no_model(monkeypatch):
     return read
 
 
-def test_out_that_is_a_file_or_under_a_file_or_read_only(root, weights, tmp_path, no_model):  # noqa: F811
+def test_out_that_is_a_file_or_under_a_file_or_read_only(root, weights, tmp_path, no_model):
     a_file = tmp_path / "a_file"
     a_file.write_text("x")
     refused(*base_args(root, weights, a_file), match=f"--out {a_file}: {a_file} is a file")
@@ -367,11 +383,33 @@ def test_a_layout_that_does_not_fit_the_model_is_refused_before_it_is_loaded(roo
     assert not no_model and not (tmp_path / "run").exists()
 
 
-def test_a_failed_evaluation_of_foreign_adapters_leaves_no_folder(root, weights, tmp_path):  # noqa: F811
+@pytest.mark.parametrize("flags, match", [
+    (["--blocks", "5"], "--blocks do not fit ViT-B/16: visual.transformer.resblocks.0.mlp.c_fc.weight: input dimension 768"),
+    (["--model", "ViT-L/14@336px", "--cutout-size", "400"], "larger than the model's 336 px images"),
+])
+def test_a_named_model_s_layout_is_checked_before_the_data_or_the_download(tmp_path, no_model, flags, match):
+    refused("--root", tmp_path / "no_data", "--download-root", tmp_path / "models", "--out", tmp_path / "run", *flags,
+            match=match)  # this root holds no dataset: the layout was checked first
+    assert not no_model and not (tmp_path / "models").exists() and not (tmp_path / "run").exists()
+
+
+def test_a_failed_evaluation_of_foreign_adapters_leaves_no_folder(root, weights, tmp_path):
     path = tmp_path / "adapters.pt"
     torch.save({"adapters": {"visual.transformer.resblocks.0.mlp.c_fc.weight": torch.zeros(2, 32, 32)}}, path)
     refused(*base_args(root, weights, tmp_path / "run", "--eval-only", "--adapters", path), match=str(path))
     assert not (tmp_path / "run").exists()
+
+
+def test_a_compressed_adapters_file_is_refused_before_it_is_inflated(root, weights, tmp_path, finished):
+    bomb = tmp_path / "bomb.pt"
+    with zipfile.ZipFile(finished / "adapters.pt") as src, zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as dst:
+        for info in src.infolist():  # the same records, deflated: torch.load would inflate them
+            dst.writestr(info.filename, src.read(info))
+    torch.load(bomb, weights_only=True)  # torch itself reads it
+    message = refused("--root", root, "--weights", weights, "--eval-only", "--adapters", bomb, "--out", tmp_path / "e",
+                      match=str(bomb))
+    assert "is compressed" in message and "not an adapters file written by train.py" in message
+    assert not (tmp_path / "e").exists()
 
 
 def test_the_eta_does_not_wrap_at_24_hours():
@@ -379,14 +417,14 @@ def test_the_eta_does_not_wrap_at_24_hours():
     assert train._duration(59) == "0:00:59"
 
 
-def test_the_cli_prints_one_line_and_no_traceback(root, weights, finished):  # noqa: F811
+def test_the_cli_prints_one_line_and_no_traceback(root, weights, finished):
     done = subprocess.run([sys.executable, str(ROOT / "train.py"), *map(str, base_args(root, weights, finished))],
                           capture_output=True, text=True, cwd=ROOT)
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1].startswith(f"error: {finished} already holds a run")
 
 
-def test_run_files_follow_the_users_umask(root, weights, tmp_path):  # noqa: F811
+def test_run_files_follow_the_users_umask(root, weights, tmp_path):
     previous = os.umask(0o022)
     try:
         run_main(*base_args(root, weights, tmp_path / "run", "--epochs", 1, "--export"))
@@ -436,14 +474,14 @@ def test_out_through_a_broken_symlink_is_one_line_before_anything_is_read(root, 
     (["--out", ""], "--out is empty"),
     (["--weights", "."], "--weights .: not a regular file"),
 ])
-def test_impossible_values_are_flag_errors(root, weights, tmp_path, capsys, flags, match):  # noqa: F811
+def test_impossible_values_are_flag_errors(root, weights, tmp_path, capsys, flags, match):
     with pytest.raises(SystemExit) as stop:
         run_main(*base_args(root, weights, tmp_path / "run"), *flags)
     assert stop.value.code == 2 and match in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
-def test_a_cutout_grid_never_replaces_a_file_unasked(root, weights, tmp_path, capsys):  # noqa: F811
+def test_a_cutout_grid_never_replaces_a_file_unasked(root, weights, tmp_path, capsys):
     picture = tmp_path / "grid.png"
     picture.write_bytes(b"a result")
     with pytest.raises(SystemExit) as stop:

@@ -7,6 +7,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -157,7 +158,7 @@ def test_seeds_give_a_mean_std_table(root, weights, tmp_path, monkeypatch, capsy
     assert [r["seed"] for r in all_results] == [1, 2]
     assert all(r["results"]["base"]["n"] == 4 for r in all_results)  # --eval-limit
     for seed in (1, 2):
-        assert (tmp_path / "runs" / f"eurosat_base2new_2shot_seed{seed}" / "results.json").is_file()
+        assert (tmp_path / "runs" / f"eurosat_base2new_2shot_orthcr_seed{seed}" / "results.json").is_file()
     table = capsys.readouterr().out.strip().splitlines()
     assert table[0] == "| dataset | method | base | new | HM |"
     base = [r["results"]["base"]["accuracy"] for r in all_results]
@@ -369,8 +370,7 @@ def test_every_train_command_in_the_readme_passes_the_flag_checks():
     assert len(commands) > 20 and "python train.py --data eurosat --shots 16 --device cuda" in commands
     # what an earlier README command makes: the quick start's checkpoint, a training run's adapters, the figure
     made_earlier = ("--weights tiny.pt: no such file", "--weights vit_b16_random.pt: no such file",
-                    "--adapters runs/eurosat_base2new_16shot_seed1/adapters.pt: no such file",
-                    "--cutout-grid figures/cutout_grid.png exists: add --overwrite to replace it")
+                    "--adapters runs/eurosat_base2new_16shot_orthcr_seed1/adapters.pt: no such file")
     for command in commands:
         argv = shlex.split(command.replace("$d", "oxford_pets"))[2:]
         if argv == ["--help"]:
@@ -378,3 +378,26 @@ def test_every_train_command_in_the_readme_passes_the_flag_checks():
         argv = ["cpu" if a == "cuda" else a for a in argv]  # this machine's device; the rest as written
         problems = [p for p in train._validate(train.parser().parse_args(argv)) if p not in made_earlier]
         assert not problems, f"README: `{command}`: {problems}"
+
+
+def test_each_row_of_the_readme_ablation_table_has_its_own_run_folders():
+    readme = (ROOT / "README.md").read_text()
+    rows = re.findall(r"^\|[^|]*\| `(python train\.py [^`]*)`", readme, flags=re.M)
+    assert len(rows) >= 9
+    folders = {}
+    for command in rows:
+        argv = ["cpu" if a == "cuda" else a for a in shlex.split(command)[2:]]
+        cfg = train.settings_from(train.parse_args(argv))
+        for seed in cfg.seeds:
+            folder = train._run_folder(cfg, seed)
+            assert folder not in folders, f"`{command}` and `{folders[folder]}` share {folder}"
+            folders[folder] = command
+    assert Path("runs/eurosat_base2new_16shot_orthsr+coop_seed1") in folders
+    assert Path("runs/eurosat_base2new_16shot_orthcr-no-cutout_seed2") in folders
+
+
+def test_out_with_seed_names_one_folder_per_seed():
+    cfg = train.settings_from(train.parse_args(["--seeds", "1", "2", "--out", "sweep/lr3e-4_seed{seed}", "--device", "cpu"]))
+    assert [train._run_folder(cfg, s) for s in cfg.seeds] == [Path("sweep/lr3e-4_seed1"), Path("sweep/lr3e-4_seed2")]
+    with pytest.raises(SystemExit):  # one folder for two seeds would mix them
+        train.parse_args(["--seeds", "1", "2", "--out", "sweep/lr3e-4", "--device", "cpu"])
