@@ -18,6 +18,7 @@ import hashlib
 import html
 import html.entities
 import http.client
+import io
 import math
 import os
 import pickle
@@ -738,16 +739,21 @@ def read_shapes(path):
     return {name: tensor.shape for name, tensor in _read_checkpoint(Path(path), data=False).items()}
 
 
-def check_torch_file(path):
+def check_torch_file(path, blob=None):
     """Raise one ValueError naming `path` unless it is a torch.save zip archive whose records are stored
-    uncompressed within the file: then torch.load(weights_only=True) allocates at most the file's size."""
+    uncompressed within the file: then torch.load(weights_only=True) allocates at most the file's size. With
+    `blob`, the file's bytes already read are checked (so that what is checked is what gets loaded)."""
     path = Path(path)
-    with open(path, "rb") as f:
-        if f.read(4) != b"PK\x03\x04":
-            raise ValueError(f"{path}: not a torch.save zip archive")
-    with _open_archive(path) as archive:
+    if blob is None:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    else:
+        head = blob[:4]
+    if head != b"PK\x03\x04":
+        raise ValueError(f"{path}: not a torch.save zip archive")
+    with _open_archive(path if blob is None else io.BytesIO(blob), path) as archive:
         _archive_top(archive, path)
-        _check_records(archive.infolist(), path)
+        _check_records(archive.infolist(), path, None if blob is None else len(blob))
 
 
 def _read_checkpoint(path, data):
@@ -798,12 +804,12 @@ def _checked(state_dict, path):
     return dict(state_dict)
 
 
-def _open_archive(path):
-    """The zip archive at `path`, its directory read."""
+def _open_archive(path, name=None):
+    """The zip archive at `path` (or in a file object, `name` naming it), its directory read."""
     try:
         return zipfile.ZipFile(path)
     except Exception as e:  # BadZipFile, NotImplementedError, UnicodeDecodeError...: zipfile's ways to fail
-        raise ValueError(f"{path}: truncated or corrupt checkpoint archive ({_reason(e)})") from None
+        raise ValueError(f"{name or path}: truncated or corrupt checkpoint archive ({_reason(e)})") from None
 
 
 def _archive_top(archive, path):
@@ -815,10 +821,10 @@ def _archive_top(archive, path):
     return tops[0]
 
 
-def _check_records(records, path):
+def _check_records(records, path, size=None):
     """Each record stored uncompressed and inside the file, and all together no bigger than the file (zip
     entries may point at the same bytes): then reading them takes at most the file's size."""
-    size, total = path.stat().st_size, 0
+    size, total = path.stat().st_size if size is None else size, 0
     for info in records:
         if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
             raise ValueError(f"{path}: record {info.filename!r} is compressed ({info.compress_size} bytes declared "

@@ -39,7 +39,8 @@ The protocol, as CoOp runs it (`build_dataset(name, root, shots, seed, subsample
 
 `train_batches` and `eval_batches` then turn item lists into tensor batches through one DataLoader each, with every
 image's augmentation seeded from (seed, epoch, position): a resumed run, or any number of workers, sees the same
-batches. The end of the file is plumbing: image files, shipped files, downloads, archives and the command line
+batches. The end of the file is plumbing: the sources (`ARCHIVES`: each public archive's URL, checksum and
+layout; `SHIPPED`: the files in splits/ and their SHA-256), image files, downloads, archives and the command line
 (`python data.py --check all`, `python data.py --download dtd`).
 """
 
@@ -81,16 +82,6 @@ class DataError(RuntimeError):
     """Bad or missing data on disk; the message (one line) names the path and what was expected."""
 
 
-class Archive(NamedTuple):
-    """A public archive that builds (part of) a dataset folder in CoOp's layout."""
-    url: str
-    checksum: str  # "sha256:<hex>" or "md5:<hex>", verified before anything is unpacked
-    size: int  # bytes, for the message before the download starts and the free-space check
-    moves: tuple  # (path in the archive, path in the dataset folder); "dir/*" moves every entry of dir
-    nested: str = ""  # an archive inside this one that is unpacked before the moves (Caltech101's zip)
-    needed: str = "images"  # "images": fetched when the images are missing; "split": only to generate a split
-
-
 class Spec(NamedTuple):
     folder: str  # under the data root
     image_dir: str  # under `folder`, where image paths start ("" = the folder itself)
@@ -98,42 +89,26 @@ class Spec(NamedTuple):
     template: str  # CoOp's prompt template
     kind: str  # reader: "split", "aircraft", "imagenet", "imagenet_v2", "imagenet_folders"
     source: str  # where the images come from, in one line (for a manual dataset: what to do)
-    archives: tuple = ()  # public archives that build the folder automatically; () = manual
     generate: str = ""  # without a split file nor a shipped one: "folders" (50/20/30 per class) or "sun397"
     parts: tuple = ()  # for messages: the folders the split's paths start with, when image_dir is the folder
 
 
-# Sources. sha256 and sizes from TensorFlow Datasets' url_checksums (tensorflow/datasets), md5s from torchvision's
-# dataset classes (pytorch/vision torchvision/datasets/*.py); where both exist they describe the same file.
-EUROSAT_URL = ("https://huggingface.co/datasets/torchgeo/eurosat/resolve/"
-               "c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip")  # torchvision's EuroSAT URL
-EUROSAT_MD5 = "c8fa014336c82ac7804f0398fcb19387"  # torchvision eurosat.py; 94,280,567 bytes (TFDS, madm.dfki.de copy)
-ROBOTS = "https://www.robots.ox.ac.uk/~vgg/data"
 PHOTO = "a photo of a {}."
 
 DATASETS = {
     "eurosat": Spec(
         "eurosat", "2750", "split_zhou_EuroSAT.json", "a centered satellite photo of {}.", "split",
-        "EuroSAT RGB (Helber et al.), public",
-        (Archive(EUROSAT_URL, "md5:" + EUROSAT_MD5, 94_280_567, (("2750", "2750"),)),)),
+        "EuroSAT RGB (Helber et al.), public"),
     "imagenet": Spec(
         "imagenet", "images", "", PHOTO, "imagenet",
         "ILSVRC2012 from https://image-net.org (registration needed): its train/ and val/ folders, val sorted into "
         "one folder per wnid, in imagenet/images/"),
     "caltech101": Spec(
         "caltech-101", "101_ObjectCategories", "split_zhou_Caltech101.json", PHOTO, "split",
-        "Caltech101 from CaltechDATA, public",
-        # caltech-101.zip wraps 101_ObjectCategories.tar.gz; md5 from torchvision caltech.py, size 137,414,764
-        (Archive("https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip",
-                 "md5:3138e1922a9193bfa496528edbbc45d0", 137_414_764,
-                 (("101_ObjectCategories", "101_ObjectCategories"),),
-                 nested="caltech-101/101_ObjectCategories.tar.gz"),)),
+        "Caltech101 from CaltechDATA, public"),
     "oxford_pets": Spec(
         "oxford_pets", "images", "split_zhou_OxfordPets.json", "a photo of a {}, a type of pet.", "split",
-        "Oxford-IIIT Pets (VGG), public",  # torchvision md5 5c4f3ee8e5d25df40f4fd59a7f44e54c
-        (Archive(f"{ROBOTS}/pets/data/images.tar.gz",
-                 "sha256:67195c5e1c01f1ab5f9b6a5d22b8c27a580d896ece458917e61d459337fa318d", 791_918_971,
-                 (("images", "images"),)),)),
+        "Oxford-IIIT Pets (VGG), public"),
     "stanford_cars": Spec(
         "stanford_cars", "", "split_zhou_StanfordCars.json", PHOTO, "split",
         "Stanford Cars: the official ai.stanford.edu/~jkrause/cars files are gone; copies circulate (e.g. "
@@ -141,91 +116,41 @@ DATASETS = {
         "cars_test/ folders (00001.jpg, ...) in stanford_cars/", parts=("cars_train", "cars_test")),
     "oxford_flowers": Spec(
         "oxford_flowers", "jpg", "split_zhou_OxfordFlowers.json", "a photo of a {}, a type of flower.", "split",
-        "Oxford Flowers 102 (VGG), public",  # torchvision md5 52808999861908f626f3c1f4e79d11fa
-        (Archive(f"{ROBOTS}/flowers/102/102flowers.tgz",
-                 "sha256:2d01ecc807db462958cfe3d92f57a8c252b4abd240eb955770201e45f783b246", 344_862_509,
-                 (("jpg", "jpg"),)),)),
+        "Oxford Flowers 102 (VGG), public"),
     "food101": Spec(
         "food-101", "images", "split_zhou_Food101.json", "a photo of {}, a type of food.", "split",
-        "Food-101 (ETH Zurich), public",  # torchvision md5 85eeb15f3717b99a5da872d97d918f87
-        (Archive("http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz",
-                 "sha256:d97d15e438b7f4498f96086a4f7e2fa42a32f2712e87d3295441b2b6314053a4", 4_996_278_331,
-                 (("food-101/*", ""),)),),
+        "Food-101 (ETH Zurich), public",
         generate="folders"),
     "fgvc_aircraft": Spec(
         "fgvc_aircraft", "images", "", "a photo of a {}, a type of aircraft.", "aircraft",
-        "FGVC-Aircraft 2013b (VGG), public: the data/ folder of fgvc-aircraft-2013b.tar.gz renamed fgvc_aircraft/",
-        (Archive(f"{ROBOTS}/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
-                 "sha256:d5f68b1b81d6d7831eb9d5c5517074176b5dfbce6bcb43dc14ed1c66a87b8d75", 2_770_575_360,
-                 (("fgvc-aircraft-2013b/data/*", ""),)),)),
+        "FGVC-Aircraft 2013b (VGG), public: the data/ folder of fgvc-aircraft-2013b.tar.gz renamed fgvc_aircraft/"),
     "sun397": Spec(
         "sun397", "SUN397", "split_zhou_SUN397.json", PHOTO, "split",
-        "SUN397 (Princeton), public",  # torchvision md5 8ca2778205c41d23104230ba66911c7a for SUN397.tar.gz
-        (Archive("https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip",
-                 "sha256:e3311ea5f812d4cc6faef194688343d1111f6cd6f70f2c62f393c2b8d6ba1ec9", 18_293_705,
-                 (("**/ClassName.txt", "ClassName.txt"), ("**/Training_01.txt", "Training_01.txt"),
-                  ("**/Testing_01.txt", "Testing_01.txt")), needed="split"),
-         Archive("https://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz",
-                 "sha256:f404130965a7ad77bed5ececc71e720ab50f3cc1e1bb257257610d38f3b928ec", 39_077_296_924,
-                 (("SUN397", "SUN397"),))),
+        "SUN397 (Princeton), public",
         generate="sun397"),
     "dtd": Spec(
         "dtd", "images", "split_zhou_DescribableTextures.json", "{} texture.", "split",
-        "DTD (VGG), public",  # torchvision md5 fff73e5086ae6bdbea199a49dfb8a4c1
-        (Archive(f"{ROBOTS}/dtd/download/dtd-r1.0.1.tar.gz",
-                 "sha256:e42855a52a4950a3b59612834602aa253914755c95b0cff9ead6d07395f8e205", 625_239_812,
-                 (("dtd/*", ""),)),)),
+        "DTD (VGG), public"),
     "ucf101": Spec(
         "ucf101", "UCF-101-midframes", "split_zhou_UCF101.json", "a photo of a person doing {}.", "split",
         "UCF-101-midframes.zip, CoOp's middle frames of UCF101, on Google Drive "
         "(https://drive.google.com/file/d/10Jqome3vtUA2keJkNanAiFpgbyC9Hc2O), extracted into ucf101/"),
     "imagenet_v2": Spec(
         "imagenetv2", "imagenetv2-matched-frequency-format-val", "", PHOTO, "imagenet_v2",
-        "ImageNetV2 matched-frequency (Recht et al.), public",  # an uncompressed tar despite its name
-        (Archive("https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/imagenetv2-matched-frequency.tar.gz",
-                 "sha256:f0c37fdf925916b19ea1323cd9a2208cdb6959ba2c32eef2a7fc393835c9ca7c", 1_264_079_360,
-                 (("imagenetv2-matched-frequency-format-val", "imagenetv2-matched-frequency-format-val"),)),)),
+        "ImageNetV2 matched-frequency (Recht et al.), public"),
     "imagenet_sketch": Spec(
         "imagenet-sketch", "images", "", PHOTO, "imagenet_folders",
         "ImageNet-Sketch (https://github.com/HaohanWang/ImageNet-Sketch, Google Drive or Kaggle): its one folder "
         "per wnid in imagenet-sketch/images/"),
     "imagenet_a": Spec(
         "imagenet-adversarial", "imagenet-a", "", PHOTO, "imagenet_folders",
-        "ImageNet-A (Hendrycks et al.), public",
-        (Archive("https://people.eecs.berkeley.edu/~hendrycks/imagenet-a.tar",
-                 "sha256:3bb3632277e6ba6392ea64c02ddbf4dd2266c9caffd6bc09c9656d28f012589e", 687_552_512,
-                 (("imagenet-a", "imagenet-a"),)),)),
+        "ImageNet-A (Hendrycks et al.), public"),
     "imagenet_r": Spec(
         "imagenet-rendition", "imagenet-r", "", PHOTO, "imagenet_folders",
-        "ImageNet-R (Hendrycks et al.), public",
-        (Archive("https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar",
-                 "sha256:18c6bf493b39a0d975d48e587437f562caab9c52ae6327dcfa9dd8eb54aa1b52", 2_191_079_936,
-                 (("imagenet-r", "imagenet-r"),)),)),
+        "ImageNet-R (Hendrycks et al.), public"),
 }
 TEST_ONLY = ("imagenet_v2", "imagenet_folders")  # kinds with no train/val: evaluated with ImageNet's classifier
 
-# CoOp's files shipped in splits/: (file there, sha256 of the file as CoOp distributes it). The seven split files are
-# CoOp's (MIT); imagenet_classnames.txt is CoOp's recipe (DATASETS.md: "copied from CLIP"): the sorted ILSVRC2012
-# wnids (tmlr-group/SCT classnames.txt, same order as Keras' imagenet_class_index.json) paired with the class names of
-# CLIP's notebooks/Prompt_Engineering_for_ImageNet.ipynb (openai/CLIP fcab8b6; azshue/TPT's list is identical).
-SHIPPED = {
-    "split_zhou_Caltech101.json": (
-        "split_zhou_Caltech101.json.gz", "52ce83205ff8ff8a1a18119aad6376120ae35c36e783a984bc560cbf10e73fa5"),
-    "split_zhou_DescribableTextures.json": (
-        "split_zhou_DescribableTextures.json.gz", "f26ebeccd2b58e68d70f07a0dc39fe49bf7b69024bac34396b954dfd87969c38"),
-    "split_zhou_EuroSAT.json": (
-        "split_zhou_EuroSAT.json.gz", "541503a77d0b26b735d85ec7a3e672804fe0aa466c2e5f07da772cc6c0af8ad2"),
-    "split_zhou_OxfordFlowers.json": (
-        "split_zhou_OxfordFlowers.json.gz", "2f50c42fc1a17ca13c271cb4269b1347bdb43d2be672e34f74a4e4cbfbcca794"),
-    "split_zhou_OxfordPets.json": (
-        "split_zhou_OxfordPets.json.gz", "d7f3ffe65b3919f95132e51422894ae18686b83c331fd8c0adcdc3dc2de6301e"),
-    "split_zhou_StanfordCars.json": (
-        "split_zhou_StanfordCars.json.gz", "40acee7aa65c8e4727a32d90e884b7c3f8960b523422317e163f7af65432959d"),
-    "split_zhou_UCF101.json": (
-        "split_zhou_UCF101.json.gz", "d78cb834f7c5792ceaff2c5ee2d7c76a9e4086e48a3a6b01232989d29cbefdd8"),
-    "classnames.txt": (
-        "imagenet_classnames.txt", "89e0b642c6697a3a43a06a2bb65f9fefb3ca295ccc5f4ba9ce385f1a3a58c629"),
-}
 
 
 class Item(NamedTuple):
@@ -306,7 +231,7 @@ def fewshot_subset(folder, train, val, shots, seed, sample_val=True):
     path = Path(folder) / "split_fewshot" / f"shot_{shots}-seed_{seed}.json"
     val_shots = min(shots, 4) if sample_val else 0
     if path.is_file():
-        raw = read_json(path, "few-shot cache")
+        raw = _read_json(path, "few-shot cache")
         if not isinstance(raw, dict) or "train" not in raw:
             raise DataError(f"few-shot cache {path} should be a JSON object with a 'train' list; delete it")
         cached = tuple(_to_items(raw.get(key, []), folder, path, key) for key in ("train", "val"))
@@ -317,7 +242,7 @@ def fewshot_subset(folder, train, val, shots, seed, sample_val=True):
     train = generate_fewshot_dataset(train, shots, rng, "train")
     val = generate_fewshot_dataset(val, val_shots, rng, "val") if sample_val else []
     try:
-        write_json(path, {"train": _from_items(train, folder), "val": _from_items(val, folder)})
+        _write_json(path, {"train": _from_items(train, folder), "val": _from_items(val, folder)})
     except OSError as e:  # a read-only (or full) data folder still works, it just resamples next time
         warnings.warn(f"could not cache the few-shot subset at {path}: {e}")
     return train, val
@@ -403,7 +328,7 @@ def read_dataset(spec, root):
 
 def read_split(path, image_dir):
     """CoOp's split_zhou_*.json: {"train","val","test"} lists of [path relative to image_dir, label, name]."""
-    raw = read_json(path, "split file")
+    raw = _read_json(path, "split file")
     if not isinstance(raw, dict) or not all(k in raw for k in ("train", "val", "test")):
         raise DataError(f"split file {path} should be a JSON object with 'train', 'val' and 'test' lists")
     train, val, test = (_to_items(raw[k], image_dir, path, k) for k in ("train", "val", "test"))
@@ -597,8 +522,8 @@ def _lines(path):
 
 # ---------------------------------------------------------------------------------------------- checks
 
-PROGRESS_MIN = 1000  # checks of this many images or more say so on stderr
-TAIL = 4096  # bytes read from the end of an image to find its end marker
+_PROGRESS_MIN = 1000  # checks of this many images or more say so on stderr
+_TAIL = 4096  # bytes read from the end of an image to find its end marker
 
 
 def check_root(path):
@@ -631,7 +556,7 @@ def check_images(items, name, split, decode=False):
     without the marker (trailing bytes are legal) is decoded in full to be sure.
     """
     paths = list(dict.fromkeys(it.impath for it in items))
-    loud = len(paths) >= PROGRESS_MIN
+    loud = len(paths) >= _PROGRESS_MIN
     if loud:
         print(f"checking {len(paths):,} {split} images of {name}", end="", file=sys.stderr, flush=True)
     start = time.monotonic()
@@ -660,7 +585,7 @@ def _image_problem(path):
             with Image.open(f) as im:
                 problem = _pixels_problem(im)
                 image_format = im.format
-            f.seek(max(0, st.st_size - TAIL))
+            f.seek(max(0, st.st_size - _TAIL))
             tail = f.read()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
         return f"is a possible decompression bomb ({e})"
@@ -848,6 +773,107 @@ class _EvalImages(torch.utils.data.Dataset):
         return test_transform(load_image(item.impath), self.n_px), item.label
 
 
+# ---------------------------------------------------------------------------------------------- sources
+
+class Archive(NamedTuple):
+    """A public archive that builds (part of) a dataset folder in CoOp's layout."""
+    url: str
+    checksum: str  # "sha256:<hex>" or "md5:<hex>", verified before anything is unpacked
+    size: int  # bytes, for the message before the download starts and the free-space check
+    moves: tuple  # (path in the archive, path in the dataset folder); "dir/*" moves every entry of dir
+    nested: str = ""  # an archive inside this one that is unpacked before the moves (Caltech101's zip)
+    needed: str = "images"  # "images": fetched when the images are missing; "split": only to generate a split
+
+
+# The public archives that build a dataset folder in CoOp's layout (the datasets not listed are fetched by
+# hand: `Spec.source` says how).
+# Sources. sha256 and sizes from TensorFlow Datasets' url_checksums (tensorflow/datasets), md5s from torchvision's
+# dataset classes (pytorch/vision torchvision/datasets/*.py); where both exist they describe the same file.
+EUROSAT_URL = ("https://huggingface.co/datasets/torchgeo/eurosat/resolve/"
+               "c877bcd43f099cd0196738f714544e355477f3fd/EuroSAT.zip")  # torchvision's EuroSAT URL
+EUROSAT_MD5 = "c8fa014336c82ac7804f0398fcb19387"  # torchvision eurosat.py; 94,280,567 bytes (TFDS, madm.dfki.de copy)
+ROBOTS = "https://www.robots.ox.ac.uk/~vgg/data"
+ARCHIVES = {
+    "eurosat": (
+        Archive(EUROSAT_URL, "md5:" + EUROSAT_MD5, 94_280_567, (("2750", "2750"),)),),
+    # caltech-101.zip wraps 101_ObjectCategories.tar.gz; md5 from torchvision caltech.py, size 137,414,764
+    "caltech101": (
+        Archive("https://data.caltech.edu/records/mzrjq-6wc02/files/caltech-101.zip",
+                "md5:3138e1922a9193bfa496528edbbc45d0", 137_414_764,
+                (("101_ObjectCategories", "101_ObjectCategories"),),
+                nested="caltech-101/101_ObjectCategories.tar.gz"),),
+    # torchvision md5 5c4f3ee8e5d25df40f4fd59a7f44e54c
+    "oxford_pets": (
+        Archive(f"{ROBOTS}/pets/data/images.tar.gz",
+                "sha256:67195c5e1c01f1ab5f9b6a5d22b8c27a580d896ece458917e61d459337fa318d", 791_918_971,
+                (("images", "images"),)),),
+    # torchvision md5 52808999861908f626f3c1f4e79d11fa
+    "oxford_flowers": (
+        Archive(f"{ROBOTS}/flowers/102/102flowers.tgz",
+                "sha256:2d01ecc807db462958cfe3d92f57a8c252b4abd240eb955770201e45f783b246", 344_862_509,
+                (("jpg", "jpg"),)),),
+    # torchvision md5 85eeb15f3717b99a5da872d97d918f87
+    "food101": (
+        Archive("http://data.vision.ee.ethz.ch/cvl/food-101.tar.gz",
+                "sha256:d97d15e438b7f4498f96086a4f7e2fa42a32f2712e87d3295441b2b6314053a4", 4_996_278_331,
+                (("food-101/*", ""),)),),
+    "fgvc_aircraft": (
+        Archive(f"{ROBOTS}/fgvc-aircraft/archives/fgvc-aircraft-2013b.tar.gz",
+                "sha256:d5f68b1b81d6d7831eb9d5c5517074176b5dfbce6bcb43dc14ed1c66a87b8d75", 2_770_575_360,
+                (("fgvc-aircraft-2013b/data/*", ""),)),),
+    # torchvision md5 8ca2778205c41d23104230ba66911c7a for SUN397.tar.gz
+    "sun397": (
+        Archive("https://vision.princeton.edu/projects/2010/SUN/download/Partitions.zip",
+                "sha256:e3311ea5f812d4cc6faef194688343d1111f6cd6f70f2c62f393c2b8d6ba1ec9", 18_293_705,
+                (("**/ClassName.txt", "ClassName.txt"), ("**/Training_01.txt", "Training_01.txt"),
+                 ("**/Testing_01.txt", "Testing_01.txt")), needed="split"),
+        Archive("https://vision.princeton.edu/projects/2010/SUN/SUN397.tar.gz",
+                "sha256:f404130965a7ad77bed5ececc71e720ab50f3cc1e1bb257257610d38f3b928ec", 39_077_296_924,
+                (("SUN397", "SUN397"),))),
+    # torchvision md5 fff73e5086ae6bdbea199a49dfb8a4c1
+    "dtd": (
+        Archive(f"{ROBOTS}/dtd/download/dtd-r1.0.1.tar.gz",
+                "sha256:e42855a52a4950a3b59612834602aa253914755c95b0cff9ead6d07395f8e205", 625_239_812,
+                (("dtd/*", ""),)),),
+    # an uncompressed tar despite its name
+    "imagenet_v2": (
+        Archive("https://huggingface.co/datasets/vaishaal/ImageNetV2/resolve/main/imagenetv2-matched-frequency.tar.gz",
+                "sha256:f0c37fdf925916b19ea1323cd9a2208cdb6959ba2c32eef2a7fc393835c9ca7c", 1_264_079_360,
+                (("imagenetv2-matched-frequency-format-val", "imagenetv2-matched-frequency-format-val"),)),),
+    "imagenet_a": (
+        Archive("https://people.eecs.berkeley.edu/~hendrycks/imagenet-a.tar",
+                "sha256:3bb3632277e6ba6392ea64c02ddbf4dd2266c9caffd6bc09c9656d28f012589e", 687_552_512,
+                (("imagenet-a", "imagenet-a"),)),),
+    "imagenet_r": (
+        Archive("https://people.eecs.berkeley.edu/~hendrycks/imagenet-r.tar",
+                "sha256:18c6bf493b39a0d975d48e587437f562caab9c52ae6327dcfa9dd8eb54aa1b52", 2_191_079_936,
+                (("imagenet-r", "imagenet-r"),)),),
+}
+
+# CoOp's files shipped in splits/: (file there, sha256 of the file as CoOp distributes it). The seven split files are
+# CoOp's (MIT); imagenet_classnames.txt is CoOp's recipe (DATASETS.md: "copied from CLIP"): the sorted ILSVRC2012
+# wnids (tmlr-group/SCT classnames.txt, same order as Keras' imagenet_class_index.json) paired with the class names of
+# CLIP's notebooks/Prompt_Engineering_for_ImageNet.ipynb (openai/CLIP fcab8b6; azshue/TPT's list is identical).
+SHIPPED = {
+    "split_zhou_Caltech101.json": (
+        "split_zhou_Caltech101.json.gz", "52ce83205ff8ff8a1a18119aad6376120ae35c36e783a984bc560cbf10e73fa5"),
+    "split_zhou_DescribableTextures.json": (
+        "split_zhou_DescribableTextures.json.gz", "f26ebeccd2b58e68d70f07a0dc39fe49bf7b69024bac34396b954dfd87969c38"),
+    "split_zhou_EuroSAT.json": (
+        "split_zhou_EuroSAT.json.gz", "541503a77d0b26b735d85ec7a3e672804fe0aa466c2e5f07da772cc6c0af8ad2"),
+    "split_zhou_OxfordFlowers.json": (
+        "split_zhou_OxfordFlowers.json.gz", "2f50c42fc1a17ca13c271cb4269b1347bdb43d2be672e34f74a4e4cbfbcca794"),
+    "split_zhou_OxfordPets.json": (
+        "split_zhou_OxfordPets.json.gz", "d7f3ffe65b3919f95132e51422894ae18686b83c331fd8c0adcdc3dc2de6301e"),
+    "split_zhou_StanfordCars.json": (
+        "split_zhou_StanfordCars.json.gz", "40acee7aa65c8e4727a32d90e884b7c3f8960b523422317e163f7af65432959d"),
+    "split_zhou_UCF101.json": (
+        "split_zhou_UCF101.json.gz", "d78cb834f7c5792ceaff2c5ee2d7c76a9e4086e48a3a6b01232989d29cbefdd8"),
+    "classnames.txt": (
+        "imagenet_classnames.txt", "89e0b642c6697a3a43a06a2bb65f9fefb3ca295ccc5f4ba9ce385f1a3a58c629"),
+}
+
+
 # ---------------------------------------------------------------------------------------------- files
 
 def load_image(path):
@@ -867,13 +893,13 @@ def load_image(path):
     raise DataError(f"image {path} {problem}")
 
 
-def write_json(path, obj):
+def _write_json(path, obj):
     """Write JSON to a temporary file beside `path`, then rename: a crash never leaves half a file."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     clip_min.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj)))
 
 
-def read_json(path, what):
+def _read_json(path, what):
     try:
         with open(path) as f:
             return json.load(f)
@@ -916,7 +942,7 @@ def _from_items(items, prefix):
 
 
 def _save_split(train, val, test, path, image_dir):
-    write_json(path, {k: _from_items(v, image_dir) for k, v in (("train", train), ("val", val), ("test", test))})
+    _write_json(path, {k: _from_items(v, image_dir) for k, v in (("train", train), ("val", val), ("test", test))})
 
 
 def _copy_shipped(name, dst):
@@ -937,39 +963,39 @@ def _copy_shipped(name, dst):
 
 # ---------------------------------------------------------------------------------------------- dataset folders
 
-class Need(NamedTuple):
+class _Need(NamedTuple):
     path: Path  # a file or folder a reader needs
     how: str  # "download" (from `archive`), "shipped" (copied from splits/), "generated" or "manual"
     archive: Archive = None
 
 
-def requirements(name, root):
+def _requirements(name, root):
     """What dataset `name` needs under `root` to be read, and how each part is obtained if missing."""
     spec, root = DATASETS[name], Path(root)
     folder = root / spec.folder
-    images = next((a for a in spec.archives if a.needed == "images"), None)
+    images = next((a for a in ARCHIVES.get(name, ()) if a.needed == "images"), None)
     how = "download" if images else "manual"
     if spec.kind == "imagenet":
-        needs = [Need(folder / spec.image_dir / "train", how), Need(folder / spec.image_dir / "val", how)]
+        needs = [_Need(folder / spec.image_dir / "train", how), _Need(folder / spec.image_dir / "val", how)]
     else:
-        needs = [Need(folder / spec.image_dir, how, images)]
+        needs = [_Need(folder / spec.image_dir, how, images)]
     if spec.kind == "aircraft":
-        needs += [Need(folder / f, how, images) for f in ("variants.txt", "images_variant_train.txt",
+        needs += [_Need(folder / f, how, images) for f in ("variants.txt", "images_variant_train.txt",
                                                           "images_variant_val.txt", "images_variant_test.txt")]
     if spec.kind in ("imagenet",) + TEST_ONLY:
-        needs.append(Need(_variant_classnames(spec, root) if spec.kind in TEST_ONLY else folder / "classnames.txt",
+        needs.append(_Need(_variant_classnames(spec, root) if spec.kind in TEST_ONLY else folder / "classnames.txt",
                           "shipped"))
     if spec.kind == "split":
         split = folder / spec.split_file
         if spec.split_file in SHIPPED or split.is_file():
-            needs.append(Need(split, "shipped"))
+            needs.append(_Need(split, "shipped"))
         elif not spec.generate:
-            needs.append(Need(split, "manual"))
+            needs.append(_Need(split, "manual"))
         else:
-            needs.append(Need(split, "generated"))
+            needs.append(_Need(split, "generated"))
             if spec.generate == "sun397":
-                partitions = next(a for a in spec.archives if a.needed == "split")
-                needs += [Need(folder / f, "download", partitions)
+                partitions = next(a for a in ARCHIVES[name] if a.needed == "split")
+                needs += [_Need(folder / f, "download", partitions)
                           for f in ("ClassName.txt", "Training_01.txt", "Testing_01.txt")]
     return needs
 
@@ -980,7 +1006,7 @@ def prepare(name, root, download=True):
     folder, files and source for what must be fetched by hand (or with download=False)."""
     spec, root = DATASETS[name], Path(root)
     folder = root / spec.folder
-    missing = [n for n in requirements(name, root) if not n.path.exists()]
+    missing = [n for n in _requirements(name, root) if not n.path.exists()]
     manual = [n for n in missing if n.how == "manual"]
     if manual:
         raise DataError(f"{manual[0].path} does not exist: {_expected(spec)}")
@@ -1172,7 +1198,7 @@ def status(name, root):
     hand or over the network (CoOp's shipped files and generated splits are made on first use); lines say what is
     present, what comes on first use and what is missing, and how to get it."""
     spec, root = DATASETS[name], Path(root)
-    needs = requirements(name, root)
+    needs = _requirements(name, root)
     groups = {}  # (label, how to get it) -> paths, in order
     for n in needs:
         if n.path.exists():
@@ -1191,7 +1217,7 @@ def status(name, root):
     return not any(label == "missing" for label, _ in groups), lines
 
 
-def default_root():
+def _default_root():
     """$ORTHCR_DATA (even if empty: check_root says so), else ~/data."""
     return os.environ.get("ORTHCR_DATA", "~/data")
 
@@ -1217,7 +1243,7 @@ def _run(args):
     target = args.check or args.download
     names = list(DATASETS) if target == "all" else [target]
     try:
-        root = check_root(default_root() if args.root is None else args.root)
+        root = check_root(_default_root() if args.root is None else args.root)
         if target not in DATASETS and target != "all":
             raise DataError(f"unknown dataset {target!r}; valid names: all, {', '.join(DATASETS)}")
     except DataError as e:
@@ -1225,7 +1251,7 @@ def _run(args):
         return 2
     all_ready = True
     for name in names:
-        if args.download and DATASETS[name].archives:
+        if args.download and name in ARCHIVES:
             try:
                 prepare(name, root, download=True)
             except DataError as e:

@@ -14,6 +14,7 @@ import dataclasses
 import errno
 import fcntl
 import hashlib
+import io
 import json
 import math
 import os
@@ -194,7 +195,7 @@ def run(cfg, seed, plan, datasets, model, params, seconds, data_sha256):
     started = time.monotonic()
     adapters, context = {}, None  # zero-shot CLIP
     if cfg.eval_only:  # checked against the model before anything is written
-        adapters, context = _read_adapters_file(cfg.adapters, params, cfg)
+        adapters, context, evaluated = _read_adapters_file(cfg.adapters, params, cfg)
     if cfg.overwrite:
         _clear(folder)
     _write_json(folder / "config.json", _run_config(cfg, seed, train_set, data_sha256))
@@ -214,9 +215,7 @@ def run(cfg, seed, plan, datasets, model, params, seconds, data_sha256):
               "method": method_name(cfg), "eval_limit": cfg.eval_limit, "results": results,
               "seconds": {**seconds, "train": trained - started, "eval": time.monotonic() - trained}}
     if cfg.eval_only:
-        record["evaluated"] = {"adapters": str(Path(cfg.adapters).resolve()),
-                               "adapters_sha256": clip_min.file_sha256(cfg.adapters),
-                               "training_settings": _read_training_settings(cfg.adapters)}
+        record["evaluated"] = evaluated
     _write_json(folder / "results.json", record)
     (folder / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete: adapters.pt holds what it learned
     _say(f"results written to {folder / 'results.json'}")
@@ -506,8 +505,11 @@ def _exclusive(folder, cfg, plan):
     kernel releases when a run crashes). What it holds was checked by _plan_runs; it is checked again under the
     lock. A folder made here that is still empty at the end is removed again."""
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = open(folder / ".lock", "a")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / ".lock", "a")
+    except OSError as e:
+        _fail(f"cannot use {folder} as the run folder: {e.strerror or e}")
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -516,6 +518,9 @@ def _exclusive(folder, cfg, plan):
         try:
             if _run_state(folder) != _PLAN_STATE[plan] and not (plan == "new" and cfg.overwrite):
                 _fail(f"{folder} changed while this run was starting (another run?): start again")
+            for name in RUN_FILES:  # a write that a killed run left half done (none is in progress: we hold the lock)
+                for stale in folder.glob(f".{name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
             yield folder
         finally:
             (folder / ".lock").unlink(missing_ok=True)
@@ -562,8 +567,10 @@ def _plan_runs(cfg):
         for seed, folder in folders.items():
             held = [name for name in RUN_FILES if (folder / name).exists()]
             if held and not cfg.overwrite:
-                _fail(f"{folder} already holds a run ({', '.join(held)}): continue exactly that run with --resume, "
-                      f"replace it with --overwrite, or choose another --out")
+                way = {"checkpoint": "continue exactly that run with --resume, replace it with --overwrite",
+                       "done": "it is finished: replace it with --overwrite",
+                       "partial": "it stopped before its first checkpoint: replace it with --overwrite"}[states[seed]]
+                _fail(f"{folder} already holds a run ({', '.join(held)}): {way}, or choose another --out")
         return {seed: ("new", None) for seed in folders}
     first = folders[cfg.seeds[0]]
     if all(state == "done" for state in states.values()):
@@ -576,8 +583,9 @@ def _plan_runs(cfg):
     for seed, state in states.items():
         folder = folders[seed]
         if state == "partial":
+            only = f"--seeds {seed} --overwrite (that seed only)" if len(folders) > 1 else "--overwrite"
             _fail(f"--resume: {folder} holds a run that stopped before its first checkpoint; start it again with "
-                  f"--overwrite")
+                  f"{only}")
         if state == "done":
             plan[seed] = ("done", _read_finished_run(folder, cfg, seed))
         elif state == "checkpoint":
@@ -603,10 +611,34 @@ def _check_writable(folder):
 def _read_finished_run(folder, cfg, seed):
     """The results.json of a finished seed that --resume keeps, refused unless it was run with these settings."""
     config, results = (_read_json_record(folder / name) for name in ("config.json", "results.json"))
-    if not isinstance(results.get("results"), dict):
-        _fail(f"--resume: {folder / 'results.json'} is not a results file written by train.py")
     _compare_settings(folder / "config.json", config, cfg, seed, later=("checkpoint_sha256", "data_sha256"))
+    _check_results_record(folder / "results.json", results, cfg, seed)
     return config, results
+
+
+def _check_results_record(path, record, cfg, seed):
+    """A finished seed's results.json must be what this run would have written, down to each split's accuracy:
+    it goes into the table beside the seeds trained now."""
+    expected = {"data": cfg.data, "protocol": cfg.protocol, "shots": cfg.shots, "seed": seed,
+                "method": method_name(cfg)}
+    for key, value in expected.items():
+        if record.get(key) != value:
+            _fail(f"--resume: {path} records {key} = {record.get(key, '(nothing)')!r}, this run has {value!r}: it "
+                  f"is not this seed's results")
+    if cfg.protocol == "base2new":
+        splits = ["base", "new"]
+    elif cfg.protocol == "fewshot":
+        splits = ["all"]
+    else:
+        targets = cfg.eval_data or (DG_TARGETS if cfg.protocol == "dg" else CROSS_TARGETS)
+        splits = [cfg.data, *(t for t in targets if t != cfg.data)]
+    results = record.get("results")
+    for split in splits:
+        r = results.get(split) if isinstance(results, dict) else None
+        number = isinstance(r, dict) and type(r.get("accuracy")) in (int, float) and type(r.get("n")) is int
+        if not (number and 0 <= r["accuracy"] <= 100 and r["n"] >= 0):
+            _fail(f"--resume: {path}: results[{split!r}] is not {{'accuracy': 0-100, 'n': count, ...}} as "
+                  f"train.py writes it; rerun that seed with --overwrite")
 
 
 def _read_json_record(path):
@@ -835,9 +867,11 @@ _SAVED_KINDS = {"data": lambda v: v in data.DATASETS, "protocol": lambda v: v in
                 "cutout_temperature": lambda v: v is None or (type(v) in (int, float) and v > 0)}
 
 
-def _read_training_settings(path):
-    """The training settings recorded in an adapters file: what --eval-only takes when a flag is not given."""
-    saved = _load_trusted(path, "adapters", mmap=True)  # the tensors are read once, by _read_adapters_file
+def _read_training_settings(path, saved=None):
+    """The training settings recorded in an adapters file (or in `saved`, its content already loaded): what
+    --eval-only takes when a flag is not given."""
+    if saved is None:
+        saved = _load_trusted(path, "adapters", mmap=True)  # the tensors are read once, by _read_adapters_file
     if not isinstance(saved.get("adapters"), dict):
         _fail(f"{path} holds no 'adapters' entry: not an adapters.pt written by train.py")
     if "optimizer" in saved or "step" in saved:
@@ -877,9 +911,16 @@ def _check_evaluation(cfg, saved):
 
 
 def _read_adapters_file(path, params, cfg):
-    """(adapters, context) of an adapters file, checked against the model and this run's layout: a partial or
-    foreign file names its first mismatching tensor (in state-dict order) and is never evaluated."""
-    saved = _load_trusted(path, "adapters")
+    """(adapters, context, what was evaluated) of an adapters file, checked against the model and this run's
+    layout: a partial or foreign file names its first mismatching tensor (in state-dict order) and is never
+    evaluated. The file is read once: the bytes evaluated are the bytes whose SHA-256 and settings are recorded."""
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        _fail(f"cannot read adapters file {path}: {e.strerror or e}")
+    saved = _load_trusted(path, "adapters", blob=blob)
+    evaluated = {"adapters": str(Path(path).resolve()), "adapters_sha256": hashlib.sha256(blob).hexdigest(),
+                 "training_settings": _read_training_settings(path, saved)}
     try:
         orthcr.check_adapters(params, saved["adapters"])
     except (ValueError, AttributeError, TypeError) as e:
@@ -897,7 +938,7 @@ def _read_adapters_file(path, params, cfg):
     _check_trainables(path, saved["adapters"], saved.get("context"), expected, expected_context)
     context = saved.get("context")
     return ({k: P.to(cfg.device) for k, P in saved["adapters"].items()},
-            None if context is None else context.to(cfg.device))
+            None if context is None else context.to(cfg.device), evaluated)
 
 
 def _export(folder, merged, context, cfg):
@@ -913,18 +954,20 @@ def _export(folder, merged, context, cfg):
         _say(f"CoOp context written to {folder / 'context.pt'}")
 
 
-def _load_trusted(path, what, mmap=False):
+def _load_trusted(path, what, mmap=False, blob=None):
     """torch.load with weights_only=True: tensors and plain containers only, no code from the file runs; the
     archive's records checked first, so that a small file cannot inflate into a large allocation. With `mmap`
-    the tensors' bytes are mapped, not read (for the settings an adapters file records)."""
+    the tensors' bytes are mapped, not read (for the settings an adapters file records); with `blob`, the file's
+    bytes already read are loaded."""
     article = "an" if what[0] in "aeiou" else "a"
     try:
         if not Path(path).is_file():
             _fail(f"{path} is not a regular file: not {article} {what} file")
-        if Path(path).stat().st_size == 0:
+        if Path(path).stat().st_size == 0 or blob == b"":
             _fail(f"{path} is empty (0 bytes): not {article} {what} file")
-        clip_min.check_torch_file(path)
-        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        clip_min.check_torch_file(path, blob)
+        source = path if blob is None else io.BytesIO(blob)
+        obj = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap and blob is None)
     except ValueError as e:
         _fail(f"{str(e).splitlines()[0]}: not {article} {what} file written by train.py")
     except OSError as e:
@@ -959,22 +1002,25 @@ def _stop_interrupted(folder, step, total):
 
 
 class _Interrupt:
-    """The first Ctrl-C asks the loop to checkpoint and stop after the current step; a second one kills."""
+    """The first Ctrl-C (or SIGTERM, as a job scheduler sends) asks the loop to checkpoint and stop after the
+    current step; a second one stops at once."""
 
     def __init__(self):
         self.requested = False
 
     def __enter__(self):
-        self.previous = signal.signal(signal.SIGINT, self.handle)
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
         return self
 
     def handle(self, signum, frame):
         self.requested = True
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        _say("\ninterrupted: saving a checkpoint after this step (Ctrl-C again to abort)")
+        for sig in self.previous:
+            signal.signal(sig, signal.default_int_handler)
+        _say(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to abort)")
 
     def __exit__(self, *exc):
-        signal.signal(signal.SIGINT, self.previous)
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
 
 
 class _Bookkeeping:
@@ -1065,6 +1111,13 @@ def _one_line_warnings():
 
 # ---------------------------------------------------------------------------------------------------- the command line
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with a flag error as one line (not the usage block first): `train.py: error: ... (see --help)`."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
     """Every flag's help ends with its default: the declared one, or the one its text states."""
 
@@ -1078,7 +1131,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 def parser():
     datasets = ", ".join(data.DATASETS)
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=_HelpFormatter)
+    p = _Parser(prog="train.py", description=__doc__, formatter_class=_HelpFormatter)
     g = p.add_argument_group("data")
     g.add_argument("--data", default=None, choices=list(data.DATASETS), metavar="NAME",
                    help=f"benchmark to train on: {datasets} (default: eurosat; --eval-only: the adapters file's)")
@@ -1264,6 +1317,11 @@ def _validate_protocol(args):
 
 
 def _validate_files(args):
+    paths = {"--weights": args.weights, "--adapters": args.adapters, "--out": args.out, "--root": args.root,
+             "--cutout-grid": args.cutout_grid, "--download-root": args.download_root}
+    unreachable = [p for p in (_unreachable(flag, path) for flag, path in paths.items() if path) if p]
+    if unreachable:  # a name too long, a folder we may not enter: the checks below could not even ask
+        return unreachable
     bad = []
     if args.weights is not None and not Path(args.weights).is_file():
         bad.append(f"--weights {args.weights}: {'not a regular file' if os.path.lexists(args.weights) else 'no such file'}")
@@ -1276,6 +1334,10 @@ def _validate_files(args):
         bad.append(f"--cutout-grid {args.cutout_grid} is a folder: give the PNG file to write")
     elif args.cutout_grid and os.path.lexists(args.cutout_grid) and not args.overwrite:
         bad.append(f"--cutout-grid {args.cutout_grid} exists: add --overwrite to replace it")
+    elif args.cutout_grid and os.path.lexists(args.cutout_grid) and not _is_png(args.cutout_grid):
+        bad.append(f"--cutout-grid {args.cutout_grid} exists and is not a PNG: --overwrite replaces only a picture")
+    if args.export_dtype != "fp32" and not args.export:
+        bad.append(f"--export-dtype {args.export_dtype} is merged.pt's dtype: add --export")
     if args.eval_only and not args.adapters:
         bad.append("--eval-only needs --adapters PATH")
     if args.adapters and not args.eval_only:
@@ -1295,6 +1357,31 @@ def _validate_files(args):
     if args.cutout_grid and (args.resume or args.eval_only or args.zero_shot):
         bad.append("--cutout-grid draws a training batch and stops: it takes no --resume, --eval-only or --zero-shot")
     return bad
+
+
+def _is_png(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
+
+
+def _unreachable(flag, path):
+    """One line if the file system cannot even say whether `path` exists (ENAMETOOLONG, EACCES, ELOOP...)."""
+    try:
+        os.stat(Path(path).expanduser())
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None  # a file on the way: the checks below name it
+    except OSError as e:
+        if e.errno != errno.ELOOP:  # a symlink loop: the run folder checks name it
+            return f"{flag} {path}: {e.strerror or e}"
+        return None
+    except ValueError as e:  # an embedded NUL
+        return f"{flag} {path}: {e}"
+    return None
 
 
 def _validate_device(args):
@@ -1340,10 +1427,10 @@ def _check_layout(cfg, path=None):
     """--targets/--blocks/--towers against the model's shapes, known without loading it: from the checkpoint's
     records (tensors as meta tensors: shapes, no data), or, before a named --model is downloaded, from its
     architecture. Returns the trainables this run will have, on the meta device."""
-    if path is None and not cfg.weights and cfg.model not in clip_min.CONFIGS:
+    if path is None and (cfg.weights or cfg.model not in clip_min.CONFIGS):  # a file is read after the data
         return None
-    source = path or cfg.weights or cfg.model
-    if path is None and not cfg.weights:
+    source = path or cfg.model
+    if path is None:
         with torch.device("meta"):
             shapes = clip_min.CLIP(**clip_min.CONFIGS[cfg.model]).state_dict()
     else:
@@ -1374,15 +1461,30 @@ def main(argv=None):
         _check_training_flags(args, saved)
     cfg = settings_from(args, saved)
     plan = {} if cfg.cutout_grid else _plan_runs(cfg)  # run folders first: a refused folder costs nothing
-    with ExitStack() as held:  # each run folder is locked from here to the end, before any data is read
-        for seed, (mode, _) in plan.items():
-            held.enter_context(_exclusive(_run_folder(cfg, seed), cfg, mode))
-        return _check_and_run(cfg, plan, saved)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
+    try:
+        with ExitStack() as held:  # each run folder is locked from here to the end, before any data is read
+            for seed, (mode, _) in plan.items():
+                held.enter_context(_exclusive(_run_folder(cfg, seed), cfg, mode))
+            return _check_and_run(cfg, plan, saved)
+    except KeyboardInterrupt:
+        _stop_outside_the_loop(cfg, plan)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop_outside_the_loop(cfg, plan):
+    """Ctrl-C or SIGTERM while loading, checking or evaluating: one line, and the way back where there is one."""
+    for seed in plan:
+        folder = _run_folder(cfg, seed)
+        if (folder / "checkpoint.pt").is_file():
+            _fail(f"interrupted; {folder} keeps its checkpoint, continue with: {_resume_command(folder)}", code=130)
+    _fail("interrupted", code=130)
 
 
 def _check_and_run(cfg, plan, saved):
     """The data, then the model, checked completely; then each seed's run and the table."""
-    _check_layout(cfg)  # what the flags ask of the model's shapes, before any data is read or model downloaded
+    _check_layout(cfg)  # a named model's shapes are known: checked before any data is read or model downloaded
     _check_root(cfg)
     clock = time.monotonic()
     try:  # the datasets are read and checked, completely, before the model is loaded or downloaded

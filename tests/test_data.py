@@ -365,7 +365,7 @@ def test_unwritable_cache_warns_and_still_samples(tmp_path, monkeypatch):
     def read_only(path, obj):
         raise OSError(30, "Read-only file system", str(path))
 
-    monkeypatch.setattr(data, "write_json", read_only)
+    monkeypatch.setattr(data, "_write_json", read_only)
     with pytest.warns(UserWarning, match="could not cache .*shot_2-seed_9.json"):
         assert data.build_dataset("dtd", tmp_path, shots=2, seed=9).train == expected
     assert not (tmp_path / "dtd" / "split_fewshot").exists()
@@ -637,7 +637,7 @@ def test_a_jpeg_with_bytes_after_its_end_marker_passes(tmp_path):
 
 
 def test_long_checks_say_so_on_stderr(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "PROGRESS_MIN", 5)
+    monkeypatch.setattr(data, "_PROGRESS_MIN", 5)
     make_split_dataset(tmp_path, "dtd", counts=(2, 1, 2))
     data.build_dataset("dtd", tmp_path, shots=1)
     assert "checking 6 test images of dtd (" in capsys.readouterr().err

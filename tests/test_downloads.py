@@ -255,20 +255,19 @@ def serve(www, monkeypatch, tmp_path, name, archives=None):
     """Serve `name`'s miniature and point DATASETS (and the shipped split) at it; returns (split, classnames)."""
     built, split, classnames = MINIATURES[name]()
     archives = archives or built
-    spec = data.DATASETS[name]
     moved = []
-    for a in spec.archives:
+    for a in data.ARCHIVES[name]:
         file = data._archive_name(a)
         blob = archives[file]
         www["files"][file] = blob
         algorithm = a.checksum.split(":")[0]  # md5 where the real one is md5: that path is exercised too
         moved.append(a._replace(url=f"{www['url']}/{file}", size=len(blob),
                                 checksum=f"{algorithm}:{hashlib.new(algorithm, blob).hexdigest()}"))
-    monkeypatch.setitem(data.DATASETS, name, spec._replace(archives=tuple(moved)))
+    monkeypatch.setitem(data.ARCHIVES, name, tuple(moved))
     if split:
         raw, packed = split_of(split)
         (tmp_path / "shipped.json.gz").write_bytes(packed)
-        monkeypatch.setitem(data.SHIPPED, spec.split_file, (str(tmp_path / "shipped.json.gz"), sha256(raw)))
+        monkeypatch.setitem(data.SHIPPED, data.DATASETS[name].split_file, (str(tmp_path / "shipped.json.gz"), sha256(raw)))
     return split, classnames
 
 
@@ -331,9 +330,7 @@ def one_line(error):
 
 def test_wrong_checksum_leaves_nothing_and_says_what_to_do_offline(www, monkeypatch, tmp_path):
     serve(www, monkeypatch, tmp_path, "dtd")
-    spec = data.DATASETS["dtd"]
-    monkeypatch.setitem(data.DATASETS, "dtd", spec._replace(archives=(spec.archives[0]._replace(
-        checksum="sha256:" + "0" * 64),)))
+    monkeypatch.setitem(data.ARCHIVES, "dtd", (data.ARCHIVES["dtd"][0]._replace(checksum="sha256:" + "0" * 64),))
     root = tmp_path / "data"
     with pytest.raises(data.DataError) as e:
         data.build_dataset("dtd", root)

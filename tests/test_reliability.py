@@ -118,7 +118,8 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
-def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_to_the_same_adapters(root, weights, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C, and what a job scheduler sends
+def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_to_the_same_adapters(root, weights, tmp_path, sig):
     flags = ("--epochs", 2, "--lr", 1e-2, "--eval-limit", 2)  # 2 steps per epoch: stopped mid-epoch 2
     full, out, ready = tmp_path / "full", tmp_path / "run with spaces", tmp_path / "in step 3"
     with open(tmp_path / "stderr", "w") as err:
@@ -128,7 +129,7 @@ def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_to_the_same_a
             while not ready.exists() and child.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert child.poll() is None and len(read_log(out)) == 2
-            child.send_signal(signal.SIGINT)
+            child.send_signal(sig)
             assert child.wait(timeout=300) == 130
         finally:
             child.kill()
@@ -148,6 +149,25 @@ def test_ctrl_c_saves_a_checkpoint_and_the_printed_command_resumes_to_the_same_a
     assert saved_adapters(out)["adapters"].keys() == expected.keys()
     for k, P in saved_adapters(out)["adapters"].items():
         assert torch.equal(P, expected[k]) and P.abs().max() > 0, k  # bit for bit, and trained
+
+
+def test_ctrl_c_during_evaluation_is_one_line_with_the_way_back(root, weights, tmp_path, monkeypatch, capsys):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train, "evaluate", interrupted)
+    out = tmp_path / "run"
+    argv = [str(a) for a in base_args(root, weights, out, "--epochs", 1)]
+    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+    with pytest.raises(SystemExit) as stop:
+        run_main(*argv)
+    assert stop.value.code == 130
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    prefix = f"error: interrupted; {out} keeps its checkpoint, continue with: "
+    assert err.startswith(prefix)
+    command = shlex.split(err[len(prefix):])
+    assert train.parse_args(command[2:]).resume and command[command.index("--out") + 1] == str(out)
+    assert (out / "checkpoint.pt").is_file() and not (out / "results.json").exists()
 
 
 def test_ctrl_c_in_a_several_seed_run_prints_a_command_the_cli_accepts(root, weights, tmp_path, monkeypatch, capsys):

@@ -52,11 +52,16 @@ def finished(root, weights, tmp_path):
 # Run folders are exclusive and faithful
 
 
-def test_a_folder_that_holds_a_run_is_refused_and_left_byte_identical(root, weights, finished):
+def test_a_folder_that_holds_a_run_is_refused_and_left_byte_identical(root, weights, finished, stopped):
     before = snapshot(finished)
     message = refused(*base_args(root, weights, finished, "--epochs", 3, "--lr", 2e-2))
-    assert str(finished) in message and "--resume" in message and "--overwrite" in message
+    # a finished run cannot be resumed: the ways out are --overwrite and another --out
+    assert str(finished) in message and "--overwrite" in message and "--resume" not in message
     assert snapshot(finished) == before
+    before = snapshot(stopped)
+    message = refused(*base_args(root, weights, stopped, "--epochs", 3, "--lr", 2e-2))
+    assert "continue exactly that run with --resume" in message and "--overwrite" in message
+    assert snapshot(stopped) == before
 
 
 def test_overwrite_replaces_the_run_and_its_log(root, weights, finished):
@@ -118,6 +123,25 @@ def test_eval_only_labels_and_records_the_method_the_adapters_were_trained_with(
     assert not (tmp_path / "e").exists()
 
 
+def test_eval_only_records_the_bytes_it_evaluated_even_if_the_file_changes(root, weights, finished, tmp_path,
+                                                                            monkeypatch):
+    adapters = tmp_path / "adapters.pt"
+    shutil.copy(finished / "adapters.pt", adapters)
+    original = clip_min.file_sha256(adapters)
+    real = train.evaluate
+
+    def evaluate_then_replace(*args):
+        results = real(*args)
+        adapters.write_bytes(b"another file now")  # replaced while this run evaluated the old one
+        return results
+
+    monkeypatch.setattr(train, "evaluate", evaluate_then_replace)
+    record = run_main("--root", root, "--weights", weights, "--eval-only", "--adapters", adapters, "--out",
+                      tmp_path / "e")[0]
+    assert record["evaluated"]["adapters_sha256"] == original
+    assert record["evaluated"]["training_settings"]["lr"] == json.loads((finished / "config.json").read_text())["lr"]
+
+
 def test_the_recorded_model_is_the_weights_file(root, weights, finished):
     config = json.loads((finished / "config.json").read_text())
     assert config["model_file"] == str(weights.resolve()) and config["checkpoint_sha256"] == clip_min.file_sha256(weights)
@@ -143,6 +167,15 @@ def stopped(root, weights, tmp_path, monkeypatch):
     monkeypatch.undo()
     assert torch.load(out / "checkpoint.pt", weights_only=True)["step"] == 3
     return out
+
+
+def test_a_resumed_run_removes_what_a_killed_write_left_half_done(root, weights, stopped):
+    stale = stopped / ".checkpoint.pt.0badc0de.tmp"  # clip_min.write_atomic's temporary name, left by kill -9
+    stale.write_bytes(b"half a checkpoint")
+    unrelated = stopped / ".notes.tmp"  # not one of ours: kept
+    unrelated.write_text("mine")
+    run_main(*base_args(root, weights, stopped, "--epochs", 2, "--lr", 1e-2, "--resume"))
+    assert not stale.exists() and unrelated.exists() and (stopped / "results.json").is_file()
 
 
 @pytest.mark.parametrize("flags, difference", [
@@ -488,8 +521,13 @@ def test_a_cutout_grid_never_replaces_a_file_unasked(root, weights, tmp_path, ca
         run_main("--data", "eurosat", "--root", root, "--weights", weights, "--cutout-grid", picture)
     assert stop.value.code == 2 and "add --overwrite" in capsys.readouterr().err
     assert picture.read_bytes() == b"a result"
+    with pytest.raises(SystemExit) as stop:  # --overwrite replaces a picture, never a run's file or a result
+        run_main("--data", "eurosat", "--root", root, "--weights", weights, "--cutout-grid", picture, "--overwrite")
+    assert stop.value.code == 2 and "is not a PNG" in capsys.readouterr().err
+    assert picture.read_bytes() == b"a result"
+    picture.write_bytes(b"\x89PNG\r\n\x1a\nan older grid")
     run_main("--data", "eurosat", "--root", root, "--weights", weights, "--cutout-grid", picture, "--overwrite")
-    assert picture.read_bytes().startswith(b"\x89PNG")
+    assert picture.read_bytes().startswith(b"\x89PNG") and len(picture.read_bytes()) > 100
 
 
 def test_a_hole_larger_than_the_image_is_refused_before_the_model_is_loaded(root, weights, tmp_path, no_model):  # noqa
@@ -517,3 +555,34 @@ def test_data_that_vanishes_during_a_run_is_one_line_with_the_way_back(root, wei
     refused(*base_args(root, weights, out, "--epochs", 1), match="gone.jpg does not exist")
     assert (out / "checkpoint.pt").is_file() and not (out / "results.json").exists()
     assert "once the data is back" in capsys.readouterr().err
+
+
+def test_a_sweep_with_one_partial_seed_points_at_that_seed_only(root, weights, tmp_path):
+    out = str(tmp_path / "sweep_seed{seed}")
+    run_main(*base_args(root, weights, out, "--epochs", 1, "--seeds", 1))
+    (tmp_path / "sweep_seed2").mkdir()
+    (tmp_path / "sweep_seed2" / "config.json").write_text("{}")  # killed before its first checkpoint
+    refused(*base_args(root, weights, out, "--epochs", 1, "--seeds", 1, 2, "--resume"),
+            match="start it again with --seeds 2 --overwrite (that seed only)")
+    message = refused(*base_args(root, weights, out, "--epochs", 1, "--seeds", 1))
+    assert "it is finished: replace it with --overwrite" in message and "--resume" not in message
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda r: r.update(results={"base": 5}), "results['base'] is not"),
+    (lambda r: r.update(results={}), "results['base'] is not"),
+    (lambda r: r["results"]["new"].update(accuracy="50"), "results['new'] is not"),
+    (lambda r: r["results"]["base"].update(accuracy=float("nan")), "results['base'] is not"),
+    (lambda r: r.update(data="dtd"), "records data = 'dtd', this run has 'eurosat'"),
+    (lambda r: r.pop("protocol"), "records protocol = '(nothing)'"),
+    (lambda r: r.update(seed=7), "records seed = 7, this run has 1"),
+])
+def test_a_damaged_finished_seed_is_refused_before_a_sweep_trains(root, weights, tmp_path, damage, match):
+    out = str(tmp_path / "sweep_seed{seed}")
+    run_main(*base_args(root, weights, out, "--epochs", 1, "--seeds", 1))
+    path = tmp_path / "sweep_seed1" / "results.json"
+    record = json.loads(path.read_text())
+    damage(record)
+    path.write_text(json.dumps(record))
+    refused(*base_args(root, weights, out, "--epochs", 1, "--seeds", 1, 2, "--resume"), match=match)
+    assert not (tmp_path / "sweep_seed2").exists()  # seed 2 was not trained
