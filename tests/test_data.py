@@ -268,7 +268,12 @@ def real_names_dataset(root, name, reference):
 
 
 @pytest.mark.parametrize("name,file,seeds", [("dtd", "split_zhou_DescribableTextures.json", (1, 2, 3)),
-                                             ("oxford_flowers", "split_zhou_OxfordFlowers.json", (1,))])
+                                             ("oxford_flowers", "split_zhou_OxfordFlowers.json", (1,)),
+                                             ("caltech101", "split_zhou_Caltech101.json", (1,)),
+                                             ("oxford_pets", "split_zhou_OxfordPets.json", (1,)),
+                                             ("stanford_cars", "split_zhou_StanfordCars.json", (1,)),
+                                             ("ucf101", "split_zhou_UCF101.json", (1,)),
+                                             ("eurosat", "split_zhou_EuroSAT.json", (1,))])
 def test_real_file_names_without_a_split_sample_exactly_coops_few_shots(shared, tmp_path, umask, name, file, seeds):
     reference = shared / "data" / "splits" / file
     real_names_dataset(tmp_path, name, reference)
