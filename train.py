@@ -15,10 +15,13 @@ import errno
 import fcntl
 import hashlib
 import io
+import itertools
 import json
 import math
 import os
+import re
 import shlex
+import shutil
 import signal
 import statistics
 import sys
@@ -183,7 +186,7 @@ def harmonic_mean(a, b):
 
 # ---------------------------------------------------------------------------------------------------- one run
 
-def run(cfg, seed, plan, datasets, model, params, seconds, data_sha256):
+def run(cfg, seed, plan, datasets, model, params, seconds, data_sha256, adapters_file=None):
     """One seed: train (`plan` ("new", None) or ("resume", checkpoint)) or load adapters, merge, evaluate, write
     the run folder. Returns results.json's content (a finished run that --resume meets is kept as it is)."""
     folder, (mode, payload) = _run_folder(cfg, seed), plan
@@ -195,7 +198,7 @@ def run(cfg, seed, plan, datasets, model, params, seconds, data_sha256):
     started = time.monotonic()
     adapters, context = {}, None  # zero-shot CLIP
     if cfg.eval_only:  # checked against the model before anything is written
-        adapters, context, evaluated = _read_adapters_file(cfg.adapters, params, cfg)
+        adapters, context, evaluated = _read_adapters_file(cfg.adapters, adapters_file, params, cfg)
     if cfg.overwrite:
         _clear(folder)
     _write_json(folder / "config.json", _run_config(cfg, seed, train_set, data_sha256))
@@ -237,8 +240,10 @@ def method_name(cfg):
         ablations.append("w/o CutOut")
     if cfg.lambda1 == cfg.lambda2 == 0 and cfg.targets:
         ablations.append("w/o KL")
-    if not cfg.targets and (cfg.lambda1 or cfg.cutout != "none"):
-        ablations.append(f"+ KL{' + CutOut' if cfg.cutout != 'none' else ''}")
+    if not cfg.targets:  # CoOp with OrthCR's other terms
+        kl = cfg.lambda1 or (cfg.cutout != "none" and cfg.lambda2)
+        extras = [term for term, used in (("KL", kl), ("CutOut", cfg.cutout != "none")) if used]
+        ablations += [f"+ {' + '.join(extras)}"] if extras else []
     return name + (f" ({', '.join(ablations)})" if ablations else "")
 
 
@@ -495,7 +500,7 @@ def _run_folder(cfg, seed):
 
 def _method_tag(cfg):
     """The table label as a folder name: "OrthSR + CoOp (w/o CutOut)" -> "orthsr+coop-no-cutout"."""
-    name = method_name(cfg).lower().replace(" + ", "+").replace("w/o ", "no-")
+    name = method_name(cfg).lower().replace("(+ ", "(").replace(", + ", "+").replace(" + ", "+").replace("w/o ", "no-")
     return "-".join(name.replace("(", " ").replace(")", " ").replace(",", " ").split())
 
 
@@ -521,7 +526,12 @@ def _exclusive(folder, cfg, plan):
             for name in RUN_FILES:  # a write that a killed run left half done (none is in progress: we hold the lock)
                 for stale in folder.glob(f".{name}.*.tmp"):
                     stale.unlink(missing_ok=True)
-            yield folder
+            try:
+                yield folder
+            except BaseException:  # stopped (an error, Ctrl-C) before a new run left anything to continue from:
+                if plan == "new" and _run_state(folder) == "partial":  # nothing half-written is kept
+                    _clear(folder)
+                raise
         finally:
             (folder / ".lock").unlink(missing_ok=True)
     finally:
@@ -531,9 +541,13 @@ def _exclusive(folder, cfg, plan):
 
 
 def _clear(folder):
-    """--overwrite: the previous run's files go, once the new run has passed every check."""
+    """--overwrite: the previous run's files go, once the new run has passed every check, with the evaluations of
+    its adapters that --eval-only wrote beside them (they would describe adapters that no longer exist)."""
     for name in RUN_FILES:
         (folder / name).unlink(missing_ok=True)
+    for evaluation in folder.glob("eval_*_seed*"):
+        if evaluation.is_dir() and not evaluation.is_symlink() and (evaluation / "config.json").is_file():
+            shutil.rmtree(evaluation)
 
 
 def _run_state(folder):
@@ -597,6 +611,15 @@ def _plan_runs(cfg):
 
 def _check_writable(folder):
     """--out (or a default run folder) must be a folder, or creatable, and writable."""
+    try:
+        os.stat(folder)
+    except FileNotFoundError:
+        pass
+    except NotADirectoryError:
+        pass
+    except OSError as e:
+        if e.errno != errno.ELOOP:  # a name too long (after {seed}), no permission: one line
+            _fail(f"--out {folder}: {e.strerror or e}")
     for path in [folder, *folder.parents]:
         if os.path.lexists(path) and not path.exists():
             _fail(f"--out {folder}: {path} is a dangling symlink or a symlink loop")
@@ -620,7 +643,7 @@ def _check_results_record(path, record, cfg, seed):
     """A finished seed's results.json must be what this run would have written, down to each split's accuracy:
     it goes into the table beside the seeds trained now."""
     expected = {"data": cfg.data, "protocol": cfg.protocol, "shots": cfg.shots, "seed": seed,
-                "method": method_name(cfg)}
+                "method": method_name(cfg), "eval_limit": cfg.eval_limit}
     for key, value in expected.items():
         if record.get(key) != value:
             _fail(f"--resume: {path} records {key} = {record.get(key, '(nothing)')!r}, this run has {value!r}: it "
@@ -638,7 +661,7 @@ def _check_results_record(path, record, cfg, seed):
         number = isinstance(r, dict) and type(r.get("accuracy")) in (int, float) and type(r.get("n")) is int
         if not (number and 0 <= r["accuracy"] <= 100 and r["n"] >= 0):
             _fail(f"--resume: {path}: results[{split!r}] is not {{'accuracy': 0-100, 'n': count, ...}} as "
-                  f"train.py writes it; rerun that seed with --overwrite")
+                  f"train.py writes it; rerun that seed alone with --seeds {seed} --overwrite")
 
 
 def _read_json_record(path):
@@ -700,14 +723,20 @@ def _resume_command(folder):
     """The command that continues this run: the same flags plus --resume, minus --overwrite (which would
     discard what was just saved), with absolute paths so that it works from any folder. Quoted, so that
     paths with spaces survive copy and paste."""
-    argv = [a for a in sys.argv if a != "--overwrite"]
+    argv = []
+    for a in sys.argv:  # --flag=value as --flag value, so that paths can be made absolute
+        argv += a.split("=", 1) if a.startswith("--") and "=" in a else [a]
+    argv = [a for a in argv if a != "--overwrite"]
     for i, a in enumerate(argv[:-1]):
         if a in _PATH_FLAGS:
             argv[i + 1] = str(Path(argv[i + 1]).expanduser().resolve())
     argv[0] = str(Path(argv[0]).resolve()) if argv[0].endswith(".py") else argv[0]
     argv += [] if "--resume" in argv else ["--resume"]
-    if "--out" not in argv and "--seeds" not in argv:  # the default folder, named: the command works from anywhere
-        argv += ["--out", str(folder.resolve())]
+    if "--out" not in argv:  # the default folder, named (with {seed} for a sweep): the command works from anywhere
+        seeds = argv[argv.index("--seeds") + 1:] if "--seeds" in argv else []
+        several = len(list(itertools.takewhile(lambda a: not a.startswith("--"), seeds))) > 1
+        out = folder.resolve()
+        argv += ["--out", str(out.parent / re.sub(r"_seed\d+$", "_seed{seed}", out.name)) if several else str(out)]
     return shlex.join([sys.executable, *argv])
 
 
@@ -867,11 +896,9 @@ _SAVED_KINDS = {"data": lambda v: v in data.DATASETS, "protocol": lambda v: v in
                 "cutout_temperature": lambda v: v is None or (type(v) in (int, float) and v > 0)}
 
 
-def _read_training_settings(path, saved=None):
-    """The training settings recorded in an adapters file (or in `saved`, its content already loaded): what
-    --eval-only takes when a flag is not given."""
-    if saved is None:
-        saved = _load_trusted(path, "adapters", mmap=True)  # the tensors are read once, by _read_adapters_file
+def _read_training_settings(path, saved):
+    """The training settings recorded in an adapters file (`saved`, its content): what --eval-only takes when a
+    flag is not given."""
     if not isinstance(saved.get("adapters"), dict):
         _fail(f"{path} holds no 'adapters' entry: not an adapters.pt written by train.py")
     if "optimizer" in saved or "step" in saved:
@@ -887,14 +914,21 @@ def _read_training_settings(path, saved=None):
     return settings
 
 
-def _check_training_flags(args, saved):
-    """--eval-only with a training flag that contradicts how the adapters were trained: one line (the flag would
-    describe a training that never happened; the same value, as in a repeated training command, is fine)."""
-    for k in _TRAINING_ONLY:
-        given, default = getattr(args, k), parser().get_default(k)
-        if given != default and k in saved and given != saved[k]:
-            _fail(f"--{k.replace('_', '-')} {given} contradicts {args.adapters}, trained with {k} = {saved[k]}: "
-                  f"--eval-only evaluates the adapters as they were trained; drop --{k.replace('_', '-')}")
+def _check_training_flags(args, saved, given):
+    """--eval-only with a flag that contradicts the adapters file: one line. The training settings would describe
+    a training that never happened, shots and seed would label another run, --neumann would evaluate another
+    transform; the same value, as in a repeated training command, is fine."""
+    if args.seeds and len(args.seeds) > 1:
+        _fail(f"--eval-only evaluates one adapters file, trained with one seed: drop --seeds {' '.join(map(str, args.seeds))}")
+    for k in (*_TRAINING_ONLY, "shots", "neumann", "seeds"):
+        recorded = "seed" if k == "seeds" else k
+        if k not in given or recorded not in saved:
+            continue
+        value = args.seeds[0] if k == "seeds" else getattr(args, k)
+        if value != saved[recorded]:
+            flag = f"--{k.replace('_', '-')}"
+            _fail(f"{flag} {value} contradicts {args.adapters}, trained with {recorded} = {saved[recorded]}: "
+                  f"--eval-only evaluates the adapters as they were trained; drop {flag}")
 
 
 def _check_evaluation(cfg, saved):
@@ -910,17 +944,25 @@ def _check_evaluation(cfg, saved):
               f"{saved['protocol']}): base-to-new would call trained classes new; evaluate with --protocol fewshot")
 
 
-def _read_adapters_file(path, params, cfg):
-    """(adapters, context, what was evaluated) of an adapters file, checked against the model and this run's
-    layout: a partial or foreign file names its first mismatching tensor (in state-dict order) and is never
-    evaluated. The file is read once: the bytes evaluated are the bytes whose SHA-256 and settings are recorded."""
+def _read_adapters_once(path):
+    """An adapters file read once: its content, the SHA-256 of those bytes and the training settings they record,
+    so that what is evaluated, hashed, labelled and recorded is one and the same file."""
     try:
         blob = Path(path).read_bytes()
     except OSError as e:
         _fail(f"cannot read adapters file {path}: {e.strerror or e}")
     saved = _load_trusted(path, "adapters", blob=blob)
-    evaluated = {"adapters": str(Path(path).resolve()), "adapters_sha256": hashlib.sha256(blob).hexdigest(),
-                 "training_settings": _read_training_settings(path, saved)}
+    return {"saved": saved, "sha256": hashlib.sha256(blob).hexdigest(),
+            "settings": _read_training_settings(path, saved)}
+
+
+def _read_adapters_file(path, adapters_file, params, cfg):
+    """(adapters, context, what was evaluated) of an adapters file read by _read_adapters_once, checked against
+    the model and this run's layout: a partial or foreign file names its first mismatching tensor (in state-dict
+    order) and is never evaluated."""
+    saved = adapters_file["saved"]
+    evaluated = {"adapters": str(Path(path).resolve()), "adapters_sha256": adapters_file["sha256"],
+                 "training_settings": adapters_file["settings"]}
     try:
         orthcr.check_adapters(params, saved["adapters"])
     except (ValueError, AttributeError, TypeError) as e:
@@ -954,11 +996,10 @@ def _export(folder, merged, context, cfg):
         _say(f"CoOp context written to {folder / 'context.pt'}")
 
 
-def _load_trusted(path, what, mmap=False, blob=None):
+def _load_trusted(path, what, blob=None):
     """torch.load with weights_only=True: tensors and plain containers only, no code from the file runs; the
-    archive's records checked first, so that a small file cannot inflate into a large allocation. With `mmap`
-    the tensors' bytes are mapped, not read (for the settings an adapters file records); with `blob`, the file's
-    bytes already read are loaded."""
+    archive's records checked first, so that a small file cannot inflate into a large allocation. With `blob`,
+    the file's bytes already read are loaded."""
     article = "an" if what[0] in "aeiou" else "a"
     try:
         if not Path(path).is_file():
@@ -967,7 +1008,7 @@ def _load_trusted(path, what, mmap=False, blob=None):
             _fail(f"{path} is empty (0 bytes): not {article} {what} file")
         clip_min.check_torch_file(path, blob)
         source = path if blob is None else io.BytesIO(blob)
-        obj = torch.load(source, map_location="cpu", weights_only=True, mmap=mmap and blob is None)
+        obj = torch.load(source, map_location="cpu", weights_only=True)
     except ValueError as e:
         _fail(f"{str(e).splitlines()[0]}: not {article} {what} file written by train.py")
     except OSError as e:
@@ -1334,6 +1375,8 @@ def _validate_files(args):
         bad.append(f"--cutout-grid {args.cutout_grid} is a folder: give the PNG file to write")
     elif args.cutout_grid and os.path.lexists(args.cutout_grid) and not args.overwrite:
         bad.append(f"--cutout-grid {args.cutout_grid} exists: add --overwrite to replace it")
+    elif args.cutout_grid and Path(args.cutout_grid).name in RUN_FILES:
+        bad.append(f"--cutout-grid {args.cutout_grid}: {Path(args.cutout_grid).name} is a run file's name; give a .png")
     elif args.cutout_grid and os.path.lexists(args.cutout_grid) and not _is_png(args.cutout_grid):
         bad.append(f"--cutout-grid {args.cutout_grid} exists and is not a PNG: --overwrite replaces only a picture")
     if args.export_dtype != "fp32" and not args.export:
@@ -1350,6 +1393,8 @@ def _validate_files(args):
         bad.append("--resume continues the run in --out, --overwrite replaces it: choose one")
     if args.cutout_grid and not Path(args.cutout_grid).expanduser().resolve().parent.is_dir():
         bad.append(f"--cutout-grid {args.cutout_grid}: its folder does not exist")
+    elif args.cutout_grid and not os.access(Path(args.cutout_grid).expanduser().resolve().parent, os.W_OK):
+        bad.append(f"--cutout-grid {args.cutout_grid}: its folder is not writable")
     if args.resume and args.eval_only:
         bad.append("--resume continues training; --eval-only trains nothing")
     if not args.root.strip():
@@ -1455,34 +1500,44 @@ def _check_layout(cfg, path=None):
 
 def main(argv=None):
     _one_line_warnings()
-    args = parse_args(argv)
-    saved = _read_training_settings(args.adapters) if args.eval_only else None
-    if saved:
-        _check_training_flags(args, saved)
-    cfg = settings_from(args, saved)
-    plan = {} if cfg.cutout_grid else _plan_runs(cfg)  # run folders first: a refused folder costs nothing
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM stops as Ctrl-C does
+    cfg, plan = None, {}
     try:
+        args = parse_args(argv)
+        adapters_file = _read_adapters_once(args.adapters) if args.eval_only else None
+        saved = adapters_file["settings"] if adapters_file else None
+        if saved:
+            _check_training_flags(args, saved, _given_flags(argv))
+        cfg = settings_from(args, saved)
+        plan = {} if cfg.cutout_grid else _plan_runs(cfg)  # run folders first: a refused folder costs nothing
         with ExitStack() as held:  # each run folder is locked from here to the end, before any data is read
             for seed, (mode, _) in plan.items():
                 held.enter_context(_exclusive(_run_folder(cfg, seed), cfg, mode))
-            return _check_and_run(cfg, plan, saved)
+            return _check_and_run(cfg, plan, adapters_file)
     except KeyboardInterrupt:
         _stop_outside_the_loop(cfg, plan)
     finally:
         signal.signal(signal.SIGTERM, previous)
 
 
+def _given_flags(argv):
+    """The names of the flags given on the command line (not those left at their defaults)."""
+    p = parser()
+    for action in p._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(p.parse_args(sys.argv[1:] if argv is None else argv)))
+
+
 def _stop_outside_the_loop(cfg, plan):
     """Ctrl-C or SIGTERM while loading, checking or evaluating: one line, and the way back where there is one."""
-    for seed in plan:
+    for seed in plan if cfg else ():
         folder = _run_folder(cfg, seed)
         if (folder / "checkpoint.pt").is_file():
             _fail(f"interrupted; {folder} keeps its checkpoint, continue with: {_resume_command(folder)}", code=130)
     _fail("interrupted", code=130)
 
 
-def _check_and_run(cfg, plan, saved):
+def _check_and_run(cfg, plan, adapters_file):
     """The data, then the model, checked completely; then each seed's run and the table."""
     _check_layout(cfg)  # a named model's shapes are known: checked before any data is read or model downloaded
     _check_root(cfg)
@@ -1499,7 +1554,7 @@ def _check_and_run(cfg, plan, saved):
         cfg = dataclasses.replace(cfg, checkpoint_sha256=model_sha256)
         adapters, context = _check_layout(cfg, path)
         if cfg.eval_only:
-            _check_evaluation(cfg, saved)
+            _check_evaluation(cfg, adapters_file["settings"])
         for seed, (mode, payload) in plan.items():  # what could not be compared before: the model, the data
             folder = _run_folder(cfg, seed)
             if mode == "resume":
@@ -1525,7 +1580,8 @@ def _check_and_run(cfg, plan, saved):
     all_results = []
     for seed in cfg.seeds:
         try:
-            all_results.append(run(cfg, seed, plan[seed], datasets[seed], model, params, seconds, fingerprints[seed]))
+            all_results.append(run(cfg, seed, plan[seed], datasets[seed], model, params, seconds, fingerprints[seed],
+                                   adapters_file))
         except data.DataError as e:  # a file that changed on disk since it was checked
             folder = _run_folder(cfg, seed)
             if (folder / "checkpoint.pt").is_file():

@@ -9,8 +9,10 @@ import json
 import os
 import shutil
 import subprocess
+import shlex
 import sys
 import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -586,3 +588,63 @@ def test_a_damaged_finished_seed_is_refused_before_a_sweep_trains(root, weights,
     path.write_text(json.dumps(record))
     refused(*base_args(root, weights, out, "--epochs", 1, "--seeds", 1, 2, "--resume"), match=match)
     assert not (tmp_path / "sweep_seed2").exists()  # seed 2 was not trained
+
+
+def test_eval_only_refuses_any_given_flag_that_contradicts_the_file(root, weights, finished, tmp_path):
+    adapters = finished / "adapters.pt"  # trained with --shots 8 --epochs 2 --lr 1e-2, seed 1
+    common = ("--root", root, "--weights", weights, "--eval-only", "--adapters", adapters, "--out", tmp_path / "e")
+    refused(*common, "--epochs", 20, match="--epochs 20 contradicts")  # 20 is the default, but it was given
+    refused(*common, "--shots", 2, match="--shots 2 contradicts")
+    refused(*common, "--seeds", 3, match="--seeds 3 contradicts")
+    refused(*common[:-2], "--seeds", 1, 2, match="evaluates one adapters file, trained with one seed")
+    refused(*common, "--neumann", 3, match="--neumann 3 contradicts")
+    assert run_main(*common, "--shots", 8, "--epochs", 2)[0]["shots"] == 8  # the same values: a repeated command
+
+
+@pytest.mark.parametrize("flags", [["--zero-shot"], ["--epochs", 1]])
+def test_an_interrupted_new_run_leaves_no_half_folder(root, weights, tmp_path, monkeypatch, flags):
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    # zero-shot: stopped while evaluating; training: stopped before its first checkpoint
+    monkeypatch.setattr(train, "evaluate" if "--zero-shot" in flags else "train", interrupted)
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run_main(*base_args(root, weights, out, *flags))
+    assert stop.value.code == 130 and not out.exists()  # no config.json alone that would block the next run
+    monkeypatch.undo()
+    run_main(*base_args(root, weights, out, *flags))
+
+
+def test_overwrite_removes_the_evaluations_of_the_adapters_it_replaces(root, weights, finished):
+    run_main("--root", root, "--weights", weights, "--eval-only", "--adapters", finished / "adapters.pt")
+    assert (finished / "eval_eurosat_base2new_seed1" / "results.json").is_file()
+    run_main(*base_args(root, weights, finished, "--epochs", 1, "--overwrite"))
+    assert not (finished / "eval_eurosat_base2new_seed1").exists()
+
+
+def test_a_cutout_grid_is_never_written_under_a_run_file_s_name(root, weights, stopped, capsys):
+    with pytest.raises(SystemExit) as stop:
+        run_main("--data", "eurosat", "--root", root, "--weights", weights, "--cutout-grid", stopped / "results.json")
+    assert stop.value.code == 2 and "is a run file's name" in capsys.readouterr().err
+    assert not (stopped / "results.json").exists()
+
+
+def test_the_resume_command_works_from_any_folder(root, weights, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["train.py", "--root=data", "--seeds", "1", "2", "--weights", "w.pt"])
+    command = shlex.split(train._resume_command(Path("runs/eurosat_base2new_16shot_orthcr_seed2")))
+    assert command[command.index("--root") + 1] == str(tmp_path / "data")  # --flag=value made absolute too
+    assert command[command.index("--out") + 1] == str(tmp_path / "runs" / "eurosat_base2new_16shot_orthcr_seed{seed}")
+    assert command[-3:] == ["--resume", "--out", command[-1]] and command[command.index("--weights") + 1] == str(
+        tmp_path / "w.pt")
+
+
+def test_coop_rows_name_the_terms_they_add():
+    def label(*flags):
+        cfg = train.settings_from(train.parse_args(["--targets", "none", "--prompt", "coop", "--device", "cpu", *flags]))
+        return train.method_name(cfg), train._method_tag(cfg)
+
+    assert label("--lambda1", "0", "--cutout", "none") == ("CoOp", "coop")
+    assert label("--lambda1", "0", "--lambda2", "0") == ("CoOp (+ CutOut)", "coop-cutout")  # no KL weight, no KL
+    assert label() == ("CoOp (+ KL + CutOut)", "coop-kl+cutout")
