@@ -1,9 +1,11 @@
 """Shared test helpers: devices, the tiny random CLIP, OpenAI's reference code, ../shared, a local HTTP server,
 miniature datasets and the training CLI."""
 
+import errno
 import hashlib
 import http.server
 import importlib.util
+import io
 import json
 import os
 import sys
@@ -190,3 +192,22 @@ def read_log(out):
 
 def saved_adapters(out):
     return torch.load(out / "adapters.pt", weights_only=True)
+
+
+def full_disk(monkeypatch):
+    """Every write through os.fdopen fails with ENOSPC (clip_min.download writes through it); returns the real
+    os.fdopen, to give the disk room again."""
+    real_fdopen = os.fdopen
+
+    class FullDisk(io.RawIOBase):
+        def __init__(self, fd, *args, **kwargs):
+            self.file = real_fdopen(fd, *args, **kwargs)
+
+        def write(self, block):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def close(self):
+            self.file.close()
+
+    monkeypatch.setattr(os, "fdopen", FullDisk)
+    return real_fdopen

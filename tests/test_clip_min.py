@@ -1,7 +1,6 @@
 """clip_min computes what OpenAI's CLIP code computes: fixture parity, loading, strictness, safety, tokenizer,
 preprocessing. Live parity tests against OpenAI's code run where it is importable (see conftest.load_openai)."""
 
-import io
 import json
 import os
 import pickle
@@ -17,7 +16,7 @@ import torch
 from PIL import Image
 
 import clip_min
-from conftest import load_openai, sha256
+from conftest import full_disk, load_openai, sha256
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ARCHIVE, STATE = FIXTURES / "tiny_clip.jit.pt", FIXTURES / "tiny_clip.state.pt"
@@ -423,23 +422,10 @@ def test_download_failures_leave_nothing(server, tmp_path, route, expected):
 
 
 def test_download_full_disk_then_rerun(server, tmp_path, monkeypatch):
-    import errno
     data = os.urandom(100_000)
     server["files"]["/f.bin"] = data
     url, path = server["url"] + "/f.bin", tmp_path / "f.bin"
-    real_fdopen = os.fdopen
-
-    class FullDisk(io.RawIOBase):
-        def __init__(self, fd, *args, **kwargs):
-            self.file = real_fdopen(fd, *args, **kwargs)
-
-        def write(self, block):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def close(self):
-            self.file.close()
-
-    monkeypatch.setattr(clip_min.os, "fdopen", FullDisk)
+    full_disk(monkeypatch)
     with pytest.raises(RuntimeError, match="No space left on device") as e:
         clip_min.download(url, path, sha256=sha256(data))
     assert_clean_failure(e, url, path)

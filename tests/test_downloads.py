@@ -24,7 +24,7 @@ from PIL import Image
 
 import clip_min
 import data
-from conftest import ROOT, sha256
+from conftest import ROOT, full_disk, sha256
 
 
 # ---------------------------------------------------------------------------------------------- the server
@@ -381,24 +381,6 @@ def test_a_dropped_download_from_a_server_without_range_keeps_nothing(www, tmp_p
     with pytest.raises(RuntimeError, match="connection closed after 1000 of 2000 bytes$"):
         clip_min.download(f"{www['url']}/f.bin", tmp_path / "f.bin", sha256=sha256(b"x" * 2000), retries=1)
     assert os.listdir(tmp_path) == [] and len(www["requests"]) == 2  # retried from 0, then nothing kept
-
-
-def full_disk(monkeypatch):
-    """Every write through os.fdopen fails with ENOSPC (clip_min.download writes through it)."""
-    real_fdopen = os.fdopen
-
-    class FullDisk(io.RawIOBase):
-        def __init__(self, fd, *args, **kwargs):
-            self.file = real_fdopen(fd, *args, **kwargs)
-
-        def write(self, block):
-            raise OSError(errno.ENOSPC, "No space left on device")
-
-        def close(self):
-            self.file.close()
-
-    monkeypatch.setattr(os, "fdopen", FullDisk)
-    return real_fdopen
 
 
 def test_a_full_disk_is_one_line_and_leaves_nothing(www, monkeypatch, tmp_path):

@@ -230,17 +230,7 @@ def test_kl_terms_are_zero_at_init_and_grad_reaches_only_P(tiny_model):
     loss, terms = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
                                    torch.Generator().manual_seed(0))
     assert terms["kl"].item() == 0.0 and terms["kl_cutout"].item() == 0.0
-    # walk the autograd graph: its only leaves are the adapters
-    leaves, stack, seen = set(), [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or node in seen:
-            continue
-        seen.add(node)
-        if hasattr(node, "variable"):
-            leaves.add(id(node.variable))
-        stack += [n for n, _ in node.next_functions]
-    assert leaves == {id(P) for P in adapters.values()}
+    assert graph_leaves(loss) == {id(P) for P in adapters.values()}  # the autograd graph's only leaves
     loss.backward()
     assert all(P.grad is not None and P.grad.abs().sum() > 0 for P in adapters.values())
     assert all(p.grad is None for p in tiny_model.parameters())
@@ -498,6 +488,7 @@ def test_without_cutout_the_loss_is_ce_plus_lambda1_kl_exactly(tiny_model):
 
 
 def graph_leaves(loss):
+    """id() of every leaf tensor of loss's autograd graph."""
     leaves, stack, seen = set(), [loss.grad_fn], set()
     while stack:
         node = stack.pop()
