@@ -476,9 +476,14 @@ def _protocol_datasets(cfg, seed):
     train_set = build(cfg.data)
     if cfg.protocol == "fewshot":
         return train_set, {"all": train_set}
-    targets = cfg.eval_data or (DG_TARGETS if cfg.protocol == "dg" else CROSS_TARGETS)
     # the source dataset first (CoCoOp's tables show it beside the targets), then each target's test set
-    return train_set, {cfg.data: train_set, **{name: build(name, shots=0) for name in targets if name != cfg.data}}
+    return train_set, {cfg.data: train_set, **{name: build(name, shots=0) for name in _targets(cfg)}}
+
+
+def _targets(cfg):
+    """The datasets a cross-dataset or domain-generalization run is evaluated on, besides its source."""
+    targets = cfg.eval_data or (DG_TARGETS if cfg.protocol == "dg" else CROSS_TARGETS)
+    return [name for name in targets if name != cfg.data]
 
 
 # ---------------------------------------------------------------------------------------------------- run folders
@@ -530,7 +535,7 @@ def _exclusive(folder, cfg, plan):
                 yield folder
             except BaseException:  # stopped (an error, Ctrl-C) before a new run left anything to continue from:
                 if plan == "new" and _run_state(folder) == "partial":  # nothing half-written is kept
-                    _clear(folder)
+                    _clear(folder, evaluations=False)  # only what this run wrote
                 raise
         finally:
             (folder / ".lock").unlink(missing_ok=True)
@@ -540,12 +545,12 @@ def _exclusive(folder, cfg, plan):
             folder.rmdir()
 
 
-def _clear(folder):
+def _clear(folder, evaluations=True):
     """--overwrite: the previous run's files go, once the new run has passed every check, with the evaluations of
     its adapters that --eval-only wrote beside them (they would describe adapters that no longer exist)."""
     for name in RUN_FILES:
         (folder / name).unlink(missing_ok=True)
-    for evaluation in folder.glob("eval_*_seed*"):
+    for evaluation in folder.glob("eval_*_seed*") if evaluations else ():
         if evaluation.is_dir() and not evaluation.is_symlink() and (evaluation / "config.json").is_file():
             shutil.rmtree(evaluation)
 
@@ -611,15 +616,9 @@ def _plan_runs(cfg):
 
 def _check_writable(folder):
     """--out (or a default run folder) must be a folder, or creatable, and writable."""
-    try:
-        os.stat(folder)
-    except FileNotFoundError:
-        pass
-    except NotADirectoryError:
-        pass
-    except OSError as e:
-        if e.errno != errno.ELOOP:  # a name too long (after {seed}), no permission: one line
-            _fail(f"--out {folder}: {e.strerror or e}")
+    unreachable = _unreachable("--out", folder)  # a name too long (after {seed}), no permission
+    if unreachable:
+        _fail(unreachable)
     for path in [folder, *folder.parents]:
         if os.path.lexists(path) and not path.exists():
             _fail(f"--out {folder}: {path} is a dangling symlink or a symlink loop")
@@ -648,13 +647,7 @@ def _check_results_record(path, record, cfg, seed):
         if record.get(key) != value:
             _fail(f"--resume: {path} records {key} = {record.get(key, '(nothing)')!r}, this run has {value!r}: it "
                   f"is not this seed's results")
-    if cfg.protocol == "base2new":
-        splits = ["base", "new"]
-    elif cfg.protocol == "fewshot":
-        splits = ["all"]
-    else:
-        targets = cfg.eval_data or (DG_TARGETS if cfg.protocol == "dg" else CROSS_TARGETS)
-        splits = [cfg.data, *(t for t in targets if t != cfg.data)]
+    splits = {"base2new": ["base", "new"], "fewshot": ["all"]}.get(cfg.protocol) or [cfg.data, *_targets(cfg)]
     results = record.get("results")
     for split in splits:
         r = results.get(split) if isinstance(results, dict) else None
