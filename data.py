@@ -72,6 +72,7 @@ import torch
 from PIL import Image
 
 import clip_min
+from toolbox import downloads, files
 
 COOP_GUIDE = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # CoOp's files shipped with this repository
@@ -896,7 +897,7 @@ def load_image(path):
 def _write_json(path, obj):
     """Write JSON to a temporary file beside `path`, then rename: a crash never leaves half a file."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    clip_min.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj)))
+    files.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj)))
 
 
 def _read_json(path, what):
@@ -956,7 +957,7 @@ def _copy_shipped(name, dst):
     if hashlib.sha256(data).hexdigest() != sha256:
         raise DataError(f"{src} does not hold CoOp's {name} (sha256 {sha256}); restore it from the repository")
     try:
-        clip_min.write_atomic(dst, lambda tmp: tmp.write_bytes(data))
+        files.write_atomic(dst, lambda tmp: tmp.write_bytes(data))
     except OSError as e:
         raise DataError(f"could not copy CoOp's {name} to {dst}: {e}") from None
 
@@ -1049,20 +1050,20 @@ def _expected(spec):
 def _fetch(name, folder, archive):
     """Download `archive` into `folder`, verify it, unpack it beside the target and rename its parts into place;
     a failure is one DataError line saying how to do it offline, and leaves no folder this call created."""
-    created = clip_min.make_dirs(folder)
+    created = files.make_dirs(folder)
     path = folder / _archive_name(archive)
     algorithm, _, digest = archive.checksum.partition(":")
     try:
         _check_space(folder, archive, path)
-        clip_min.download(archive.url, path, what=f"{name} {path.name}", size=archive.size, **{algorithm: digest})
+        downloads.download(archive.url, path, what=f"{name} {path.name}", size=archive.size, **{algorithm: digest})
     except (RuntimeError, OSError) as e:
-        clip_min.remove_empty_dirs(created)
+        files.remove_empty_dirs(created)
         raise DataError(f"{e}; offline: {_offline(folder, archive)}") from None
     try:
         _unpack(path, folder, archive, folder / DATASETS[name].image_dir)
     except DataError as e:  # refused or unreadable: the archive is of no use
         path.unlink(missing_ok=True)
-        clip_min.remove_empty_dirs(created)
+        files.remove_empty_dirs(created)
         raise DataError(f"{e}; offline: {_offline(folder, archive)}") from None
     except OSError as e:  # a full disk, say: the verified archive stays, so that a rerun need not download it
         raise DataError(f"could not unpack {path} into {folder}: {e}; the verified archive is kept for a rerun") \

@@ -34,6 +34,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 import clip_min
+from toolbox import checkpoints, files
 import data
 import orthcr
 
@@ -681,7 +682,7 @@ def _compare_settings(path, recorded, cfg, seed, data_sha256=None, later=(), onl
 
 
 def _write_json(path, obj):
-    """Every file of a run goes through clip_min.write_atomic: a temporary name, fsync, then the rename."""
+    """Every file of a run goes through files.write_atomic: a temporary name, fsync, then the rename."""
     _write_file(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n"))
 
 
@@ -693,9 +694,9 @@ def _write_torch(path, obj):
 
 
 def _write_file(path, write):
-    """clip_min.write_atomic, with a full disk as one line that names the file (the previous file is kept)."""
+    """files.write_atomic, with a full disk as one line that names the file (the previous file is kept)."""
     try:
-        clip_min.write_atomic(path, write)
+        files.write_atomic(path, write)
     except OSError as e:
         _disk_error(path, e, f"the previous {path.name} is kept" if path.exists() else "nothing was written")
 
@@ -999,7 +1000,7 @@ def _load_trusted(path, what, blob=None):
             _fail(f"{path} is not a regular file: not {article} {what} file")
         if Path(path).stat().st_size == 0 or blob == b"":
             _fail(f"{path} is empty (0 bytes): not {article} {what} file")
-        clip_min.check_torch_file(path, blob)
+        checkpoints.check_torch_file(path, blob)
         source = path if blob is None else io.BytesIO(blob)
         obj = torch.load(source, map_location="cpu", weights_only=True)
     except ValueError as e:

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 import clip_min
+from toolbox import checkpoints, downloads
 from conftest import full_disk, load_openai, sha256
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -291,9 +292,9 @@ def test_records_may_not_share_bytes(tmp_path):
     with zipfile.ZipFile(path) as z:
         record = z.getinfo(f"{TOP}/data/0")
     n = path.stat().st_size // record.file_size  # as many copies of the record as the file could hold
-    clip_min._check_records([record] * n, path)
+    checkpoints._check_records([record] * n, path)
     with pytest.raises(ValueError, match=f"declare {(n + 1) * record.file_size} bytes in all, more than the file's"):
-        clip_min._check_records([record] * (n + 1), path)
+        checkpoints._check_records([record] * (n + 1), path)
 
 
 def test_records_are_read_once_into_the_tensors(tmp_path, opened):
@@ -400,11 +401,11 @@ def test_download_success_and_cache(server, tmp_path):
     data = os.urandom(3 << 20)
     server["files"]["/f.bin"] = data
     url, path = server["url"] + "/f.bin", tmp_path / "cache" / "f.bin"
-    assert clip_min.download(url, path, sha256=sha256(data)) == path and path.read_bytes() == data
-    assert clip_min.download(url, path, sha256=sha256(data)) == path
+    assert downloads.download(url, path, sha256=sha256(data)) == path and path.read_bytes() == data
+    assert downloads.download(url, path, sha256=sha256(data)) == path
     assert server["requests"] == ["/f.bin"]  # the cached file was reused
     path.write_bytes(b"stale")
-    clip_min.download(url, path, sha256=sha256(data))
+    downloads.download(url, path, sha256=sha256(data))
     assert server["requests"] == ["/f.bin"] * 2 and path.read_bytes() == data  # wrong checksum: fetched again
     assert sorted(p.name for p in path.parent.iterdir()) == ["f.bin"]
 
@@ -417,7 +418,7 @@ def test_download_failures_leave_nothing(server, tmp_path, route, expected):
     server["files"]["/f.bin"] = b"payload"
     url, path = server["url"] + route, tmp_path / "f.bin"
     with pytest.raises(RuntimeError, match=expected) as e:
-        clip_min.download(url, path, sha256=sha256(b"something else"))
+        downloads.download(url, path, sha256=sha256(b"something else"))
     assert_clean_failure(e, url, path)
 
 
@@ -427,10 +428,10 @@ def test_download_full_disk_then_rerun(server, tmp_path, monkeypatch):
     url, path = server["url"] + "/f.bin", tmp_path / "f.bin"
     full_disk(monkeypatch)
     with pytest.raises(RuntimeError, match="No space left on device") as e:
-        clip_min.download(url, path, sha256=sha256(data))
+        downloads.download(url, path, sha256=sha256(data))
     assert_clean_failure(e, url, path)
     monkeypatch.undo()
-    assert clip_min.download(url, path, sha256=sha256(data)).read_bytes() == data
+    assert downloads.download(url, path, sha256=sha256(data)).read_bytes() == data
 
 
 def test_load_by_name_end_to_end(server, tmp_path, monkeypatch, outputs):

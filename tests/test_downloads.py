@@ -3,7 +3,7 @@
 Each public dataset is served as a miniature of its real archive (same top folders, file names and annotation
 files, a few tiny images), then downloaded, verified, unpacked into CoOp's layout and read by build_dataset.
 Faults: a wrong checksum, a connection dropped half-way (resumed with Range), a server without Range, a full disk,
-unsafe archive members; and clip_min.download / write_atomic underneath (modes, fsync, ENOSPC).
+unsafe archive members; and toolbox.downloads.download / toolbox.files.write_atomic underneath (modes, fsync, ENOSPC).
 """
 
 import contextlib
@@ -23,6 +23,8 @@ import pytest
 from PIL import Image
 
 import clip_min
+from toolbox import downloads
+from toolbox import files as toolbox_files
 import data
 from conftest import ROOT, full_disk, sha256
 
@@ -357,9 +359,9 @@ def test_a_broken_download_is_kept_and_resumed_by_the_next_call(www, tmp_path):
     url, path = f"{www['url']}/f.bin", tmp_path / "cache" / "f.bin"
     with pytest.raises(RuntimeError, match=r"connection closed after 100000 of 300000 bytes; rerun to resume "
                                            r"from .*f\.bin\.part \(0\.1 MiB kept\)"):
-        clip_min.download(url, path, sha256=sha256(blob), retries=0)
+        downloads.download(url, path, sha256=sha256(blob), retries=0)
     assert (tmp_path / "cache" / "f.bin.part").read_bytes() == blob[:100_000]
-    assert clip_min.download(url, path, sha256=sha256(blob), retries=0).read_bytes() == blob
+    assert downloads.download(url, path, sha256=sha256(blob), retries=0).read_bytes() == blob
     assert www["requests"][-1] == ("f.bin", "bytes=100000-") and os.listdir(tmp_path / "cache") == ["f.bin"]
 
 
@@ -379,7 +381,7 @@ def test_a_dropped_download_from_a_server_without_range_keeps_nothing(www, tmp_p
     www["no_ranges"].add("f.bin")
     www["drops"]["f.bin"] = [1000, 1000]
     with pytest.raises(RuntimeError, match="connection closed after 1000 of 2000 bytes$"):
-        clip_min.download(f"{www['url']}/f.bin", tmp_path / "f.bin", sha256=sha256(b"x" * 2000), retries=1)
+        downloads.download(f"{www['url']}/f.bin", tmp_path / "f.bin", sha256=sha256(b"x" * 2000), retries=1)
     assert os.listdir(tmp_path) == [] and len(www["requests"]) == 2  # retried from 0, then nothing kept
 
 
@@ -492,10 +494,10 @@ def test_cli_bad_root_and_name(tmp_path, capsys, monkeypatch):
 def test_download_writes_with_the_umask_and_removes_folders_it_made_on_failure(www, tmp_path, umask):
     blob = b"model bytes" * 1000
     www["files"]["m.pt"] = blob
-    path = clip_min.download(f"{www['url']}/m.pt", tmp_path / "cache" / "clip" / "m.pt", sha256=sha256(blob))
+    path = downloads.download(f"{www['url']}/m.pt", tmp_path / "cache" / "clip" / "m.pt", sha256=sha256(blob))
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
     with pytest.raises(RuntimeError, match="404"):
-        clip_min.download(f"{www['url']}/missing.pt", tmp_path / "other" / "clip" / "m.pt", sha256=sha256(blob))
+        downloads.download(f"{www['url']}/missing.pt", tmp_path / "other" / "clip" / "m.pt", sha256=sha256(blob))
     assert not (tmp_path / "other").exists()
 
 
@@ -510,7 +512,7 @@ def test_write_atomic_mode_fsync_then_rename(tmp_path, monkeypatch, umask):
     events, real_fsync, real_replace = [], os.fsync, os.replace
     monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
     monkeypatch.setattr(os, "replace", lambda a, b: (events.append("rename"), real_replace(a, b))[1])
-    clip_min.write_atomic(tmp_path / "a.json", lambda tmp: tmp.write_text("{}"))
+    toolbox_files.write_atomic(tmp_path / "a.json", lambda tmp: tmp.write_text("{}"))
     assert events == ["fsync", "rename", "fsync"]  # the file, the rename, the folder
     assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o640
 
@@ -525,7 +527,7 @@ def test_write_atomic_on_a_full_disk_keeps_the_old_file_and_no_temporary(tmp_pat
 
     with pytest.raises(OSError, match=rf"no space left on device \(ENOSPC\) writing {path}; the previous file is "
                                       r"unchanged") as e:
-        clip_min.write_atomic(path, fill_up)
+        toolbox_files.write_atomic(path, fill_up)
     assert e.value.errno == errno.ENOSPC
     assert path.read_text() == "old" and os.listdir(tmp_path) == ["cache.json"]
 
@@ -536,7 +538,7 @@ def test_a_full_disk_while_copying_the_split_is_a_data_error(tmp_path, monkeypat
     def no_space(path, write):
         raise OSError(errno.ENOSPC, f"no space left on device (ENOSPC) writing {path}")
 
-    monkeypatch.setattr(clip_min, "write_atomic", no_space)
+    monkeypatch.setattr(toolbox_files, "write_atomic", no_space)
     with pytest.raises(data.DataError, match=r"could not copy CoOp's split_zhou_DescribableTextures\.json to .*"
                                              r"ENOSPC"):
         data.build_dataset("dtd", tmp_path)

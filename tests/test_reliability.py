@@ -1,6 +1,6 @@
 """Issue 7 through the training CLI: faults lose nothing, bad input stops before any work, untrusted files run no code.
 
-Covered elsewhere, not repeated here: download faults of `clip_min.download` (404, 500, dropped connection, wrong
+Covered elsewhere, not repeated here: download faults of `toolbox.downloads.download` (404, 500, dropped connection, wrong
 checksum, full disk, rerun) in test_clip_min.py; malicious pickles and unknown TorchScript globals at the model
 loader in test_clip_min.py; dataset faults at the data layer in test_data.py; flag validation in test_train.py.
 """

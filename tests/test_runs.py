@@ -18,6 +18,7 @@ import pytest
 import torch
 
 import clip_min
+from toolbox import files
 import data
 import train
 from conftest import ROOT
@@ -104,7 +105,7 @@ def test_eval_only_writes_its_own_folder_and_records_what_it_evaluated(root, wei
     assert record["shots"] == 4 and json.loads((folder / "config.json").read_text())["shots"] == 4  # from the file
     evaluated = record["evaluated"]
     assert evaluated["adapters"] == str((trained / "adapters.pt").resolve())
-    assert evaluated["adapters_sha256"] == clip_min.file_sha256(trained / "adapters.pt")
+    assert evaluated["adapters_sha256"] == files.file_sha256(trained / "adapters.pt")
     assert evaluated["training_settings"]["lr"] == 1e-2 and evaluated["training_settings"]["shots"] == 4
     assert record["results"] == json.loads((trained / "results.json").read_text())["results"]
     # a second evaluation into the same folder is refused like any other run
@@ -129,7 +130,7 @@ def test_eval_only_records_the_bytes_it_evaluated_even_if_the_file_changes(root,
                                                                             monkeypatch):
     adapters = tmp_path / "adapters.pt"
     shutil.copy(finished / "adapters.pt", adapters)
-    original = clip_min.file_sha256(adapters)
+    original = files.file_sha256(adapters)
     real = train.evaluate
 
     def evaluate_then_replace(*args):
@@ -146,7 +147,7 @@ def test_eval_only_records_the_bytes_it_evaluated_even_if_the_file_changes(root,
 
 def test_the_recorded_model_is_the_weights_file(root, weights, finished):
     config = json.loads((finished / "config.json").read_text())
-    assert config["model_file"] == str(weights.resolve()) and config["checkpoint_sha256"] == clip_min.file_sha256(weights)
+    assert config["model_file"] == str(weights.resolve()) and config["checkpoint_sha256"] == files.file_sha256(weights)
     assert torch.load(finished / "adapters.pt", weights_only=True)["config"]["model"] == str(weights.resolve())
 
 
@@ -172,7 +173,7 @@ def stopped(root, weights, tmp_path, monkeypatch):
 
 
 def test_a_resumed_run_removes_what_a_killed_write_left_half_done(root, weights, stopped):
-    stale = stopped / ".checkpoint.pt.0badc0de.tmp"  # clip_min.write_atomic's temporary name, left by kill -9
+    stale = stopped / ".checkpoint.pt.0badc0de.tmp"  # files.write_atomic's temporary name, left by kill -9
     stale.write_bytes(b"half a checkpoint")
     unrelated = stopped / ".notes.tmp"  # not one of ours: kept
     unrelated.write_text("mine")
@@ -361,7 +362,7 @@ def test_a_refused_overwrite_deletes_nothing(root, weights, finished, tmp_path):
 def test_a_full_disk_while_saving_names_the_file_keeps_the_previous_checkpoint_and_says_how_to_resume(
         root, weights, tmp_path, monkeypatch, capsys):
     out = tmp_path / "run"
-    real, saves = clip_min.write_atomic, []
+    real, saves = files.write_atomic, []
 
     def write_atomic(path, write):
         if path.name == "checkpoint.pt":
@@ -370,7 +371,7 @@ def test_a_full_disk_while_saving_names_the_file_keeps_the_previous_checkpoint_a
                 raise OSError(errno.ENOSPC, "No space left on device")
         return real(path, write)
 
-    monkeypatch.setattr(clip_min, "write_atomic", write_atomic)
+    monkeypatch.setattr(files, "write_atomic", write_atomic)
     monkeypatch.setattr(sys, "argv", ["train.py", *map(str, base_args(root, weights, out, "--epochs", 2,
                                                                       "--lr", 1e-2))])
     message = refused(*base_args(root, weights, out, "--epochs", 2, "--lr", 1e-2),

@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 
 import clip_min
+from toolbox import files
 import data
 import orthcr
 import train
@@ -56,7 +57,7 @@ def test_written_files_have_the_documented_fields(root, weights, tmp_path):
     for key in ("data", "protocol", "shots", "seed", "lr", "batch_size", "epochs", "blocks", "targets", "lambda1",
                 "lambda2", "code_version", "checkpoint_sha256", "torch"):
         assert key in config, key
-    assert config["checkpoint_sha256"] == clip_min.file_sha256(weights)
+    assert config["checkpoint_sha256"] == files.file_sha256(weights)
     log = read_log(out)
     assert [r["step"] for r in log] == list(range(1, len(log) + 1)) and len(log) == 2 * 2  # 16 base images / 8
     assert all({"step", "epoch", "lr", "loss", "ce", "ce_cutout", "kl", "kl_cutout", "step_s"} <= set(r) for r in log)

@@ -1,0 +1,258 @@
+"""Reading checkpoints (OpenAI's TorchScript archives, torch.save files) without executing anything from them.
+
+`clip_min.read_state_dict` and `clip_min.read_shapes` are this module's `read_state_dict` and `read_shapes`.
+"""
+
+import io
+import math
+import pickle
+import sys
+import zipfile
+from pathlib import Path
+
+import torch
+
+#
+# A checkpoint is untrusted input: nothing in it is executed, and it can't make the reader allocate more than
+# the file's own size. PyTorch stores the pickle and tensor records of its zip archives uncompressed (so that
+# they can be memory-mapped): such a record can't inflate, and each storage record must hold exactly numel x
+# itemsize bytes. (TorchScript's code/ records are compressed; they are never read.)
+
+# storage classes named in archives, and the dtype of their elements
+_STORAGE_DTYPES = {
+    "HalfStorage": torch.float16, "FloatStorage": torch.float32, "DoubleStorage": torch.float64,
+    "BFloat16Storage": torch.bfloat16, "LongStorage": torch.int64, "IntStorage": torch.int32,
+    "ShortStorage": torch.int16, "CharStorage": torch.int8, "ByteStorage": torch.uint8, "BoolStorage": torch.bool,
+}
+_MAX_NESTING = 100  # modules within modules; CLIP's deepest tensor is 5 deep (visual.transformer.resblocks.0.attn)
+_CHUNK = 1 << 20  # bytes read at a time into a storage
+
+
+def read_state_dict(path):
+    """The tensors of a checkpoint file: OpenAI's TorchScript archive, or a `torch.save`d state dict.
+
+    Nothing from the file is executed: archives go through a restricted unpickler (`_ArchiveUnpickler`),
+    plain files through `torch.load(weights_only=True)`. Records are size-checked before anything is allocated
+    and read once, into the tensors' own memory. A file that is not a sound checkpoint raises one ValueError
+    naming it (a missing one FileNotFoundError).
+    """
+    return _read_checkpoint(Path(path), data=True)
+
+
+def read_shapes(path):
+    """{name: torch.Size} of a checkpoint's tensors without reading their data, with read_state_dict's checks
+    (to check a model's layout before loading it). Only a legacy torch.save file (not a zip) is read whole."""
+    return {name: tensor.shape for name, tensor in _read_checkpoint(Path(path), data=False).items()}
+
+
+def check_torch_file(path, blob=None):
+    """Raise one ValueError naming `path` unless it is a torch.save zip archive whose records are stored
+    uncompressed within the file: then torch.load(weights_only=True) allocates at most the file's size. With
+    `blob`, the file's bytes already read are checked (so that what is checked is what gets loaded)."""
+    path = Path(path)
+    if blob is None:
+        with open(path, "rb") as f:
+            head = f.read(4)
+    else:
+        head = blob[:4]
+    if head != b"PK\x03\x04":
+        raise ValueError(f"{path}: not a torch.save zip archive")
+    with _open_archive(path if blob is None else io.BytesIO(blob), path) as archive:
+        _archive_top(archive, path)
+        _check_records(archive.infolist(), path, None if blob is None else len(blob))
+
+
+def _read_checkpoint(path, data):
+    """{name: tensor} of a checkpoint; without `data`, tensors with the right shapes and dtypes whose bytes are
+    never read (meta tensors from archives, memory-mapped ones from torch.load)."""
+    if path.is_dir():
+        raise ValueError(f"{path}: a directory, not a checkpoint file")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head:
+        raise ValueError(f"{path}: empty file, not a checkpoint")
+    is_zip = head == b"PK\x03\x04"
+    if is_zip:
+        with _open_archive(path) as archive:
+            top = _archive_top(archive, path)
+            if f"{top}/constants.pkl" in archive.NameToInfo:  # only TorchScript archives carry constants
+                _check_records([info for info in archive.infolist() if info.filename in (
+                    f"{top}/data.pkl", f"{top}/byteorder") or info.filename.startswith(f"{top}/data/")], path)
+                return _checked(_read_torchscript(archive, top, path, data), path)
+            _check_records(archive.infolist(), path)  # before torch.load reads any of them
+    try:
+        # a zip (records checked above) can be memory-mapped: its tensors' bytes are then never read
+        state_dict = torch.load(path, map_location="cpu", weights_only=True, mmap=is_zip and not data)
+    except Exception as e:
+        raise ValueError(f"{path}: not a CLIP checkpoint (neither a TorchScript archive nor a torch.save "
+                         f"state dict that loads with weights_only=True): {_reason(e)}") from None
+    return _checked(state_dict, path)
+
+
+def _reason(error):
+    """One line saying why `error` happened. (torch.load's weights-only message opens with advice to switch the
+    check off; its reason is the next line.)"""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1 and lines[0].startswith("Weights only load failed"):
+        lines = lines[1:]
+    return f"{type(error).__name__}: {lines[0][:300]}" if lines else type(error).__name__
+
+
+def _checked(state_dict, path):
+    """The state dict as a plain dict, if it is a dict of tensors none of which overlaps itself (a view with
+    stride 0 would let a small file make a huge tensor)."""
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise ValueError(f"{path}: expected a dict of tensors (a state dict), got {type(state_dict).__name__}")
+    for name, tensor in state_dict.items():
+        if tensor.numel() * tensor.element_size() > tensor.untyped_storage().nbytes():
+            raise ValueError(f"{path}: tensor {name} of shape {tuple(tensor.shape)} overlaps itself: more "
+                             f"elements than its storage holds")
+    return dict(state_dict)
+
+
+def _open_archive(path, name=None):
+    """The zip archive at `path` (or in a file object, `name` naming it), its directory read."""
+    try:
+        return zipfile.ZipFile(path)
+    except Exception as e:  # BadZipFile, NotImplementedError, UnicodeDecodeError...: zipfile's ways to fail
+        raise ValueError(f"{name or path}: truncated or corrupt checkpoint archive ({_reason(e)})") from None
+
+
+def _archive_top(archive, path):
+    """The archive's top-level folder (named after the saved file, so never assumed), the one holding data.pkl."""
+    tops = [name[:-len("/data.pkl")] for name in archive.namelist()
+            if name.endswith("/data.pkl") and name.count("/") == 1]
+    if len(tops) != 1:
+        raise ValueError(f"{path}: not a PyTorch archive: expected one <folder>/data.pkl, found {len(tops)}")
+    return tops[0]
+
+
+def _check_records(records, path, size=None):
+    """Each record stored uncompressed and inside the file, and all together no bigger than the file (zip
+    entries may point at the same bytes): then reading them takes at most the file's size."""
+    size, total = path.stat().st_size if size is None else size, 0
+    for info in records:
+        if info.compress_type != zipfile.ZIP_STORED or info.compress_size != info.file_size:
+            raise ValueError(f"{path}: record {info.filename!r} is compressed ({info.compress_size} bytes declared "
+                             f"to inflate to {info.file_size}); PyTorch stores tensor records uncompressed")
+        if info.header_offset + info.file_size > size:
+            raise ValueError(f"{path}: record {info.filename!r} declares {info.file_size} bytes, past the end of "
+                             f"the {size}-byte file")
+        total += info.file_size
+    if total > size:
+        raise ValueError(f"{path}: the records declare {total} bytes in all, more than the file's {size}")
+
+
+def _read_torchscript(archive, top, path, data):
+    """{dotted name: tensor} of every tensor in the archive's module tree, rebuilt from its data/ records."""
+    byteorder = archive.NameToInfo.get(f"{top}/byteorder")  # older archives have none: they are little-endian
+    order = b"little"
+    if byteorder is not None:  # its first 16 bytes at most: 'little' or 'big'
+        order = _read_record(archive, byteorder, bytearray(min(byteorder.file_size, 16)), path)
+    if order != sys.byteorder.encode():
+        raise ValueError(f"{path}: archive byte order {bytes(order)!r} is not this machine's ({sys.byteorder})")
+    try:
+        with archive.open(f"{top}/data.pkl") as pickled:  # unpickled as it is read
+            unpickler = _ArchiveUnpickler(pickled, archive, top, data)
+            root = unpickler.load()
+        if not isinstance(root, _ScriptObject):
+            raise ValueError(f"data.pkl holds a {type(root).__name__}, not a TorchScript module")
+        tensors = dict(_module_tensors(root))
+    except Exception as e:  # whatever the pickle makes the unpickler raise
+        raise ValueError(f"{path}: cannot read the TorchScript archive's data.pkl: {_reason(e)}") from None
+    for info, storage in unpickler.unread:
+        _read_record(archive, info, memoryview(storage.view(torch.uint8).numpy()), path)
+    return tensors
+
+
+def _read_record(archive, info, buffer, path):
+    """`buffer` filled with the first len(buffer) bytes of record `info`, read a chunk at a time: no second
+    copy of the record."""
+    view = memoryview(buffer)
+    try:
+        with archive.open(info) as record:
+            for start in range(0, len(view), _CHUNK):
+                end = min(start + _CHUNK, len(view))
+                if record.readinto(view[start:end]) != end - start:
+                    raise EOFError(f"{info.file_size}-byte record ends early")
+    except Exception as e:  # a damaged local header, a CRC mismatch, a short file...
+        raise ValueError(f"{path}: record {info.filename!r} is corrupt ({_reason(e)})") from None
+    return buffer
+
+
+class _ScriptObject:
+    """Stands for any `__torch__.*` class of an archive (OpenAI-internal module classes): just its attributes."""
+
+    def __setstate__(self, state):
+        if not isinstance(state, dict):
+            raise pickle.UnpicklingError(f"TorchScript object with non-dict state {type(state).__name__}")
+        self.__dict__.update(state)
+
+
+def _module_tensors(obj, prefix="", ancestors=()):
+    """(dotted name, tensor) for every tensor attribute in the tree, as a state dict names them; a module that
+    holds itself, or nesting deeper than _MAX_NESTING, is an error (not a RecursionError)."""
+    if len(ancestors) == _MAX_NESTING:
+        raise ValueError(f"modules nested deeper than {_MAX_NESTING} (at {prefix[:80]}...)")
+    for name, value in vars(obj).items():
+        if isinstance(value, torch.Tensor):
+            yield prefix + str(name), value
+        elif isinstance(value, _ScriptObject):
+            if value is obj or any(value is a for a in ancestors):
+                raise ValueError(f"module {(prefix + str(name))[:80]!r} contains itself")
+            yield from _module_tensors(value, f"{prefix}{name}.", ancestors + (obj,))
+
+
+def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
+    """What `torch._utils._rebuild_tensor_v2` means: a strided view of a flat storage, which must lie inside it
+    (checked here: on the meta device torch doesn't)."""
+    if not all(isinstance(n, int) and n >= 0 for n in (offset, *size, *stride)) or len(size) != len(stride):
+        raise ValueError("a tensor with a malformed offset, size or stride")
+    end = offset + sum((n - 1) * s for n, s in zip(size, stride)) + 1 if math.prod(size) else 0
+    if end > storage.numel():
+        raise ValueError(f"tensor of size {tuple(size)} at offset {offset} reaches past its storage of "
+                         f"{storage.numel()} elements")
+    return torch.as_strided(storage, size, stride, offset)
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    """Unpickles an archive's data.pkl allowing only tensors, storages, OrderedDicts and TorchScript objects.
+
+    Any other global (os.system, builtins.eval, ...) is refused before it can be called. Each storage is
+    allocated once its record is found to hold exactly numel x itemsize bytes, and left empty: `unread` lists
+    (record, storage) pairs to fill (with data=False storages are meta tensors and nothing is to be read).
+    """
+
+    def __init__(self, pickled, archive, top, data):
+        super().__init__(pickled)
+        self.archive, self.top, self.data = archive, top, data
+        self.storages, self.unread = {}, []
+
+    def find_class(self, module, name):
+        if module == "__torch__" or module.startswith("__torch__."):
+            return _ScriptObject
+        if (module, name) == ("torch._utils", "_rebuild_tensor_v2"):
+            return _rebuild_tensor
+        if module == "torch" and name in _STORAGE_DTYPES:
+            return _STORAGE_DTYPES[name]
+        if (module, name) == ("collections", "OrderedDict"):
+            return dict  # only used for the (empty) backward-hook dicts; order is irrelevant here
+        raise pickle.UnpicklingError(f"refusing global '{module}.{name}' (a checkpoint holds only tensors)")
+
+    def persistent_load(self, pid):
+        # pid = ('storage', dtype, key, location, numel): the storage lives in the record <top>/data/<key>
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage" and isinstance(pid[1], torch.dtype)
+                and isinstance(pid[2], str) and pid[2].isalnum() and isinstance(pid[4], int) and pid[4] >= 0):
+            raise pickle.UnpicklingError(f"unexpected persistent id (a {type(pid).__name__})")
+        _, dtype, key, _, numel = pid
+        if key not in self.storages:
+            info = self.archive.NameToInfo.get(f"{self.top}/data/{key}")
+            if info is None:
+                raise ValueError(f"no record data/{key}")
+            if info.file_size != numel * dtype.itemsize:  # before allocating or reading anything
+                raise ValueError(f"record data/{key} holds {info.file_size} bytes, its storage of {numel} {dtype} "
+                                 f"takes {numel * dtype.itemsize}")
+            self.storages[key] = torch.empty(numel, dtype=dtype, device="cpu" if self.data else "meta")
+            if self.data:
+                self.unread.append((info, self.storages[key]))
+        return self.storages[key]
