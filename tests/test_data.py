@@ -21,6 +21,7 @@ from PIL import Image
 
 import data
 from conftest import ROOT
+from toolbox import files, images
 
 SPLIT_NAMES = [n for n, s in data.DATASETS.items() if s.kind == "split"]
 EUROSAT_FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
@@ -367,10 +368,10 @@ def test_unwritable_cache_warns_and_still_samples(tmp_path, monkeypatch):
     expected = data.build_dataset("dtd", tmp_path, shots=2, seed=9).train
     shutil.rmtree(tmp_path / "dtd" / "split_fewshot")
 
-    def read_only(path, obj):
+    def read_only(path, obj, indent=2):
         raise OSError(30, "Read-only file system", str(path))
 
-    monkeypatch.setattr(data, "_write_json", read_only)
+    monkeypatch.setattr(files, "write_json", read_only)
     with pytest.warns(UserWarning, match="could not cache .*shot_2-seed_9.json"):
         assert data.build_dataset("dtd", tmp_path, shots=2, seed=9).train == expected
     assert not (tmp_path / "dtd" / "split_fewshot").exists()
@@ -642,7 +643,7 @@ def test_a_jpeg_with_bytes_after_its_end_marker_passes(tmp_path):
 
 
 def test_long_checks_say_so_on_stderr(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "_PROGRESS_MIN", 5)
+    monkeypatch.setattr(images, "PROGRESS_MIN", 5)
     make_split_dataset(tmp_path, "dtd", counts=(2, 1, 2))
     data.build_dataset("dtd", tmp_path, shots=1)
     assert "checking 6 test images of dtd (" in capsys.readouterr().err

@@ -23,7 +23,7 @@ import pytest
 from PIL import Image
 
 import clip_min
-from toolbox import downloads
+from toolbox import archives, datasets, downloads
 from toolbox import files as toolbox_files
 import data
 from conftest import ROOT, full_disk, sha256
@@ -259,7 +259,7 @@ def serve(www, monkeypatch, tmp_path, name, archives=None):
     archives = archives or built
     moved = []
     for a in data.ARCHIVES[name]:
-        file = data._archive_name(a)
+        file = datasets.archive_name(a)
         blob = archives[file]
         www["files"][file] = blob
         algorithm = a.checksum.split(":")[0]  # md5 where the real one is md5: that path is exercised too
@@ -279,13 +279,13 @@ def serve(www, monkeypatch, tmp_path, name, archives=None):
 def test_public_datasets_download_verify_unpack_and_read(www, monkeypatch, tmp_path, umask, name):
     split, classnames = serve(www, monkeypatch, tmp_path, name)
     root = tmp_path / "data"
-    assert not data.status(name, root)[0]
+    assert not datasets.status(name, root)[0]
     with pytest.warns(UserWarning, match="generating it as CoOp does") if name in ("food101", "sun397") else \
             contextlib.nullcontext():
         ds = data.build_dataset(name, root, shots=1, seed=1)
     folder = root / data.DATASETS[name].folder
     assert {p.name for p in folder.iterdir()} - {"split_fewshot"} == LAYOUTS[name]  # no archive, temp or .part
-    assert data.status(name, root)[0]
+    assert datasets.status(name, root)[0]
     if split:
         assert json.loads((folder / data.DATASETS[name].split_file).read_text()) == {
             k: [list(e) for e in v] for k, v in split.items()}
@@ -307,7 +307,7 @@ def test_public_datasets_download_verify_unpack_and_read(www, monkeypatch, tmp_p
 def test_without_download_the_error_names_the_archive_size_and_url(www, monkeypatch, tmp_path):
     serve(www, monkeypatch, tmp_path, "dtd")
     with pytest.raises(data.DataError, match=r"dtd/images does not exist and download=False \(--no-download\); "
-                                             r"dtd-r1\.0\.1\.tar\.gz \(0 MiB\) from http://127\.0\.0\.1"):
+                                             r"dtd-r1\.0\.1\.tar\.gz \(0\.0 MiB\) from http://127\.0\.0\.1"):
         data.build_dataset("dtd", tmp_path / "data", download=False)
     assert www["requests"] == [] and not (tmp_path / "data").exists()
 
@@ -551,19 +551,19 @@ def test_shipped_classnames_file_is_what_splits_holds():
 
 def test_a_full_disk_while_unpacking_keeps_the_verified_archive_for_the_rerun(www, monkeypatch, tmp_path):
     serve(www, monkeypatch, tmp_path, "dtd")
-    real_extract = data._extract
+    real_extract = archives.extract
 
-    def no_room(path, dest):
-        real_extract(path, dest)
+    def no_room(path, dest, limit):
+        real_extract(path, dest, limit)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(data, "_extract", no_room)
+    monkeypatch.setattr(archives, "extract", no_room)
     root = tmp_path / "data"
     with pytest.raises(data.DataError, match=r"could not unpack .*dtd-r1\.0\.1\.tar\.gz into .*No space left on "
                                              r"device; the verified archive is kept for a rerun") as e:
         data.build_dataset("dtd", root)
     one_line(e)
     assert sorted(p.name for p in (root / "dtd").iterdir()) == ["dtd-r1.0.1.tar.gz"]  # no half-unpacked images/
-    monkeypatch.setattr(data, "_extract", real_extract)
+    monkeypatch.setattr(archives, "extract", real_extract)
     assert len(data.build_dataset("dtd", root, shots=1).test) == 2
     assert len(www["requests"]) == 1  # the archive was verified again, not fetched again

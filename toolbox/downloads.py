@@ -11,7 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from toolbox.files import fsync_dir, make_dirs, remove_empty_dirs, checksum_ok
+from toolbox.files import checksum_ok, format_duration, format_size, fsync_dir, make_dirs, remove_empty_dirs
 
 
 
@@ -90,7 +90,8 @@ def _transfer(url, part, what, size, chunk, path):
         length = int(response.headers.get("Content-Length") or 0)
         total = offset + length if length else size or 0
         verb = f"resuming at {offset / 2**20:.1f} MiB" if offset else "downloading"
-        print(f"{verb} {what} ({_mib(total) if total else 'size unknown'}) from {url} to {path}", file=sys.stderr)
+        print(f"{verb} {what} ({format_size(total) if total else 'size unknown'}) from {url} to {path}",
+              file=sys.stderr)
         fd = os.open(part, os.O_WRONLY | os.O_CREAT | (os.O_APPEND if offset else os.O_TRUNC), 0o666)
         with os.fdopen(fd, "ab" if offset else "wb") as out:
             done, start, last = offset, time.monotonic(), 0.0
@@ -142,17 +143,13 @@ def _download_failure(error, part):
     return str(error)
 
 
-def _mib(n):
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.1f} MiB"
-
-
 def _progress(what, done, total, seconds, start=0):
     """One `\r` line on stderr: share done, rate and time left (over the bytes of this call)."""
     rate = (done - start) / max(seconds, 1e-9)
     if total:
         left = (total - done) / rate if rate > 0 else float("inf")
-        eta = f", ETA {int(left // 3600)}:{int(left % 3600 // 60):02d}:{int(left % 60):02d}" if left < 1e7 else ""
-        share = f"{100 * done / total:5.1f}% of {_mib(total)}"
+        eta = f", ETA {format_duration(left)}" if left < 1e7 else ""
+        share = f"{100 * done / total:5.1f}% of {format_size(total)}"
     else:
-        share, eta = _mib(done), ""
+        share, eta = format_size(done), ""
     print(f"\r{what}: {share}, {rate / 2**20:.1f} MiB/s{eta}", end="", file=sys.stderr, flush=True)
