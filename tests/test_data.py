@@ -635,6 +635,38 @@ def test_every_test_image_is_checked_before_training(tmp_path, monkeypatch, faul
     assert msg.split(str(bad) + " ")[1].startswith(expected)
 
 
+def strip(path, size):
+    """A PNG of `size` pixels: a few hundred bytes on disk, tiny to decode."""
+    path.unlink(missing_ok=True)
+    Image.new("L", size).save(path, "PNG")
+
+
+@pytest.mark.parametrize("split,size", [("test", (1, 100_000)), ("train", (100_000, 10))])
+def test_an_image_too_elongated_for_the_transforms_is_refused_by_the_check(tmp_path, split, size):
+    # decoding it is cheap, but CLIP's resize (short side to 224) would make 1 x 100,000 pixels 15 GB
+    make_split_dataset(tmp_path, "dtd", counts=(2, 2, 2))
+    bad = tmp_path / "dtd" / "images" / "c1" / f"{split}_1.jpg"
+    strip(bad, size)
+    assert bad.stat().st_size < 4000
+    with pytest.raises(data.DataError) as e:
+        data.build_dataset("dtd", tmp_path, shots=2)  # shots: the train images are decoded in full too
+    what = "test" if split == "test" else "train/val"
+    assert str(e.value) == (f"1 of {6 if split == 'test' else 12} {what} images of dtd are missing or unreadable: "
+                            f"{bad} is {size[0]}x{size[1]} pixels, longer than 100:1: too elongated for CLIP's resize "
+                            "(short side to n_px), whose memory grows with the ratio")
+    with pytest.raises(data.DataError, match=rf"image {bad} is {size[0]}x{size[1]} pixels, longer than 100:1"):
+        data.load_image(bad)  # every loader, train and eval, reads through load_image
+
+
+def test_clip_resize_refuses_what_it_cannot_do_in_bounded_memory():
+    clip_min = pytest.importorskip("clip_min")
+    with pytest.raises(ValueError, match=r"resize: a 1x100000 image is longer than 100:1"):
+        clip_min.preprocess(Image.new("RGB", (1, 100_000)))
+    assert clip_min.MAX_ASPECT_RATIO == 100
+    assert clip_min.resize(Image.new("RGB", (100, 1)), 16).size == (1600, 16)  # 100:1 itself is fine
+    assert clip_min.preprocess(Image.new("RGB", (100, 1)), 16).shape == (3, 16, 16)
+
+
 def test_a_jpeg_with_bytes_after_its_end_marker_passes(tmp_path):
     make_split_dataset(tmp_path, "dtd", counts=(2, 1, 2))
     path = tmp_path / "dtd" / "images" / "c0" / "test_0.jpg"
