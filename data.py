@@ -224,8 +224,8 @@ def fewshot_subset(folder, train, val, shots, seed, sample_val=True):
         if not isinstance(raw, dict) or "train" not in raw:
             raise DataError(f"few-shot cache {path} should be a JSON object with a 'train' list; delete it")
         cached = tuple(_to_items(raw.get(key, []), folder, path, key) for key in SPLITS[:2])
-        _check_cache(path, "train", cached[0], train, shots)
-        _check_cache(path, "val", cached[1], val, val_shots)
+        for key, items, pool, k in zip(SPLITS, cached, (train, val), (shots, val_shots)):
+            _check_cache(path, key, items, pool, k)
         return cached
     rng = random.Random(seed)  # the same stream as Dassl's random.seed(seed): train drawn first, then val
     train = generate_fewshot_dataset(train, shots, rng, "train")
@@ -292,10 +292,11 @@ def _check_cache(path, key, items, pool, shots):
             raise DataError(f"few-shot cache {path} has {have[label]} {key} images of class {names[label]!r} "
                             f"(label {label}), {why} the {want} that {shots} shots take; delete it")
 
+
 # ---------------------------------------------------------------------------------------------- CoOp's layouts
 
 def read_dataset(spec, root):
-    """(train, val, test, classnames) of a prepared dataset folder (see `prepare`) under `root`."""
+    """(train, val, test, classnames) of a prepared dataset folder (toolbox.datasets.prepare) under `root`."""
     folder = root / spec.folder
     image_dir = folder / spec.image_dir
     if spec.kind == "split":
@@ -422,7 +423,7 @@ def read_aircraft(folder, image_dir):
             items.append(Item(str(image_dir / f"{image_id}.jpg"), label_of[variant], variant))
         return items
 
-    train, val, test = read("train"), read("val"), read("test")
+    train, val, test = map(read, SPLITS)  # FGVC's files use CoOp's split names
     lacking = sorted({it.label for it in test} - {it.label for it in train})
     if lacking:
         raise DataError(f"{folder / 'images_variant_test.txt'}: variant {classnames[lacking[0]]!r} has no "
