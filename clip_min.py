@@ -612,10 +612,20 @@ MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP's per-channel RGB mean and st
 STD = (0.26862954, 0.26130258, 0.27577711)
 
 
+# An r:1 image resized to a short side of n_px holds n_px^2 * r pixels: 1 x 100,000 pixels (a 476-byte PNG) would
+# take 15 GB at 224 px. Such an image is refused rather than resized in bounded memory: the center crop would keep
+# a sliver of it, so no prediction on it means anything, and a crop-first resize would no longer be OpenAI's
+# pipeline. 100:1 keeps the resized image under 34 MB at 336 px; photos, panoramas included, stay far below.
+MAX_ASPECT_RATIO = 100
+
+
 def resize(image, size=224):
     """Shortest side to `size` with PIL bicubic; the long side truncated to an int, as torchvision's Resize(int)."""
     w, h = image.size
     short, long = min(w, h), max(w, h)
+    if not short or long > MAX_ASPECT_RATIO * short:
+        raise ValueError(f"resize: a {w}x{h} image is longer than {MAX_ASPECT_RATIO}:1, which CLIP's preprocessing "
+                         "cannot resize in bounded memory")
     new_long = int(size * long / short)
     new = (size, new_long) if w <= h else (new_long, size)
     return image if new == (w, h) else image.resize(new, Image.BICUBIC)

@@ -23,9 +23,7 @@ and test; seven of them ship in `splits/`, two are generated as CoOp generated t
     imagenet_r       imagenet-rendition/imagenet-r/<wnid>/                sorted folders (200)                 download
 
 * generated as CoOp generates it (CoOp's own file, on Google Drive, is not shipped); the other split files and
-ImageNet's classnames.txt (CLIP's class names) ship in splits/. "download" datasets are fetched, checksum-verified and
-laid out on first use (`prepare`); the others raise a DataError naming the exact folder, files and source, and
-`python data.py --check all` reports what is where.
+ImageNet's classnames.txt (CLIP's class names) ship in splits/.
 
 The protocol, as CoOp runs it (`build_dataset(name, root, shots, seed, subsample)`):
 - **Few-shot sampling** is Dassl's `generate_fewshot_dataset`: Python's `random` seeded with the run's seed, the
@@ -37,33 +35,23 @@ The protocol, as CoOp runs it (`build_dataset(name, root, shots, seed, subsample
 - **Checked before the model loads**: the split, the labels, the cache and every image that will be read; a fault
   is one `DataError` line naming the file and what was expected.
 
-`train_batches` and `eval_batches` then turn item lists into tensor batches through one DataLoader each, with every
+`train_batches` and `eval_batches` turn item lists into tensor batches through one DataLoader each, with every
 image's augmentation seeded from (seed, epoch, position): a resumed run, or any number of workers, sees the same
-batches. The end of the file is plumbing: the sources (`ARCHIVES`: each public archive's URL, checksum and
-layout; `SHIPPED`: the files in splits/ and their SHA-256), image files, downloads, archives and the command line
-(`python data.py --check all`, `python data.py --download dtd`).
+batches. The file ends with the sources: `ARCHIVES` (each public archive's URL, checksum and layout) and `SHIPPED`
+(the files in splits/ and their SHA-256). The machinery that makes a dataset folder from them (download, verify,
+unpack; `python data.py --check all`, `python data.py --download dtd`) is toolbox/datasets.py; the image file
+checks are toolbox/images.py.
 """
 
-import argparse
-import gzip
 import hashlib
 import json
 import math
 import os
 import random
 import re
-import shutil
-import stat
 import sys
-import tarfile
-import tempfile
-import time
-import urllib.parse
 import warnings
-import zipfile
-import zlib
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
@@ -72,7 +60,7 @@ import torch
 from PIL import Image
 
 import clip_min
-from toolbox import downloads, files
+from toolbox import datasets, files, images
 
 COOP_GUIDE = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # CoOp's files shipped with this repository
@@ -151,7 +139,7 @@ DATASETS = {
         "ImageNet-R (Hendrycks et al.), public"),
 }
 TEST_ONLY = ("imagenet_v2", "imagenet_folders")  # kinds with no train/val: evaluated with ImageNet's classifier
-
+SPLITS = ("train", "val", "test")  # CoOp's split names, in a split file's order
 
 
 class Item(NamedTuple):
@@ -189,7 +177,7 @@ def build_dataset(name, root, shots=16, seed=1, subsample="all", download=True):
     if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
         raise DataError(f"shots should be a non-negative integer, got {shots!r}")
     spec, root = DATASETS[name], check_root(root)
-    prepare(name, root, download)
+    datasets.prepare(name, root, download)  # download what is public and missing (toolbox/datasets.py)
     train, val, test, classnames = read_dataset(spec, root)
     if shots and spec.kind not in TEST_ONLY:
         train, val = fewshot_subset(root / spec.folder, train, val, shots, seed, sample_val=spec.kind != "imagenet")
@@ -235,16 +223,18 @@ def fewshot_subset(folder, train, val, shots, seed, sample_val=True):
         raw = _read_json(path, "few-shot cache")
         if not isinstance(raw, dict) or "train" not in raw:
             raise DataError(f"few-shot cache {path} should be a JSON object with a 'train' list; delete it")
-        cached = tuple(_to_items(raw.get(key, []), folder, path, key) for key in ("train", "val"))
-        _check_cache(path, "train", cached[0], train, shots)
-        _check_cache(path, "val", cached[1], val, val_shots)
+        cached = tuple(_to_items(raw.get(key, []), folder, path, key) for key in SPLITS[:2])
+        for key, items, pool, k in zip(SPLITS, cached, (train, val), (shots, val_shots)):
+            _check_cache(path, key, items, pool, k)
         return cached
     rng = random.Random(seed)  # the same stream as Dassl's random.seed(seed): train drawn first, then val
     train = generate_fewshot_dataset(train, shots, rng, "train")
     val = generate_fewshot_dataset(val, val_shots, rng, "val") if sample_val else []
+    created = files.make_dirs(path.parent)
     try:
-        _write_json(path, {"train": _from_items(train, folder), "val": _from_items(val, folder)})
+        files.write_json(path, dict(zip(SPLITS, (_from_items(train, folder), _from_items(val, folder)))), indent=None)
     except OSError as e:  # a read-only (or full) data folder still works, it just resamples next time
+        files.remove_empty_dirs(created)
         warnings.warn(f"could not cache the few-shot subset at {path}: {e}")
     return train, val
 
@@ -306,7 +296,7 @@ def _check_cache(path, key, items, pool, shots):
 # ---------------------------------------------------------------------------------------------- CoOp's layouts
 
 def read_dataset(spec, root):
-    """(train, val, test, classnames) of a prepared dataset folder (see `prepare`) under `root`."""
+    """(train, val, test, classnames) of a prepared dataset folder (toolbox.datasets.prepare) under `root`."""
     folder = root / spec.folder
     image_dir = folder / spec.image_dir
     if spec.kind == "split":
@@ -321,7 +311,7 @@ def read_dataset(spec, root):
         if test_names != classnames:  # labels index the sorted folders, so both must hold the same classes
             raise DataError(f"{image_dir / 'val'} and {image_dir / 'train'} should hold the same class folders")
         return train, [], test, classnames
-    names = read_imagenet_classnames(_variant_classnames(spec, root))
+    names = read_imagenet_classnames(variant_classnames(spec, root))
     read = read_imagenet_v2 if spec.kind == "imagenet_v2" else read_class_folders
     test, classnames = read(image_dir, names)
     return [], [], test, classnames
@@ -330,9 +320,9 @@ def read_dataset(spec, root):
 def read_split(path, image_dir):
     """CoOp's split_zhou_*.json: {"train","val","test"} lists of [path relative to image_dir, label, name]."""
     raw = _read_json(path, "split file")
-    if not isinstance(raw, dict) or not all(k in raw for k in ("train", "val", "test")):
+    if not isinstance(raw, dict) or not all(k in raw for k in SPLITS):
         raise DataError(f"split file {path} should be a JSON object with 'train', 'val' and 'test' lists")
-    train, val, test = (_to_items(raw[k], image_dir, path, k) for k in ("train", "val", "test"))
+    train, val, test = (_to_items(raw[k], image_dir, path, k) for k in SPLITS)
     seen = Counter(it.impath for it in train + val + test)
     twice = next((p for p, n in seen.items() if n > 1), None)
     if twice:
@@ -433,7 +423,7 @@ def read_aircraft(folder, image_dir):
             items.append(Item(str(image_dir / f"{image_id}.jpg"), label_of[variant], variant))
         return items
 
-    train, val, test = read("train"), read("val"), read("test")
+    train, val, test = map(read, SPLITS)  # FGVC's files use CoOp's split names
     lacking = sorted({it.label for it in test} - {it.label for it in train})
     if lacking:
         raise DataError(f"{folder / 'images_variant_test.txt'}: variant {classnames[lacking[0]]!r} has no "
@@ -481,7 +471,7 @@ def read_imagenet_v2(image_dir, names):
     return items, classnames
 
 
-def _variant_classnames(spec, root):
+def variant_classnames(spec, root):
     """An ImageNet variant reads classnames.txt in its own folder, as CoOp does, else ImageNet's."""
     own = root / spec.folder / "classnames.txt"
     imagenet = root / "imagenet" / "classnames.txt"
@@ -521,11 +511,56 @@ def _lines(path):
         raise DataError(f"{path} cannot be read: {e}") from None
 
 
+# ---------------------------------------------------------------------------------------------- split files
+
+def _read_json(path, what):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise DataError(f"{what} {path} does not exist") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, a 5,000-digit number, deep nesting
+        raise DataError(f"{what} {path} is not valid JSON: {str(e).splitlines()[0][:200]}") from None
+    except OSError as e:
+        raise DataError(f"{what} {path} cannot be read: {e}") from None
+
+
+def _to_items(entries, prefix, path, key):
+    """[[relative path, label, classname], ...] of split/cache file `path` -> Items under `prefix`."""
+    if not isinstance(entries, list):
+        raise DataError(f"{path}: '{key}' should be a list of [image path, label, class name]")
+    items, prefix = [], str(prefix)
+    for e in entries:
+        if not (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and type(e[1]) is int
+                and isinstance(e[2], str)):
+            raise DataError(f"{path}: '{key}' entry {e!r} is not [image path, label, class name]")
+        items.append(Item(os.path.join(prefix, _relative(e[0], path, key)), e[1], e[2]))
+    return items
+
+
+def _relative(name, path, key):
+    """A split entry's image path as the cache writes it ("./a\\b.jpg" -> "a/b.jpg"); absolute paths and ".."
+    are refused: a split file names images inside its dataset, nothing else."""
+    if "\0" in name:
+        raise DataError(f"{path}: '{key}' image path {name[:80]!r} holds a NUL character")
+    if "\\" not in name and ":" not in name and not {"", ".", ".."} & set(name.split("/")):
+        return name  # already in the cache's form (the common case, and 10x faster than PurePosixPath)
+    parts = PurePosixPath(name.replace("\\", "/")).parts
+    if not parts or name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts:
+        raise DataError(f"{path}: '{key}' image path {name!r} should be relative to the dataset, without '..'")
+    return PurePosixPath(*parts).as_posix()
+
+
+def _from_items(items, prefix):
+    return [[os.path.relpath(it.impath, prefix).replace(os.sep, "/"), it.label, it.classname] for it in items]
+
+
+def save_split(splits, path, image_dir):
+    """(train, val, test) item lists as CoOp's split file `path`, image paths relative to `image_dir`."""
+    files.write_json(path, {k: _from_items(v, image_dir) for k, v in zip(SPLITS, splits)}, indent=None)
+
+
 # ---------------------------------------------------------------------------------------------- checks
-
-_PROGRESS_MIN = 1000  # checks of this many images or more say so on stderr
-_TAIL = 4096  # bytes read from the end of an image to find its end marker
-
 
 def check_root(path):
     """The data root as a Path (it need not exist yet); DataError if it is empty, a file or a symlink loop."""
@@ -549,85 +584,23 @@ def check_root(path):
 
 def check_images(items, name, split, decode=False):
     """DataError listing the first bad paths if an image that will be read is missing, not a regular file, not an
-    image, a possible decompression bomb or cut short; with `decode`, every pixel is decoded too.
-
-    Without `decode` the check reads each file's header and its last 4 KiB (an intact JPEG or PNG ends with its
-    end marker, which truncation cuts off): 0.15-0.3 ms per image, in one thread (threads only add contention
-    here), whatever the image size; decoding costs more, and far more for a photo than for a 64x64 tile. A file
-    without the marker (trailing bytes are legal) is decoded in full to be sure.
-    """
+    image, a possible decompression bomb, too elongated for the transforms or cut short (toolbox/images.py); with
+    `decode`, every pixel is decoded too."""
     paths = list(dict.fromkeys(it.impath for it in items))
-    loud = len(paths) >= _PROGRESS_MIN
-    if loud:
-        print(f"checking {len(paths):,} {split} images of {name}", end="", file=sys.stderr, flush=True)
-    start = time.monotonic()
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)  # a warning is not enough: refuse
-        problems = [_image_problem(p) for p in paths]
-    if decode and not any(problems):
-        with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL releases the GIL while decoding
-            problems = list(pool.map(_decode_problem, paths))
-    if loud:
-        print(f" ({time.monotonic() - start:.1f} s)", file=sys.stderr)
-    bad = [(p, msg) for p, msg in zip(paths, problems) if msg]
+    bad = images.find_problems(paths, f"{split} images of {name}", decode)
     if bad:
         listing = "; ".join(f"{p} {msg}" for p, msg in bad[:5])
         raise DataError(f"{len(bad)} of {len(paths):,} {split} images of {name} are missing or unreadable: "
                         f"{listing}{'; ...' if len(bad) > 5 else ''}")
 
 
-def _image_problem(path):
-    """Why `path` cannot be read as an image (None if it can), from its type, header and last bytes."""
-    problem, st = _file_problem(path)
-    if problem:
-        return problem
+def load_image(path):
+    """Decode `path` fully into an RGB PIL image; a missing, non-regular, unusable or truncated file raises
+    DataError (every loader reads through here, so no transform sees an image the checks would refuse)."""
     try:
-        with open(path, "rb") as f:
-            with Image.open(f) as im:
-                problem = _pixels_problem(im)
-                image_format = im.format
-            f.seek(max(0, st.st_size - _TAIL))
-            tail = f.read()
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        return f"is a possible decompression bomb ({e})"
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for files it cannot identify
-        return f"is not a readable image ({e})"
-    if problem:
-        return problem
-    marker = {"JPEG": b"\xff\xd9", "MPO": b"\xff\xd9", "PNG": b"IEND"}.get(image_format)
-    return None if marker and marker in tail else _decode_problem(path)
-
-
-def _decode_problem(path):
-    try:
-        load_image(path)
-    except DataError as e:
-        return str(e).removeprefix(f"image {path} ")
-    return None
-
-
-def _file_problem(path):
-    """(why `path` is not a non-empty regular file or None, its stat); checked before opening: a FIFO would hang."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return "does not exist", None
-    except OSError as e:
-        return f"cannot be read ({e.strerror})", None
-    if not stat.S_ISREG(st.st_mode):
-        kind = "a folder" if stat.S_ISDIR(st.st_mode) else "a FIFO" if stat.S_ISFIFO(st.st_mode) else "a device"
-        return f"is {kind}, not a regular file", st
-    if st.st_size == 0:
-        return "is empty", st
-    return None, st
-
-
-def _pixels_problem(im):
-    """PIL warns above Image.MAX_IMAGE_PIXELS; the count is checked here too, whatever the warning filters say."""
-    limit = Image.MAX_IMAGE_PIXELS
-    if limit and im.width * im.height > limit:
-        return f"is a possible decompression bomb ({im.width}x{im.height} pixels, more than {limit})"
-    return None
+        return images.open_rgb(path)
+    except images.BadImage as e:
+        raise DataError(f"image {path} {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------- transforms
@@ -875,396 +848,11 @@ SHIPPED = {
 }
 
 
-# ---------------------------------------------------------------------------------------------- files
-
-def load_image(path):
-    """Decode `path` fully into an RGB PIL image; a missing, non-regular or truncated file raises DataError."""
-    problem, _ = _file_problem(path)
-    if problem:
-        raise DataError(f"image {path} {problem}")
-    try:
-        with Image.open(path) as im:
-            problem = _pixels_problem(im)
-            if not problem:
-                return im.convert("RGB")  # convert decodes every pixel, so truncation surfaces here, not mid-epoch
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        problem = f"is a possible decompression bomb ({e})"
-    except (OSError, SyntaxError, ValueError) as e:  # PIL's errors for unreadable or truncated files
-        problem = f"cannot be decoded ({e})"
-    raise DataError(f"image {path} {problem}")
-
-
-def _write_json(path, obj):
-    """Write JSON to a temporary file beside `path`, then rename: a crash never leaves half a file."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    files.write_atomic(path, lambda tmp: tmp.write_text(json.dumps(obj)))
-
-
-def _read_json(path, what):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{what} {path} does not exist") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, a 5,000-digit number, deep nesting
-        raise DataError(f"{what} {path} is not valid JSON: {str(e).splitlines()[0][:200]}") from None
-    except OSError as e:
-        raise DataError(f"{what} {path} cannot be read: {e}") from None
-
-
-def _to_items(entries, prefix, path, key):
-    """[[relative path, label, classname], ...] of split/cache file `path` -> Items under `prefix`."""
-    if not isinstance(entries, list):
-        raise DataError(f"{path}: '{key}' should be a list of [image path, label, class name]")
-    items, prefix = [], str(prefix)
-    for e in entries:
-        if not (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and type(e[1]) is int
-                and isinstance(e[2], str)):
-            raise DataError(f"{path}: '{key}' entry {e!r} is not [image path, label, class name]")
-        items.append(Item(os.path.join(prefix, _relative(e[0], path, key)), e[1], e[2]))
-    return items
-
-
-def _relative(name, path, key):
-    """A split entry's image path as the cache writes it ("./a\\b.jpg" -> "a/b.jpg"); absolute paths and ".."
-    are refused: a split file names images inside its dataset, nothing else."""
-    if "\0" in name:
-        raise DataError(f"{path}: '{key}' image path {name[:80]!r} holds a NUL character")
-    if "\\" not in name and ":" not in name and not {"", ".", ".."} & set(name.split("/")):
-        return name  # already in the cache's form (the common case, and 10x faster than PurePosixPath)
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    if not parts or name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts:
-        raise DataError(f"{path}: '{key}' image path {name!r} should be relative to the dataset, without '..'")
-    return PurePosixPath(*parts).as_posix()
-
-
-def _from_items(items, prefix):
-    return [[os.path.relpath(it.impath, prefix).replace(os.sep, "/"), it.label, it.classname] for it in items]
-
-
-def _save_split(train, val, test, path, image_dir):
-    _write_json(path, {k: _from_items(v, image_dir) for k, v in (("train", train), ("val", val), ("test", test))})
-
-
-def _copy_shipped(name, dst):
-    """Copy CoOp's file `name` from splits/ to `dst`, byte for byte, after checking its SHA-256."""
-    file, sha256 = SHIPPED[name]
-    src = SPLITS_DIR / file
-    try:
-        data = gzip.decompress(src.read_bytes()) if file.endswith(".gz") else src.read_bytes()
-    except (OSError, EOFError) as e:
-        raise DataError(f"{src} cannot be read ({e}); restore it from the repository") from None
-    if hashlib.sha256(data).hexdigest() != sha256:
-        raise DataError(f"{src} does not hold CoOp's {name} (sha256 {sha256}); restore it from the repository")
-    try:
-        files.write_atomic(dst, lambda tmp: tmp.write_bytes(data))
-    except OSError as e:
-        raise DataError(f"could not copy CoOp's {name} to {dst}: {e}") from None
-
-
-# ---------------------------------------------------------------------------------------------- dataset folders
-
-class _Need(NamedTuple):
-    path: Path  # a file or folder a reader needs
-    how: str  # "download" (from `archive`), "shipped" (copied from splits/), "generated" or "manual"
-    archive: Archive = None
-
-
-def _requirements(name, root):
-    """What dataset `name` needs under `root` to be read, and how each part is obtained if missing."""
-    spec, root = DATASETS[name], Path(root)
-    folder = root / spec.folder
-    images = next((a for a in ARCHIVES.get(name, ()) if a.needed == "images"), None)
-    how = "download" if images else "manual"
-    if spec.kind == "imagenet":
-        needs = [_Need(folder / spec.image_dir / "train", how), _Need(folder / spec.image_dir / "val", how)]
-    else:
-        needs = [_Need(folder / spec.image_dir, how, images)]
-    if spec.kind == "aircraft":
-        needs += [_Need(folder / f, how, images) for f in ("variants.txt", "images_variant_train.txt",
-                                                          "images_variant_val.txt", "images_variant_test.txt")]
-    if spec.kind in ("imagenet",) + TEST_ONLY:
-        needs.append(_Need(_variant_classnames(spec, root) if spec.kind in TEST_ONLY else folder / "classnames.txt",
-                          "shipped"))
-    if spec.kind == "split":
-        split = folder / spec.split_file
-        if spec.split_file in SHIPPED or split.is_file():
-            needs.append(_Need(split, "shipped"))
-        elif not spec.generate:
-            needs.append(_Need(split, "manual"))
-        else:
-            needs.append(_Need(split, "generated"))
-            if spec.generate == "sun397":
-                partitions = next(a for a in ARCHIVES[name] if a.needed == "split")
-                needs += [_Need(folder / f, "download", partitions)
-                          for f in ("ClassName.txt", "Training_01.txt", "Testing_01.txt")]
-    return needs
-
-
-def prepare(name, root, download=True):
-    """Make `<root>/<folder>` hold dataset `name` in CoOp's layout: download and unpack what is public and
-    missing, copy CoOp's files shipped in splits/, generate a split where CoOp would; DataError naming the exact
-    folder, files and source for what must be fetched by hand (or with download=False)."""
-    spec, root = DATASETS[name], Path(root)
-    folder = root / spec.folder
-    missing = [n for n in _requirements(name, root) if not n.path.exists()]
-    manual = [n for n in missing if n.how == "manual"]
-    if manual:
-        raise DataError(f"{manual[0].path} does not exist: {_expected(spec)}")
-    archives = list(dict.fromkeys(n.archive for n in missing if n.how == "download"))
-    if archives and not download:
-        a = archives[0]
-        raise DataError(f"{next(n.path for n in missing if n.archive == a)} does not exist and download=False "
-                        f"(--no-download); {_archive_name(a)} ({_size(a.size)}) from {a.url} provides it")
-    for a in archives:
-        _fetch(name, folder, a)
-    for n in missing:
-        if n.how == "shipped":
-            _copy_shipped(n.path.name, n.path)
-        elif n.how == "generated":
-            _generate_split(spec, folder, n.path)
-
-
-def _generate_split(spec, folder, path):
-    warnings.warn(f"{path} is missing and CoOp's is not shipped: generating it as CoOp does (seed {SPLIT_SEED}); "
-                  "numbers are comparable with published ones only on CoOp's official split")
-    image_dir = folder / spec.image_dir
-    if spec.generate == "sun397":
-        splits = generate_sun397_split(folder, image_dir, SPLIT_SEED)
-    else:
-        splits = generate_split(image_dir, SPLIT_SEED)
-    try:
-        _save_split(*splits, path, image_dir)
-    except OSError as e:
-        raise DataError(f"could not write the generated split {path}: {e}") from None
-
-
-def _expected(spec):
-    parts = ("train/<wnid>", "val/<wnid>") if spec.kind == "imagenet" else spec.parts or ("",)
-    files = [str(PurePosixPath(spec.folder, spec.image_dir, part)) + "/" for part in parts]
-    if spec.kind == "split" and spec.split_file not in SHIPPED and not spec.generate:
-        files.append(f"{spec.folder}/{spec.split_file}")
-    return f"expected {' and '.join(files)} ({spec.source}; see {COOP_GUIDE})"
-
-
-def _fetch(name, folder, archive):
-    """Download `archive` into `folder`, verify it, unpack it beside the target and rename its parts into place;
-    a failure is one DataError line saying how to do it offline, and leaves no folder this call created."""
-    created = files.make_dirs(folder)
-    path = folder / _archive_name(archive)
-    algorithm, _, digest = archive.checksum.partition(":")
-    try:
-        _check_space(folder, archive, path)
-        downloads.download(archive.url, path, what=f"{name} {path.name}", size=archive.size, **{algorithm: digest})
-    except (RuntimeError, OSError) as e:
-        files.remove_empty_dirs(created)
-        raise DataError(f"{e}; offline: {_offline(folder, archive)}") from None
-    try:
-        _unpack(path, folder, archive, folder / DATASETS[name].image_dir)
-    except DataError as e:  # refused or unreadable: the archive is of no use
-        path.unlink(missing_ok=True)
-        files.remove_empty_dirs(created)
-        raise DataError(f"{e}; offline: {_offline(folder, archive)}") from None
-    except OSError as e:  # a full disk, say: the verified archive stays, so that a rerun need not download it
-        raise DataError(f"could not unpack {path} into {folder}: {e}; the verified archive is kept for a rerun") \
-            from None
-    path.unlink()
-
-
-def _unpack(path, folder, archive, image_dir):
-    """Extract `path` into a temporary folder beside the dataset, then rename each part into place, the image
-    folder last: whatever exists under its final name is complete."""
-    tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{path.name}.unpack-"))
-    try:
-        _extract(path, tmp)
-        if archive.nested:
-            inner = tmp / archive.nested
-            if not inner.is_file():
-                raise DataError(f"{path} has no {archive.nested}")
-            _extract(inner, tmp)
-            inner.unlink()
-        moves = _resolve_moves(tmp, folder, archive.moves, path, image_dir)
-        for src, dst in moves:
-            if not dst.exists():  # an annotation file kept from an earlier try stays as it is
-                dst.parent.mkdir(parents=True, exist_ok=True)
-                os.replace(src, dst)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _resolve_moves(tmp, folder, moves, path, image_dir):
-    """[(source, destination)] for the archive's moves, all found before anything moves; the image folder last."""
-    pairs = []
-    for pattern, dst in moves:
-        if pattern.endswith("/*"):
-            parent = tmp / pattern[:-2]
-            if not parent.is_dir():
-                raise DataError(f"{path} has no {pattern[:-2]}/ folder")
-            pairs += [(src, folder / dst / src.name) for src in sorted(parent.iterdir())]
-        else:
-            found = sorted(tmp.glob(pattern))
-            if len(found) != 1:
-                raise DataError(f"{path} should hold one {pattern}, found {len(found)}")
-            pairs.append((found[0], folder / dst))
-    return sorted(pairs, key=lambda pair: pair[1] == image_dir)
-
-
-def _check_space(folder, archive, path):
-    """Refuse before downloading when the disk cannot hold the rest of the archive plus its unpacked copy."""
-    part = path.with_name(path.name + ".part")
-    have = path.stat().st_size if path.is_file() else part.stat().st_size if part.is_file() else 0
-    need = max(0, archive.size - have) + archive.size
-    free = shutil.disk_usage(folder).free
-    if free < need:
-        raise DataError(f"{folder} has {_size(free)} free; downloading and unpacking {path.name} needs about "
-                        f"{_size(need)}")
-
-
-def _archive_name(archive):
-    return PurePosixPath(urllib.parse.urlparse(archive.url).path).name
-
-
-def _offline(folder, archive):
-    """How to do by hand what _fetch does: "put the 2750/ folder of EuroSAT.zip in <root>/eurosat/ (from URL)"."""
-    parts = []
-    for src, _ in archive.moves:
-        name = src.removeprefix("**/")
-        parts.append(f"contents of the {name[:-2]}/ folder" if name.endswith("/*") else
-                     name if "." in name else f"{name}/ folder")
-    inside = _archive_name(archive)
-    if archive.nested:
-        inside = f"{PurePosixPath(archive.nested).name} (inside {inside})"
-    return f"put the {', '.join(parts)} of {inside} in {folder}/ (from {archive.url})"
-
-
-def _size(n):
-    return f"{n / 2**30:.1f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
-
-
-# ---------------------------------------------------------------------------------------------- archives
-
-def _extract(path, dest):
-    """Unpack a zip or tar (any compression) into `dest`, refusing absolute paths, '..', links and devices."""
-    if path.name.endswith(".zip"):
-        _extract_zip(path, dest)
-    else:
-        _extract_tar(path, dest)
-
-
-def _unsafe_name(name):
-    """Why an archive member name could write outside the folder it is unpacked in, or None."""
-    if name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name):
-        return "an absolute path"
-    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
-        return "'..' in its path"
-    return None
-
-
-def _extract_tar(path, dest):
-    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}  # Python's own checks, where it has them
-    try:
-        with tarfile.open(path, "r|*") as tar:  # one streaming pass: each member is checked, then written
-            for member in tar:
-                reason = _unsafe_name(member.name)
-                if not reason and not (member.isfile() or member.isdir()):
-                    reason = "a link" if member.issym() or member.islnk() else "a device or special file"
-                if reason:
-                    raise DataError(f"{path}: refusing unsafe member {member.name!r} ({reason})")
-                tar.extract(member, dest, set_attrs=False, **safe)  # modes from the umask, as zip gets them
-    except (tarfile.TarError, EOFError, zlib.error) as e:
-        raise DataError(f"{path} is not a readable tar archive ({e}); delete it and retry") from None
-
-
-def _extract_zip(path, dest):
-    try:
-        with zipfile.ZipFile(path) as archive:
-            for info in archive.infolist():  # a zip lists its members up front: all are checked before any is written
-                mode = info.external_attr >> 16
-                reason = _unsafe_name(info.filename)
-                if not reason and stat.S_ISLNK(mode):
-                    reason = "a link"
-                elif not reason and stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                    reason = "a device or special file"
-                if reason:
-                    raise DataError(f"{path}: refusing unsafe member {info.filename!r} ({reason})")
-            archive.extractall(dest)
-    except (zipfile.BadZipFile, EOFError) as e:
-        raise DataError(f"{path} is not a readable zip file ({e}); delete it and retry") from None
-
-
 # ---------------------------------------------------------------------------------------------- command line
 
-def status(name, root):
-    """(ready, lines) for dataset `name` under `root`: ready means a run can start without fetching anything by
-    hand or over the network (CoOp's shipped files and generated splits are made on first use); lines say what is
-    present, what comes on first use and what is missing, and how to get it."""
-    spec, root = DATASETS[name], Path(root)
-    needs = _requirements(name, root)
-    groups = {}  # (label, how to get it) -> paths, in order
-    for n in needs:
-        if n.path.exists():
-            key = ("present", "")
-        elif n.how == "shipped":
-            key = ("on use", f"CoOp's, copied from {SPLITS_DIR / SHIPPED[n.path.name][0]}")
-        elif n.how == "generated":
-            key = ("on use", "generated as CoOp does (CoOp's own is not shipped)")
-        elif n.how == "download":
-            key = ("missing", f"automatic: python data.py --download {name} fetches {_archive_name(n.archive)} "
-                              f"({_size(n.archive.size)}) from {n.archive.url}")
-        else:
-            key = ("missing", f"by hand: {_expected(spec)}")
-        groups.setdefault(key, []).append(str(n.path))
-    lines = [f"{label:8s} {', '.join(paths)}{': ' + how if how else ''}" for (label, how), paths in groups.items()]
-    return not any(label == "missing" for label, _ in groups), lines
-
-
-def _default_root():
-    """$ORTHCR_DATA (even if empty: check_root says so), else ~/data."""
-    return os.environ.get("ORTHCR_DATA", "~/data")
-
-
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Check or fetch CoOp's benchmarks in CoOp's layout.")
-    action = p.add_mutually_exclusive_group(required=True)
-    action.add_argument("--check", metavar="NAME|all", help="report what is present and missing, and how to get it")
-    action.add_argument("--download", metavar="NAME|all",
-                        help="fetch the public datasets now (for the others: what to do)")
-    p.add_argument("--root", default=None, help="data root (default: $ORTHCR_DATA, else ~/data)")
-    args = p.parse_args(argv)
-    with warnings.catch_warnings():
-        warnings.showwarning = _warning_line  # the library warns; the command line says "warning: ..." once
-        try:
-            return _run(args)
-        except OSError as e:  # a folder it may not read or write (permissions), named by the error
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-
-
-def _run(args):
-    target = args.check or args.download
-    names = list(DATASETS) if target == "all" else [target]
-    try:
-        root = check_root(_default_root() if args.root is None else args.root)
-        if target not in DATASETS and target != "all":
-            raise DataError(f"unknown dataset {target!r}; valid names: all, {', '.join(DATASETS)}")
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    all_ready = True
-    for name in names:
-        if args.download and name in ARCHIVES:
-            try:
-                prepare(name, root, download=True)
-            except DataError as e:
-                print(f"error: {e}", file=sys.stderr)
-        ready, lines = status(name, root)
-        all_ready &= ready
-        print(f"{name}: {'ready' if ready else 'not ready'}" + "".join(f"\n  {line}" for line in lines))
-    return 0 if all_ready else 1
-
-
-def _warning_line(message, category, filename, lineno, file=None, line=None):
-    print(f"warning: {message}", file=sys.stderr)
+    """`python data.py --check NAME|all` / `--download NAME|all`: see toolbox/datasets.py."""
+    return datasets.main(argv)
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from PIL import Image
 
 import data
 from conftest import ROOT
+from toolbox import files, images
 
 SPLIT_NAMES = [n for n, s in data.DATASETS.items() if s.kind == "split"]
 EUROSAT_FOLDERS = ["AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial", "Pasture",
@@ -367,10 +368,10 @@ def test_unwritable_cache_warns_and_still_samples(tmp_path, monkeypatch):
     expected = data.build_dataset("dtd", tmp_path, shots=2, seed=9).train
     shutil.rmtree(tmp_path / "dtd" / "split_fewshot")
 
-    def read_only(path, obj):
+    def read_only(path, obj, indent=2):
         raise OSError(30, "Read-only file system", str(path))
 
-    monkeypatch.setattr(data, "_write_json", read_only)
+    monkeypatch.setattr(files, "write_json", read_only)
     with pytest.warns(UserWarning, match="could not cache .*shot_2-seed_9.json"):
         assert data.build_dataset("dtd", tmp_path, shots=2, seed=9).train == expected
     assert not (tmp_path / "dtd" / "split_fewshot").exists()
@@ -634,6 +635,38 @@ def test_every_test_image_is_checked_before_training(tmp_path, monkeypatch, faul
     assert msg.split(str(bad) + " ")[1].startswith(expected)
 
 
+def strip(path, size):
+    """A PNG of `size` pixels: a few hundred bytes on disk, tiny to decode."""
+    path.unlink(missing_ok=True)
+    Image.new("L", size).save(path, "PNG")
+
+
+@pytest.mark.parametrize("split,size", [("test", (1, 100_000)), ("train", (100_000, 10))])
+def test_an_image_too_elongated_for_the_transforms_is_refused_by_the_check(tmp_path, split, size):
+    # decoding it is cheap, but CLIP's resize (short side to 224) would make 1 x 100,000 pixels 15 GB
+    make_split_dataset(tmp_path, "dtd", counts=(2, 2, 2))
+    bad = tmp_path / "dtd" / "images" / "c1" / f"{split}_1.jpg"
+    strip(bad, size)
+    assert bad.stat().st_size < 4000
+    with pytest.raises(data.DataError) as e:
+        data.build_dataset("dtd", tmp_path, shots=2)  # shots: the train images are decoded in full too
+    what = "test" if split == "test" else "train/val"
+    assert str(e.value) == (f"1 of {6 if split == 'test' else 12} {what} images of dtd are missing or unreadable: "
+                            f"{bad} is {size[0]}x{size[1]} pixels, longer than 100:1: too elongated for CLIP's resize "
+                            "(short side to n_px), whose memory grows with the ratio")
+    with pytest.raises(data.DataError, match=rf"image {bad} is {size[0]}x{size[1]} pixels, longer than 100:1"):
+        data.load_image(bad)  # every loader, train and eval, reads through load_image
+
+
+def test_clip_resize_refuses_what_it_cannot_do_in_bounded_memory():
+    clip_min = pytest.importorskip("clip_min")
+    with pytest.raises(ValueError, match=r"resize: a 1x100000 image is longer than 100:1"):
+        clip_min.preprocess(Image.new("RGB", (1, 100_000)))
+    assert clip_min.MAX_ASPECT_RATIO == 100
+    assert clip_min.resize(Image.new("RGB", (100, 1)), 16).size == (1600, 16)  # 100:1 itself is fine
+    assert clip_min.preprocess(Image.new("RGB", (100, 1)), 16).shape == (3, 16, 16)
+
+
 def test_a_jpeg_with_bytes_after_its_end_marker_passes(tmp_path):
     make_split_dataset(tmp_path, "dtd", counts=(2, 1, 2))
     path = tmp_path / "dtd" / "images" / "c0" / "test_0.jpg"
@@ -642,7 +675,7 @@ def test_a_jpeg_with_bytes_after_its_end_marker_passes(tmp_path):
 
 
 def test_long_checks_say_so_on_stderr(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(data, "_PROGRESS_MIN", 5)
+    monkeypatch.setattr(images, "PROGRESS_MIN", 5)
     make_split_dataset(tmp_path, "dtd", counts=(2, 1, 2))
     data.build_dataset("dtd", tmp_path, shots=1)
     assert "checking 6 test images of dtd (" in capsys.readouterr().err

@@ -1,15 +1,18 @@
-"""Downloads and archives, against a local HTTP server on 127.0.0.1 started by each test.
+"""toolbox/datasets.py, archives.py and downloads.py, against a local HTTP server on 127.0.0.1 started by each test.
 
 Each public dataset is served as a miniature of its real archive (same top folders, file names and annotation
 files, a few tiny images), then downloaded, verified, unpacked into CoOp's layout and read by build_dataset.
 Faults: a wrong checksum, a connection dropped half-way (resumed with Range), a server without Range, a full disk,
 unsafe archive members; and toolbox.downloads.download / toolbox.files.write_atomic underneath (modes, fsync, ENOSPC).
+Untrusted inputs: a `.part` that is a link or not a file, a body past the known size, archive bombs, encrypted or
+unknown zip members, an image folder that is a file, a redirect loop, Ctrl-C during `python data.py --download`.
 """
 
 import contextlib
 import errno
 import gzip
 import hashlib
+import http.client
 import http.server
 import io
 import json
@@ -23,7 +26,7 @@ import pytest
 from PIL import Image
 
 import clip_min
-from toolbox import downloads
+from toolbox import archives, datasets, downloads
 from toolbox import files as toolbox_files
 import data
 from conftest import ROOT, full_disk, sha256
@@ -33,12 +36,19 @@ from conftest import ROOT, full_disk, sha256
 
 class Handler(http.server.BaseHTTPRequestHandler):
     """GET /<name> of state["files"], with Range support unless the name is in state["no_ranges"]; a name in
-    state["drops"] sends only up to the next listed byte offset, then closes the connection."""
+    state["drops"] sends only up to the next listed byte offset, then closes the connection; a name in
+    state["no_length"] is sent without Content-Length; state["redirects"] maps a name to the path it redirects to."""
 
     def do_GET(self):
         state = self.server.state
         name = self.path.lstrip("/")
         state["requests"].append((name, self.headers.get("Range")))
+        if name in state["redirects"]:
+            self.send_response(302)
+            self.send_header("Location", state["redirects"][name])
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
         if name not in state["files"]:
             self.send_error(404)
             return
@@ -54,7 +64,8 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         if ranges:
             self.send_header("Accept-Ranges", "bytes")
-        self.send_header("Content-Length", str(len(body) - start))
+        if name not in state["no_length"]:
+            self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         stop = state["drops"][name].pop(0) if state["drops"].get(name) else len(body)
         self.wfile.write(body[start:stop])
@@ -67,9 +78,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
 
 @pytest.fixture
 def www():
-    """A local HTTP server (stopped at the end of the test): {"url", "files", "requests", "no_ranges", "drops"}."""
+    """A local HTTP server (stopped at the end of the test): {"url", "files", "requests", "no_ranges", "drops",
+    "no_length", "redirects"}."""
     server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    server.state = dict(files={}, requests=[], no_ranges=set(), drops={})
+    server.state = dict(files={}, requests=[], no_ranges=set(), drops={}, no_length=set(), redirects={})
     thread = threading.Thread(target=server.serve_forever, kwargs=dict(poll_interval=0.05), daemon=True)
     thread.start()
     yield dict(server.state, url=f"http://127.0.0.1:{server.server_address[1]}")
@@ -259,7 +271,7 @@ def serve(www, monkeypatch, tmp_path, name, archives=None):
     archives = archives or built
     moved = []
     for a in data.ARCHIVES[name]:
-        file = data._archive_name(a)
+        file = datasets.archive_name(a)
         blob = archives[file]
         www["files"][file] = blob
         algorithm = a.checksum.split(":")[0]  # md5 where the real one is md5: that path is exercised too
@@ -269,7 +281,8 @@ def serve(www, monkeypatch, tmp_path, name, archives=None):
     if split:
         raw, packed = split_of(split)
         (tmp_path / "shipped.json.gz").write_bytes(packed)
-        monkeypatch.setitem(data.SHIPPED, data.DATASETS[name].split_file, (str(tmp_path / "shipped.json.gz"), sha256(raw)))
+        shipped = (str(tmp_path / "shipped.json.gz"), sha256(raw))
+        monkeypatch.setitem(data.SHIPPED, data.DATASETS[name].split_file, shipped)
     return split, classnames
 
 
@@ -279,13 +292,13 @@ def serve(www, monkeypatch, tmp_path, name, archives=None):
 def test_public_datasets_download_verify_unpack_and_read(www, monkeypatch, tmp_path, umask, name):
     split, classnames = serve(www, monkeypatch, tmp_path, name)
     root = tmp_path / "data"
-    assert not data.status(name, root)[0]
+    assert not datasets.status(name, root)[0]
     with pytest.warns(UserWarning, match="generating it as CoOp does") if name in ("food101", "sun397") else \
             contextlib.nullcontext():
         ds = data.build_dataset(name, root, shots=1, seed=1)
     folder = root / data.DATASETS[name].folder
     assert {p.name for p in folder.iterdir()} - {"split_fewshot"} == LAYOUTS[name]  # no archive, temp or .part
-    assert data.status(name, root)[0]
+    assert datasets.status(name, root)[0]
     if split:
         assert json.loads((folder / data.DATASETS[name].split_file).read_text()) == {
             k: [list(e) for e in v] for k, v in split.items()}
@@ -307,7 +320,7 @@ def test_public_datasets_download_verify_unpack_and_read(www, monkeypatch, tmp_p
 def test_without_download_the_error_names_the_archive_size_and_url(www, monkeypatch, tmp_path):
     serve(www, monkeypatch, tmp_path, "dtd")
     with pytest.raises(data.DataError, match=r"dtd/images does not exist and download=False \(--no-download\); "
-                                             r"dtd-r1\.0\.1\.tar\.gz \(0 MiB\) from http://127\.0\.0\.1"):
+                                             r"dtd-r1\.0\.1\.tar\.gz \(0\.0 MiB\) from http://127\.0\.0\.1"):
         data.build_dataset("dtd", tmp_path / "data", download=False)
     assert www["requests"] == [] and not (tmp_path / "data").exists()
 
@@ -551,19 +564,238 @@ def test_shipped_classnames_file_is_what_splits_holds():
 
 def test_a_full_disk_while_unpacking_keeps_the_verified_archive_for_the_rerun(www, monkeypatch, tmp_path):
     serve(www, monkeypatch, tmp_path, "dtd")
-    real_extract = data._extract
+    real_extract = archives.extract
 
-    def no_room(path, dest):
-        real_extract(path, dest)
+    def no_room(path, dest, limit):
+        real_extract(path, dest, limit)
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(data, "_extract", no_room)
+    monkeypatch.setattr(archives, "extract", no_room)
     root = tmp_path / "data"
     with pytest.raises(data.DataError, match=r"could not unpack .*dtd-r1\.0\.1\.tar\.gz into .*No space left on "
                                              r"device; the verified archive is kept for a rerun") as e:
         data.build_dataset("dtd", root)
     one_line(e)
     assert sorted(p.name for p in (root / "dtd").iterdir()) == ["dtd-r1.0.1.tar.gz"]  # no half-unpacked images/
-    monkeypatch.setattr(data, "_extract", real_extract)
+    monkeypatch.setattr(archives, "extract", real_extract)
     assert len(data.build_dataset("dtd", root, shots=1).test) == 2
     assert len(www["requests"]) == 1  # the archive was verified again, not fetched again
+
+
+# ---------------------------------------------------------------------------------------------- untrusted inputs
+
+@pytest.mark.parametrize("target", ["dangling", "outside file"])
+def test_a_part_file_that_is_a_symlink_is_refused_and_nothing_outside_is_written(www, tmp_path, target):
+    blob = os.urandom(5000)
+    www["files"]["f.bin"] = blob
+    outside = tmp_path / "outside" / "victim.bin"
+    outside.parent.mkdir()
+    if target == "outside file":
+        outside.write_bytes(b"precious")
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "f.bin.part").symlink_to(outside)
+    with pytest.raises(RuntimeError) as e:
+        downloads.download(f"{www['url']}/f.bin", folder / "f.bin", sha256=sha256(blob), size=len(blob))
+    assert one_line(e) == f"{folder / 'f.bin.part'} is a symbolic link (to {outside}), not a regular file; " \
+                          "remove it and rerun"
+    assert www["requests"] == []  # refused before anything is fetched
+    assert (outside.read_bytes() == b"precious") if target == "outside file" else not outside.exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder"])
+def test_a_part_file_that_is_not_a_regular_file_is_refused(www, tmp_path, kind):
+    www["files"]["f.bin"] = b"x" * 100
+    part = tmp_path / "f.bin.part"
+    os.mkfifo(part) if kind == "fifo" else part.mkdir()
+    with pytest.raises(RuntimeError, match=r"f\.bin\.part exists and is not a regular file; remove it and rerun$"):
+        downloads.download(f"{www['url']}/f.bin", tmp_path / "f.bin", sha256=sha256(b"x" * 100))
+    assert www["requests"] == []
+
+
+def test_a_symlinked_part_in_a_dataset_folder_is_one_data_error(www, monkeypatch, tmp_path):
+    serve(www, monkeypatch, tmp_path, "dtd")
+    folder = tmp_path / "data" / "dtd"
+    folder.mkdir(parents=True)
+    (folder / "dtd-r1.0.1.tar.gz.part").symlink_to(tmp_path / "elsewhere.tar.gz")
+    with pytest.raises(data.DataError, match=r"dtd-r1\.0\.1\.tar\.gz\.part is a symbolic link .*; offline: ") as e:
+        data.build_dataset("dtd", tmp_path / "data")
+    one_line(e)
+    assert not (tmp_path / "elsewhere.tar.gz").exists() and www["requests"] == []
+
+
+def test_a_body_without_length_past_the_known_size_is_stopped_there(www, tmp_path):
+    www["files"]["f.bin"] = b"x" * 1000 + b"y" * 50_000  # the first 1000 bytes are what the table describes
+    www["no_length"].add("f.bin")
+    with pytest.raises(RuntimeError) as e:
+        downloads.download(f"{www['url']}/f.bin", tmp_path / "f.bin", sha256=sha256(b"x" * 1000), size=1000)
+    assert one_line(e).endswith("failed: the server sent more than the 1000 bytes expected; stopped there")
+    assert os.listdir(tmp_path) == []  # no .part kept either
+
+
+def test_a_server_announcing_more_than_the_known_size_is_refused_before_writing(www, tmp_path):
+    www["files"]["f.bin"] = b"x" * 5000
+    with pytest.raises(RuntimeError, match=r"failed: the server announces 5000 bytes, more than the 1000 expected$"):
+        downloads.download(f"{www['url']}/f.bin", tmp_path / "f.bin", sha256=sha256(b"x" * 1000), size=1000)
+    assert os.listdir(tmp_path) == [] and len(www["requests"]) == 1  # not retried
+
+
+def test_an_oversized_dataset_archive_is_one_data_error(www, monkeypatch, tmp_path):
+    serve(www, monkeypatch, tmp_path, "dtd")
+    www["files"]["dtd-r1.0.1.tar.gz"] += b"\0" * 100_000  # past the size in ARCHIVES, and no length to warn
+    www["no_length"].add("dtd-r1.0.1.tar.gz")
+    with pytest.raises(data.DataError, match=r"sent more than the \d+ bytes expected; stopped there; offline: ") as e:
+        data.build_dataset("dtd", tmp_path / "data")
+    one_line(e)
+    assert not (tmp_path / "data").exists()
+
+
+def test_a_redirect_loop_is_one_line(www, tmp_path):
+    www["redirects"]["loop.bin"] = "/loop.bin"
+    with pytest.raises(RuntimeError) as e:
+        downloads.download(f"{www['url']}/loop.bin", tmp_path / "loop.bin", sha256="0" * 64)
+    assert one_line(e) == (f"download of {www['url']}/loop.bin to {tmp_path / 'loop.bin'} failed: HTTP Error 302: "
+                           "the server redirects in a loop (or more than 10 times)")
+    assert os.listdir(tmp_path) == []
+
+
+def zeros_tar_gz(name, n, real=None):
+    """A tar.gz holding the files of `real` ({name: bytes}) and `name`: n zero bytes (gzip shrinks them ~1000x)."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w:gz") as tar:
+        for member, blob in (real or {}).items():
+            info = tarfile.TarInfo(member)
+            info.size = len(blob)
+            tar.addfile(info, io.BytesIO(blob))
+        info = tarfile.TarInfo(name)
+        info.size = n
+        tar.addfile(info, io.BytesIO(bytes(n)))
+    return buf.getvalue()
+
+
+def test_archive_extraction_stops_at_its_limit(tmp_path):
+    bomb = tmp_path / "bomb.tar.gz"
+    bomb.write_bytes(zeros_tar_gz("zeros.bin", 64 * 2**20))
+    assert bomb.stat().st_size < 2**20  # 64 MiB of zeros in under 1 MiB
+    with pytest.raises(archives.BadArchive, match=r"bomb\.tar\.gz unpacks to more than 1\.0 MiB.*archive bomb"):
+        archives.extract(bomb, tmp_path / "out", limit=2**20)
+    assert not (tmp_path / "out" / "zeros.bin").exists()  # a tar header states the size: refused before writing
+    header = tarfile.TarInfo("zeros.bin")
+    header.size = 2**31  # a header that claims 2 GiB, with no data behind it at all
+    (tmp_path / "claims.tar.gz").write_bytes(gzip.compress(header.tobuf()))
+    with pytest.raises(archives.BadArchive, match="unpacks to more than"):
+        archives.extract(tmp_path / "claims.tar.gz", tmp_path / "out", limit=2**20)
+    zip_bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(zip_bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("zeros.bin", bytes(64 * 2**20))
+    with pytest.raises(archives.BadArchive, match=r"bomb\.zip unpacks to more than 1\.0 MiB"):
+        archives.extract(zip_bomb, tmp_path / "zout", limit=2**20)
+    assert (tmp_path / "zout" / "zeros.bin").stat().st_size <= 2**20  # stopped at the limit, not at 64 MiB
+
+
+def test_the_unpack_limit_follows_from_the_table():
+    dtd_archive = data.ARCHIVES["dtd"][0]
+    assert datasets.unpack_limit(dtd_archive) == 8 * dtd_archive.size
+    # the issue's bombs: a 2 MB tar.gz or a 1 MB zip may unpack to 16 MB or 8 MB, not to the GBs they hold
+    assert datasets.unpack_limit(dtd_archive._replace(size=2_000_000)) == 16_000_000
+    assert datasets.unpack_limit(dtd_archive._replace(size=1_000)) == 2**20
+
+
+@pytest.mark.parametrize("name,kind", [("dtd", "tar.gz"), ("eurosat", "zip")])
+def test_a_dataset_archive_bomb_is_one_data_error_and_leaves_nothing(www, monkeypatch, tmp_path, name, kind):
+    if kind == "zip":
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
+            z.writestr("2750/Forest/Forest_1.jpg", bytes(64 * 2**20))
+        bomb = {"EuroSAT.zip": buf.getvalue()}
+    else:
+        bomb = {"dtd-r1.0.1.tar.gz": zeros_tar_gz("dtd/images/banded/banded_0001.jpg", 64 * 2**20)}
+    serve(www, monkeypatch, tmp_path, name, bomb)
+    with pytest.raises(data.DataError, match=r"unpacks to more than 1\.0 MiB, far more than its size allows") as e:
+        data.build_dataset(name, tmp_path / "data")
+    one_line(e)
+    assert not (tmp_path / "data").exists()
+
+
+def patched_zip(files, name, offset, value):
+    """A zip of `files` whose central-directory entry for `name` has the 2 bytes at `offset` set to `value`
+    (8: the flags, bit 0 = encrypted; 10: the compression method)."""
+    blob = bytearray(zip_bytes(files))
+    start = 0
+    while True:
+        at = blob.index(b"PK\x01\x02", start)
+        length = int.from_bytes(blob[at + 28:at + 30], "little")
+        if blob[at + 46:at + 46 + length] == name.encode():
+            break
+        start = at + 4
+    blob[at + offset:at + offset + 2] = value.to_bytes(2, "little")
+    return bytes(blob)
+
+
+@pytest.mark.parametrize("offset,value,reason", [
+    (8, 1, r"member '2750/Forest/x\.jpg': it is encrypted"),
+    (10, 99, r"member '2750/Forest/x\.jpg': it uses compression method 99, which Python's zipfile cannot read"),
+])
+def test_an_encrypted_or_unknown_compression_zip_member_is_one_line(www, monkeypatch, tmp_path, offset, value,
+                                                                      reason):
+    archives_, _, _ = eurosat()
+    with zipfile.ZipFile(io.BytesIO(archives_["EuroSAT.zip"])) as z:
+        files = {n: z.read(n) for n in z.namelist()}
+    files["2750/Forest/x.jpg"] = jpeg_bytes()
+    bad = patched_zip(files, "2750/Forest/x.jpg", offset, value)
+    serve(www, monkeypatch, tmp_path, "eurosat", {"EuroSAT.zip": bad})
+    with pytest.raises(data.DataError, match=r"EuroSAT\.zip: refusing " + reason) as e:
+        data.build_dataset("eurosat", tmp_path / "data")
+    one_line(e)
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize("name", ["eurosat", "dtd"])
+def test_an_archive_whose_image_folder_is_a_file_is_not_a_dataset(www, monkeypatch, tmp_path, name):
+    if name == "eurosat":
+        bad = {"EuroSAT.zip": zip_bytes({"2750": b"a file where the image folder should be"})}
+        expected = r"EuroSAT\.zip: 2750 is a file, where the image folder 2750/ should be"
+    else:
+        bad = {"dtd-r1.0.1.tar.gz": tar_bytes({"dtd/images": b"a file", "dtd/labels/train1.txt": b"x"})}
+        expected = r"dtd-r1\.0\.1\.tar\.gz: dtd/images is a file, where the image folder images/ should be"
+    serve(www, monkeypatch, tmp_path, name, bad)
+    root = tmp_path / "data"
+    with pytest.raises(data.DataError, match=expected + "; offline: ") as e:
+        data.build_dataset(name, root)
+    one_line(e)
+    assert not root.exists() and not datasets.status(name, root)[0]
+
+
+def test_an_image_folder_that_is_a_file_on_disk_is_not_ready_and_is_named(tmp_path):
+    (tmp_path / "eurosat").mkdir()
+    (tmp_path / "eurosat" / "2750").write_text("not a folder")
+    ready, lines = datasets.status("eurosat", tmp_path)
+    assert not ready and any(f"{tmp_path / 'eurosat' / '2750'} is a file, not a folder" in line for line in lines)
+    with pytest.raises(data.DataError, match=r"eurosat/2750 is a file, not a folder: expected eurosat/2750/ .*; "
+                                             r"remove it and rerun$") as e:
+        data.build_dataset("eurosat", tmp_path)
+    one_line(e)
+
+
+def test_ctrl_c_during_download_is_one_line_and_the_rerun_resumes(www, monkeypatch, tmp_path, capsys):
+    serve(www, monkeypatch, tmp_path, "dtd")
+    blob = www["files"]["dtd-r1.0.1.tar.gz"]
+    half, real_read, calls = len(blob) // 2, http.client.HTTPResponse.read, []
+
+    def read_then_ctrl_c(self, amt=None):  # the first read gets half the body, the second is "interrupted"
+        calls.append(amt)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return real_read(self, half)
+
+    monkeypatch.setattr(http.client.HTTPResponse, "read", read_then_ctrl_c)
+    root = str(tmp_path / "data")
+    assert data.main(["--download", "dtd", "--root", root]) == 130
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.strip().splitlines()[-1] == (
+        f"interrupted; rerun python data.py --download dtd --root {root} to resume (what was downloaded is kept)")
+    assert (tmp_path / "data" / "dtd" / "dtd-r1.0.1.tar.gz.part").read_bytes() == blob[:half]
+    monkeypatch.setattr(http.client.HTTPResponse, "read", real_read)
+    assert data.main(["--download", "dtd", "--root", root]) == 0
+    assert www["requests"][-1] == ("dtd-r1.0.1.tar.gz", f"bytes={half}-")  # resumed, not restarted
+    assert sorted(p.name for p in (tmp_path / "data" / "dtd").iterdir()) == sorted(LAYOUTS["dtd"])
