@@ -1,6 +1,7 @@
 """Properties of the method: orthogonality, norm preservation, identity at init, merge = rotated inputs, loss."""
 
 import copy
+import re
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import clip_min
 import orthcr
-from conftest import DEVICES, load_openai
+from conftest import DEVICES, ROOT, load_openai
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -571,20 +572,21 @@ def test_attentive_cutout_draws_only_from_its_generator():
 
 def _axis_law(pixels=224, patch=16, size=16, centres=None):
     """Per centre c on one axis, the hole's span [c - size // 2, c - size // 2 + size) clipped to the image:
-    (patches it touches, its length), computed here by hand, independently of orthcr."""
-    touched, length = [], []
+    (patches it touches, its length, patches it covers wholly), computed here by hand, independently of orthcr."""
+    touched, length, whole = [], [], []
     for c in (range(pixels) if centres is None else centres):
         first, last = max(c - size // 2, 0), min(c - size // 2 + size, pixels) - 1
         touched.append(last // patch - first // patch + 1)
         length.append(last - first + 1)
-    return np.array(touched), np.array(length)
+        whole.append(max((last + 1) // patch - (first + patch - 1) // patch, 0))
+    return np.array(touched), np.array(length), np.array(whole)
 
 
 def exact_law(centres_y=None, centres_x=None, size=16):
     """{patches touched: probability} and the mean clipped area (pixels) of a hole whose centre is uniform over
     centres_y x centres_x (default: every pixel of a 224 px image)."""
-    ty, ly = _axis_law(size=size, centres=centres_y)
-    tx, lx = _axis_law(size=size, centres=centres_x)
+    ty, ly, _ = _axis_law(size=size, centres=centres_y)
+    tx, lx, _ = _axis_law(size=size, centres=centres_x)
     touched, area = np.outer(ty, tx).ravel(), np.outer(ly, lx).ravel()
     return {k: float(np.mean(touched == k)) for k in (1, 2, 4)}, float(area.mean())
 
@@ -650,6 +652,35 @@ def test_the_attentive_centre_is_uniform_over_the_chosen_patchs_pixels():
     counts = torch.bincount((y - 32) * 16 + (x - 16), minlength=256).double()  # 50 expected per pixel
     chi_square = ((counts - 50) ** 2 / 50).sum()
     assert chi_square < 400  # uniform: 255 degrees of freedom, mean 255 and sd 23; a fixed centre gives 3e6
+
+
+def test_the_hole_size_table_in_docs_matches_the_code():
+    rows = [line.split("|")[1:-1] for line in (ROOT / "docs" / "cutout.md").read_text().splitlines()
+            if re.match(r"\| \d+ \|", line)]
+    assert [int(row[0]) for row in rows] == [16, 32, 56, 112]
+    for side, share, patches, touched, whole, mean_share, mean_touched, mean_whole in (
+            [cell.strip() for cell in row] for row in rows):
+        size = int(side)
+        assert share == f"{100 * size**2 / 224**2:.2f} %" and patches == f"{size**2 / 16**2:g}"
+        # by hand over every centre: the ranges for holes inside the image, the means for a random centre
+        t, length, w = _axis_law(size=size)
+        inside = np.array([size // 2 <= c <= 224 - size + size // 2 for c in range(224)])
+        assert touched == f"{t[inside].min() ** 2}–{t[inside].max() ** 2}"
+        assert whole == f"{w[inside].min() ** 2}–{w[inside].max() ** 2}"
+        exact = {"share": 100 * np.outer(length, length) / 224**2, "touched": np.outer(t, t), "whole": np.outer(w, w)}
+        assert mean_share == f"{exact['share'].mean():.2f} %" and mean_touched == f"{exact['touched'].mean():.2f}"
+        assert mean_whole == f"{exact['whole'].mean():.3f}"
+        # and orthcr.cutout's holes have those means, within 6 standard errors of 2,000 draws
+        g, measured = torch.Generator().manual_seed(size), {"share": [], "touched": [], "whole": []}
+        for _ in range(2):
+            hole = ~orthcr.cutout(torch.ones(1_000, 1, 224, 224, dtype=torch.bool), g, size=size)[:, 0]
+            per_patch = hole.view(1_000, 14, 16, 14, 16).sum((2, 4))  # (N, 14, 14) hole pixels per patch
+            measured["share"].append(100 * hole.sum((1, 2)) / 224**2)
+            measured["touched"].append((per_patch > 0).sum((1, 2)))
+            measured["whole"].append((per_patch == 256).sum((1, 2)))
+        for name, values in measured.items():
+            mean = torch.cat(values).double().mean().item()
+            assert abs(mean - exact[name].mean()) <= 6 * exact[name].std() / 2_000**0.5 + 1e-9, (size, name, mean)
 
 
 # ----------------------------------------------------------------------------------------------------
