@@ -363,7 +363,8 @@ def worker_peft_step(args, neumann):
             with torch.no_grad(), model.disable_adapter():
                 if args.cutout == "attentive":
                     clean, patches = teacher_image_features(clip_min.normalize(images))
-                    cut = orthcr.attentive_cutout(images, orthcr.similarity_map(patches, zs_text[labels]))
+                    similarity = orthcr.similarity_map(patches, zs_text[labels])
+                    cut = orthcr.attentive_cutout(images, similarity, generator=generator)
                     teacher = torch.cat([clean, teacher_image_features(clip_min.normalize(cut))[0]])
                 else:
                     cut = orthcr.cutout(images, generator) if args.cutout == "random" else None

@@ -14,8 +14,8 @@ One training step, in the names of the functions below:
         x~   = cutout(x)                              a square hole, centre uniform over the image
         t    = "a photo of a {class}."                CoOp's hand-written template
     v3, OrthSR (cutout = attentive, prompt = fixed or coop):
-        x~   = attentive_cutout(x, similarity_map(...))   the hole where the teacher's patch tokens are most
-                                                          similar to the class text
+        x~   = attentive_cutout(x, similarity_map(...))   the same hole, its centre uniform within the patch
+                                                          whose teacher token is most similar to the class text
         t    = coop_prompts(ctx, class)               [SOS] ctx_1 .. ctx_n  class . [EOS], ctx learned
     both:
         loss = CE(z(x), y) + CE(z(x~), y) + LAMBDA1 * KL(p0(x) || p(x)) + LAMBDA2 * KL(p0(x~) || p(x~))
@@ -42,6 +42,9 @@ LAMBDA1 = 1.5
 LAMBDA2 = 1.0
 CUTOUT_SIZE = 16  # hole side in pixels: Dassl's default CUTOUT_LEN (0.5 % of a 224 px image; README discusses it)
 CUTOUT_MODES = ("random", "attentive", "none")
+# how the KL is reduced: "batchmean" is the true KL; "mean" (PromptSRC-style sum / numel) is batchmean / C.
+# The paper does not say which it used (README: "What we chose").
+KL_REDUCTIONS = ("batchmean", "mean")
 
 # the paper's targets: both linears of every MLP, in both towers
 DEFAULT_TARGETS = ("mlp.c_fc", "mlp.c_proj")
@@ -290,31 +293,52 @@ def similarity_map(patch_features, text_features):
 
 
 def attentive_cutout(images, similarity, size=CUTOUT_SIZE, generator=None, temperature=None):
-    """A copy of `images` (N, C, H, W) with one square hole of side `size` centred on the patch most similar
-    to the class text (argmax of `similarity` (N, grid, grid)): the most discriminative region is cut, so the
-    model must also use the others. With `temperature`, the centre patch is drawn from
-    softmax(similarity / temperature) instead, using only `generator`."""
+    """A copy of `images` (N, C, H, W) with one square hole of side `size`, its centre uniform within the
+    patch most similar to the class text (argmax of `similarity` (N, grid, grid)): the most discriminative
+    region is cut, so the model must also use the others. With `temperature`, the patch is drawn from
+    softmax(similarity / temperature) instead.
+
+    Only the patch differs from random Cutout: given the patch, the centre is uniform over its pixels and the
+    hole is clipped at the border the same way, so a hole touches 1 to 4 patches as a random one does (with a
+    uniform map and a temperature, the two are the same distribution). Within the patch rather than from the
+    map brought to pixel resolution: the map holds one value per patch, so nearest upsampling gives this same
+    law and a smoothed map would invent detail it does not have. Randomness comes only from `generator`
+    (a CPU torch.Generator), which is required: the centre is drawn even with the argmax."""
+    if generator is None:
+        raise ValueError("attentive_cutout draws the hole's centre within the chosen patch: "
+                         "pass a seeded torch.Generator as `generator`")
     n, _, h, w = images.shape
     grid_h, grid_w = similarity.shape[-2:]
+    # the offsets first, so that the same generator gives the same offsets whichever way the patch is chosen
+    # (T -> 0 then reproduces the argmax hole exactly)
+    offset_y, offset_x = torch.rand(2, n, generator=generator).to(images.device)  # each (N,), in [0, 1)
     flat = similarity.flatten(1)  # (N, grid^2)
     if temperature is None:
-        patch = flat.argmax(dim=1)
+        patch = flat.argmax(dim=1).to(images.device)
     else:
         probabilities = (flat.float() / temperature).softmax(dim=1).cpu()  # a CPU generator draws on the CPU
         patch = torch.multinomial(probabilities, 1, generator=generator)[:, 0].to(images.device)
     row, col = patch // grid_w, patch % grid_w
-    # the patch's centre pixel; the hole is clipped at the border like random Cutout's
-    centres_y = (row * h // grid_h + h // grid_h // 2)[:, None]  # (N, 1)
-    centres_x = (col * w // grid_w + w // grid_w // 2)[:, None]
+    centres_y = _uniform_in_cell(row, offset_y, h, grid_h)[:, None]  # (N, 1)
+    centres_x = _uniform_in_cell(col, offset_x, w, grid_w)[:, None]
     return images.masked_fill(_holes(centres_y, centres_x, h, w, size)[:, None], 0.0)
 
 
+def _uniform_in_cell(index, u, length, cells):
+    """The pixel at fraction u in [0, 1) of cell `index` when `length` pixels are cut into `cells` cells
+    (cell i spans [i * length // cells, (i + 1) * length // cells)): uniform over the cell's pixels for uniform u."""
+    low, high = index * length // cells, (index + 1) * length // cells
+    return torch.minimum(low + (u * (high - low)).long(), high - 1)
+
+
 def _holes(centres_y, centres_x, h, w, size):
-    """(N, H, W) mask of the squares of side `size` around the centres (N, holes), clipped at the border."""
+    """(N, H, W) mask of the squares of side `size` around the centres (N, holes), clipped at the border.
+    The square around centre c spans [c - size // 2, c - size // 2 + size): the same rule for both Cutouts."""
     rows = torch.arange(h, device=centres_y.device)
     cols = torch.arange(w, device=centres_x.device)
-    in_rows = (rows >= centres_y[..., None] - size // 2) & (rows < centres_y[..., None] + size - size // 2)  # (N, holes, H)
-    in_cols = (cols >= centres_x[..., None] - size // 2) & (cols < centres_x[..., None] + size - size // 2)  # (N, holes, W)
+    top, left = centres_y[..., None] - size // 2, centres_x[..., None] - size // 2
+    in_rows = (rows >= top) & (rows < top + size)  # (N, holes, H)
+    in_cols = (cols >= left) & (cols < left + size)  # (N, holes, W)
     return (in_rows[..., :, None] & in_cols[..., None, :]).any(dim=1)  # (N, H, W)
 
 
@@ -322,21 +346,30 @@ def _holes(centres_y, centres_x, h, w, size):
 # The loss
 
 
-def kl_to_zero_shot(student_logits, teacher_logits):
-    """KL(p_zero-shot || p_finetuned), summed over classes and averaged over the batch ("batchmean", the true
-    KL; PromptSRC-style code divides by the classes too). The teacher's distribution is the target."""
-    return F.kl_div(F.log_softmax(student_logits.float(), dim=-1), F.log_softmax(teacher_logits.float(), dim=-1),
-                    log_target=True, reduction="batchmean")
+def kl_to_zero_shot(student_logits, teacher_logits, reduction="batchmean"):
+    """KL(p_zero-shot || p_finetuned) for logits (N, C); the teacher's distribution is the target.
+
+    reduction "batchmean": summed over classes, averaged over the batch, the true KL (the default).
+    reduction "mean": averaged over batch and classes, as PromptSRC-style code does: batchmean / C, so the
+    same lambda weighs it C times less (5 times on EuroSAT base, 1000 times on ImageNet)."""
+    if reduction not in KL_REDUCTIONS:
+        raise ValueError(f"KL reduction {reduction!r}: expected one of {', '.join(KL_REDUCTIONS)}")
+    kl = F.kl_div(F.log_softmax(student_logits.float(), dim=-1), F.log_softmax(teacher_logits.float(), dim=-1),
+                  log_target=True, reduction="batchmean")
+    # "mean" divided here: torch's own reduction="mean" warns at every call and is announced to change
+    return kl / student_logits.shape[-1] if reduction == "mean" else kl
 
 
-def orthcr_loss(logits, logits_cut, zs_logits, zs_logits_cut, labels, lambda1=LAMBDA1, lambda2=LAMBDA2):
+def orthcr_loss(logits, logits_cut, zs_logits, zs_logits_cut, labels, lambda1=LAMBDA1, lambda2=LAMBDA2,
+                reduction="batchmean"):
     """CE(clean) + CE(cutout) + lambda1 * KL(clean) + lambda2 * KL(cutout); without Cutout views
-    (`logits_cut` None: the "w/o CutOut" ablation) CE(clean) + lambda1 * KL(clean). Returns (loss, terms)."""
-    terms = {"ce": F.cross_entropy(logits.float(), labels), "kl": kl_to_zero_shot(logits, zs_logits)}
+    (`logits_cut` None: the "w/o CutOut" ablation) CE(clean) + lambda1 * KL(clean). Both KLs use `reduction`
+    (see `kl_to_zero_shot`). Returns (loss, terms)."""
+    terms = {"ce": F.cross_entropy(logits.float(), labels), "kl": kl_to_zero_shot(logits, zs_logits, reduction)}
     loss = terms["ce"] + lambda1 * terms["kl"]
     if logits_cut is not None:
         terms["ce_cutout"] = F.cross_entropy(logits_cut.float(), labels)
-        terms["kl_cutout"] = kl_to_zero_shot(logits_cut, zs_logits_cut)
+        terms["kl_cutout"] = kl_to_zero_shot(logits_cut, zs_logits_cut, reduction)
         loss = loss + terms["ce_cutout"] + lambda2 * terms["kl_cutout"]
     return loss, terms
 

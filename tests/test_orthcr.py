@@ -1,7 +1,9 @@
 """Properties of the method: orthogonality, norm preservation, identity at init, merge = rotated inputs, loss."""
 
 import copy
+import re
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -9,7 +11,7 @@ from hypothesis import given, settings, strategies as st
 
 import clip_min
 import orthcr
-from conftest import DEVICES, load_openai
+from conftest import DEVICES, ROOT, load_openai
 
 SETTINGS = settings(max_examples=25, deadline=None)
 
@@ -262,6 +264,36 @@ def test_kl_is_teacher_as_target():
     assert not torch.allclose(orthcr.kl_to_zero_shot(teacher, student), expected, atol=1e-4)
 
 
+def test_the_mean_reduction_is_batchmean_divided_by_the_classes():
+    g = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(6, 7, generator=g, dtype=torch.float64), torch.randn(6, 7, generator=g)
+    p0, p = teacher.double().softmax(-1), student.softmax(-1)
+    pointwise = p0 * (p0.log() - p.log())  # (N, C)
+    batchmean = orthcr.kl_to_zero_shot(student, teacher)
+    mean = orthcr.kl_to_zero_shot(student, teacher, reduction="mean")
+    assert torch.allclose(batchmean, pointwise.sum(-1).mean().float(), atol=1e-6)  # the true KL
+    assert torch.allclose(mean, pointwise.mean().float(), atol=1e-7)  # PromptSRC-style: sum / (N * C)
+    assert torch.equal(mean, batchmean / 7)  # exactly /C
+    assert orthcr.KL_REDUCTIONS == ("batchmean", "mean")
+    with pytest.raises(ValueError, match="'sum'.*batchmean, mean"):
+        orthcr.kl_to_zero_shot(student, teacher, reduction="sum")
+
+
+def test_orthcr_loss_applies_the_reduction_to_both_kl_terms():
+    g = torch.Generator().manual_seed(2)
+    logits, cut, zs, zs_cut = (torch.randn(4, 5, generator=g) for _ in range(4))
+    labels = torch.tensor([0, 3, 1, 4])
+    loss, terms = orthcr.orthcr_loss(logits, cut, zs, zs_cut, labels)  # the default: batchmean
+    loss_mean, terms_mean = orthcr.orthcr_loss(logits, cut, zs, zs_cut, labels, reduction="mean")
+    for term in ("kl", "kl_cutout"):
+        assert torch.equal(terms_mean[term], terms[term] / 5)  # C = 5 classes
+    for term in ("ce", "ce_cutout"):
+        assert torch.equal(terms_mean[term], terms[term])
+    kl = orthcr.LAMBDA1 * terms["kl"] + orthcr.LAMBDA2 * terms["kl_cutout"]
+    expected = terms["ce"] + terms["ce_cutout"] + kl / 5
+    assert torch.allclose(loss_mean, expected, rtol=1e-6) and not torch.allclose(loss_mean, loss, rtol=1e-3)
+
+
 def test_cayley_runs_once_per_block_size_per_step(tiny_model):
     params, images, labels, tokens, zs_text = batch(tiny_model)
     adapters = orthcr.init_adapters(params)
@@ -419,7 +451,7 @@ def test_a_merged_dict_that_lacks_a_key_fails_instead_of_using_the_modules_own_w
 # OrthSR (v3): attentive Cutout
 
 
-def test_the_attentive_hole_covers_the_patch_most_similar_to_the_class_text():
+def test_the_attentive_hole_is_centred_in_the_patch_most_similar_to_the_class_text():
     g = torch.Generator().manual_seed(0)
     text = torch.randn(3, 8, generator=g)  # each image's own class feature
     patches = torch.randn(3, 16, 8, generator=g)  # a 4 x 4 grid of patch tokens
@@ -429,21 +461,30 @@ def test_the_attentive_hole_covers_the_patch_most_similar_to_the_class_text():
     similarity = orthcr.similarity_map(patches, text)
     assert similarity.shape == (3, 4, 4)
     images = torch.rand(3, 3, 64, 64, generator=g) + 0.1  # 16 px patches, no zeros in the input
-    cut = orthcr.attentive_cutout(images, similarity, size=16)
-    for i, k in enumerate(best):
-        row, col = divmod(k, 4)
-        hole = cut[i, 0] == 0
-        assert hole[row * 16:(row + 1) * 16, col * 16:(col + 1) * 16].all()  # the patch is cut ...
-        assert hole.sum() == 16 * 16  # ... and nothing else
-        assert torch.equal(cut[i][:, ~hole], images[i][:, ~hole])
+    for seed in range(20):
+        cut = orthcr.attentive_cutout(images, similarity, size=1, generator=torch.Generator().manual_seed(seed))
+        for i, k in enumerate(best):
+            row, col = divmod(k, 4)
+            hole = cut[i, 0] == 0
+            assert hole.sum() == 1  # a 1 px hole is its centre ...
+            assert hole[row * 16:(row + 1) * 16, col * 16:(col + 1) * 16].any()  # ... inside the chosen patch
+            assert torch.equal(cut[i][:, ~hole], images[i][:, ~hole])  # and nothing else is touched
 
 
-def test_a_larger_attentive_hole_is_centred_on_the_patch_and_clipped_at_the_border():
+def test_a_larger_attentive_hole_is_clipped_at_the_border_like_a_random_one():
     similarity = torch.zeros(1, 4, 4)
-    similarity[0, 0, 3] = 1  # the top-right patch
-    cut = orthcr.attentive_cutout(torch.ones(1, 3, 64, 64), similarity, size=32)
-    hole = cut[0, 0] == 0
-    assert hole[:24, 40:].all() and hole.sum() == 24 * 24  # centre (8, 56): rows 0..23, columns 40..63
+    similarity[0, 0, 3] = 1  # the top-right patch: rows 0..15, columns 48..63
+    centres = set()
+    for seed in range(40):
+        cut = orthcr.attentive_cutout(torch.ones(1, 3, 64, 64), similarity, 32, torch.Generator().manual_seed(seed))
+        hole = cut[0, 0] == 0
+        rows, cols = hole.any(1).nonzero()[:, 0], hole.any(0).nonzero()[:, 0]
+        assert hole.sum() == len(rows) * len(cols)  # a rectangle: the 32 px square clipped ...
+        assert rows[0] == 0 and cols[-1] == 63  # ... at the top and right borders
+        y, x = rows[-1].item() + 1 - 16, cols[0].item() + 16  # the centre c of rows/cols [c - 16, c + 16)
+        assert 0 <= y < 16 and 48 <= x < 64
+        centres.add((y, x))
+    assert len(centres) > 30  # drawn within the patch, not fixed
 
 
 def test_the_similarity_map_equals_a_plain_recomputation_from_the_teachers_tokens(tiny_model):
@@ -467,9 +508,10 @@ def test_random_and_attentive_cutout_give_the_same_loss_when_their_holes_coincid
     adapters = randomize(orthcr.init_adapters(params), 1, 0.2)
     with torch.no_grad():
         _, patches = orthcr.encode_image(tiny_model, params, clip_min.normalize(images), dense=True)
-    attentive_cut = orthcr.attentive_cutout(images, orthcr.similarity_map(patches, zs_text[labels]))
+    attentive_cut = orthcr.attentive_cutout(images, orthcr.similarity_map(patches, zs_text[labels]),
+                                            generator=torch.Generator().manual_seed(7))
     loss_attentive, _ = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
-                                         torch.Generator(), cutout_mode="attentive")
+                                         torch.Generator().manual_seed(7), cutout_mode="attentive")
     monkeypatch.setattr(orthcr, "cutout", lambda images, *args: attentive_cut)  # random Cutout, same holes
     loss_random, _ = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
                                       torch.Generator(), cutout_mode="random")
@@ -510,13 +552,135 @@ def test_nothing_in_the_teachers_path_receives_gradients(tiny_model, mode):
     assert graph_leaves(loss) == {id(P) for P in adapters.values()}
 
 
-def test_attentive_sampling_draws_only_from_its_generator():
+def test_attentive_cutout_draws_only_from_its_generator():
     similarity = torch.randn(6, 4, 4, generator=torch.Generator().manual_seed(0))
     images = torch.ones(6, 3, 64, 64)
-    draw = lambda seed: orthcr.attentive_cutout(images, similarity, 16, torch.Generator().manual_seed(seed), 0.5)  # noqa
-    assert torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(2))
+    for temperature in (0.5, None):  # sampled patch, and the argmax: both draw the centre
+        draw = lambda seed: orthcr.attentive_cutout(images, similarity, 16, torch.Generator().manual_seed(seed),  # noqa
+                                                    temperature)
+        assert torch.equal(draw(1), draw(1)) and not torch.equal(draw(1), draw(2))
     cold = orthcr.attentive_cutout(images, similarity, 16, torch.Generator().manual_seed(1), 1e-4)
-    assert torch.equal(cold, orthcr.attentive_cutout(images, similarity, 16))  # T -> 0 is the argmax
+    argmax = orthcr.attentive_cutout(images, similarity, 16, torch.Generator().manual_seed(1))
+    assert torch.equal(cold, argmax)  # T -> 0 is the argmax, the same centre offsets drawn first
+    with pytest.raises(ValueError, match="seeded torch.Generator"):
+        orthcr.attentive_cutout(images, similarity, 16)  # no hidden global randomness
+
+
+# ----------------------------------------------------------------------------------------------------
+# Random and attentive Cutout differ only in where the centre falls (ViT-B/16's grid: 224 px, 14 x 14 patches of 16)
+
+
+def _axis_law(pixels=224, patch=16, size=16, centres=None):
+    """Per centre c on one axis, the hole's span [c - size // 2, c - size // 2 + size) clipped to the image:
+    (patches it touches, its length, patches it covers wholly), computed here by hand, independently of orthcr."""
+    touched, length, whole = [], [], []
+    for c in (range(pixels) if centres is None else centres):
+        first, last = max(c - size // 2, 0), min(c - size // 2 + size, pixels) - 1
+        touched.append(last // patch - first // patch + 1)
+        length.append(last - first + 1)
+        whole.append(max((last + 1) // patch - (first + patch - 1) // patch, 0))
+    return np.array(touched), np.array(length), np.array(whole)
+
+
+def exact_law(centres_y=None, centres_x=None, size=16):
+    """{patches touched: probability} and the mean clipped area (pixels) of a hole whose centre is uniform over
+    centres_y x centres_x (default: every pixel of a 224 px image)."""
+    ty, ly, _ = _axis_law(size=size, centres=centres_y)
+    tx, lx, _ = _axis_law(size=size, centres=centres_x)
+    touched, area = np.outer(ty, tx).ravel(), np.outer(ly, lx).ravel()
+    return {k: float(np.mean(touched == k)) for k in (1, 2, 4)}, float(area.mean())
+
+
+def sampled_law(cut_fn, n=20_000, chunk=2_500):
+    """The same two statistics measured on n holes cut by cut_fn(images) in 224 px images (bool, to stay small)."""
+    touched, area = [], []
+    for _ in range(n // chunk):
+        hole = ~cut_fn(torch.ones(chunk, 1, 224, 224, dtype=torch.bool))[:, 0]  # (chunk, 224, 224)
+        touched.append(hole.view(chunk, 14, 16, 14, 16).any(4).any(2).sum((1, 2)))  # patches with a hole pixel
+        area.append(hole.sum((1, 2)))
+    touched, area = torch.cat(touched), torch.cat(area).double()
+    return {k: (touched == k).double().mean().item() for k in (1, 2, 4)}, area.mean().item()
+
+
+# The statistical tolerance: with n = 20,000 holes the standard error of a frequency is at most 0.0035 and that of
+# the mean area under 0.15 px, so 0.02 and 1 px are more than 5 standard errors; the draws are seeded, so the test
+# is deterministic. The old attentive hole (one whole patch, always) is off by 0.76 and 9 px.
+FREQUENCY_TOL, AREA_TOL = 0.02, 1.0
+
+
+def test_the_exact_law_of_a_16_px_random_hole_is_the_issues_measurement():
+    frequencies, area = exact_law()
+    assert abs(frequencies[4] - 0.756) < 0.005 and abs(frequencies[2] - 0.23) < 0.006  # issue #19, sampled
+    assert abs(frequencies[1] - 0.014) < 0.004 and sum(frequencies.values()) == pytest.approx(1)
+    assert abs(area / 224**2 - 0.00493) < 0.00002  # 0.493 % after clipping, against 0.510 % for a whole patch
+
+
+def test_random_and_attentive_holes_touch_the_same_patches_and_the_same_area():
+    frequencies, area = exact_law()
+    g_random, g_attentive = torch.Generator().manual_seed(0), torch.Generator().manual_seed(1)
+    random = sampled_law(lambda x: orthcr.cutout(x, g_random, size=16))
+    uniform_map = torch.zeros(2_500, 14, 14)  # no patch preferred: the patch is uniform, like the centre
+    attentive = sampled_law(lambda x: orthcr.attentive_cutout(x, uniform_map, 16, g_attentive, temperature=1.0))
+    for measured in (random, attentive):
+        assert all(abs(measured[0][k] - frequencies[k]) <= FREQUENCY_TOL for k in frequencies), measured
+        assert abs(measured[1] - area) <= AREA_TOL, measured
+    assert all(abs(random[0][k] - attentive[0][k]) <= FREQUENCY_TOL for k in frequencies)
+    assert abs(random[1] - attentive[1]) <= AREA_TOL
+
+
+@pytest.mark.parametrize("row, col", [(6, 9), (0, 13)])  # an inner patch, and a corner one
+def test_the_argmax_hole_is_a_random_hole_whose_centre_fell_in_the_chosen_patch(row, col):
+    # the law of random Cutout given that its centre fell in this patch, by hand; then attentive's, sampled
+    frequencies, area = exact_law(range(row * 16, row * 16 + 16), range(col * 16, col * 16 + 16))
+    similarity = torch.zeros(2_500, 14, 14)
+    similarity[:, row, col] = 1
+    g = torch.Generator().manual_seed(2)
+    measured = sampled_law(lambda x: orthcr.attentive_cutout(x, similarity, 16, g))
+    assert all(abs(measured[0][k] - frequencies[k]) <= FREQUENCY_TOL for k in frequencies), measured
+    assert abs(measured[1] - area) <= AREA_TOL, measured
+
+
+def test_the_attentive_centre_is_uniform_over_the_chosen_patchs_pixels():
+    similarity = torch.zeros(12_800, 4, 4)
+    similarity[:, 2, 1] = 1  # rows 32..47, columns 16..31 of a 64 px image
+    cut = orthcr.attentive_cutout(torch.ones(12_800, 1, 64, 64, dtype=torch.bool), similarity, 1,
+                                  torch.Generator().manual_seed(3))
+    where = (~cut[:, 0]).flatten(1).nonzero()  # (N, 2): image, flat pixel of the 1 px hole = the centre
+    assert torch.equal(where[:, 0], torch.arange(12_800))  # exactly one centre per image
+    y, x = where[:, 1] // 64, where[:, 1] % 64
+    assert ((32 <= y) & (y < 48) & (16 <= x) & (x < 32)).all()  # always inside the patch
+    counts = torch.bincount((y - 32) * 16 + (x - 16), minlength=256).double()  # 50 expected per pixel
+    chi_square = ((counts - 50) ** 2 / 50).sum()
+    assert chi_square < 400  # uniform: 255 degrees of freedom, mean 255 and sd 23; a fixed centre gives 3e6
+
+
+def test_the_hole_size_table_in_docs_matches_the_code():
+    rows = [line.split("|")[1:-1] for line in (ROOT / "docs" / "cutout.md").read_text().splitlines()
+            if re.match(r"\| \d+ \|", line)]
+    assert [int(row[0]) for row in rows] == [16, 32, 56, 112]
+    for side, share, patches, touched, whole, mean_share, mean_touched, mean_whole in (
+            [cell.strip() for cell in row] for row in rows):
+        size = int(side)
+        assert share == f"{100 * size**2 / 224**2:.2f} %" and patches == f"{size**2 / 16**2:g}"
+        # by hand over every centre: the ranges for holes inside the image, the means for a random centre
+        t, length, w = _axis_law(size=size)
+        inside = np.array([size // 2 <= c <= 224 - size + size // 2 for c in range(224)])
+        assert touched == f"{t[inside].min() ** 2}–{t[inside].max() ** 2}"
+        assert whole == f"{w[inside].min() ** 2}–{w[inside].max() ** 2}"
+        exact = {"share": 100 * np.outer(length, length) / 224**2, "touched": np.outer(t, t), "whole": np.outer(w, w)}
+        assert mean_share == f"{exact['share'].mean():.2f} %" and mean_touched == f"{exact['touched'].mean():.2f}"
+        assert mean_whole == f"{exact['whole'].mean():.3f}"
+        # and orthcr.cutout's holes have those means, within 6 standard errors of 2,000 draws
+        g, measured = torch.Generator().manual_seed(size), {"share": [], "touched": [], "whole": []}
+        for _ in range(2):
+            hole = ~orthcr.cutout(torch.ones(1_000, 1, 224, 224, dtype=torch.bool), g, size=size)[:, 0]
+            per_patch = hole.view(1_000, 14, 16, 14, 16).sum((2, 4))  # (N, 14, 14) hole pixels per patch
+            measured["share"].append(100 * hole.sum((1, 2)) / 224**2)
+            measured["touched"].append((per_patch > 0).sum((1, 2)))
+            measured["whole"].append((per_patch == 256).sum((1, 2)))
+        for name, values in measured.items():
+            mean = torch.cat(values).double().mean().item()
+            assert abs(mean - exact[name].mean()) <= 6 * exact[name].std() / 2_000**0.5 + 1e-9, (size, name, mean)
 
 
 # ----------------------------------------------------------------------------------------------------
