@@ -23,7 +23,7 @@ import clip_min
 import data
 import orthcr
 from toolbox import cli, files, runs, settings
-from toolbox.settings import Setting, at_least, non_negative_number, positive_number
+from toolbox.settings import Setting, at_least, learning_rate, non_negative_number, positive_number, seed
 
 # ---------------------------------------------------------------------------------------------------- defaults
 # The paper does not publish its optimization settings; these are ours (README: "What we chose").
@@ -40,16 +40,6 @@ PROTOCOLS = ("base2new", "fewshot", "cross", "dg")
 CROSS_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
                  "sun397", "dtd", "eurosat", "ucf101")  # CoCoOp's Table 2, after the source ImageNet
 DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")  # CoCoOp's Table 3
-
-
-def _lr_range(lr):
-    if lr is not None and not (0 < lr < torch.finfo(torch.float32).max):  # AdamW keeps it as a float32 tensor
-        return "must be a positive number (below 3.4e38), got " + str(lr)
-
-
-def _seed_range(seed):
-    if not 0 <= seed < 2**32:
-        return f": {seed} is not a seed (expected 0 <= seed < 2**32)"
 
 
 # Every setting, once: its flag, default, help and role ("method": what is trained, "data": on what it is trained
@@ -70,7 +60,7 @@ SETTINGS = settings.Declarations([
     Setting("shots", 16, "training images per class", "data", G["data"], type=int, metavar="K", check=at_least(1),
             shown="{}; --eval-only: the adapters file's", eval_only="same"),
     Setting("seeds", [1], "one run per seed, then a mean ± std table", group=G["data"], type=int, nargs="+",
-            metavar="S", check=_seed_range, eval_only="same"),
+            metavar="S", check=seed, eval_only="same"),
     Setting("download", True, "never download a dataset; say what is missing", group=G["data"], switch=True,
             flag="--no-download"),
     Setting("targets", LAYOUT["targets"], "layers whose input space R rotates, or 'none' for no orthogonal finetuning "
@@ -110,7 +100,7 @@ SETTINGS = settings.Declarations([
             check=at_least(1), eval_only="trained"),
     Setting("batch_size", BATCH_SIZE, "training images per step, plus their Cutout copies", "method", G["opt"],
             type=int, metavar="N", check=at_least(1), eval_only="trained"),
-    Setting("lr", LR, "AdamW's learning rate, the schedule's peak", "method", G["opt"], type=float, check=_lr_range,
+    Setting("lr", LR, "AdamW's learning rate, the schedule's peak", "method", G["opt"], type=float, check=learning_rate,
             eval_only="trained"),
     Setting("weight_decay", WEIGHT_DECAY, "AdamW's weight decay on P", "method", G["opt"], type=float, metavar="WD",
             check=non_negative_number, eval_only="trained"),
@@ -527,15 +517,9 @@ def run_all(cfg, plan, adapters_file):
         adapters, context = cli.check_layout(cfg, init_trainables, path)
         if cfg.eval_only:
             cli.check_evaluation(cfg, adapters_file["settings"])
-        for seed, (mode, payload) in plan.items():  # what could not be compared before: the model, the data
-            folder = runs.run_folder(cfg, seed)
-            if mode == "resume":
-                total = cfg.epochs * data.steps_per_epoch(len(datasets[seed][0].train), cfg.batch_size)
-                runs.check_checkpoint(folder / "checkpoint.pt", payload, cfg, seed, fingerprints[seed], total,
-                                      adapters, context, grad_scaler(cfg.device, cfg.precision))
-            elif mode == "done":
-                runs.compare_settings(folder / "config.json", payload[0], cfg, seed, fingerprints[seed],
-                                      only=("checkpoint_sha256", "data_sha256"))
+        totals = {seed: cfg.epochs * data.steps_per_epoch(len(datasets[seed][0].train), cfg.batch_size)
+                  for seed, (mode, _) in plan.items() if mode == "resume"}
+        runs.check_plan(cfg, plan, fingerprints, totals, adapters, context, grad_scaler(cfg.device, cfg.precision))
         runs.say(f"loading {runs.model_label(cfg)} ({files.format_size(path.stat().st_size)})")
         model = clip_min.load(str(path), cfg.device)
     except (ValueError, RuntimeError, OSError) as e:  # bad file, failed download, unreadable path

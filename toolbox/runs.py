@@ -216,6 +216,20 @@ def plan_runs(cfg, splits):
     return plan
 
 
+def check_plan(cfg, plan, fingerprints, totals, adapters, context, scaler):
+    """What plan_runs could not compare before the model and the data were known: each checkpoint to resume
+    completely (check_checkpoint: `totals` its run's steps, `adapters`/`context` this run's trainables on meta,
+    `scaler` a fresh one), each finished seed's model checksum and data."""
+    for seed, (mode, payload) in plan.items():
+        folder = run_folder(cfg, seed)
+        if mode == "resume":
+            check_checkpoint(folder / "checkpoint.pt", payload, cfg, seed, fingerprints[seed], totals[seed],
+                             adapters, context, scaler)
+        elif mode == "done":
+            compare_settings(folder / "config.json", payload[0], cfg, seed, fingerprints[seed],
+                             only=("checkpoint_sha256", "data_sha256"))
+
+
 def check_writable(folder):
     """--out (or a default run folder) must be a folder, or creatable, and writable."""
     problem = unreachable("--out", folder)  # a name too long (after {seed}), no permission

@@ -98,6 +98,16 @@ def positive_number(value):
         return f"must be a positive number, got {value}"
 
 
+def learning_rate(value):
+    if value is not None and not (0 < value < 3.4028234663852886e38):  # float32 max: AdamW keeps it as one
+        return f"must be a positive number (below 3.4e38), got {value}"
+
+
+def seed(value):
+    if not 0 <= value < 2**32:
+        return f": {value} is not a seed (expected 0 <= seed < 2**32)"
+
+
 # ---------------------------------------------------------------------------------------------------- derived
 
 FLAGS_INTRO = ("`python train.py --help` shows the same, grouped, with every default. A setting's role says what it "
