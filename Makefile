@@ -39,3 +39,8 @@ DEVICE ?= cuda
 .PHONY: gpu-check
 gpu-check:
 	$(PYTHON) bench.py --gpu-check --device $(DEVICE) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))
+
+# docs/flags.md, generated from train.py's SETTINGS (tests/test_settings.py checks that it is current)
+.PHONY: docs
+docs:
+	$(PYTHON) -c "import train; open('docs/flags.md', 'w').write(train.SETTINGS.flags_doc())"

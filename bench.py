@@ -67,6 +67,7 @@ sys.path.insert(0, str(ROOT))
 
 import clip_min  # noqa: E402
 import orthcr  # noqa: E402
+import train  # noqa: E402
 
 BENCH_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
 BATCH = 16  # training images per step (plus as many Cutout copies) and eval batch
@@ -75,7 +76,7 @@ CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "hors
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}  # autocast dtype (None: off)
 # what train.py's --precision auto should mean on CUDA, from `bench.py --only precision` (bench_results/
 # precision_cpu.txt): fp16 keeps the student-teacher difference of small rotations, bf16 rounds much of it away
-AUTO_CUDA = "fp16"
+AUTO_CUDA = train.resolve_precision("auto", "cuda")
 # the precision measurement: bf16/fp16 matmuls run ~140x slower than fp32 on a CPU without AVX512-BF16 or AMX,
 # so the CPU measurement takes 4 images; on CUDA the reference batch
 PRECISION_IMAGES_CPU = 4
@@ -98,29 +99,22 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def resolve_precision(precision, device):
-    """--precision auto: fp32 on the CPU, AUTO_CUDA on CUDA."""
-    if precision != "auto":
-        return precision
-    return AUTO_CUDA if device == "cuda" else "fp32"
+# the precision policy and the training step are train.py's own: the bench measures what users run
+resolve_precision = train.resolve_precision  # --precision auto: fp32 on the CPU, AUTO_CUDA on CUDA
+grad_scaler = train.grad_scaler  # fp16's GradScaler (starting at train.py's 2^12), disabled otherwise
 
 
 def autocast(device, precision):
-    """Autocast to the precision's dtype on `device` (on the CPU too: the slow stand-in), off for fp32."""
-    dtype = PRECISIONS[precision]
-    return torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None)
-
-
-def grad_scaler(device, precision):
-    """A GradScaler for fp16 (train.py's), disabled otherwise: scale(), step() and update() then pass through."""
-    return torch.amp.GradScaler(device, enabled=precision == "fp16")
+    """train.py's autocast on `device` (on the CPU too: the slow stand-in), off for fp32."""
+    return train.autocast(device, precision)
 
 
 def optimizer_step(loss, optimizer, scaler):
+    """PEFT's side of a step, as train.training_step takes ours: the scaled backward, then AdamW."""
+    optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
     scaler.step(optimizer)
     scaler.update()
-    optimizer.zero_grad(set_to_none=True)
 
 
 def timed(fn, repeats, device):
@@ -211,13 +205,13 @@ def ours_setup(args):
 
 
 def ours_step(s, args, cutout_mode):
-    """One training step of ours, as train.py runs it: objective under autocast, (scaled) backward, AdamW."""
+    """One training step of ours, train.py's own (train.training_step): objective under autocast, (scaled)
+    backward, AdamW."""
+    method = dict(cutout=orthcr.cutout_views(cutout_mode, s["generator"]), transform=train.cayley_transform(0))
+
     def step():
-        with autocast(args.device, args.precision):
-            loss, _ = orthcr.objective(s["model"], s["params"], s["adapters"], s["images"], s["labels"], s["tokens"],
-                                       s["zs_text"], s["generator"], cutout_mode=cutout_mode,
-                                       transform=orthcr.cayley_fast)
-        optimizer_step(loss, s["optimizer"], s["scaler"])
+        train.training_step(s["model"], s["params"], s["adapters"], None, s["images"], s["labels"], s["tokens"],
+                            s["zs_text"], s["optimizer"], s["scaler"], args.precision, method)
     return step
 
 
@@ -485,7 +479,8 @@ def worker_precision(args):
             zs_text = orthcr.zero_shot_text_features(model, params, tokens)
             adapters = students[grad_at]
             loss, terms = orthcr.objective(model, params, adapters, images, labels, tokens, zs_text,
-                                           torch.Generator().manual_seed(0), transform=orthcr.cayley_fast)
+                                           cutout=orthcr.cutout_views("random", torch.Generator().manual_seed(0)),
+                                           transform=orthcr.cayley_fast)
         regularizer = orthcr.LAMBDA1 * terms["kl"] + orthcr.LAMBDA2 * terms["kl_cutout"]  # the KL part alone
         grad, scale, finite = scaled_grad(loss, list(adapters.values()), precision == "fp16")
         grad_kl, scale_kl, finite_kl = scaled_grad(regularizer, list(adapters.values()), precision == "fp16")
@@ -543,11 +538,11 @@ def timed_steps(args, model, params, images, labels, tokens, zs_text, start, pre
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
 
+    method = dict(cutout=orthcr.cutout_views("random", generator), transform=train.cayley_transform(0))
+
     def step():
-        with autocast(args.device, precision):
-            loss, _ = orthcr.objective(model, params, adapters, images, labels, tokens, zs_text, generator,
-                                       transform=orthcr.cayley_fast)
-        optimizer_step(loss, optimizer, scaler)
+        train.training_step(model, params, adapters, None, images, labels, tokens, zs_text, optimizer, scaler,
+                            precision, method)
 
     step()
     times = timed(step, max(args.steps, 1), args.device)

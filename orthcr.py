@@ -342,6 +342,18 @@ def _holes(centres_y, centres_x, h, w, size):
     return (in_rows[..., :, None] & in_cols[..., None, :]).any(dim=1)  # (N, H, W)
 
 
+def cutout_views(mode, generator, holes=1, size=CUTOUT_SIZE, temperature=None):
+    """Cutout as `objective` takes it, a function (images, similarity) -> the Cutout copies, where `similarity()`
+    gives the teacher's map of the clean images (N, grid, grid) when asked: random Cutout (v1) never asks,
+    attentive Cutout (v3) does. None for mode "none" (no Cutout). Randomness only from `generator`."""
+    if mode == "random":
+        return lambda images, similarity: cutout(images, generator, holes, size)
+    if mode == "attentive":
+        return lambda images, similarity: attentive_cutout(images, similarity(), size, generator, temperature)
+    assert mode == "none", mode
+    return None
+
+
 # ----------------------------------------------------------------------------------------------------
 # The loss
 
@@ -374,23 +386,30 @@ def orthcr_loss(logits, logits_cut, zs_logits, zs_logits_cut, labels, lambda1=LA
     return loss, terms
 
 
-def objective(model, params, adapters, images, labels, tokens, teacher_text, generator, *, context=None,
-              cutout_mode="random", lambda1=LAMBDA1, lambda2=LAMBDA2, holes=1, size=CUTOUT_SIZE, temperature=None,
-              transform=cayley, normalize=clip_min.normalize):
+def objective(model, params, adapters, images, labels, tokens, teacher_text, *, context=None, cutout=None,
+              lambda1=LAMBDA1, lambda2=LAMBDA2, transform=cayley, normalize=clip_min.normalize):
     """One step's loss for a batch of [0, 1] training images (N, 3, H, W). `tokens` are the student's class
     prompts (trimmed; CoOp's when `context` is given), `teacher_text` the teacher's fp32 class features.
+    `transform` turns P into R (cayley, cayley_fast, cayley_neumann); `cutout` makes the Cutout copies
+    (cutout_views: random or attentive; None: no Cutout views and terms, the "w/o CutOut" ablation).
 
-    The teacher sees the clean images and the Cutout copies without gradient; with attentive Cutout its patch
-    tokens from the clean pass place the holes (no extra forward pass). The student (merged weights, computed
-    once here for every layer) sees the same views. Returns (loss, terms)."""
+    The teacher sees the clean images and the Cutout copies without gradient; when `cutout` asks for the
+    teacher's similarity map (attentive Cutout), the teacher's clean pass yields it with its patch tokens (no
+    extra forward pass). The student (merged weights, computed once here for every layer) sees the same views.
+    Returns (loss, terms)."""
     n = images.shape[0]
     with torch.no_grad():  # the frozen zero-shot branch: W0, no gradient
-        if cutout_mode == "attentive":
-            clean, patches = encode_image(model, params, normalize(images), dense=True)
-            cut = attentive_cutout(images, similarity_map(patches, teacher_text[labels]), size, generator, temperature)
-            teacher_features = torch.cat([clean, encode_image(model, params, normalize(cut))])
+        clean = []  # the teacher's clean features, when the similarity map was asked for
+
+        def similarity():  # the teacher's clean pass, with its patch tokens
+            features, patches = encode_image(model, params, normalize(images), dense=True)
+            clean.append(features)
+            return similarity_map(patches, teacher_text[labels])
+
+        cut = None if cutout is None else cutout(images, similarity)
+        if clean:
+            teacher_features = torch.cat([clean[0], encode_image(model, params, normalize(cut))])
         else:
-            cut = cutout(images, generator, holes, size) if cutout_mode == "random" else None
             teacher_features = encode_image(model, params, normalize(_views(images, cut)))
         zs = clip_logits(teacher_features, teacher_text, params["logit_scale"])
     merged = merge(params, adapters, transform)

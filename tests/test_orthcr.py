@@ -230,7 +230,7 @@ def test_kl_terms_are_zero_at_init_and_grad_reaches_only_P(tiny_model):
     params, images, labels, tokens, zs_text = batch(tiny_model)
     adapters = orthcr.init_adapters(params)
     loss, terms = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
-                                   torch.Generator().manual_seed(0))
+                                   cutout=orthcr.cutout_views("random", torch.Generator().manual_seed(0)))
     assert terms["kl"].item() == 0.0 and terms["kl_cutout"].item() == 0.0
     assert graph_leaves(loss) == {id(P) for P in adapters.values()}  # the autograd graph's only leaves
     loss.backward()
@@ -242,8 +242,8 @@ def test_with_zero_lambdas_the_loss_is_plain_cross_entropy(tiny_model):
     params, images, labels, tokens, zs_text = batch(tiny_model, seed=1)
     adapters = randomize(orthcr.init_adapters(params), 2, 0.3)
     g = torch.Generator().manual_seed(5)
-    loss, terms = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text, g,
-                                   lambda1=0.0, lambda2=0.0)
+    loss, terms = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
+                                   cutout=orthcr.cutout_views("random", g), lambda1=0.0, lambda2=0.0)
     assert terms["kl"] > 0 and terms["kl_cutout"] > 0  # the regularizer is live, just weighted out
     # recompute CE(clean) + CE(cutout) independently, with the same Cutout draw
     cut = orthcr.cutout(images, torch.Generator().manual_seed(5))
@@ -304,7 +304,7 @@ def test_cayley_runs_once_per_block_size_per_step(tiny_model):
         return orthcr.cayley(P)
 
     orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
-                     torch.Generator().manual_seed(0), transform=counting)
+                     cutout=orthcr.cutout_views("random", torch.Generator().manual_seed(0)), transform=counting)
     sizes = {P.shape[-1] for P in adapters.values()}
     assert len(calls) == len(sizes)  # batched: one call per block size, covering every layer's blocks
     assert sum(s[0] for s in calls) == sum(P.shape[0] for P in adapters.values())
@@ -429,7 +429,8 @@ def test_lambda1_weighs_the_clean_image_kl_and_lambda2_the_cutout_kl(tiny_model)
 
     def loss(l1, l2):
         return orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
-                                torch.Generator().manual_seed(9), lambda1=l1, lambda2=l2)
+                                cutout=orthcr.cutout_views("random", torch.Generator().manual_seed(9)),
+                                lambda1=l1, lambda2=l2)
 
     base, terms = loss(0.0, 0.0)
     assert torch.allclose(terms["kl"], clean_kl, rtol=1e-4)  # "kl" is the clean-image term ...
@@ -511,10 +512,10 @@ def test_random_and_attentive_cutout_give_the_same_loss_when_their_holes_coincid
     attentive_cut = orthcr.attentive_cutout(images, orthcr.similarity_map(patches, zs_text[labels]),
                                             generator=torch.Generator().manual_seed(7))
     loss_attentive, _ = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
-                                         torch.Generator().manual_seed(7), cutout_mode="attentive")
+                                         cutout=orthcr.cutout_views("attentive", torch.Generator().manual_seed(7)))
     monkeypatch.setattr(orthcr, "cutout", lambda images, *args: attentive_cut)  # random Cutout, same holes
     loss_random, _ = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
-                                      torch.Generator(), cutout_mode="random")
+                                      cutout=orthcr.cutout_views("random", torch.Generator()))
     assert torch.allclose(loss_attentive, loss_random, rtol=1e-5)
 
 
@@ -522,7 +523,7 @@ def test_without_cutout_the_loss_is_ce_plus_lambda1_kl_exactly(tiny_model):
     params, images, labels, tokens, zs_text = batch(tiny_model, seed=3)
     adapters = randomize(orthcr.init_adapters(params), 2, 0.3)
     loss, terms = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
-                                   torch.Generator().manual_seed(0), cutout_mode="none", lambda1=1.5)
+                                   cutout=None, lambda1=1.5)
     assert set(terms) == {"ce", "kl"}
     student, teacher = independent_logits(tiny_model, params, adapters, images, tokens)
     expected = F.cross_entropy(student, labels) + 1.5 * orthcr.kl_to_zero_shot(student, teacher)
@@ -548,7 +549,7 @@ def test_nothing_in_the_teachers_path_receives_gradients(tiny_model, mode):
     params, images, labels, tokens, zs_text = batch(tiny_model)
     adapters = randomize(orthcr.init_adapters(params), 1, 0.1)
     loss, _ = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
-                               torch.Generator().manual_seed(0), cutout_mode=mode)
+                               cutout=orthcr.cutout_views(mode, torch.Generator().manual_seed(0)))
     assert graph_leaves(loss) == {id(P) for P in adapters.values()}
 
 
@@ -720,7 +721,8 @@ def test_gradients_reach_the_context_and_the_adapters_and_nothing_else(tiny_mode
     context = orthcr.init_context(params, n_ctx=4, generator=torch.Generator().manual_seed(0))
     tokens = orthcr.trim_tokens(orthcr.coop_tokens(["a", "b", "c"], n_ctx=4))
     loss, _ = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
-                               torch.Generator().manual_seed(0), context=context, cutout_mode="attentive")
+                               context=context,
+                               cutout=orthcr.cutout_views("attentive", torch.Generator().manual_seed(0)))
     assert graph_leaves(loss) == {id(P) for P in adapters.values()} | {id(context)}
     loss.backward()
     assert context.grad.abs().sum() > 0 and all(P.grad.abs().sum() > 0 for P in adapters.values())

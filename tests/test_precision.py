@@ -12,6 +12,7 @@ import clip_min
 import data
 import orthcr
 import train
+from toolbox import runs
 from conftest import make_eurosat_like
 
 CLASSES = ["cat", "dog", "bird", "car", "tree"]
@@ -92,7 +93,7 @@ def test_the_bf16_loss_is_within_the_measured_tolerance_of_the_fp32_loss(setup, 
 
     def loss():
         return orthcr.objective(model, params, adapters, images, labels, tokens, teacher_text,
-                                torch.Generator().manual_seed(seed), cutout_mode=cutout)
+                                cutout=orthcr.cutout_views(cutout, torch.Generator().manual_seed(seed)))
 
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low, low_terms = loss()
@@ -120,15 +121,16 @@ def test_a_training_step_and_an_evaluation_batch_run_on_the_meta_device(tiny_mod
     params = {k: v.to("meta") for k, v in tiny_model.state_dict().items()}
     adapters, context = train.init_trainables(params, cfg, seed=1)
     assert all(P.is_meta for P in train.trainable_tensors(adapters, context))
-    tokens, teacher_text = train.class_prompts(tiny_model, params, CLASSES, "a photo of a {}.", cfg)
+    dataset = data.Dataset("toy", CLASSES, "a photo of a {}.")
+    tokens, teacher_text = train.class_prompts(tiny_model, params, dataset, cfg)
     images, labels = batch(0)
     loss, terms = orthcr.objective(tiny_model, params, adapters, images.to("meta"), labels.to("meta"), tokens,
-                                   teacher_text, torch.Generator().manual_seed(0), context=context,
-                                   **train.method_settings(cfg))
+                                   teacher_text, context=context,
+                                   **train.method_settings(cfg, torch.Generator().manual_seed(0)))
     loss.backward()
     assert loss.is_meta and all(P.grad is not None and P.grad.is_meta for P in train.trainable_tensors(adapters, context))
     merged = orthcr.export_state_dict(params, adapters)
-    weights = train.classifier(tiny_model, merged, context, CLASSES, "a photo of a {}.", cfg)
+    weights = train.classifier(tiny_model, merged, context, dataset, cfg)
     predictions = train.predict(tiny_model, merged, clip_min.normalize(images).to("meta"), weights, cfg)
     assert predictions.is_meta and predictions.shape == (8,)
 
@@ -143,10 +145,10 @@ def test_train_runs_its_loop_on_the_meta_device(tiny_model, tmp_path, monkeypatc
     train_set = data.build_dataset("eurosat", make_eurosat_like(tmp_path / "data"), shots=4, seed=1, subsample="base")
     params = {k: v.to("meta") for k, v in tiny_model.state_dict().items()}
     saved = []
-    monkeypatch.setattr(train, "_stop_if_not_finite", lambda *a: None)
-    monkeypatch.setattr(train._Bookkeeping, "log_step", lambda self, *a: None)
-    monkeypatch.setattr(train._Progress, "report", lambda self, *a: None)
-    monkeypatch.setattr(train, "_save_checkpoint", lambda folder, cfg, seed, sha, step, total, adapters, context, *a:
+    monkeypatch.setattr(train, "not_finite", lambda *a: None)
+    monkeypatch.setattr(runs.Bookkeeping, "log_step", lambda self, *a: None)
+    monkeypatch.setattr(runs.Progress, "report", lambda self, *a: None)
+    monkeypatch.setattr(runs, "save_checkpoint", lambda folder, cfg, seed, sha, step, total, adapters, context, *a:
                         saved.append((step, total, adapters, context)))
     adapters, context = train.train(tiny_model, params, train_set, cfg, seed=1, folder=tmp_path)
     # 4 shots x 2 base classes = 8 images: 2 steps of 4, each checkpointed at the epoch's end

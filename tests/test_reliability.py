@@ -21,6 +21,7 @@ import torch
 import clip_min
 import orthcr
 import train
+from toolbox import runs
 from conftest import ROOT
 from conftest import sha256
 from conftest import base_args, make_eurosat_like, make_imagenet_like, read_log, run_main, saved_adapters
@@ -39,7 +40,8 @@ def python(script, *argv, **kwargs):
 
 # the child writes half of the new file under the temporary name, says where, and hangs until killed
 HALF_WRITTEN_SAVE = """
-import io, pathlib, time, torch, train
+import io, pathlib, time, torch
+from toolbox import runs
 
 def half_then_hang(path, blob):
     with open(path, "wb") as f:
@@ -54,10 +56,10 @@ if sys.argv[2] == "torch":
         real_save(obj, buf)
         half_then_hang(f.name, buf.getvalue())
     real_save, torch.save = torch.save, save
-    train._write_torch(sys.argv[1], {"step": 2, "adapters": {"w": torch.full((100_000,), 2.0)}})
+    runs.write_torch(sys.argv[1], {"step": 2, "adapters": {"w": torch.full((100_000,), 2.0)}})
 else:
     pathlib.Path.write_text = lambda path, text: half_then_hang(path, text.encode())
-    train._write_json(sys.argv[1], {"step": 2, "results": list(range(100_000))})
+    runs.write_json(sys.argv[1], {"step": 2, "results": list(range(100_000))})
 """
 
 
@@ -65,8 +67,8 @@ else:
 def test_a_save_killed_midway_leaves_the_previous_file(tmp_path, kind):
     path = tmp_path / ("checkpoint.pt" if kind == "torch" else "results.json")
     old = {"step": 1, "adapters": {"w": torch.full((10,), 1.0)}} if kind == "torch" else {"step": 1, "results": [1]}
-    save, load = (train._write_torch, lambda: torch.load(path, weights_only=True)) if kind == "torch" else \
-        (train._write_json, lambda: json.loads(path.read_text()))
+    save, load = (runs.write_torch, lambda: torch.load(path, weights_only=True)) if kind == "torch" else \
+        (runs.write_json, lambda: json.loads(path.read_text()))
     save(path, old)
     child = python(HALF_WRITTEN_SAVE, path, kind, stdout=subprocess.PIPE, text=True)
     try:
@@ -85,9 +87,9 @@ def test_a_save_killed_midway_leaves_the_previous_file(tmp_path, kind):
 
 def test_a_failed_save_keeps_the_previous_file_and_leaves_no_temporary(tmp_path):
     path = tmp_path / "checkpoint.pt"
-    train._write_torch(path, {"step": 1})
+    runs.write_torch(path, {"step": 1})
     with pytest.raises(Exception):
-        train._write_torch(path, {"step": 2, "not a tensor": lambda: 0})  # pickling fails halfway through the file
+        runs.write_torch(path, {"step": 2, "not a tensor": lambda: 0})  # pickling fails halfway through the file
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint.pt"]
 
@@ -171,12 +173,12 @@ def test_ctrl_c_during_evaluation_is_one_line_with_the_way_back(root, weights, t
 
 
 def test_ctrl_c_in_a_several_seed_run_prints_a_command_the_cli_accepts(root, weights, tmp_path, monkeypatch, capsys):
-    class StopAtStep1(train._Interrupt):  # as if Ctrl-C came during the first step
+    class StopAtStep1(runs.Interrupt):  # as if Ctrl-C came during the first step
         requested = property(lambda self: True, lambda self, value: None)
 
     argv = ["--data", "eurosat", "--root", root, "--weights", weights, "--shots", 2, "--epochs", 1, "--seeds", 1, 2]
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(train, "_Interrupt", StopAtStep1)
+    monkeypatch.setattr(runs, "Interrupt", StopAtStep1)
     monkeypatch.setattr(sys, "argv", ["train.py", *map(str, argv)])
     with pytest.raises(SystemExit) as stop:
         run_main(*argv)

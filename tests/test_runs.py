@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import clip_min
-from toolbox import files
+from toolbox import files, runs, settings
 import data
 import train
 from conftest import ROOT
@@ -99,7 +99,7 @@ def test_eval_only_writes_its_own_folder_and_records_what_it_evaluated(root, wei
     run_main(*base_args(root, weights, trained, "--epochs", 1, "--shots", 4, "--lr", 1e-2))
     before = snapshot(trained)
     record = run_main("--root", root, "--weights", weights, "--eval-only", "--adapters", trained / "adapters.pt")[0]
-    assert {p: b for p, b in snapshot(trained).items() if p.parts[0] in train.RUN_FILES} == before  # untouched
+    assert {p: b for p, b in snapshot(trained).items() if p.parts[0] in runs.RUN_FILES} == before  # untouched
     folder = trained / "eval_eurosat_base2new_seed1"
     assert json.loads((folder / "results.json").read_text()) == record
     assert record["shots"] == 4 and json.loads((folder / "config.json").read_text())["shots"] == 4  # from the file
@@ -160,11 +160,11 @@ def stopped(root, weights, tmp_path, monkeypatch):
     """A run stopped (as by Ctrl-C) at step 3 of 4, with its checkpoint."""
     out = tmp_path / "stopped"
 
-    class StopAtStep3(train._Interrupt):
+    class StopAtStep3(runs.Interrupt):
         requested = property(lambda self: (out / "log.jsonl").exists() and len(read_log(out)) >= 3,
                              lambda self, value: None)
 
-    monkeypatch.setattr(train, "_Interrupt", StopAtStep3)
+    monkeypatch.setattr(runs, "Interrupt", StopAtStep3)
     with pytest.raises(SystemExit):
         run_main(*base_args(root, weights, out, "--epochs", 2, "--lr", 1e-2))
     monkeypatch.undo()
@@ -301,7 +301,7 @@ def test_non_finite_adapters_are_never_saved(root, weights, tmp_path):
     cfg = train.settings_from(train.parse_args(["--root", str(root), "--weights", str(weights)]))
     P = torch.full((2, 2), float("nan"))
     with pytest.raises(SystemExit) as stop:
-        train._save_checkpoint(tmp_path, cfg, 1, "x", 3, 4, {"w": P}, None, torch.optim.AdamW([P]),
+        runs.save_checkpoint(tmp_path, cfg, 1, "x", 3, 4, {"w": P}, None, torch.optim.AdamW([P]),
                                torch.amp.GradScaler(enabled=False), torch.Generator())
     assert stop.value.code == 3 and not (tmp_path / "checkpoint.pt").exists()
 
@@ -449,8 +449,8 @@ def test_a_compressed_adapters_file_is_refused_before_it_is_inflated(root, weigh
 
 
 def test_the_eta_does_not_wrap_at_24_hours():
-    assert train._duration(25 * 3600 + 61) == "25:01:01"
-    assert train._duration(59) == "0:00:59"
+    assert files.format_duration(25 * 3600 + 61) == "25:01:01"
+    assert files.format_duration(59) == "0:00:59"
 
 
 def test_the_cli_prints_one_line_and_no_traceback(root, weights, finished):
@@ -634,7 +634,7 @@ def test_a_cutout_grid_is_never_written_under_a_run_file_s_name(root, weights, s
 def test_the_resume_command_works_from_any_folder(root, weights, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, "argv", ["train.py", "--root=data", "--seeds", "1", "2", "--weights", "w.pt"])
-    command = shlex.split(train._resume_command(Path("runs/eurosat_base2new_16shot_orthcr_seed2")))
+    command = shlex.split(runs.resume_command(Path("runs/eurosat_base2new_16shot_orthcr_seed2")))
     assert command[command.index("--root") + 1] == str(tmp_path / "data")  # --flag=value made absolute too
     assert command[command.index("--out") + 1] == str(tmp_path / "runs" / "eurosat_base2new_16shot_orthcr_seed{seed}")
     assert command[-3:] == ["--resume", "--out", command[-1]] and command[command.index("--weights") + 1] == str(
@@ -644,7 +644,7 @@ def test_the_resume_command_works_from_any_folder(root, weights, tmp_path, monke
 def test_coop_rows_name_the_terms_they_add():
     def label(*flags):
         cfg = train.settings_from(train.parse_args(["--targets", "none", "--prompt", "coop", "--device", "cpu", *flags]))
-        return train.method_name(cfg), train._method_tag(cfg)
+        return train.method_name(cfg), settings.method_tag(cfg)
 
     assert label("--lambda1", "0", "--cutout", "none") == ("CoOp", "coop")
     assert label("--lambda1", "0", "--lambda2", "0") == ("CoOp (+ CutOut)", "coop-cutout")  # no KL weight, no KL

@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 import clip_min
-from toolbox import files
+from toolbox import cli, files, runs
 import data
 import orthcr
 import train
@@ -94,7 +94,7 @@ def test_resume_after_a_stop_equals_the_uninterrupted_run(root, weights, tmp_pat
     args = ("--epochs", 3, "--lr", 1e-2, "--save-every", 1)
     run_main(*base_args(root, weights, full, *args))
 
-    class StopAtStep5(train._Interrupt):  # as if Ctrl-C came during step 5
+    class StopAtStep5(runs.Interrupt):  # as if Ctrl-C came during step 5
         @property
         def requested(self):
             return len(read_log(stopped)) >= 5 if (stopped / "log.jsonl").exists() else False
@@ -103,7 +103,7 @@ def test_resume_after_a_stop_equals_the_uninterrupted_run(root, weights, tmp_pat
         def requested(self, value):
             pass
 
-    monkeypatch.setattr(train, "_Interrupt", StopAtStep5)
+    monkeypatch.setattr(runs, "Interrupt", StopAtStep5)
     with pytest.raises(SystemExit) as stop:
         run_main(*base_args(root, weights, stopped, *args))
     assert stop.value.code == 130 and not (stopped / "results.json").exists()
@@ -324,43 +324,7 @@ def test_the_cutout_grid_is_a_png_of_the_first_batch(root, weights, tmp_path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# --help and the README's flags table
-
-
-def help_rows():
-    """(flags, default, text) of every flag as --help shows them, grouped as --help groups them."""
-    formatter = train._HelpFormatter("train.py")
-    rows = []
-    for group in train.parser()._action_groups[2:]:  # after positionals and "options" (just --help)
-        rows.append((group.title, None, None))
-        for action in group._group_actions:
-            text = formatter._get_help_string(action)
-            body, _, default = text.rpartition(" (default: ")
-            rows.append((", ".join(action.option_strings), default[:-1] if body else "", body or text))
-    return rows
-
-
-def flags_table():
-    lines = ["| flag | default | what it does |", "|---|---|---|"]
-    for flags, default, text in help_rows():
-        if default is None:
-            lines.append(f"| **{flags}** | | |")
-        else:
-            cell = lambda x: x.replace("%%", "%").replace("|", "/").replace("<", "&lt;")  # noqa: E731 (markdown)
-            lines.append(f"| `{flags}` | {cell(default)} | {cell(text)} |")
-    return "\n".join(lines)
-
-
-def test_help_shows_a_default_for_every_flag_that_has_one():
-    for flags, default, text in help_rows():
-        if default is not None and flags not in ("--no-download", "--zero-shot", "--eval-only", "--resume",
-                                                 "--overwrite", "--export"):  # switches: off unless given
-            assert default, f"{flags} shows no default"
-
-
-def test_the_readme_flags_table_is_what_help_shows():
-    readme = (ROOT / "README.md").read_text()
-    assert flags_table() in readme, "README's flags table differs from --help; paste:\n" + flags_table()
+# The README's commands
 
 
 def readme_commands():
@@ -380,7 +344,8 @@ def test_every_train_command_in_the_readme_passes_the_flag_checks():
         if argv == ["--help"]:
             continue
         argv = ["cpu" if a == "cuda" else a for a in argv]  # this machine's device; the rest as written
-        problems = [p for p in train._validate(train.parser().parse_args(argv)) if p not in made_earlier]
+        problems = [p for p in cli.problems(train.SETTINGS, cli.parser(train.SETTINGS).parse_args(argv))
+                    if p not in made_earlier]
         assert not problems, f"README: `{command}`: {problems}"
 
 
@@ -393,7 +358,7 @@ def test_each_row_of_the_readme_ablation_table_has_its_own_run_folders():
         argv = ["cpu" if a == "cuda" else a for a in shlex.split(command)[2:]]
         cfg = train.settings_from(train.parse_args(argv))
         for seed in cfg.seeds:
-            folder = train._run_folder(cfg, seed)
+            folder = runs.run_folder(cfg, seed)
             assert folder not in folders, f"`{command}` and `{folders[folder]}` share {folder}"
             folders[folder] = command
     assert Path("runs/eurosat_base2new_16shot_orthsr+coop_seed1") in folders
@@ -402,6 +367,6 @@ def test_each_row_of_the_readme_ablation_table_has_its_own_run_folders():
 
 def test_out_with_seed_names_one_folder_per_seed():
     cfg = train.settings_from(train.parse_args(["--seeds", "1", "2", "--out", "sweep/lr3e-4_seed{seed}", "--device", "cpu"]))
-    assert [train._run_folder(cfg, s) for s in cfg.seeds] == [Path("sweep/lr3e-4_seed1"), Path("sweep/lr3e-4_seed2")]
+    assert [runs.run_folder(cfg, s) for s in cfg.seeds] == [Path("sweep/lr3e-4_seed1"), Path("sweep/lr3e-4_seed2")]
     with pytest.raises(SystemExit):  # one folder for two seeds would mix them
         train.parse_args(["--seeds", "1", "2", "--out", "sweep/lr3e-4", "--device", "cpu"])

@@ -1,0 +1,255 @@
+"""The command line's checks: every flag and every combination of flags checked before anything is read (exit 2
+with one line), then the checks that need the adapters file, the model's shapes, the data root or the prompts,
+each one line before any heavy work."""
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+import clip_min
+import data
+import orthcr
+from toolbox import runs
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, with a flag error as one line (not the usage block first): `train.py: error: ... (see --help)`."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def parser(declared, description=""):
+    """The command line of `declared` (toolbox.settings.Declarations): each flag's default is None, so that what
+    was given is what is not None; Declarations.record fills in the rest."""
+    return declared.parser(Parser(prog="train.py", description=description,
+                                  formatter_class=argparse.RawDescriptionHelpFormatter))
+
+
+def parse_args(declared, argv=None, description=""):
+    """The flags, validated before anything heavy is loaded (exit 2 with one line)."""
+    p = parser(declared, description)
+    args = p.parse_args(argv)
+    bad = problems(declared, args)
+    if bad:
+        p.error("; ".join(bad))
+    return args
+
+
+def problems(declared, args):
+    """Every flag checked before anything is read: a list of one-line problems."""
+    def value(name):  # given, else the declared default
+        given, default = getattr(args, name), declared.by_name[name].default
+        return given if given is not None else default(vars(args)) if callable(default) else default
+
+    bad = declared.range_problems(args)
+    if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
+        bad.append(f"--seeds {' '.join(map(str, args.seeds))}: each seed once (a repeated seed repeats its run)")
+    bad += _method_problems(args, value)
+    bad += _protocol_problems(args, value)
+    bad += _file_problems(args, value)
+    bad += _device_problems(value("device"), value("precision"))
+    return bad
+
+
+def _method_problems(args, value):
+    """Combinations of the method's flags that make no sense, one line each."""
+    bad, cutout = [], value("cutout")
+    no_adapters = args.targets is not None and [t.lower() for t in args.targets] == ["none"]
+    if args.targets is not None and "none" in args.targets and len(args.targets) > 1:
+        bad.append("--targets none means no orthogonal finetuning: give it alone")
+    if no_adapters and (args.blocks is not None or args.towers is not None or args.neumann):
+        bad.append("--targets none trains no rotation: --blocks, --towers and --neumann do not apply")
+    if no_adapters and args.prompt != "coop" and not args.eval_only:
+        bad.append("--targets none leaves nothing to train: add --prompt coop (plain CoOp), or use --zero-shot")
+    if args.prompt != "coop" and (args.n_ctx is not None or args.ctx_init is not None):
+        bad.append("--n-ctx and --ctx-init set CoOp's learned context: add --prompt coop")
+    if args.ctx_init is not None:
+        words = len(clip_min.encode(args.ctx_init)) if args.ctx_init.strip() else 0
+        if not words:
+            bad.append("--ctx-init is empty: give initial words such as 'a photo of a'")
+        elif args.n_ctx is not None and args.n_ctx != words:
+            bad.append(f"--ctx-init {args.ctx_init!r} is {words} tokens, which sets the context length: "
+                       f"drop --n-ctx {args.n_ctx}")
+    if cutout != "random" and args.cutout_holes is not None and args.cutout_holes != 1:
+        bad.append(f"--cutout-holes is for random Cutout; --cutout {cutout} cuts "
+                   f"{'one hole' if cutout == 'attentive' else 'nothing'}")
+    if args.cutout_temperature is not None and cutout != "attentive":
+        bad.append("--cutout-temperature samples attentive Cutout's hole: add --cutout attentive")
+    if cutout == "none" and args.lambda2:
+        bad.append("--lambda2 weighs the KL on Cutout images; --cutout none has none")
+    if args.zero_shot and (args.eval_only or args.resume or args.prompt == "coop" or args.targets is not None):
+        bad.append("--zero-shot evaluates plain CLIP with the template: it takes no --eval-only, --resume, "
+                   "--prompt coop or --targets")
+    return bad
+
+
+def _protocol_problems(args, value):
+    bad, name = [], value("data")
+    if args.protocol == "dg" and name != "imagenet":
+        bad.append("--protocol dg trains on imagenet: add --data imagenet")
+    if args.protocol == "cross" and name != "imagenet" and args.data is not None:
+        bad.append("--protocol cross trains on imagenet (CoCoOp's cross-dataset table): add --data imagenet")
+    if data.DATASETS[name].kind in data.TEST_ONLY:
+        bad.append(f"--data {name} has no training split (it is an evaluation-only ImageNet variant)")
+    if args.eval_data and args.protocol not in ("cross", "dg"):
+        bad.append("--eval-data lists the targets of --protocol cross or dg")
+    return bad
+
+
+def _file_problems(args, value):
+    root, grid = value("root"), args.cutout_grid
+    paths = {"--weights": args.weights, "--adapters": args.adapters, "--out": args.out, "--root": root,
+             "--cutout-grid": grid, "--download-root": args.download_root}
+    unreachable = [p for p in (runs.unreachable(flag, path) for flag, path in paths.items() if path) if p]
+    if unreachable:  # a name too long, a folder we may not enter: the checks below could not even ask
+        return unreachable
+    bad = []
+    if args.weights is not None and not Path(args.weights).is_file():
+        bad.append(f"--weights {args.weights}: {'not a regular file' if os.path.lexists(args.weights) else 'no such file'}")
+    if args.download_root is not None and Path(args.download_root).expanduser().exists() \
+            and not Path(args.download_root).expanduser().is_dir():
+        bad.append(f"--download-root {args.download_root} is a file, not a folder")
+    if args.out is not None and not args.out.strip():
+        bad.append("--out is empty: give the run folder, or leave --out out for the default one")
+    if grid and Path(grid).is_dir():
+        bad.append(f"--cutout-grid {grid} is a folder: give the PNG file to write")
+    elif grid and os.path.lexists(grid) and not args.overwrite:
+        bad.append(f"--cutout-grid {grid} exists: add --overwrite to replace it")
+    elif grid and Path(grid).name in runs.RUN_FILES:
+        bad.append(f"--cutout-grid {grid}: {Path(grid).name} is a run file's name; give a .png")
+    elif grid and os.path.lexists(grid) and not _is_png(grid):
+        bad.append(f"--cutout-grid {grid} exists and is not a PNG: --overwrite replaces only a picture")
+    if value("export_dtype") != "fp32" and not args.export:
+        bad.append(f"--export-dtype {args.export_dtype} is merged.pt's dtype: add --export")
+    if args.eval_only and not args.adapters:
+        bad.append("--eval-only needs --adapters PATH")
+    if args.adapters and not args.eval_only:
+        bad.append("--adapters is read by --eval-only: add --eval-only")
+    if args.adapters and not Path(args.adapters).is_file():
+        bad.append(f"--adapters {args.adapters}: {'not a regular file' if os.path.lexists(args.adapters) else 'no such file'}")
+    if args.out and args.seeds and len(args.seeds) > 1 and "{seed}" not in args.out:
+        bad.append("--out names one run folder: with several seeds put {seed} in it, e.g. --out runs/lr3e-4_seed{seed}")
+    if args.resume and args.overwrite:
+        bad.append("--resume continues the run in --out, --overwrite replaces it: choose one")
+    if grid and not Path(grid).expanduser().resolve().parent.is_dir():
+        bad.append(f"--cutout-grid {grid}: its folder does not exist")
+    elif grid and not os.access(Path(grid).expanduser().resolve().parent, os.W_OK):
+        bad.append(f"--cutout-grid {grid}: its folder is not writable")
+    if args.resume and args.eval_only:
+        bad.append("--resume continues training; --eval-only trains nothing")
+    if not root.strip():
+        bad.append("--root (or $ORTHCR_DATA) is empty: give the folder holding the datasets")
+    if grid and (args.resume or args.eval_only or args.zero_shot):
+        bad.append("--cutout-grid draws a training batch and stops: it takes no --resume, --eval-only or --zero-shot")
+    return bad
+
+
+def _is_png(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read(8) == b"\x89PNG\r\n\x1a\n"
+    except OSError:
+        return False
+
+
+def _device_problems(name, precision):
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        return [f"--device {name}: expected cpu, cuda or cuda:N"]
+    if device.type not in ("cpu", "cuda"):
+        return [f"--device {name}: expected cpu, cuda or cuda:N"]
+    if device.type == "cuda" and not torch.cuda.is_available():
+        return [f"--device {name}: CUDA is not available on this machine"]
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        return [f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)"]
+    if device.type == "cpu" and precision in ("bf16", "fp16"):
+        return [f"--precision {precision} is for CUDA; the CPU runs in fp32"]
+    if device.type == "cuda" and precision == "bf16" and torch.cuda.get_device_capability(device)[0] < 8:
+        return [f"--precision bf16: {name} ({torch.cuda.get_device_name(device)}) has no bf16; use fp16"]
+    return []
+
+
+# ---------------------------------------------------------------------------------------------------- later checks
+
+def check_training_flags(declared, args, saved):
+    """--eval-only with a flag that contradicts the adapters file: one line. The training settings would describe
+    a training that never happened, shots and seed would label another run, --neumann would evaluate another
+    transform; the same value, as in a repeated training command, is fine."""
+    if args.seeds and len(args.seeds) > 1:
+        runs.fail(f"--eval-only evaluates one adapters file, trained with one seed: drop --seeds "
+                  f"{' '.join(map(str, args.seeds))}")
+    for name in declared.names(eval_only=("trained", "same")):
+        recorded, given, s = ("seed" if name == "seeds" else name), getattr(args, name), declared.by_name[name]
+        if given is None or recorded not in saved:
+            continue
+        value = given[0] if name == "seeds" else given
+        if value != saved[recorded]:
+            runs.fail(f"{s.option} {value} contradicts {args.adapters}, trained with {recorded} = {saved[recorded]}: "
+                      f"--eval-only evaluates the adapters as they were trained; drop {s.option}")
+
+
+def check_evaluation(cfg, saved):
+    """--eval-only must evaluate the adapters as what they are: on the base model they were trained on, and
+    without calling "new" the classes they were trained on."""
+    trained = saved.get("checkpoint_sha256")
+    if trained and cfg.checkpoint_sha256 and trained != cfg.checkpoint_sha256:
+        runs.fail(f"--adapters {cfg.adapters} were trained on a base model with SHA-256 {trained[:16]}..., not on "
+                  f"{runs.model_label(cfg)} ({cfg.checkpoint_sha256[:16]}...): pass that model's --weights or --model")
+    if (cfg.protocol == "base2new" and saved.get("data") == cfg.data
+            and saved.get("protocol") in ("fewshot", "cross", "dg")):
+        runs.fail(f"--adapters {cfg.adapters} were trained on all classes of {cfg.data} (--protocol "
+                  f"{saved['protocol']}): base-to-new would call trained classes new; evaluate with --protocol fewshot")
+
+
+def check_root(cfg):
+    try:
+        data.check_root(Path(cfg.root).expanduser())
+    except (data.DataError, OSError) as e:
+        runs.fail(f"--root (or $ORTHCR_DATA): {e}")
+
+
+def check_prompts(cfg, datasets):
+    """Every prompt the run will tokenize fits CLIP's 77 tokens (a long class name, or a long CoOp context)."""
+    for train_set, eval_sets in datasets.values():
+        for dataset in [*([train_set] if train_set else []), *eval_sets.values()]:
+            try:
+                clip_min.tokenize(dataset.prompts())
+                if cfg.prompt == "coop":
+                    orthcr.coop_tokens(dataset.classnames, cfg.n_ctx, cfg.ctx_init)
+            except RuntimeError as e:
+                flag = f"--n-ctx {cfg.n_ctx}: " if cfg.prompt == "coop" else ""
+                runs.fail(f"{flag}a prompt of {dataset.name} does not fit CLIP's context: {e}".split(";")[0])
+
+
+def check_layout(cfg, init_trainables, path=None):
+    """--targets/--blocks/--towers against the model's shapes, known without loading it: from the checkpoint's
+    records (tensors as meta tensors: shapes, no data), or, before a named --model is downloaded, from its
+    architecture. Returns the trainables this run will have (`init_trainables(params, cfg, seed)`), on meta."""
+    if path is None and (cfg.weights or cfg.model not in clip_min.CONFIGS):  # a file is read after the data
+        return None
+    source = path or cfg.model
+    if path is None:
+        with torch.device("meta"):
+            shapes = clip_min.CLIP(**clip_min.CONFIGS[cfg.model]).state_dict()
+    else:
+        try:
+            shapes = {k: torch.empty(s, device="meta") for k, s in clip_min.read_shapes(source).items()}
+        except (ValueError, OSError) as e:
+            runs.fail(str(e).splitlines()[0])
+    try:
+        n_px = clip_min.config_from_state_dict(shapes)["image_resolution"]
+    except (ValueError, KeyError, IndexError, TypeError):  # not a CLIP checkpoint: build_model says why, in one line
+        try:
+            clip_min.build_model(clip_min.read_state_dict(source), source=str(source))
+        except ValueError as e:
+            runs.fail(str(e).splitlines()[0])
+    if cfg.cutout_size > n_px:
+        runs.fail(f"--cutout-size {cfg.cutout_size} is larger than the model's {n_px} px images")
+    try:
+        return init_trainables(shapes, cfg, seed=0)
+    except (ValueError, KeyError) as e:
+        runs.fail(f"{'--blocks' if 'divisible' in str(e) else '--targets/--towers'} do not fit {source}: {e}")

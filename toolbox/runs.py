@@ -1,0 +1,726 @@
+"""Run records: the run folder and its lock, the files a run writes (through files.write_atomic), checkpoints
+and adapters files (saved, read without executing anything, checked completely), the resume and --eval-only
+checks, the step log, the progress line, Ctrl-C and SIGTERM, and the one-line messages.
+
+train.py's loop calls these; nothing here imports train.py. The settings a run records and compares are derived
+from its declarations (toolbox/settings.py)."""
+
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import io
+import itertools
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import sys
+import time
+import warnings
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+
+import torch
+
+import orthcr
+from toolbox import checkpoints, files, settings
+
+ROOT = Path(__file__).resolve().parent.parent
+RUN_FILES = ("config.json", "log.jsonl", "checkpoint.pt", "adapters.pt", "results.json", "merged.pt", "context.pt")
+
+
+# ---------------------------------------------------------------------------------------------------- messages
+
+def say(message):
+    print(message, file=sys.stderr, flush=True)
+
+
+def fail(message, code=1):
+    """Stop with one `error: ...` line on stderr and a non-zero exit, no traceback."""
+    if code == 1:
+        raise SystemExit(f"error: {message}")  # Python prints it and exits with 1
+    say(f"error: {message}")
+    raise SystemExit(code)
+
+
+# ---------------------------------------------------------------------------------------------------- the record
+
+def run_config(cfg, seed, train_set, data_sha256):
+    """config.json: every setting, and what identifies the run's inputs and code."""
+    return {**dataclasses.asdict(cfg), "seed": seed, "data_sha256": data_sha256, "method": settings.method_name(cfg),
+            "model_file": model_label(cfg), "code_version": code_version(), "torch": torch.__version__,
+            "train_images": len(train_set.train) if train_set else 0}
+
+
+def model_label(cfg):
+    """The base model as recorded: the --weights file when one is given, else OpenAI's model name."""
+    return str(Path(cfg.weights).resolve()) if cfg.weights else cfg.model
+
+
+def code_version():
+    """sha256 of the four modules: identifies the code even outside a git checkout."""
+    h = hashlib.sha256()
+    for name in ("clip_min.py", "orthcr.py", "data.py", "train.py"):
+        h.update((ROOT / name).read_bytes())
+    return h.hexdigest()[:16]
+
+
+def result_settings(cfg, seed, data_sha256=None):
+    """The settings a checkpoint must have been written with to be resumed by this run."""
+    names = settings.declared(cfg).result_names()
+    return {**{k: v for k, v in settings.values(cfg).items() if k in names}, "seed": seed, "data_sha256": data_sha256}
+
+
+def data_fingerprint(cfg, datasets):
+    """SHA-256 of what a run reads: every training and test item (its path under the data root, its label), so
+    that a resumed run sees the same few-shot images and the same test sets."""
+    root = os.path.abspath(Path(cfg.root).expanduser())
+    train_set, eval_sets = datasets
+    h = hashlib.sha256()
+    for name, items in [("train", train_set.train if train_set else []), *((s, d.test) for s, d in eval_sets.items())]:
+        h.update(f"[{name}]\n".encode())
+        for it in items:
+            h.update(f"{os.path.relpath(os.path.abspath(it.impath), root)}\t{it.label}\n".encode())
+    return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------------- run folders
+
+def run_folder(cfg, seed):
+    """--out ({seed} in it becomes the seed), else runs/<data>_<protocol>_<K>shot_<method>_seed<S>: each row of
+    the ablation table gets its own folder; --eval-only's folder sits beside the adapters file."""
+    if cfg.out:
+        return Path(cfg.out.replace("{seed}", str(seed)))
+    if cfg.eval_only:  # beside the training run, never into its files
+        return Path(cfg.adapters).resolve().parent / f"eval_{cfg.data}_{cfg.protocol}_seed{seed}"
+    if cfg.zero_shot:
+        return Path("runs") / f"{cfg.data}_{cfg.protocol}_zeroshot_seed{seed}"
+    return Path("runs") / f"{cfg.data}_{cfg.protocol}_{cfg.shots}shot_{settings.method_tag(cfg)}_seed{seed}"
+
+
+@contextmanager
+def hold(cfg, plan):
+    """Every run folder of the plan, held (exclusive) from here to the end of the block."""
+    with ExitStack() as held:
+        for seed, (mode, _) in plan.items():
+            held.enter_context(exclusive(run_folder(cfg, seed), cfg, mode))
+        yield
+
+
+@contextmanager
+def exclusive(folder, cfg, plan):
+    """Hold the run folder for one run: created if needed and locked against concurrent use (flock, which the
+    kernel releases when a run crashes). What it holds was checked by plan_runs; it is checked again under the
+    lock. A folder made here that is still empty at the end is removed again."""
+    created = not folder.exists()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        lock = open(folder / ".lock", "a")
+    except OSError as e:
+        fail(f"cannot use {folder} as the run folder: {e.strerror or e}")
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fail(f"{folder} is in use by another run (its .lock is held): wait for it, or choose another --out")
+        try:
+            if run_state(folder) != _PLAN_STATE[plan] and not (plan == "new" and cfg.overwrite):
+                fail(f"{folder} changed while this run was starting (another run?): start again")
+            for name in RUN_FILES:  # a write that a killed run left half done (none is in progress: we hold the lock)
+                for stale in folder.glob(f".{name}.*.tmp"):
+                    stale.unlink(missing_ok=True)
+            try:
+                yield folder
+            except BaseException:  # stopped (an error, Ctrl-C) before a new run left anything to continue from:
+                if plan == "new" and run_state(folder) == "partial":  # nothing half-written is kept
+                    clear(folder, evaluations=False)  # only what this run wrote
+                raise
+        finally:
+            (folder / ".lock").unlink(missing_ok=True)
+    finally:
+        lock.close()
+        if created and not any(folder.iterdir()):
+            folder.rmdir()
+
+
+def clear(folder, evaluations=True):
+    """--overwrite: the previous run's files go, once the new run has passed every check, with the evaluations of
+    its adapters that --eval-only wrote beside them (they would describe adapters that no longer exist)."""
+    for name in RUN_FILES:
+        (folder / name).unlink(missing_ok=True)
+    for evaluation in folder.glob("eval_*_seed*") if evaluations else ():
+        if evaluation.is_dir() and not evaluation.is_symlink() and (evaluation / "config.json").is_file():
+            shutil.rmtree(evaluation)
+
+
+def run_state(folder):
+    """'done' (results.json), 'checkpoint' (checkpoint.pt, unfinished), 'partial' (a run that stopped before
+    its first checkpoint) or 'empty'."""
+    if (folder / "results.json").exists():
+        return "done"
+    if (folder / "checkpoint.pt").exists():
+        return "checkpoint"
+    return "partial" if any((folder / name).exists() for name in RUN_FILES) else "empty"
+
+
+_PLAN_STATE = {"new": "empty", "resume": "checkpoint", "done": "done"}
+
+
+def plan_runs(cfg, splits):
+    """What each seed's run does: ("new", None), ("resume", checkpoint) or ("done", results) (--resume keeps a
+    finished seed of a sweep as it is; `splits` are the evaluation splits its results must hold). One-line errors,
+    before any data is read, for folders that cannot take their run; a checkpoint or finished run whose recorded
+    settings differ from this run's is refused here."""
+    folders = {seed: run_folder(cfg, seed) for seed in cfg.seeds}
+    for folder in folders.values():
+        check_writable(folder)
+    if cfg.eval_only:
+        adapters = Path(cfg.adapters).resolve()
+        for folder in folders.values():
+            if adapters.parent == folder.resolve():
+                fail(f"--out {folder} holds the adapters being evaluated ({adapters.name}): --eval-only writes its "
+                     f"own folder; choose another --out")
+    states = {seed: run_state(folder) for seed, folder in folders.items()}
+    if not cfg.resume:
+        for seed, folder in folders.items():
+            held = [name for name in RUN_FILES if (folder / name).exists()]
+            if held and not cfg.overwrite:
+                way = {"checkpoint": "continue exactly that run with --resume, replace it with --overwrite",
+                       "done": "it is finished: replace it with --overwrite",
+                       "partial": "it stopped before its first checkpoint: replace it with --overwrite"}[states[seed]]
+                fail(f"{folder} already holds a run ({', '.join(held)}): {way}, or choose another --out")
+        return {seed: ("new", None) for seed in folders}
+    first = folders[cfg.seeds[0]]
+    if all(state == "done" for state in states.values()):
+        fail(f"--resume: {first} holds a finished run (results.json){' and so does every seed' * (len(states) > 1)}; "
+             f"there is nothing to resume")
+    if all(state == "empty" for state in states.values()):
+        fail(f"--resume: no checkpoint in {first} (expected {first / 'checkpoint.pt'}); check --out, or start "
+             f"a new run without --resume")
+    plan = {}
+    for seed, state in states.items():
+        folder = folders[seed]
+        if state == "partial":
+            only = f"--seeds {seed} --overwrite (that seed only)" if len(folders) > 1 else "--overwrite"
+            fail(f"--resume: {folder} holds a run that stopped before its first checkpoint; start it again with "
+                 f"{only}")
+        if state == "done":
+            plan[seed] = ("done", read_finished_run(folder, cfg, seed, splits))
+        elif state == "checkpoint":
+            plan[seed] = ("resume", load_checkpoint(folder / "checkpoint.pt", cfg, seed))
+        else:
+            plan[seed] = ("new", None)
+    return plan
+
+
+def check_plan(cfg, plan, fingerprints, totals, adapters, context, scaler):
+    """What plan_runs could not compare before the model and the data were known: each checkpoint to resume
+    completely (check_checkpoint: `totals` its run's steps, `adapters`/`context` this run's trainables on meta,
+    `scaler` a fresh one), each finished seed's model checksum and data."""
+    for seed, (mode, payload) in plan.items():
+        folder = run_folder(cfg, seed)
+        if mode == "resume":
+            check_checkpoint(folder / "checkpoint.pt", payload, cfg, seed, fingerprints[seed], totals[seed],
+                             adapters, context, scaler)
+        elif mode == "done":
+            compare_settings(folder / "config.json", payload[0], cfg, seed, fingerprints[seed],
+                             only=("checkpoint_sha256", "data_sha256"))
+
+
+def check_writable(folder):
+    """--out (or a default run folder) must be a folder, or creatable, and writable."""
+    problem = unreachable("--out", folder)  # a name too long (after {seed}), no permission
+    if problem:
+        fail(problem)
+    for path in [folder, *folder.parents]:
+        if os.path.lexists(path) and not path.exists():
+            fail(f"--out {folder}: {path} is a dangling symlink or a symlink loop")
+        if path.exists() and not path.is_dir():
+            fail(f"--out {folder}: {path} is a file, not a folder")
+        if path.exists():
+            if not os.access(path, os.W_OK | os.X_OK):
+                fail(f"--out {folder}: {path} is not writable")
+            return
+
+
+def unreachable(flag, path):
+    """One line if the file system cannot even say whether `path` exists (ENAMETOOLONG, EACCES, ELOOP...)."""
+    try:
+        os.stat(Path(path).expanduser())
+    except FileNotFoundError:
+        return None
+    except NotADirectoryError:
+        return None  # a file on the way: the checks below name it
+    except OSError as e:
+        if e.errno != errno.ELOOP:  # a symlink loop: the run folder checks name it
+            return f"{flag} {path}: {e.strerror or e}"
+        return None
+    except ValueError as e:  # an embedded NUL
+        return f"{flag} {path}: {e}"
+    return None
+
+
+def read_finished_run(folder, cfg, seed, splits):
+    """The results.json of a finished seed that --resume keeps, refused unless it was run with these settings."""
+    config, results = (_read_json_record(folder / name) for name in ("config.json", "results.json"))
+    compare_settings(folder / "config.json", config, cfg, seed, later=("checkpoint_sha256", "data_sha256"))
+    _check_results_record(folder / "results.json", results, cfg, seed, splits)
+    return config, results
+
+
+def _check_results_record(path, record, cfg, seed, splits):
+    """A finished seed's results.json must be what this run would have written, down to each split's accuracy:
+    it goes into the table beside the seeds trained now."""
+    expected = {"data": cfg.data, "protocol": cfg.protocol, "shots": cfg.shots, "seed": seed,
+                "method": settings.method_name(cfg), "eval_limit": cfg.eval_limit}
+    for key, value in expected.items():
+        if record.get(key) != value:
+            fail(f"--resume: {path} records {key} = {record.get(key, '(nothing)')!r}, this run has {value!r}: it "
+                 f"is not this seed's results")
+    results = record.get("results")
+    for split in splits:
+        r = results.get(split) if isinstance(results, dict) else None
+        number = isinstance(r, dict) and type(r.get("accuracy")) in (int, float) and type(r.get("n")) is int
+        if not (number and 0 <= r["accuracy"] <= 100 and r["n"] >= 0):
+            fail(f"--resume: {path}: results[{split!r}] is not {{'accuracy': 0-100, 'n': count, ...}} as "
+                 f"train.py writes it; rerun that seed alone with --seeds {seed} --overwrite")
+
+
+def _read_json_record(path):
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        fail(f"--resume: cannot read {path}: {e}".splitlines()[0])
+    if not isinstance(record, dict):
+        fail(f"--resume: {path} is not a record written by train.py")
+    return record
+
+
+def compare_settings(path, recorded, cfg, seed, data_sha256=None, later=(), only=None):
+    """Refuse, naming the first difference and both values, a record written with other result settings.
+    `later`: keys not known yet (compared once the model's checksum and the data are known), `only`: just those."""
+    current = result_settings(cfg, seed, data_sha256)
+    for key in only or current:
+        if key in later:
+            continue
+        value = current[key]
+        if recorded.get(key, "(not recorded)") != value:
+            fail(f"--resume: {path} was written with {key} = {recorded.get(key, '(not recorded)')!r}, this run has "
+                 f"{key} = {value!r}; resume with the run's own settings, or start a new run")
+
+
+# ---------------------------------------------------------------------------------------------------- writing
+
+def write_json(path, obj):
+    """files.write_json (a temporary name, fsync, then the rename), a full disk as one line."""
+    _write_guarded(path, lambda: files.write_json(path, obj))
+
+
+def write_torch(path, obj):
+    def write(tmp):
+        with open(tmp, "wb") as f:  # through a Python file, a full disk is an OSError (ENOSPC), not a torch error
+            torch.save(obj, f)
+    _write_guarded(path, lambda: files.write_atomic(path, write))
+
+
+def write_file(path, write):
+    """files.write_atomic(path, write), a full disk as one line."""
+    _write_guarded(path, lambda: files.write_atomic(path, write))
+
+
+def _write_guarded(path, write):
+    """A write with a full disk as one line that names the file (the previous file is kept)."""
+    path = Path(path)
+    try:
+        write()
+    except OSError as e:
+        disk_error(path, e, f"the previous {path.name} is kept" if path.exists() else "nothing was written")
+
+
+def disk_error(path, error, kept):
+    """One line for a failed write; on a full disk, first the command that resumes the run, if it can be."""
+    if error.errno != errno.ENOSPC:
+        fail(f"cannot write {path}: {error.strerror or error}")
+    if (path.parent / "checkpoint.pt").is_file():
+        say(f"free some space, then resume with:\n  {resume_command(path.parent)}")
+    fail(f"cannot write {path}: no space left on device (ENOSPC); {kept}")
+
+
+_PATH_FLAGS = ("--out", "--root", "--weights", "--adapters", "--download-root")
+
+
+def resume_command(folder):
+    """The command that continues this run: the same flags plus --resume, minus --overwrite (which would
+    discard what was just saved), with absolute paths so that it works from any folder. Quoted, so that
+    paths with spaces survive copy and paste."""
+    argv = []
+    for a in sys.argv:  # --flag=value as --flag value, so that paths can be made absolute
+        argv += a.split("=", 1) if a.startswith("--") and "=" in a else [a]
+    argv = [a for a in argv if a != "--overwrite"]
+    for i, a in enumerate(argv[:-1]):
+        if a in _PATH_FLAGS:
+            argv[i + 1] = str(Path(argv[i + 1]).expanduser().resolve())
+    argv[0] = str(Path(argv[0]).resolve()) if argv[0].endswith(".py") else argv[0]
+    argv += [] if "--resume" in argv else ["--resume"]
+    if "--out" not in argv:  # the default folder, named (with {seed} for a sweep): the command works from anywhere
+        seeds = argv[argv.index("--seeds") + 1:] if "--seeds" in argv else []
+        several = len(list(itertools.takewhile(lambda a: not a.startswith("--"), seeds))) > 1
+        out = folder.resolve()
+        argv += ["--out", str(out.parent / re.sub(r"_seed\d+$", "_seed{seed}", out.name)) if several else str(out)]
+    return shlex.join([sys.executable, *argv])
+
+
+# ---------------------------------------------------------------------------------------------------- checkpoints
+
+def _trainables(adapters, context):
+    return [*adapters.values(), *([] if context is None else [context])]
+
+
+def save_checkpoint(folder, cfg, seed, data_sha256, step, total, adapters, context, optimizer, scaler, generator):
+    """Everything a resumed run needs to continue bit for bit, with the settings it must be resumed with.
+    Non-finite trainables are never saved: the last good checkpoint stays the last one."""
+    if not all(torch.isfinite(P).all() for P in _trainables(adapters, context)):
+        fail(f"non-finite adapters after step {step} (the loss and gradient were finite: the optimizer's state?); "
+             f"the last good checkpoint is {folder / 'checkpoint.pt'}", code=3)
+    write_torch(folder / "checkpoint.pt", {
+        "step": step, "total": total, "adapters": {k: P.detach().cpu() for k, P in adapters.items()},
+        "context": None if context is None else context.detach().cpu(),
+        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "rng": {"torch": torch.get_rng_state(), "cutout": generator.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+        "settings": result_settings(cfg, seed, data_sha256), "code_version": code_version()})
+
+
+def resume_from(state, folder, adapters, context, optimizer, scaler, generator):
+    """Load a checkpoint (checked completely before the model was loaded) into the fresh trainables, the
+    optimizer, the scaler and every RNG; trim the step log to the checkpoint's step. Returns the step."""
+    with torch.no_grad():
+        for k, P in adapters.items():
+            P.copy_(state["adapters"][k])
+        if context is not None:
+            context.copy_(state["context"])
+    optimizer.load_state_dict(state["optimizer"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"]["torch"])
+    generator.set_state(state["rng"]["cutout"])
+    if state["rng"]["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    write_file(folder / "log.jsonl", lambda tmp: tmp.write_text("".join(_log_lines_until(folder, state["step"]))))
+    say(f"resumed from {folder / 'checkpoint.pt'} at step {state['step']}/{state['total']}")
+    return state["step"]
+
+
+def _log_lines_until(folder, step):
+    """The step log's lines up to `step`; a line cut short by a crash (or not a step record) is dropped."""
+    path, kept = folder / "log.jsonl", []
+    for line in path.read_text(errors="replace").splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and type(record.get("step")) is int and record["step"] <= step:
+            kept.append(line + "\n")
+    return kept
+
+
+def load_checkpoint(path, cfg, seed):
+    """A checkpoint, refused with one line unless its structure is train.py's and it was written with this run's
+    settings (the model's checksum and the data are compared once known: check_checkpoint)."""
+    state = load_trusted(path, "checkpoint")
+    expected = {"step": int, "total": int, "adapters": dict, "optimizer": dict, "scaler": dict, "rng": dict,
+                "settings": dict}
+    for key, kind in expected.items():
+        if type(state.get(key)) is not kind:
+            fail(f"{path} is not a checkpoint written by train.py: '{key}' is missing or not a {kind.__name__}")
+    compare_settings(path, state["settings"], cfg, seed, later=("checkpoint_sha256", "data_sha256"))
+    return state
+
+
+def check_checkpoint(path, state, cfg, seed, data_sha256, total, adapters, context, scaler):
+    """The rest of a checkpoint's checks: the base model and the data, the steps, every tensor's shape, dtype and
+    finiteness, the optimizer's and the scaler's state (`scaler`: a fresh one of this run), the RNG states.
+    `adapters` and `context` are this run's trainables (on the meta device: only their shapes count)."""
+    compare_settings(path, state["settings"], cfg, seed, data_sha256, only=("checkpoint_sha256", "data_sha256"))
+    if not (0 <= state["step"] <= total and state["total"] == total):
+        fail(f"{path}: step {state['step']} of {state['total']} does not fit this run's {total} steps")
+    check_trainables(path, state["adapters"], state.get("context"), adapters, context)
+    _check_optimizer_state(path, state["optimizer"], [P.shape for P in _trainables(adapters, context)],
+                           state["step"])
+    fresh = scaler.state_dict()
+    if set(state["scaler"]) != set(fresh) or any(type(state["scaler"][k]) is not type(v) for k, v in fresh.items()):
+        fail(f"{path}: the grad scaler's state {state['scaler']!r} is not that of a {cfg.precision} run")
+    rng, size = state["rng"], torch.get_rng_state().shape
+    for key in ("torch", "cutout"):
+        if not (isinstance(rng.get(key), torch.Tensor) and rng[key].dtype == torch.uint8 and rng[key].shape == size):
+            fail(f"{path}: the {key} random state is missing or not a generator state")
+    if not isinstance(rng.get("cuda"), list):
+        fail(f"{path}: the CUDA random states are missing")
+    if state.get("code_version") not in (None, code_version()):
+        warnings.warn(f"{path} was written by other code (version {state['code_version']}, now {code_version()}): "
+                      f"the resumed run may differ from an uninterrupted one")
+
+
+def _check_optimizer_state(path, optimizer, shapes, step):
+    """AdamW's state must hold, for each trainable tensor, finite moments of its shape (after the first step)."""
+    groups, moments = optimizer.get("param_groups"), optimizer.get("state")
+    if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
+            and isinstance(groups[0].get("params"), list) and len(groups[0]["params"]) == len(shapes)
+            and isinstance(moments, dict)):
+        fail(f"{path}: the optimizer's state is not AdamW's over this run's {len(shapes)} trainable tensors")
+    for index, shape in zip(groups[0]["params"], shapes):
+        entry = moments.get(index)
+        if entry is None and step == 0:
+            continue
+        if not (isinstance(entry, dict) and all(isinstance(entry.get(k), torch.Tensor) and entry[k].shape == shape
+                                                and torch.isfinite(entry[k]).all() for k in ("exp_avg", "exp_avg_sq"))
+                and isinstance(entry.get("step"), torch.Tensor) and torch.isfinite(entry["step"]).all()):
+            fail(f"{path}: the optimizer's moments of tensor {index} are missing, of the wrong shape or non-finite")
+
+
+def check_trainables(path, saved_adapters, saved_context, adapters, context):
+    """The saved tensors must be exactly this run's: same keys, same shapes, floating point, finite."""
+    def describe(t):
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+    for key, P in adapters.items():
+        saved = saved_adapters.get(key)
+        if not isinstance(saved, torch.Tensor) or saved.shape != P.shape:
+            fail(f"{path}: adapter {key} has shape {describe(saved)}, this run expects {tuple(P.shape)}")
+    if set(saved_adapters) - set(adapters):
+        fail(f"{path}: adapter {sorted(set(saved_adapters) - set(adapters))[0]} is not part of this run's layout")
+    if (context is None) != (saved_context is None) or (
+            context is not None and (not isinstance(saved_context, torch.Tensor) or saved_context.shape != context.shape)):
+        fail(f"{path}: CoOp context {None if saved_context is None else describe(saved_context)} does not match this "
+             f"run's {None if context is None else tuple(context.shape)}")
+    for key, P in [*saved_adapters.items(), *([("context", saved_context)] if saved_context is not None else [])]:
+        if not P.is_floating_point():
+            fail(f"{path}: {key} holds {P.dtype} values, not floating point")
+        if not torch.isfinite(P).all():
+            fail(f"{path}: {key} holds non-finite values")
+
+
+def load_trusted(path, what, blob=None):
+    """torch.load with weights_only=True: tensors and plain containers only, no code from the file runs; the
+    archive's records checked first, so that a small file cannot inflate into a large allocation. With `blob`,
+    the file's bytes already read are loaded."""
+    article = "an" if what[0] in "aeiou" else "a"
+    try:
+        if not Path(path).is_file():
+            fail(f"{path} is not a regular file: not {article} {what} file")
+        if Path(path).stat().st_size == 0 or blob == b"":
+            fail(f"{path} is empty (0 bytes): not {article} {what} file")
+        checkpoints.check_torch_file(path, blob)
+        source = path if blob is None else io.BytesIO(blob)
+        obj = torch.load(source, map_location="cpu", weights_only=True)
+    except ValueError as e:
+        fail(f"{str(e).splitlines()[0]}: not {article} {what} file written by train.py")
+    except OSError as e:
+        fail(f"cannot read {what} file {path}: {e.strerror or e}")
+    except Exception as e:
+        fail(f"{path} is not a valid {what} file (loaded with weights_only=True): {str(e).splitlines()[0]}")
+    if not isinstance(obj, dict):
+        fail(f"{path} is not {article} {what} file written by train.py (it holds a {type(obj).__name__})")
+    return obj
+
+
+# ---------------------------------------------------------------------------------------------------- adapters files
+
+def save_adapters(path, adapters, context, cfg, seed, data_sha256):
+    """Only the trainable tensors (a few hundred MB at most), with the layout and the full training settings."""
+    layout = settings.declared(cfg).layout_names()
+    write_torch(path, {"adapters": {k: P.detach().cpu() for k, P in adapters.items()},
+                       "context": None if context is None else context.detach().cpu(),
+                       "config": {"model": model_label(cfg), "checkpoint_sha256": cfg.checkpoint_sha256,
+                                  **{k: v for k, v in settings.values(cfg).items() if k in layout}},
+                       "settings": result_settings(cfg, seed, data_sha256)})
+
+
+def _read_training_settings(path, saved, declared):
+    """The training settings recorded in an adapters file (`saved`, its content): what --eval-only takes when a
+    flag is not given."""
+    if not isinstance(saved.get("adapters"), dict):
+        fail(f"{path} holds no 'adapters' entry: not an adapters.pt written by train.py")
+    if "optimizer" in saved or "step" in saved:
+        fail(f"{path} is a training checkpoint (step {saved.get('step')}), not finished adapters: continue its run "
+             f"with --resume")
+    for part in ("config", "settings"):
+        if not isinstance(saved.get(part, {}) or {}, dict):
+            fail(f"{path}: its '{part}' is a {type(saved[part]).__name__}, not the record train.py writes")
+    recorded = {**(saved.get("config") or {}), **(saved.get("settings") or {})}
+    for name in declared.saved_names():
+        key, s = ("seed" if name == "seeds" else name), declared.by_name[name]
+        if key in recorded and not s.valid([recorded[key]] if key == "seed" else recorded[key]):
+            fail(f"{path}: its recorded {key} = {recorded[key]!r} is not a valid setting")
+    return recorded
+
+
+def read_adapters_once(path, declared):
+    """An adapters file read once: its content, the SHA-256 of those bytes and the training settings they record,
+    so that what is evaluated, hashed, labelled and recorded is one and the same file."""
+    try:
+        blob = Path(path).read_bytes()
+    except OSError as e:
+        fail(f"cannot read adapters file {path}: {e.strerror or e}")
+    saved = load_trusted(path, "adapters", blob=blob)
+    return {"saved": saved, "sha256": hashlib.sha256(blob).hexdigest(),
+            "settings": _read_training_settings(path, saved, declared)}
+
+
+def read_adapters_file(path, adapters_file, params, expected, expected_context, device):
+    """(adapters, context, what was evaluated) of an adapters file read by read_adapters_once, checked against
+    the model and this run's layout (`expected`, `expected_context`): a partial or foreign file names its first
+    mismatching tensor (in state-dict order) and is never evaluated."""
+    saved = adapters_file["saved"]
+    evaluated = {"adapters": str(Path(path).resolve()), "adapters_sha256": adapters_file["sha256"],
+                 "training_settings": adapters_file["settings"]}
+    try:
+        orthcr.check_adapters(params, saved["adapters"])
+    except (ValueError, AttributeError, TypeError) as e:
+        fail(f"{path} does not fit this model: {e}")
+    first = next((k for k in params if (k in expected) != (k in saved["adapters"])
+                  or (k in expected and saved["adapters"][k].shape != expected[k].shape)), None)
+    if first is not None:
+        config = saved.get("config") or {}
+        fail(f"{path} was made for another configuration (its config: --targets "
+             f"{' '.join(config.get('targets', ['?'])) or 'none'} --blocks {config.get('blocks', '?')} --towers "
+             f"{' '.join(config.get('towers', ['?']))}, model {config.get('model', '?')}); first mismatching tensor "
+             f"{first}: this run expects {tuple(expected[first].shape) if first in expected else 'no adapter'}, "
+             f"the file has {tuple(saved['adapters'][first].shape) if first in saved['adapters'] else 'none'}")
+    check_trainables(path, saved["adapters"], saved.get("context"), expected, expected_context)
+    context = saved.get("context")
+    return ({k: P.to(device) for k, P in saved["adapters"].items()},
+            None if context is None else context.to(device), evaluated)
+
+
+def export(folder, merged, context, cfg):
+    """merged.pt: the merged weights as a state dict in OpenAI's key format (fp32, or fp16 as OpenAI ships
+    them); the learned CoOp context beside it in context.pt, since OpenAI's format has no place for it."""
+    dtype = torch.float16 if cfg.export_dtype == "fp16" else torch.float32
+    write_torch(folder / "merged.pt", {k: v.to("cpu", dtype if v.is_floating_point() else v.dtype)
+                                       for k, v in merged.items()})
+    say(f"merged weights written to {folder / 'merged.pt'} ({cfg.export_dtype})")
+    if context is not None:
+        write_torch(folder / "context.pt", {"context": context.detach().cpu(), "n_ctx": cfg.n_ctx,
+                                            "ctx_init": cfg.ctx_init, "prompt": "[SOS] ctx_1..ctx_n {class}. [EOS]"})
+        say(f"CoOp context written to {folder / 'context.pt'}")
+
+
+# ---------------------------------------------------------------------------------------------------- around the loop
+
+def stop_not_finite(what, step, folder):
+    """A non-finite loss or gradient: one line naming the step and the last good checkpoint, exit 3."""
+    last = folder / "checkpoint.pt"
+    fail(f"non-finite {what} at step {step}; the last good checkpoint is "
+         f"{last if last.is_file() else 'none (no checkpoint was saved yet)'}", code=3)
+
+
+def _stop_interrupted(folder, step, total):
+    say(f"checkpoint saved to {folder / 'checkpoint.pt'} at step {step}/{total}; resume with:\n  "
+        f"{resume_command(folder)}")
+    raise SystemExit(130)
+
+
+class Interrupt:
+    """The first Ctrl-C (or SIGTERM, as a job scheduler sends) asks the loop to checkpoint and stop after the
+    current step; a second one stops at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self.handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        self.requested = True
+        for sig in self.previous:
+            signal.signal(sig, signal.default_int_handler)
+        say(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (Ctrl-C again to abort)")
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+class Bookkeeping:
+    """Everything around a step that is not the method: log.jsonl (one JSON line per step, flushed), the
+    checkpoint at each epoch's end (or every --save-every steps) and on Ctrl-C, the progress line."""
+
+    def __init__(self, folder, cfg, step, total, save):
+        self.folder, self.cfg, self.total, self.save = folder, cfg, total, save
+        per_epoch = total // cfg.epochs
+        self.save_every = cfg.save_every or per_epoch
+        self.progress = Progress(step, total, cfg.batch_size)
+
+    def __enter__(self):
+        self.interrupt = Interrupt().__enter__()
+        self.log = open(self.folder / "log.jsonl", "a")
+        return self
+
+    def after_step(self, step, epoch, lr, loss, terms):
+        self.log_step(step, epoch, lr, loss, terms)
+        if self.interrupt.requested or step % self.save_every == 0 or step == self.total:
+            self.save(step)  # at each epoch's end (or every --save-every steps), at the last step, on Ctrl-C
+        if self.interrupt.requested:
+            _stop_interrupted(self.folder, step, self.total)
+        if step % self.cfg.log_every == 0 or step == self.total:
+            self.progress.report(step, epoch, self.cfg.epochs, lr, terms)
+
+    def log_step(self, step, epoch, lr, loss, terms):
+        """One JSON line in log.jsonl, flushed: reads the loss terms' values (a device sync)."""
+        record = {"step": step, "epoch": epoch + 1, "lr": lr, "loss": loss.item(),
+                  **{k: v.item() for k, v in terms.items()}, "step_s": self.progress.tick()}
+        try:
+            self.log.write(json.dumps(record) + "\n")
+            self.log.flush()
+        except OSError as e:
+            disk_error(self.folder / "log.jsonl", e, "the steps before are kept")
+
+    def __exit__(self, *exc):
+        self.interrupt.__exit__(*exc)
+        try:
+            self.log.close()
+        except OSError:
+            pass  # a full disk was reported when the line was written
+
+
+class Progress:
+    """One stderr line per --log-every steps: loss terms, lr, images/s and the time left."""
+
+    def __init__(self, step, total, batch_size):
+        self.start, self.start_step, self.total, self.batch_size = time.monotonic(), step, total, batch_size
+        self.last, self.terms = self.start, {}
+
+    def tick(self):
+        now, last = time.monotonic(), self.last
+        self.last = now
+        return now - last
+
+    def report(self, step, epoch, epochs, lr, terms):
+        rate = (step - self.start_step) / max(time.monotonic() - self.start, 1e-9)
+        parts = " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
+        say(f"step {step}/{self.total} epoch {epoch + 1}/{epochs} ({parts}) lr {lr:.2e} "
+            f"{rate * self.batch_size:.1f} img/s ETA {files.format_duration((self.total - step) / max(rate, 1e-9))}")
+
+
+@contextmanager
+def stopping():
+    """The command line's frame: warnings as one line, SIGTERM stops as Ctrl-C does, and Ctrl-C outside the loop
+    (loading, checking, evaluating) is one line with the way back where there is one. Yields a record on which
+    the caller notes the settings and the plan once known."""
+    files.one_line_warnings(say)
+    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    known = type("Known", (), {"cfg": None, "plan": {}})()
+    try:
+        yield known
+    except KeyboardInterrupt:
+        for seed in known.plan if known.cfg else ():
+            folder = run_folder(known.cfg, seed)
+            if (folder / "checkpoint.pt").is_file():
+                fail(f"interrupted; {folder} keeps its checkpoint, continue with: {resume_command(folder)}", code=130)
+        fail("interrupted", code=130)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
