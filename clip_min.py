@@ -45,9 +45,23 @@ class LayerNorm(nn.LayerNorm):
 
 
 def quick_gelu(x):
-    """x * sigmoid(1.702 x), the GELU approximation CLIP was trained with, as one fused op: silu(1.702 x) / 1.702."""
-    # in place on the temporaries (silu's backward needs only its input): no new 4x-wide tensor
-    return F.silu(1.702 * x, inplace=not torch.is_grad_enabled()).div_(1.702)
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def gelu(x):
+    """x * Phi(x), Phi the standard normal CDF computed with erf (nn.GELU): the activation of most open_clip models."""
+    return F.gelu(x)
+
+
+# the MLP's activation, by the name open_clip's configs use (OpenAI's checkpoints: quick_gelu)
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
+
+
+def _check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r}: expected one of {', '.join(ACTIVATIONS)}")
+    return activation
 
 
 class Attention(nn.Module):
@@ -71,30 +85,32 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """c_proj(quick_gelu(c_fc(x))): the block's feed-forward network, where OrthCR's rotations go."""
+    """c_proj(activation(c_fc(x))): the block's feed-forward network, where OrthCR's rotations go."""
 
-    recompute_activation = True  # the memory device below; False runs the plain formula
+    recompute_activation = True  # the speed and memory device below; False runs the plain formula
 
-    def __init__(self, width):
+    def __init__(self, width, activation="quick_gelu"):
         super().__init__()
+        self.activation = _check_activation(activation)
         self.c_fc = nn.Linear(width, 4 * width)
         self.c_proj = nn.Linear(4 * width, width)
 
     def forward(self, x):
         if not self.recompute_activation:
-            return self.c_proj(quick_gelu(self.c_fc(x)))  # the plain formula
-        # the same, keeping only c_fc's output for the backward (speed section: _QuickGELULinear)
-        return _QuickGELULinear.apply(self.c_fc(x), self.c_proj.weight, self.c_proj.bias)
+            return self.c_proj(ACTIVATIONS[self.activation](self.c_fc(x)))  # the plain formula
+        # the same, keeping only c_fc's output for the backward (speed section: _mlp_recompute)
+        return _mlp_recompute(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
+                              self.activation)
 
 
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, activation="quick_gelu"):
         super().__init__()
         self.attn = Attention(width, heads)
         self.ln_1 = LayerNorm(width)
-        self.mlp = MLP(width)
+        self.mlp = MLP(width, activation)
         self.ln_2 = LayerNorm(width)
 
     def forward(self, x, attn_mask=None):
@@ -103,9 +119,9 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads):
+    def __init__(self, width, layers, heads, activation="quick_gelu"):
         super().__init__()
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, activation) for _ in range(layers)])
 
     def forward(self, x, attn_mask=None):
         for block in self.resblocks:
@@ -114,14 +130,14 @@ class Transformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
+    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim, activation="quick_gelu"):
         super().__init__()
         self.input_resolution = input_resolution
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty((input_resolution // patch_size) ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
 
@@ -143,13 +159,15 @@ class VisionTransformer(nn.Module):
 
 class CLIP(nn.Module):
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
-                 context_length, vocab_size, transformer_width, transformer_layers):
+                 context_length, vocab_size, transformer_width, transformer_layers, activation="quick_gelu"):
         super().__init__()
         self.context_length = context_length
-        # the head count is not in the checkpoint: OpenAI's code uses width // 64 in both towers
+        # not in the checkpoint: OpenAI's weights use quick_gelu, most of open_clip's gelu (a key of ACTIVATIONS)
+        self.activation = _check_activation(activation)
+        # the head count is not in the checkpoint either: OpenAI's code uses width // 64 in both towers
         self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                        vision_width // 64, embed_dim)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_width // 64)
+                                        vision_width // 64, embed_dim, activation)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_width // 64, activation)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
@@ -195,31 +213,52 @@ class CLIP(nn.Module):
 # Speed devices of the model (MLP.forward's plain formula is beside its call; tests check they agree)
 
 
-class _QuickGELULinear(torch.autograd.Function):
-    """c_proj(quick_gelu(h)) that keeps only h for the backward and recomputes the activation there.
+# Each activation as f(s h) / s, for an elementwise f with a fused aten backward: quick_gelu(h) = silu(1.702 h) / 1.702
+# (x sigmoid(1.702 x) = silu(1.702 x) / 1.702), gelu(h) = gelu(h). The scale s is folded into the weights
+# (s c_fc(x) = x (s W)^T + s b, c_proj(f / s) = f (W / s)^T + b): a pass over a weight instead of two over the
+# (tokens, 4 * width) activation; the results differ from the plain formula by float rounding only.
+_SCALED_ACTIVATIONS = {
+    "quick_gelu": (1.702, F.silu, torch.ops.aten.silu_backward),
+    "gelu": (1.0, F.gelu, torch.ops.aten.gelu_backward),
+}
+
+
+def _mlp_recompute(x, fc_weight, fc_bias, proj_weight, proj_bias, activation):
+    """MLP.forward's plain formula c_proj(activation(c_fc(x))) with the activation's scale folded into the weights
+    and the activation recomputed in the backward (_ActivationLinear)."""
+    s, _, _ = _SCALED_ACTIVATIONS[activation]
+    if s != 1.0:
+        fc_weight, fc_bias, proj_weight = fc_weight * s, fc_bias * s, proj_weight / s
+    return _ActivationLinear.apply(F.linear(x, fc_weight, fc_bias), proj_weight, proj_bias, activation)
+
+
+class _ActivationLinear(torch.autograd.Function):
+    """F.linear(f(h), weight, bias), f the activation's elementwise function, keeping only h for the backward
+    and recomputing f(h) there.
 
     Plain autograd would keep two (tokens, 4 * width) tensors per block (the activation's input and c_proj's
     input); recomputing the cheap element-wise activation halves that, the largest share of training memory."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, h, weight, bias):
+    def forward(ctx, h, weight, bias, activation):
+        ctx.activation = activation
         ctx.save_for_backward(h, weight)
-        return F.linear(quick_gelu(h), weight, bias)
+        return F.linear(_SCALED_ACTIVATIONS[activation][1](h), weight, bias)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):
         h, weight = ctx.saved_tensors
-        y = 1.702 * h
+        _, f, f_backward = _SCALED_ACTIVATIONS[ctx.activation]
         grad_h = grad_weight = grad_bias = None
         if ctx.needs_input_grad[2]:
             grad_bias = grad.flatten(0, -2).sum(0)
-        if ctx.needs_input_grad[1]:  # c_proj's input, recomputed: quick_gelu(h) = silu(y) / 1.702
-            grad_weight = grad.flatten(0, -2).t() @ F.silu(y).div_(1.702).flatten(0, -2)  # (out, 4 * width)
-        if ctx.needs_input_grad[0]:  # d quick_gelu / dh = silu'(1.702 h): aten's fused silu backward
-            grad_h = torch.ops.aten.silu_backward(grad @ weight.to(grad.dtype), y)
-        return grad_h, grad_weight, grad_bias
+        if ctx.needs_input_grad[1]:  # the linear's input f(h), recomputed
+            grad_weight = grad.flatten(0, -2).t() @ f(h).flatten(0, -2)  # (out, 4 * width)
+        if ctx.needs_input_grad[0]:  # f'(h) * upstream: aten's fused backward of f
+            grad_h = f_backward(grad @ weight.to(grad.dtype), h)
+        return grad_h, grad_weight, grad_bias, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -252,11 +291,15 @@ def config_from_state_dict(state_dict):
     )
 
 
-def build_model(state_dict, source="state dict"):
+def build_model(state_dict, source="state dict", activation="quick_gelu"):
     """A CLIP in eval mode holding exactly the tensors of `state_dict` (official keys), in fp32.
+
+    `activation` (a key of ACTIVATIONS) is not in the tensors: OpenAI's checkpoints use quick_gelu, most of
+    open_clip's gelu.
 
     Missing, extra or misshapen tensors raise one ValueError naming `source` and every problem.
     """
+    _check_activation(activation)
     state_dict = {k: v for k, v in state_dict.items() if k not in ARCHIVE_EXTRAS}
     try:
         config = config_from_state_dict(state_dict)
@@ -267,7 +310,7 @@ def build_model(state_dict, source="state dict"):
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
     with torch.device("meta"):
-        model = CLIP(**config)
+        model = CLIP(**config, activation=activation)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     extra = sorted(set(state_dict) - set(expected))
@@ -304,11 +347,11 @@ CONFIGS = {
 }
 
 
-def random_model(config="tiny", seed=0):
+def random_model(config="tiny", seed=0, activation="quick_gelu"):
     """A CLIP with random weights drawn as OpenAI's `initialize_parameters` draws them (for tests, benchmarks)."""
     config = CONFIGS[config] if isinstance(config, str) else config
     g = torch.Generator().manual_seed(seed)
-    model = CLIP(**config)
+    model = CLIP(**config, activation=activation)
 
     def normal_(t, std):
         with torch.no_grad():

@@ -441,31 +441,42 @@ def test_live_b16_parity(live_b16, file):
     torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=1e-3)
 
 
-@pytest.mark.parametrize("shape", [(3, 8), (2, 5, 8)])
-def test_quick_gelu_linear_gradients_equal_plain_autograd(shape):
-    # the MLP's c_proj(quick_gelu(h)) has a hand-written backward that recomputes the activation
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
-    weight = torch.randn(4, 8, generator=g, dtype=torch.float64, requires_grad=True)
-    bias = torch.randn(4, generator=g, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(clip_min._QuickGELULinear.apply, (h, weight, bias))
-    out = clip_min._QuickGELULinear.apply(h, weight, bias)
-    plain = torch.nn.functional.linear(h * torch.sigmoid(1.702 * h), weight, bias)
-    assert torch.allclose(out, plain, atol=1e-12)
-    upstream = torch.randn(out.shape, generator=g, dtype=torch.float64)
-    ours = torch.autograd.grad((out * upstream).sum(), (h, weight, bias))
-    expected = torch.autograd.grad((plain * upstream).sum(), (h, weight, bias))
-    assert all(torch.allclose(a, b, atol=1e-10) for a, b in zip(ours, expected))
+PLAIN_ACTIVATIONS = {  # the formulas written out, independent of clip_min's
+    "quick_gelu": lambda h: h * torch.sigmoid(1.702 * h),
+    "gelu": lambda h: 0.5 * h * (1 + torch.erf(h / 2 ** 0.5)),
+}
 
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_mlp_speed_device_equals_its_plain_formula(dtype):
-    # MLP.forward's fused path (recompute_activation) against c_proj(quick_gelu(c_fc(x))): outputs and gradients
-    g = torch.Generator().manual_seed(1)
-    mlp = clip_min.MLP(8).to(dtype)
+def random_mlp(activation, dtype, seed=1, width=8):
+    g = torch.Generator().manual_seed(seed)
+    mlp = clip_min.MLP(width, activation).to(dtype)
     with torch.no_grad():
         for p in mlp.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=dtype))
+    return mlp, g
+
+
+@pytest.mark.parametrize("activation", list(clip_min.ACTIVATIONS))
+@pytest.mark.parametrize("shape", [(3, 8), (2, 5, 8)])
+def test_mlp_recompute_device_gradcheck(activation, shape):
+    # the MLP's recompute device has a hand-written backward: finite differences in fp64, inputs and parameters
+    mlp, g = random_mlp(activation, torch.float64)
+    assert mlp.recompute_activation
+    names = [name for name, _ in mlp.named_parameters()]
+    x = torch.randn(shape, generator=g, dtype=torch.float64, requires_grad=True)
+    params = [p.detach().clone().requires_grad_() for p in mlp.parameters()]
+
+    def run(x, *params):
+        return torch.func.functional_call(mlp, dict(zip(names, params)), (x,))
+
+    assert torch.autograd.gradcheck(run, (x, *params))
+
+
+@pytest.mark.parametrize("activation", list(clip_min.ACTIVATIONS))
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_mlp_speed_device_equals_its_plain_formula(activation, dtype):
+    # MLP.forward's recompute device against c_proj(activation(c_fc(x))): outputs and gradients, for each activation
+    mlp, g = random_mlp(activation, dtype)
     x = torch.randn(2, 5, 8, generator=g, dtype=dtype, requires_grad=True)
     upstream = torch.randn(2, 5, 8, generator=g, dtype=dtype)
     results = []
@@ -476,7 +487,29 @@ def test_mlp_speed_device_equals_its_plain_formula(dtype):
     tol = 1e-12 if dtype == torch.float64 else 1e-5
     for fused, plain in zip(*results):
         assert (fused - plain).abs().max() <= tol * plain.abs().max()
-    with torch.no_grad():  # and the plain formula is x * sigmoid(1.702 x) between the two linears
+    with torch.no_grad():  # and the plain formula is the written-out activation between the two linears
         h = mlp.c_fc(x)
-        assert torch.allclose(mlp(x), mlp.c_proj(h * torch.sigmoid(1.702 * h)), atol=tol)
+        for fused in (True, False):
+            mlp.recompute_activation = fused
+            assert torch.allclose(mlp(x), mlp.c_proj(PLAIN_ACTIVATIONS[activation](h)), atol=tol)
 
+
+def test_activations_differ_and_reach_every_block():
+    # the two activations give different features, and a model built with one uses it in every MLP of both towers
+    images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    state_dict = clip_min.random_model("tiny", seed=0).state_dict()
+    features = {}
+    for activation in clip_min.ACTIVATIONS:
+        model = clip_min.build_model(state_dict, activation=activation)
+        assert model.activation == activation
+        mlps = [m for m in model.modules() if isinstance(m, clip_min.MLP)]
+        assert len(mlps) == 4 and {m.activation for m in mlps} == {activation}
+        assert model.state_dict().keys() == state_dict.keys()
+        with torch.no_grad():
+            features[activation] = model.encode_image(images)
+        random = clip_min.random_model("tiny", seed=0, activation=activation)
+        assert {m.activation for m in random.modules() if isinstance(m, clip_min.MLP)} == {activation}
+    assert clip_min.random_model("tiny").activation == "quick_gelu"  # OpenAI's, the default
+    assert not torch.allclose(features["quick_gelu"], features["gelu"], atol=1e-3)
+    with pytest.raises(ValueError, match="activation 'relu': expected one of quick_gelu, gelu"):
+        clip_min.build_model(state_dict, activation="relu")
