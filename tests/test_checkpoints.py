@@ -19,9 +19,147 @@ from conftest import ROOT, rewrite_zip
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
 ARCHIVE, STATE = FIXTURES / "tiny_clip.jit.pt", FIXTURES / "tiny_clip.state.pt"
 
+# torch.jit is deprecated in favour of torch.export, but it is what writes and reads the archives under test
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.*` is deprecated:DeprecationWarning")
+
 
 # ----------------------------------------------------------------------------------------------------
 # TorchScript archives
+
+
+def bits(tensor):
+    """A tensor's bytes (bit-for-bit comparison, NaNs and -0.0 included)."""
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8)
+
+
+def assert_reads_as_torch_jit(path):
+    """Every tensor of torch.jit.load(path).state_dict() comes back from the reader under its name, with its
+    dtype, shape, strides and bytes; read_shapes agrees. Returns the names the reader adds (plain tensor
+    attributes, which are module state but no parameter or buffer)."""
+    expected = torch.jit.load(path, map_location="cpu").state_dict()
+    tensors, shapes = checkpoints.read_state_dict(path), checkpoints.read_shapes(path)
+    assert expected and set(expected) <= set(tensors) and shapes == {k: v.shape for k, v in tensors.items()}
+    for name, value in expected.items():
+        ours = tensors[name]
+        assert (ours.dtype, ours.shape, ours.stride()) == (value.dtype, value.shape, value.stride()), name
+        assert torch.equal(bits(ours), bits(value)), name
+    return set(tensors) - set(expected)
+
+
+class Block(torch.nn.Module):
+    """A submodule with a parameter, buffers of several dtypes and an unset (None) buffer."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3, 2)
+        self.register_buffer("steps", torch.tensor(5))
+        self.register_buffer("mask", torch.tensor([True, False]))
+        self.register_buffer("unset", None)
+        self.halves = torch.nn.Parameter(torch.randn(4).half())
+
+    def forward(self, x):
+        return self.lin(x) + self.halves.float().sum()
+
+
+class Scripted(torch.nn.Module):
+    """A scripted (not traced) module with an attribute of each kind torch.jit.save writes."""
+
+    ints: list[int]
+    floats: list[float]
+    bools: list[bool]
+    tensors: list[torch.Tensor]
+    table: dict[str, torch.Tensor]
+    pair: tuple[torch.Tensor, int]
+
+    def __init__(self):
+        super().__init__()
+        self.block = Block()
+        self.blocks = torch.nn.ModuleList([Block(), Block()])
+        self.ints, self.floats, self.bools = [1, 2, 3], [0.5, float("nan")], [True, False]
+        self.rate, self.scale, self.flag, self.name = 16000, 0.25, True, "scripted"
+        self.tensors = [torch.zeros(2), torch.ones(3)]
+        self.table = {"a": torch.arange(3.0)}
+        self.pair = (torch.full((2,), 7.0), 3)
+        self.state = torch.zeros(0)  # a plain tensor attribute: module state, not a buffer
+        self.register_buffer("bf16", torch.randn(3).bfloat16())
+        self.register_buffer("complexes", torch.randn(2, dtype=torch.complex64))
+        self.register_buffer("view", torch.arange(12.0).view(3, 4)[:, 1:3])  # a strided view of a larger storage
+        self.register_buffer("signed_zero", torch.tensor([-0.0, float("inf")], dtype=torch.float64))
+        self.device = torch.device("cpu")
+
+    def forward(self, x):
+        y = self.block(x)
+        for block in self.blocks:
+            y = y + block(x)
+        return y * self.scale + self.tensors[0].sum() + self.table["a"].sum() + self.pair[0].sum() + self.state.sum()
+
+
+@pytest.fixture(scope="module")
+def scripted(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("scripted") / "scripted.pt"
+    torch.jit.script(Scripted()).save(path)
+    return path
+
+
+def test_a_scripted_module_reads_as_torch_jit_reads_it(scripted):
+    with zipfile.ZipFile(scripted) as z:
+        pickled = z.read("scripted/data.pkl")
+    for global_name in [b"build_intlist", b"build_doublelist", b"build_boollist", b"build_tensorlist",
+                        b"restore_type_tag", b"ctorch\ndevice", b"ComplexFloatStorage", b"BFloat16Storage"]:
+        assert global_name in pickled  # the constructs this test is about are in the archive
+    assert assert_reads_as_torch_jit(scripted) == {"state"}  # tensors in lists, dicts and tuples get no name
+
+
+def test_a_traced_module_reads_as_torch_jit_reads_it(tmp_path):
+    path = tmp_path / "traced.pt"
+    torch.jit.trace(Block(), torch.randn(1, 3)).save(path)
+    assert assert_reads_as_torch_jit(path) == set()
+
+
+# older record layouts, each one that torch.jit.load still reads: the reader must read it the same way
+LAYOUTS = {
+    "top folder 'archive'": dict(rename=lambda n: "archive/" + n.split("/", 1)[1]),
+    "no byteorder record": dict(drop={"scripted/byteorder"}),
+    "no .data/ records": dict(drop={"scripted/.data/serialization_id", "scripted/.data/version"}),
+    "extra records": dict(replace={"scripted/.data/version": b"3\n", "scripted/extra/notes.txt": b"hello"}),
+}
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
+def test_older_archive_layouts(scripted, tmp_path, layout):
+    options = dict(LAYOUTS[layout])
+    extra = options.pop("replace", {})
+    path = rewrite_zip(scripted, tmp_path / "old.pt", **options)
+    with zipfile.ZipFile(path, "a") as z:
+        for name, data in extra.items():
+            z.writestr(name, data)
+    assert assert_reads_as_torch_jit(path) == {"state"}
+
+
+def third_party_archives():
+    """(name, bytes) of every TorchScript archive inside the wheels in $ORTHCR_THIRD_PARTY_JIT or
+    .cache/third-party-jit (.ci/run fetches silero-vad 5.1, 6.0.0 and 6.2.3 there: archives written by other
+    torch versions and scripted modules)."""
+    folder = Path(os.environ.get("ORTHCR_THIRD_PARTY_JIT") or ROOT / ".cache" / "third-party-jit")
+    found = []
+    for wheel in sorted(folder.glob("*.whl")):
+        with zipfile.ZipFile(wheel) as z:
+            found += [(f"{wheel.name}:{name}", z.read(name)) for name in z.namelist()
+                      if name.endswith((".jit", ".pt", ".pth"))]
+    return found
+
+
+THIRD_PARTY = third_party_archives()
+
+
+@pytest.mark.skipif(not THIRD_PARTY, reason="no third-party TorchScript wheels (set ORTHCR_THIRD_PARTY_JIT to a "
+                                            "folder of them, as .ci/run does)")
+@pytest.mark.parametrize("name", [name for name, _ in THIRD_PARTY])
+def test_third_party_archives_read_as_torch_jit_reads_them(tmp_path, name):
+    path = tmp_path / Path(name).name
+    path.write_bytes(dict(THIRD_PARTY)[name])
+    assert_reads_as_torch_jit(path)
 
 
 def test_archive_top_folder_is_not_hardcoded(tmp_path):
@@ -267,3 +405,95 @@ def test_malicious_checkpoint_runs_nothing(tmp_path, container):
     assert not marker.exists()
 
 
+
+# data.pkl pickles written opcode by opcode (protocol 2, as torch.jit.save writes them), for what no torch writes
+
+
+def op_global(module, name):
+    return b"c" + f"{module}\n{name}\n".encode()
+
+
+def op_str(text):
+    return b"X" + struct.pack("<I", len(text.encode())) + text.encode()
+
+
+def op_int(n):
+    return b"J" + struct.pack("<i", n)
+
+
+def op_storage(numel=4928, dtype="FloatStorage", key="0"):
+    """A persistent reference to the fixture archive's record data/<key> (4,928 float32 in data/0)."""
+    return b"(" + op_str("storage") + op_global("torch", dtype) + op_str(key) + op_str("cpu") + op_int(numel) + b"tQ"
+
+
+def op_tensor(numel=4):
+    """torch._utils._rebuild_tensor_v2(storage 0, 0, (numel,), (1,), False, OrderedDict())."""
+    return (op_global("torch._utils", "_rebuild_tensor_v2") + b"(" + op_storage() + op_int(0) + b"(" + op_int(numel)
+            + b"t(" + op_int(1) + b"t\x89" + op_global("collections", "OrderedDict") + b")Rt" + b"R")
+
+
+def module_pickle(**attributes):
+    """A TorchScript module `__torch__.M` whose attributes are the given pickled values."""
+    items = b"".join(op_str(name) + value for name, value in attributes.items())
+    return b"\x80\x02" + op_global("__torch__", "M") + b")\x81}(" + items + b"ub."
+
+
+def test_the_opcode_writer_makes_what_torch_reads(tmp_path):
+    """The hand-written pickles below are sound where they are not hostile: this one reads as a module."""
+    path = archive_with(tmp_path / "file.pt", module_pickle(w=op_tensor(), n=op_int(3)))
+    first = checkpoints.read_state_dict(ARCHIVE)["positional_embedding"].flatten()[:4]  # storage 0's first floats
+    assert torch.equal(checkpoints.read_state_dict(path)["w"], first)
+
+
+# each pickle: what the archive's data.pkl holds instead of the module, and the one-line refusal
+HOSTILE_PICKLES = {
+    "BUILD on a tensor": (module_pickle(w=op_tensor() + b"}b"), "BUILD) applied to a tensor"),
+    "BUILD on a storage": (module_pickle(w=op_storage() + b"}b"), "BUILD) applied to a storage"),
+    "torch.Tensor(n) allocating": (module_pickle(w=op_global("torch", "Tensor") + b"(" + op_int(1 << 30) + b"tR"),
+                                   "refusing to make a torch.Tensor"),
+    "a tensor from a non-storage": (module_pickle(w=op_global("torch._utils", "_rebuild_tensor_v2") + b"(" + op_int(0)
+                                                  + op_int(0) + b"(t(t\x89Nt" + b"R"), "rebuilt from a int"),
+    "a quantized tensor": (module_pickle(w=op_global("torch._utils", "_rebuild_qtensor")),
+                           "refusing global 'torch._utils._rebuild_qtensor' (a quantized tensor, which"),
+    "a quantized storage": (module_pickle(w=op_storage(dtype="QInt8Storage")),
+                            "refusing global 'torch.QInt8Storage' (a quantized storage"),
+    "a sparse tensor": (module_pickle(w=op_global("torch._utils", "_rebuild_sparse_tensor")),
+                        "refusing global 'torch._utils._rebuild_sparse_tensor' (a sparse tensor"),
+    "a tensor-table reference": (module_pickle(w=op_global("torch.jit._pickle", "build_tensor_from_id")),
+                                 "(a tensor-table reference (the pre-1.3 model.json format)"),
+    "a tensor of another class": (module_pickle(w=op_global("torch._tensor", "_rebuild_from_type_v2") + b"("
+                                                + op_global("torch._utils", "_rebuild_tensor_v2")
+                                                + op_global("torch.nn.parameter", "Parameter") + b")}tR"),
+                                  "refusing global 'torch.nn.parameter.Parameter'"),
+    "state set by code": (b"\x80\x02" + op_global("__torch__", "Packed") + b")\x81(" + op_int(1) + b"tb.",
+                          "whose state is a tuple, set by its own __setstate__ code"),
+    "a storage named twice with two sizes": (module_pickle(a=op_storage(), b=op_storage(numel=4)),
+                                             "record data/0 is named with two dtypes or sizes"),
+}
+
+
+@pytest.mark.parametrize("read", [checkpoints.read_state_dict, checkpoints.read_shapes], ids=["state_dict", "shapes"])
+@pytest.mark.parametrize("hostile", list(HOSTILE_PICKLES))
+def test_hostile_pickles_are_refused(tmp_path, hostile, read):
+    pickled, problem = HOSTILE_PICKLES[hostile]
+    path = archive_with(tmp_path / "file.pt", pickled)
+    with pytest.raises(ValueError) as e:
+        read(path)
+    message = str(e.value)
+    assert message.startswith(f"{path}: cannot read the TorchScript archive's data.pkl") and problem in message
+    assert "\n" not in message
+
+
+def test_the_legacy_model_json_format_is_refused_in_one_line(tmp_path):
+    """PyTorch 1.0-1.2's archives (model.json, attributes.pkl, tensors/): torch 2 refuses them too."""
+    path = tmp_path / "legacy.pt"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("legacy/model.json", "{}")
+        z.writestr("legacy/attributes.pkl", pickle.dumps((), protocol=2))
+        z.writestr("legacy/tensors/0", bytes(16))
+        z.writestr("legacy/version", "1\n")
+    with pytest.raises(RuntimeError, match="Legacy model format"):
+        torch.jit.load(path)
+    with pytest.raises(ValueError, match=f"^{path}: a TorchScript archive in the model.json format of PyTorch "
+                                         r"1\.0-1\.2, which PyTorch 2's torch.jit.load no longer reads either"):
+        checkpoints.read_state_dict(path)
