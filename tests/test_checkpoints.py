@@ -2,6 +2,7 @@
 modules, older layouts, third-party archives written by other torch versions) read bit for bit as torch.jit.load
 reads them; torch.save files; safetensors files; every hostile file refused in one line before its memory is spent."""
 
+import json
 import os
 import pickle
 import struct
@@ -497,3 +498,130 @@ def test_the_legacy_model_json_format_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match=f"^{path}: a TorchScript archive in the model.json format of PyTorch "
                                          r"1\.0-1\.2, which PyTorch 2's torch.jit.load no longer reads either"):
         checkpoints.read_state_dict(path)
+
+
+# ----------------------------------------------------------------------------------------------------
+# safetensors files, read without the safetensors package
+
+
+def safetensors_file(path, tensors=None, header=None, data=None, length=None, pad=b""):
+    """Write a safetensors file: `tensors` ({name: tensor}) laid out as the format says, or a raw `header` (a
+    JSON-able object) with raw `data`; `length` overrides the header length field, `pad` is appended to the JSON
+    (the format allows trailing spaces)."""
+    if tensors is not None:
+        header, data, at = {"__metadata__": {"format": "pt"}}, b"", 0
+        dtypes = {v: k for k, v in checkpoints.SAFETENSORS_DTYPES.items()}
+        for name, tensor in tensors.items():
+            raw = bits(tensor).numpy().tobytes()
+            header[name] = {"dtype": dtypes[tensor.dtype], "shape": list(tensor.shape),
+                            "data_offsets": [at, at + len(raw)]}
+            data, at = data + raw, at + len(raw)
+    blob = (json.dumps(header) if not isinstance(header, (bytes, str)) else header)
+    blob = (blob.encode() if isinstance(blob, str) else blob) + pad
+    path.write_bytes(struct.pack("<Q", len(blob) if length is None else length) + blob + (data or b""))
+    return path
+
+
+EVERY_DTYPE = {name: (torch.randn(2, 3) * 100).to(dtype) for name, dtype in checkpoints.SAFETENSORS_DTYPES.items()
+               if name not in ("U64", "U32", "U16")}  # (no randn casts for those: below)
+EVERY_DTYPE.update(U64=torch.tensor([0, 2**64 - 1], dtype=torch.uint64), U32=torch.tensor([7], dtype=torch.uint32),
+                   U16=torch.tensor([[1, 2]], dtype=torch.uint16), empty=torch.zeros(0, 4), scalar=torch.tensor(3.5))
+
+
+@pytest.mark.parametrize("pad", [b"", b"    "], ids=["unpadded", "padded"])
+def test_safetensors_every_dtype_bit_for_bit(tmp_path, pad):
+    path = safetensors_file(tmp_path / "model.safetensors", EVERY_DTYPE, pad=pad)
+    tensors = checkpoints.read_state_dict(path)
+    assert tensors.keys() == EVERY_DTYPE.keys()
+    for name, value in EVERY_DTYPE.items():
+        assert tensors[name].dtype == value.dtype and tensors[name].shape == value.shape
+        assert torch.equal(bits(tensors[name]), bits(value)), name
+    assert checkpoints.read_shapes(path) == {k: v.shape for k, v in EVERY_DTYPE.items()}
+
+
+def test_safetensors_is_recognized_by_its_content(tmp_path):
+    """open_clip_model.safetensors renamed (say, to .bin) is still read as safetensors, not given to torch.load."""
+    path = safetensors_file(tmp_path / "weights.bin", {"w": torch.arange(4.0)})
+    assert torch.equal(checkpoints.read_state_dict(path)["w"], torch.arange(4.0))
+
+
+def test_safetensors_files_of_the_safetensors_package(tmp_path):
+    """Where the safetensors package is installed (a test-only extra), the files it writes read the same."""
+    st = pytest.importorskip("safetensors.torch")
+    expected = {k: v for k, v in EVERY_DTYPE.items() if not k.startswith("U") or k == "U8"} | {
+        "shared_storage": torch.arange(10.0)[2:6]}
+    st.save_file(expected, tmp_path / "model.safetensors", metadata={"note": "made by the safetensors package"})
+    tensors = checkpoints.read_state_dict(tmp_path / "model.safetensors")
+    assert tensors.keys() == expected.keys()
+    assert all(torch.equal(bits(tensors[k]), bits(v)) for k, v in expected.items())
+    # and the package reads ours as we do
+    ours = safetensors_file(tmp_path / "ours.safetensors", expected)
+    assert all(torch.equal(bits(v), bits(expected[k])) for k, v in st.load_file(ours).items())
+
+
+F32 = {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}
+
+# each hostile file: how it is made, and what the one-line refusal says
+SAFETENSORS_FAULTS = {
+    "shorter than 8 bytes": (lambda p: p.write_bytes(b"\x05\x00"), "truncated safetensors file (2 bytes"),
+    "header past the end": (lambda p: safetensors_file(p, header={"w": F32}, data=bytes(8), length=1000),
+                            "safetensors header of 1000 bytes, more than the"),
+    "header over 100 MB": (lambda p: safetensors_file(p, header={"w": F32}, data=bytes(8), length=10**9),
+                           "over the format's 100000000"),
+    "header not JSON": (lambda p: safetensors_file(p, header=b"{not json", data=b""), "not valid JSON"),
+    "header not UTF-8": (lambda p: safetensors_file(p, header=b'{"\xff": 1}', data=b""), "not valid JSON"),
+    "header a list": (lambda p: safetensors_file(p, header=b"[1, 2]" + b" " * 3, data=b"", length=9),
+                      "is a JSON list, not an object"),
+    "deeply nested header": (lambda p: safetensors_file(p, header=b"{" + b'"a":[' * 100_000 + b"]" * 100_000 + b"}",
+                                                        data=b""), "not valid JSON"),
+    "a name given twice": (lambda p: safetensors_file(p, header=b'{"w": %s, "w": %s}' % ((json.dumps(F32).encode(),) * 2),
+                                                      data=bytes(8)), "a name given twice ('w')"),
+    "unknown dtype": (lambda p: safetensors_file(p, header={"w": F32 | {"dtype": "F128"}}, data=bytes(8)),
+                      "has dtype 'F128', not one of"),
+    "negative size": (lambda p: safetensors_file(p, header={"w": F32 | {"shape": [-2]}}, data=bytes(8)),
+                      "malformed shape"),
+    "boolean size": (lambda p: safetensors_file(p, header={"w": F32 | {"shape": [True, 2]}}, data=bytes(8)),
+                     "malformed shape"),
+    "an extra field": (lambda p: safetensors_file(p, header={"w": F32 | {"code": "print(1)"}}, data=bytes(8)),
+                       "must hold exactly dtype, shape and data_offsets"),
+    "metadata not strings": (lambda p: safetensors_file(p, header={"__metadata__": {"a": 1}, "w": F32},
+                                                        data=bytes(8)), "__metadata__ must map strings to strings"),
+    "reversed offsets": (lambda p: safetensors_file(p, header={"w": F32 | {"data_offsets": [8, 0]}}, data=bytes(8)),
+                         "malformed data_offsets"),
+    "size mismatch": (lambda p: safetensors_file(p, header={"w": F32 | {"shape": [1 << 40]}}, data=bytes(8)),
+                      "takes 4398046511104 bytes, its offsets give 8"),
+    "past the data": (lambda p: safetensors_file(p, header={"w": F32 | {"shape": [4], "data_offsets": [0, 16]}},
+                                                 data=bytes(8)), "ends at byte 16 of the data, past the 8-byte"),
+    "overlapping tensors": (lambda p: safetensors_file(p, header={"a": F32, "b": F32}, data=bytes(8)),
+                            "tensor 'b' begins at byte 0 of the data, expected 8"),
+    "a gap": (lambda p: safetensors_file(p, header={"w": F32 | {"data_offsets": [4, 12]}}, data=bytes(12)),
+              "tensor 'w' begins at byte 4 of the data, expected 0"),
+    "trailing data": (lambda p: safetensors_file(p, header={"w": F32}, data=bytes(12)),
+                      "the tensors end at byte 8 of the 12-byte data region"),
+}
+
+
+@pytest.mark.parametrize("read", [checkpoints.read_state_dict, checkpoints.read_shapes], ids=["state_dict", "shapes"])
+@pytest.mark.parametrize("fault", list(SAFETENSORS_FAULTS))
+def test_safetensors_faults_are_refused_before_anything_is_allocated(tmp_path, monkeypatch, fault, read):
+    make, problem = SAFETENSORS_FAULTS[fault]
+    path = tmp_path / "model.safetensors"
+    make(path)
+    allocated = []
+    real_empty = torch.empty
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: allocated.append(a) or real_empty(*a, **k))
+    with pytest.raises(ValueError) as e:
+        read(path)
+    message = str(e.value)
+    assert message.startswith(f"{path}: ") and problem in message and "\n" not in message
+    assert not allocated
+
+
+def test_safetensors_runs_nothing(tmp_path):
+    """A safetensors header is JSON: a pickle or a Python expression in it is text, never run."""
+    marker = tmp_path / "ran"
+    payload = pickle.dumps(Payload(marker), protocol=2)
+    path = safetensors_file(tmp_path / "model.safetensors", header={"w": F32, "__metadata__": {
+        "pickle": payload.hex(), "code": f"__import__('os').system('touch {marker}')"}}, data=bytes(8))
+    assert torch.equal(checkpoints.read_state_dict(path)["w"], torch.zeros(2))
+    assert not marker.exists()

@@ -1,9 +1,11 @@
-"""Reading checkpoints (OpenAI's TorchScript archives, torch.save files) without executing anything from them.
+"""Reading checkpoints (TorchScript archives such as OpenAI's, torch.save files, safetensors files such as
+open_clip's) without executing anything from them.
 
 `clip_min.read_state_dict` and `clip_min.read_shapes` are this module's `read_state_dict` and `read_shapes`.
 """
 
 import io
+import json
 import math
 import pickle
 import sys
@@ -31,10 +33,12 @@ _CHUNK = 1 << 20  # bytes read at a time into a storage
 
 
 def read_state_dict(path):
-    """The tensors of a checkpoint file: OpenAI's TorchScript archive, or a `torch.save`d state dict.
+    """The tensors of a checkpoint file: a TorchScript archive (OpenAI's), a `torch.save`d state dict
+    (open_clip's open_clip_pytorch_model.bin), or a safetensors file (open_clip_model.safetensors).
 
     Nothing from the file is executed: archives go through a restricted unpickler (`_ArchiveUnpickler`),
-    plain files through `torch.load(weights_only=True)`. Records are size-checked before anything is allocated
+    plain files through `torch.load(weights_only=True)`, safetensors files through a JSON header check
+    (`_read_safetensors`). Records are size-checked before anything is allocated
     and read once, into the tensors' own memory. A file that is not a sound checkpoint raises one ValueError
     naming it (a missing one FileNotFoundError).
     """
@@ -73,6 +77,8 @@ def _read_checkpoint(path, data):
         head = f.read(4)
     if not head:
         raise ValueError(f"{path}: empty file, not a checkpoint")
+    if is_safetensors(path):
+        return _checked(_read_safetensors(path, data), path)
     is_zip = head == b"PK\x03\x04"
     if is_zip:
         with _open_archive(path) as archive:
@@ -193,6 +199,107 @@ def _read_record(archive, info, buffer, path):
     except Exception as e:  # a damaged local header, a CRC mismatch, a short file...
         raise ValueError(f"{path}: record {info.filename!r} is corrupt ({_reason(e)})") from None
     return buffer
+
+
+# --- safetensors (https://github.com/huggingface/safetensors, its README's format section): an 8-byte little-endian
+# header length N, N bytes of JSON {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {str:
+# str}?}, then the data region; offsets count from the region's start. As the safetensors library does, the
+# tensors must tile the region exactly: sorted by offset, each beginning where the one before ends, the last
+# ending at the end of the file, each exactly numel x itemsize bytes.
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U64": torch.uint64, "U32": torch.uint32, "U16": torch.uint16, "U8": torch.uint8, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+_MAX_SAFETENSORS_HEADER = 100_000_000  # bytes; the safetensors library's own bound
+
+
+def is_safetensors(path):
+    """Whether `path` is (meant to be) a safetensors file: named .safetensors, or a JSON object right after an
+    8-byte length (no pickle, zip or TorchScript file starts so)."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return Path(path).suffix == ".safetensors" or (len(head) == 9 and head[8:9] == b"{")
+
+
+def _read_safetensors(path, data):
+    """{name: tensor} of a safetensors file, every offset and size checked against the file before anything is
+    allocated; tensors are read straight into their own memory (with `data` False: meta tensors, nothing read)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise ValueError(f"{path}: truncated safetensors file ({size} bytes, less than its 8-byte header length)")
+        n = int.from_bytes(head, "little")
+        if n > min(_MAX_SAFETENSORS_HEADER, size - 8):
+            raise ValueError(f"{path}: safetensors header of {n} bytes, more than the {size}-byte file holds"
+                             if n <= _MAX_SAFETENSORS_HEADER else
+                             f"{path}: safetensors header of {n} bytes, over the format's {_MAX_SAFETENSORS_HEADER}")
+        entries = _safetensors_header(f.read(n), path)
+        start, region = 8 + n, size - 8 - n
+        end = 0
+        for name, dtype, shape, (begin, stop) in sorted(entries, key=lambda e: e[3]):
+            if begin != end:  # a gap or an overlap: the library refuses both
+                raise ValueError(f"{path}: tensor {name!r} begins at byte {begin} of the data, expected {end} (the "
+                                 f"tensors must tile the data region without gaps or overlaps)")
+            numel = math.prod(shape)
+            if stop - begin != numel * dtype.itemsize:
+                raise ValueError(f"{path}: tensor {name!r} of shape {tuple(shape)} and dtype {dtype} takes "
+                                 f"{numel * dtype.itemsize} bytes, its offsets give {stop - begin}")
+            if stop > region:
+                raise ValueError(f"{path}: tensor {name!r} ends at byte {stop} of the data, past the {region}-byte "
+                                 f"data region")
+            end = stop
+        if end != region:
+            raise ValueError(f"{path}: the tensors end at byte {end} of the {region}-byte data region (trailing data)")
+        # all checked: the tensors take exactly the data region's bytes
+        tensors = {name: (begin, torch.empty(shape, dtype=dtype, device="cpu" if data else "meta"))
+                   for name, dtype, shape, (begin, _) in entries}
+        if data:
+            for name, (begin, tensor) in sorted(tensors.items(), key=lambda item: item[1][0]):
+                f.seek(start + begin)
+                view = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+                for at in range(0, len(view), _CHUNK):
+                    if f.readinto(view[at:at + _CHUNK]) != len(view[at:at + _CHUNK]):
+                        raise ValueError(f"{path}: file ends inside tensor {name!r}")
+    return {name: tensor for name, (_, tensor) in tensors.items()}
+
+
+def _safetensors_header(header, path):
+    """[(name, dtype, shape, (begin, end))] of a safetensors JSON header, each field's type checked."""
+    def no_duplicates(pairs):
+        names = [k for k, _ in pairs]
+        if len(set(names)) != len(names):
+            raise ValueError(f"a name given twice ({next(k for k in names if names.count(k) > 1)!r})")
+        return dict(pairs)
+
+    try:
+        parsed = json.loads(header.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise ValueError(f"{path}: safetensors header is not valid JSON ({_reason(e)})") from None
+    if not isinstance(parsed, dict):
+        raise ValueError(f"{path}: safetensors header is a JSON {type(parsed).__name__}, not an object")
+    metadata = parsed.pop("__metadata__", {})
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise ValueError(f"{path}: safetensors __metadata__ must map strings to strings")
+    entries = []
+    for name, info in parsed.items():
+        if not (isinstance(info, dict) and set(info) == {"dtype", "shape", "data_offsets"}):
+            raise ValueError(f"{path}: safetensors entry {name[:80]!r} must hold exactly dtype, shape and "
+                             f"data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in SAFETENSORS_DTYPES:
+            raise ValueError(f"{path}: tensor {name[:80]!r} has dtype {str(dtype)[:20]!r}, not one of "
+                             f"{', '.join(SAFETENSORS_DTYPES)}")
+        if not (isinstance(shape, list) and all(type(d) is int and d >= 0 for d in shape)):
+            raise ValueError(f"{path}: tensor {name[:80]!r} has a malformed shape (expected a list of sizes)")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(type(o) is int and o >= 0 for o in offsets)
+                and offsets[0] <= offsets[1]):
+            raise ValueError(f"{path}: tensor {name[:80]!r} has malformed data_offsets (expected [begin, end])")
+        entries.append((name, SAFETENSORS_DTYPES[dtype], shape, tuple(offsets)))
+    return entries
 
 
 # --- What data.pkl may hold. torch.jit.load's unpickler (torch/csrc/jit/serialization/unpickler.cpp) knows a
