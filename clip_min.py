@@ -15,6 +15,7 @@ import functools
 import gzip
 import html
 import html.entities
+import json
 import math
 import os
 import re
@@ -266,6 +267,8 @@ class _ActivationLinear(torch.autograd.Function):
 
 # non-parameter tensors in OpenAI's TorchScript archives, dropped by OpenAI's own loader too
 ARCHIVE_EXTRAS = ("input_resolution", "context_length", "vocab_size")
+# buffers some open_clip checkpoints carry: the text tower's causal mask (the model builds its own)
+OPEN_CLIP_EXTRAS = ("attn_mask",)
 
 
 def config_from_state_dict(state_dict):
@@ -300,7 +303,8 @@ def build_model(state_dict, source="state dict", activation="quick_gelu"):
     Missing, extra or misshapen tensors raise one ValueError naming `source` and every problem.
     """
     _check_activation(activation)
-    state_dict = {k: v for k, v in state_dict.items() if k not in ARCHIVE_EXTRAS}
+    state_dict = {k: v for k, v in state_dict.items() if k not in ARCHIVE_EXTRAS + OPEN_CLIP_EXTRAS}
+    _check_tokenizer(state_dict, source)
     try:
         config = config_from_state_dict(state_dict)
     except KeyError as e:
@@ -329,6 +333,20 @@ def build_model(state_dict, source="state dict", activation="quick_gelu"):
         raise ValueError(f"{source}: tensor {bad} holds non-finite values")
     model.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
     return model.eval()
+
+
+def _check_tokenizer(state_dict, source):
+    """One line for a checkpoint whose text tower reads another tokenizer's ids than CLIP's BPE (clip_min's only)."""
+    vocab = state_dict.get("token_embedding.weight")
+    if "logit_bias" in state_dict:
+        raise ValueError(f"{source}: a SigLIP model (it has a logit_bias), with its own tokenizer: clip_min has "
+                         f"CLIP's BPE tokenizer only")
+    if any(k.startswith("text.") for k in state_dict):
+        raise ValueError(f"{source}: a custom text tower (keys 'text.*', open_clip's CustomTextCLIP), with its own "
+                         f"tokenizer: clip_min has CLIP's BPE tokenizer only")
+    if isinstance(vocab, torch.Tensor) and vocab.dim() == 2 and vocab.shape[0] != 49408:
+        raise ValueError(f"{source}: a text tower for another tokenizer ({vocab.shape[0]} tokens; CLIP's BPE "
+                         f"tokenizer, clip_min's only, has 49408)")
 
 
 # Architectures of OpenAI's ViT checkpoints, and the tiny one the tests use (widths multiples of 64)
@@ -679,18 +697,19 @@ def to_tensor(image):
     return x.permute(2, 0, 1).float().div(255)  # (3, H, W)
 
 
-def normalize(x):
-    """(x - MEAN) / STD per channel, for (3, H, W) or (N, 3, H, W) images in [0, 1]."""
+def normalize(x, mean=MEAN, std=STD):
+    """(x - mean) / std per channel, for (3, H, W) or (N, 3, H, W) images in [0, 1]; CLIP's constants unless a
+    checkpoint has others (model.mean, model.std of `load`; see checkpoint_settings)."""
     if x.dim() not in (3, 4) or x.shape[-3] != 3:
         raise ValueError(f"normalize: expected images of shape (3, H, W) or (N, 3, H, W), got {tuple(x.shape)}")
-    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
     return (x - mean) / std
 
 
-def preprocess(image, n_px=224):
+def preprocess(image, n_px=224, mean=MEAN, std=STD):
     """OpenAI's CLIP transform: resize, center crop, RGB, to tensor, normalize -> (3, n_px, n_px)."""
-    return normalize(to_tensor(center_crop(resize(image, n_px), n_px).convert("RGB")))
+    return normalize(to_tensor(center_crop(resize(image, n_px), n_px).convert("RGB")), mean, std)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -735,7 +754,104 @@ def checkpoint(name_or_path="ViT-B/16", download_root=None):
     return path, (MODELS[name_or_path].split("/")[-2] if name_or_path in MODELS else file_sha256(path))
 
 
-def load(name_or_path="ViT-B/16", device="cpu", download_root=None):
-    """A CLIP in eval mode on `device`, in fp32, from a model name (see MODELS) or a checkpoint file."""
+def load(name_or_path="ViT-B/16", device="cpu", download_root=None, activation=None):
+    """A CLIP in eval mode on `device`, in fp32, from a model name (see MODELS) or a checkpoint file: OpenAI's
+    TorchScript archive, a torch.save state dict or a safetensors file (open_clip's ViT checkpoints).
+
+    What the tensors don't tell comes from checkpoint_settings (open_clip_config.json beside the file, else
+    `activation`); the model carries the normalization constants its images need as `model.mean`, `model.std`
+    (give them to `preprocess` / `normalize`)."""
     path = checkpoint_path(name_or_path, download_root)
-    return build_model(read_state_dict(path), source=str(path)).to(device)
+    settings = checkpoint_settings(path, activation)
+    model = build_model(read_state_dict(path), source=str(path), activation=settings["activation"])
+    check_image_size(model, settings, path)
+    model.mean, model.std = settings["mean"], settings["std"]
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# open_clip's checkpoints (open_clip_pytorch_model.bin, open_clip_model.safetensors). Its ViT CLIPs use OpenAI's
+# parameter names; what differs (the activation, the normalization constants) is in open_clip_config.json, which
+# open_clip's published folders ship beside the weights: {"model_cfg": <open_clip's model config>,
+# "preprocess_cfg": {"mean", "std", ...}}. Models that clip_min doesn't compute are refused by name.
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+# model_cfg entries (open_clip 3.3's CLIPVisionCfg / CLIPTextCfg fields) that change the computation, and the
+# value clip_min computes; a config giving another value is refused
+_OPEN_CLIP_VISION = dict(head_width=64, mlp_ratio=4.0, ls_init_value=None, attentional_pool=False, no_ln_pre=False,
+                         pos_embed_type="learnable", final_ln_after_pool=False, pool_type="tok", act_kwargs=None,
+                         norm_kwargs=None, qk_norm=False, scaled_cosine_attn=False, scale_heads=False,
+                         scale_attn_inner=False, scale_attn=False, scale_fc=False, timm_model_name=None)
+_OPEN_CLIP_TEXT = dict(mlp_ratio=4.0, ls_init_value=None, embed_cls=False, no_causal_mask=False,
+                       final_ln_after_pool=False, pool_type="argmax", proj_bias=False, proj_type="linear",
+                       act_kwargs=None, norm_kwargs=None, qk_norm=False, scaled_cosine_attn=False, scale_heads=False,
+                       scale_attn_inner=False, scale_attn=False, scale_fc=False)
+# text_cfg entries that mean another tokenizer than CLIP's BPE (SigLIP's, a Hugging Face model's, ...)
+_OPEN_CLIP_TOKENIZER = dict(hf_model_name=None, hf_tokenizer_name=None, tokenizer_mode=None, tokenizer_kwargs=None,
+                            vocab_size=49408)
+_OPEN_CLIP_PREPROCESS = dict(interpolation="bicubic", resize_mode="shortest", mode="RGB")
+
+
+def checkpoint_settings(path, activation=None):
+    """What a model needs beyond the tensors of the checkpoint at `path`: {"activation": a key of ACTIVATIONS,
+    "mean": (r, g, b), "std": (r, g, b), "image_size": int or None}.
+
+    From open_clip_config.json beside the file when it is there (`activation`, if given, must agree with it);
+    otherwise `activation` (default quick_gelu, OpenAI's) and CLIP's MEAN and STD. A config describing a model
+    that clip_min doesn't compute (another tokenizer, SigLIP, CoCa, a timm or ResNet tower, wider heads, ...)
+    raises one ValueError naming the config and the entry."""
+    if activation is not None:
+        _check_activation(activation)
+    config_path = Path(path).parent / OPEN_CLIP_CONFIG
+    if not config_path.is_file():
+        return dict(activation=activation or "quick_gelu", mean=MEAN, std=STD, image_size=None)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        model_cfg, preprocess_cfg = config.get("model_cfg", {}), config.get("preprocess_cfg", {})
+        vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+        if not all(isinstance(d, dict) for d in (model_cfg, preprocess_cfg, vision, text)):
+            raise ValueError("model_cfg, its vision_cfg and text_cfg, and preprocess_cfg must be objects")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{config_path}: not an open_clip config ({e})") from None
+
+    def refuse(what):
+        raise ValueError(f"{config_path}: {what}, which clip_min's CLIP does not compute")
+
+    for key, expected in _OPEN_CLIP_TOKENIZER.items():
+        if text.get(key, expected) != expected:
+            refuse(f"another tokenizer (text_cfg {key} {text[key]!r}; clip_min has CLIP's BPE tokenizer only)")
+    if "init_logit_bias" in model_cfg:
+        refuse("a SigLIP model (init_logit_bias: a sigmoid loss and its own tokenizer)")
+    for key in ("custom_text", "multimodal_cfg"):
+        if model_cfg.get(key):
+            refuse(f"another architecture (model_cfg {key} {model_cfg[key]!r})")
+    if not isinstance(vision.get("layers", 12), int):
+        refuse("a ResNet image tower (vision_cfg layers is a list)")
+    for tower, fields, values in (("vision_cfg", _OPEN_CLIP_VISION, vision), ("text_cfg", _OPEN_CLIP_TEXT, text)):
+        for key, expected in fields.items():
+            if values.get(key, expected) != expected and not (key == "act_kwargs" and values[key] == {}):
+                refuse(f"{tower} {key} {values[key]!r} (clip_min computes {expected!r})")
+    if text.get("heads", text.get("width", 512) // 64) != text.get("width", 512) // 64:
+        refuse(f"text_cfg heads {text['heads']} (clip_min's text tower has width // 64 heads, as OpenAI's)")
+    for key, expected in _OPEN_CLIP_PREPROCESS.items():
+        if preprocess_cfg.get(key, expected) != expected:
+            refuse(f"preprocess_cfg {key} {preprocess_cfg[key]!r} (clip_min preprocesses as OpenAI: {expected!r})")
+    configured = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+    if activation is not None and activation != configured:
+        raise ValueError(f"{config_path}: says the model uses {configured}, not the {activation} asked for")
+    mean, std = preprocess_cfg.get("mean", MEAN), preprocess_cfg.get("std", STD)
+    if not all(isinstance(c, (list, tuple)) and len(c) == 3 and all(type(v) in (int, float) for v in c)
+               for c in (mean, std)) or not all(v > 0 for v in std):
+        raise ValueError(f"{config_path}: preprocess_cfg mean and std must be three numbers each (std positive)")
+    image_size = vision.get("image_size")
+    if image_size is not None and type(image_size) is not int:
+        refuse(f"a non-square image size (vision_cfg image_size {image_size!r})")
+    return dict(activation=configured, mean=tuple(map(float, mean)), std=tuple(map(float, std)),
+                image_size=image_size)
+
+
+def check_image_size(model, settings, path):
+    """The image size the tensors give (patch size x grid) against the one the config states, if any."""
+    if settings["image_size"] not in (None, model.visual.input_resolution):
+        raise ValueError(f"{Path(path).parent / OPEN_CLIP_CONFIG}: says {settings['image_size']} px images, the "
+                         f"tensors of {path} are for {model.visual.input_resolution} px")

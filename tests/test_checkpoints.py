@@ -5,6 +5,9 @@ reads them; torch.save files; safetensors files; every hostile file refused in o
 import json
 import os
 import pickle
+import re
+import subprocess
+import sys
 import struct
 import tracemalloc
 import zipfile
@@ -12,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 import clip_min
 from toolbox import checkpoints
@@ -625,3 +629,175 @@ def test_safetensors_runs_nothing(tmp_path):
         "pickle": payload.hex(), "code": f"__import__('os').system('touch {marker}')"}}, data=bytes(8))
     assert torch.equal(checkpoints.read_state_dict(path)["w"], torch.zeros(2))
     assert not marker.exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# open_clip's ViT checkpoints: parity with open_clip's own model code, settings from open_clip_config.json
+
+
+def open_clip_dir():
+    """Folder holding open_clip/ (the open-clip-torch 3.3.0 wheel, unpacked: .ci/run puts it in .cache), or None."""
+    for d in (os.environ.get("ORTHCR_OPEN_CLIP"), ROOT / ".cache" / "open-clip-torch-3.3.0"):
+        if d and (Path(d) / "open_clip" / "model.py").is_file():
+            return Path(d)
+    return None
+
+
+OPEN_CLIP_MODELS = ["ViT-B-16", "ViT-B-32-quickgelu"]  # open_clip's GELU and QuickGELU ViTs
+
+
+@pytest.fixture(scope="module")
+def open_clip_folders(tmp_path_factory):
+    """{model name: a folder as open_clip publishes it (weights as .bin and .safetensors, open_clip_config.json)
+    plus reference.pt}, for random models made by open_clip's own code (tests/open_clip_reference.py)."""
+    folder = open_clip_dir()
+    if folder is None:
+        pytest.skip("open_clip's code not found (set ORTHCR_OPEN_CLIP to the unpacked open-clip-torch wheel)")
+    out = tmp_path_factory.mktemp("open_clip")
+    done = subprocess.run([sys.executable, str(Path(__file__).parent / "open_clip_reference.py"), str(folder),
+                           str(out), *OPEN_CLIP_MODELS], capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in OPEN_CLIP_MODELS:  # without the safetensors package, the same tensors written by this file's writer
+        if not (out / name / "open_clip_model.safetensors").exists():
+            state = torch.load(out / name / "open_clip_pytorch_model.bin", weights_only=True)
+            safetensors_file(out / name / "open_clip_model.safetensors", state)
+    return {name: out / name for name in OPEN_CLIP_MODELS}
+
+
+def features(model, reference):
+    with torch.no_grad():
+        return model.encode_image(reference["images"]), model.encode_text(reference["text"])
+
+
+def assert_agree(ours, theirs, atol=1e-5):
+    for a, b in zip(ours, theirs):
+        assert (unit(a) - unit(b)).abs().max() <= atol
+
+
+def unit(x):
+    return x / x.norm(dim=-1, keepdim=True)
+
+
+@pytest.mark.parametrize("weights", ["open_clip_pytorch_model.bin", "open_clip_model.safetensors"])
+@pytest.mark.parametrize("name", OPEN_CLIP_MODELS)
+def test_open_clip_parity(open_clip_folders, name, weights):
+    """clip_min.load reads open_clip's files and config; its fp32 features are open_clip's within 1e-5."""
+    reference = torch.load(open_clip_folders[name] / "reference.pt", weights_only=True)
+    model = clip_min.load(open_clip_folders[name] / weights)
+    assert model.activation == ("quick_gelu" if "quickgelu" in name else "gelu")
+    assert (model.mean, model.std) == (clip_min.MEAN, clip_min.STD)
+    assert_agree(features(model, reference), (reference["image_features"], reference["text_features"]))
+
+
+def test_open_clip_without_its_config_takes_the_activation_flag(open_clip_folders, tmp_path):
+    """Without open_clip_config.json the activation is not known: OpenAI's quick_gelu unless given, and a GELU
+    model read with quick_gelu computes other features (so the parity above can fail)."""
+    path = tmp_path / "open_clip_pytorch_model.bin"
+    path.write_bytes((open_clip_folders["ViT-B-16"] / path.name).read_bytes())
+    reference = torch.load(open_clip_folders["ViT-B-16"] / "reference.pt", weights_only=True)
+    expected = (reference["image_features"], reference["text_features"])
+    assert_agree(features(clip_min.load(path, activation="gelu"), reference), expected)
+    with pytest.raises(AssertionError):
+        assert_agree(features(clip_min.load(path), reference), expected, atol=1e-3)
+    with pytest.raises(ValueError, match=f"{open_clip_folders['ViT-B-16'] / 'open_clip_config.json'}: says the "
+                                         f"model uses gelu, not the quick_gelu asked for"):
+        clip_min.load(open_clip_folders["ViT-B-16"] / path.name, activation="quick_gelu")
+
+
+def test_open_clip_attn_mask_buffer_is_dropped(open_clip_folders):
+    """Older open_clip releases saved the text tower's causal mask; the model builds its own."""
+    path = open_clip_folders["ViT-B-32-quickgelu"] / "open_clip_pytorch_model.bin"
+    assert "attn_mask" in checkpoints.read_state_dict(path)  # as the reference script wrote it
+    assert "attn_mask" not in checkpoints.read_state_dict(open_clip_folders["ViT-B-16"] / path.name)
+
+
+def tiny_open_clip(folder, model_cfg=None, preprocess_cfg=None, activation="gelu", **extra_tensors):
+    """A tiny random CLIP saved as open_clip publishes it: open_clip_pytorch_model.bin and open_clip_config.json."""
+    folder.mkdir(parents=True, exist_ok=True)
+    state = clip_min.random_model("tiny", seed=0, activation=activation).state_dict() | extra_tensors
+    torch.save(state, folder / "open_clip_pytorch_model.bin")
+    config = {"model_cfg": {"embed_dim": 32, "quick_gelu": activation == "quick_gelu",
+                            "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8},
+                            "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1,
+                                         "layers": 2}} | (model_cfg or {}),
+              "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.5, 1.0]} | (preprocess_cfg or {})}
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    return folder / "open_clip_pytorch_model.bin"
+
+
+def test_open_clip_normalization_constants_reach_preprocessing(tmp_path):
+    path = tiny_open_clip(tmp_path / "m")
+    model = clip_min.load(path)
+    assert (model.mean, model.std, model.activation) == ((0.5, 0.5, 0.5), (0.25, 0.5, 1.0), "gelu")
+    assert clip_min.checkpoint_settings(path) == dict(activation="gelu", mean=model.mean, std=model.std,
+                                                      image_size=32)
+    image = Image.new("RGB", (40, 36), (255, 128, 0))
+    x = clip_min.preprocess(image, 32, model.mean, model.std)
+    expected = (torch.tensor([255, 128, 0]) / 255 - torch.tensor(model.mean)) / torch.tensor(model.std)
+    assert torch.allclose(x[:, 0, 0], expected) and not torch.allclose(clip_min.preprocess(image, 32)[:, 0, 0], expected)
+
+
+def text_cfg(**kv):
+    return {"text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 1, "layers": 2} | kv}
+
+
+def vision_cfg(**kv):
+    return {"vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8} | kv}
+
+
+# open_clip configs of models clip_min doesn't compute: each is one line naming the entry
+OPEN_CLIP_REFUSALS = {
+    "SigLIP's tokenizer": (dict(model_cfg=text_cfg(hf_tokenizer_name="timm/ViT-B-16-SigLIP", vocab_size=32000)),
+                           "another tokenizer (text_cfg hf_tokenizer_name 'timm/ViT-B-16-SigLIP'"),
+    "a Hugging Face text tower": (dict(model_cfg=text_cfg(hf_model_name="xlm-roberta-base")),
+                                  "another tokenizer (text_cfg hf_model_name 'xlm-roberta-base'"),
+    "another vocabulary": (dict(model_cfg=text_cfg(vocab_size=32000)), "another tokenizer (text_cfg vocab_size"),
+    "a tokenizer option": (dict(model_cfg=text_cfg(tokenizer_kwargs={"clean": "canonicalize"})),
+                           "another tokenizer (text_cfg tokenizer_kwargs"),
+    "SigLIP's loss": (dict(model_cfg={"init_logit_bias": -10}), "a SigLIP model"),
+    "CoCa": (dict(model_cfg={"multimodal_cfg": {"width": 64}}), "another architecture (model_cfg multimodal_cfg"),
+    "custom text": (dict(model_cfg={"custom_text": True}), "another architecture (model_cfg custom_text True)"),
+    "a timm tower": (dict(model_cfg=vision_cfg(timm_model_name="vit_base_patch16_224")),
+                     "vision_cfg timm_model_name 'vit_base_patch16_224'"),
+    "a ResNet tower": (dict(model_cfg=vision_cfg(layers=[3, 4, 6, 3])), "a ResNet image tower"),
+    "80-wide heads (ViT-H/14)": (dict(model_cfg=vision_cfg(head_width=80)), "vision_cfg head_width 80 (clip_min"),
+    "average pooling": (dict(model_cfg=vision_cfg(pool_type="avg")), "vision_cfg pool_type 'avg'"),
+    "layer scale": (dict(model_cfg=text_cfg(ls_init_value=1e-5)), "text_cfg ls_init_value 1e-05"),
+    "text heads": (dict(model_cfg=text_cfg(heads=4)), "text_cfg heads 4"),
+    "squashed images": (dict(preprocess_cfg={"resize_mode": "squash"}), "preprocess_cfg resize_mode 'squash'"),
+    "bilinear resizing": (dict(preprocess_cfg={"interpolation": "bilinear"}), "preprocess_cfg interpolation"),
+}
+
+
+@pytest.mark.parametrize("case", list(OPEN_CLIP_REFUSALS))
+def test_open_clip_models_clip_min_does_not_compute_are_refused(tmp_path, case):
+    options, problem = OPEN_CLIP_REFUSALS[case]
+    path = tiny_open_clip(tmp_path / "m", **options)
+    with pytest.raises(ValueError) as e:
+        clip_min.load(path)
+    message = str(e.value)
+    assert message.startswith(f"{path.parent / 'open_clip_config.json'}: ") and problem in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("make, problem", [
+    (lambda p: tiny_open_clip(p, model_cfg=vision_cfg(image_size=64)), "says 64 px images, the tensors of"),
+    (lambda p: tiny_open_clip(p, preprocess_cfg={"std": [1, 0, 1]}), "mean and std must be three numbers"),
+    (lambda p: (tiny_open_clip(p), (p / "open_clip_config.json").write_text("{nope"))[0], "not an open_clip config"),
+    (lambda p: tiny_open_clip(p, logit_bias=torch.zeros([])), "a SigLIP model (it has a logit_bias)"),
+    (lambda p: tiny_open_clip(p, **{"text.proj": torch.zeros(2)}), "a custom text tower (keys 'text.*'"),
+])
+def test_open_clip_files_that_contradict_the_model_are_refused(tmp_path, make, problem):
+    path = make(tmp_path / "m")
+    with pytest.raises(ValueError, match=re.escape(problem)) as e:
+        clip_min.load(path)
+    assert "\n" not in str(e.value)
+
+
+def test_a_vocabulary_of_another_tokenizer_is_refused(tmp_path):
+    state = clip_min.random_model("tiny").state_dict()
+    state["token_embedding.weight"] = torch.zeros(32000, 64)
+    path = tmp_path / "model.safetensors"
+    safetensors_file(path, state)
+    with pytest.raises(ValueError, match=f"^{path}: a text tower for another tokenizer \\(32000 tokens"):
+        clip_min.load(path)
