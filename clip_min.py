@@ -336,17 +336,14 @@ def build_model(state_dict, source="state dict", activation="quick_gelu"):
 
 
 def _check_tokenizer(state_dict, source):
-    """One line for a checkpoint whose text tower reads another tokenizer's ids than CLIP's BPE (clip_min's only)."""
-    vocab = state_dict.get("token_embedding.weight")
+    """One line for an open_clip checkpoint whose text tower reads another tokenizer's ids than CLIP's BPE
+    (clip_min's only). (A vocabulary of another size alone says nothing: the tests' tiny archive has 300 tokens.)"""
     if "logit_bias" in state_dict:
         raise ValueError(f"{source}: a SigLIP model (it has a logit_bias), with its own tokenizer: clip_min has "
                          f"CLIP's BPE tokenizer only")
     if any(k.startswith("text.") for k in state_dict):
         raise ValueError(f"{source}: a custom text tower (keys 'text.*', open_clip's CustomTextCLIP), with its own "
                          f"tokenizer: clip_min has CLIP's BPE tokenizer only")
-    if isinstance(vocab, torch.Tensor) and vocab.dim() == 2 and vocab.shape[0] != 49408:
-        raise ValueError(f"{source}: a text tower for another tokenizer ({vocab.shape[0]} tokens; CLIP's BPE "
-                         f"tokenizer, clip_min's only, has 49408)")
 
 
 # Architectures of OpenAI's ViT checkpoints, and the tiny one the tests use (widths multiples of 64)

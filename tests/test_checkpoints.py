@@ -578,8 +578,9 @@ SAFETENSORS_FAULTS = {
                       "is a JSON list, not an object"),
     "deeply nested header": (lambda p: safetensors_file(p, header=b"{" + b'"a":[' * 100_000 + b"]" * 100_000 + b"}",
                                                         data=b""), "not valid JSON"),
-    "a name given twice": (lambda p: safetensors_file(p, header=b'{"w": %s, "w": %s}' % ((json.dumps(F32).encode(),) * 2),
-                                                      data=bytes(8)), "a name given twice ('w')"),
+    "a name given twice": (lambda p: safetensors_file(p, header=b'{"w": %s, "w": %s}' % ((json.dumps(F32).encode(),)
+                                                                                          * 2), data=bytes(8)),
+                           "a name given twice ('w')"),
     "unknown dtype": (lambda p: safetensors_file(p, header={"w": F32 | {"dtype": "F128"}}, data=bytes(8)),
                       "has dtype 'F128', not one of"),
     "negative size": (lambda p: safetensors_file(p, header={"w": F32 | {"shape": [-2]}}, data=bytes(8)),
@@ -734,7 +735,8 @@ def test_open_clip_normalization_constants_reach_preprocessing(tmp_path):
     image = Image.new("RGB", (40, 36), (255, 128, 0))
     x = clip_min.preprocess(image, 32, model.mean, model.std)
     expected = (torch.tensor([255, 128, 0]) / 255 - torch.tensor(model.mean)) / torch.tensor(model.std)
-    assert torch.allclose(x[:, 0, 0], expected) and not torch.allclose(clip_min.preprocess(image, 32)[:, 0, 0], expected)
+    assert torch.allclose(x[:, 0, 0], expected)
+    assert not torch.allclose(clip_min.preprocess(image, 32)[:, 0, 0], expected)  # CLIP's constants: other values
 
 
 def text_cfg(**kv):
@@ -792,12 +794,3 @@ def test_open_clip_files_that_contradict_the_model_are_refused(tmp_path, make, p
     with pytest.raises(ValueError, match=re.escape(problem)) as e:
         clip_min.load(path)
     assert "\n" not in str(e.value)
-
-
-def test_a_vocabulary_of_another_tokenizer_is_refused(tmp_path):
-    state = clip_min.random_model("tiny").state_dict()
-    state["token_embedding.weight"] = torch.zeros(32000, 64)
-    path = tmp_path / "model.safetensors"
-    safetensors_file(path, state)
-    with pytest.raises(ValueError, match=f"^{path}: a text tower for another tokenizer \\(32000 tokens"):
-        clip_min.load(path)
