@@ -389,7 +389,7 @@ def _module_tensors(obj, prefix="", ancestors=(), visits=None):
 def _rebuild_tensor(storage, offset, size, stride, requires_grad=False, hooks=None, metadata=None):
     """What `torch._utils._rebuild_tensor_v2` means: a strided view of a flat storage, which must lie inside it
     (checked here: on the meta device torch doesn't)."""
-    if not isinstance(storage, _Storage) or type(storage) is not _Storage:
+    if type(storage) is not _Storage:  # (a _Tensor is not a storage)
         raise ValueError(f"a tensor rebuilt from a {type(storage).__name__}, not a storage")
     if not (isinstance(size, tuple) and isinstance(stride, tuple) and len(size) == len(stride)
             and all(type(n) is int and n >= 0 for n in (offset, *size, *stride))):
