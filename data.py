@@ -25,6 +25,14 @@ and test; seven of them ship in `splits/`, two are generated as CoOp generated t
 * generated as CoOp generates it (CoOp's own file, on Google Drive, is not shipped); the other split files and
 ImageNet's classnames.txt (CLIP's class names) ship in splits/.
 
+**Your own images**: `--data PATH` is a folder in torchvision's ImageFolder layout, `<class>/<image>` (`is_folder`
+tells a path from a benchmark's name; the run is filed under `folder_name`). Labels follow the sorted class
+folders; class names come from the folder's `classnames.txt` ("<folder> <class name>" per line), else from the
+folder names with "_" and "-" read as spaces; the prompt is CoOp's generic "a photo of a {}." unless a template is
+given. The split is the folder's `split.json` (CoOp's format): yours is used as it is; without one, CoOp's 50/20/30
+per-class split is generated once (seed SPLIT_SEED), saved there with a fingerprint of the images, and a later run
+on a changed folder stops with one line saying what changed. Few-shot and base-to-new work as on a benchmark.
+
 The protocol, as CoOp runs it (`build_dataset(name, root, shots, seed, subsample)`):
 - **Few-shot sampling** is Dassl's `generate_fewshot_dataset`: Python's `random` seeded with the run's seed, the
   items grouped by label in order of first appearance, `random.sample(group, K)` per label (all of them if fewer),
