@@ -318,3 +318,13 @@ def test_describe_change_phrases():
         "1 image added (e.g. a/2.jpg), 2 removed (e.g. a/3.jpg)"
     assert imagefolder.describe_change(["a/1.jpg", "a/2.jpg", "a/3.jpg"], listing) == "1 image removed (e.g. a/3.jpg)"
     assert imagefolder.fingerprint(listing) != imagefolder.fingerprint({"a/1.jpg": 1, "a/2.jpg": 3})
+
+
+def test_data_py_check_reads_a_folder_as_a_run_would(flowers, capsys):
+    assert data.main(["--check", str(flowers)]) == 0
+    out = capsys.readouterr().out
+    assert "My_Flowers: ready, 3 classes (rose, sun flower, tulip red); 15 train, 6 val, 9 test images" in out
+    assert (flowers / "split.json").is_file()
+    jpeg(flowers / "rose" / "new.jpg", seed=999)
+    assert data.main(["--check", str(flowers)]) == 1
+    assert "error: " in capsys.readouterr().err
