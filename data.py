@@ -73,6 +73,7 @@ from toolbox import datasets, files, imagefolder, images
 COOP_GUIDE = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # CoOp's files shipped with this repository
 SPLIT_SEED = 1  # seed of a generated split: fixed, so that every run seed sees the same split
+FEWSHOT_DIR = "split_fewshot"  # the few-shot cache beside the data, as CoOp names it (never a class folder)
 
 
 class DataError(RuntimeError):
@@ -251,7 +252,7 @@ def generate_fewshot_dataset(items, num_shots, rng, what="train"):
 
 def fewshot_subset(folder, train, val, shots, seed, sample_val=True):
     """CoOp's few-shot train (and val, min(shots, 4)) for `seed`, cached in split_fewshot/ and reused."""
-    path = Path(folder) / "split_fewshot" / f"shot_{shots}-seed_{seed}.json"
+    path = Path(folder) / FEWSHOT_DIR / f"shot_{shots}-seed_{seed}.json"
     val_shots = min(shots, 4) if sample_val else 0
     if path.is_file():
         raw = _read_json(path, "few-shot cache")
@@ -417,9 +418,9 @@ def split_classes(groups, seed, where, p_train=0.5, p_val=0.2):
         val += [Item(p, label, category) for p in images[n_train:n_train + n_val]]
         test += [Item(p, label, category) for p in images[n_train + n_val:]]
     if too_few:
-        raise DataError(f"{where}: {len(too_few)} class folder{'s' * (len(too_few) > 1)} hold{'s' * (len(too_few) == 1)} "
-                        f"too few images for CoOp's 50/20/30 split, which needs at least 4 per class: "
-                        f"{', '.join(too_few[:10])}{', ...' if len(too_few) > 10 else ''}")
+        folders = "1 class folder holds" if len(too_few) == 1 else f"{len(too_few)} class folders hold"
+        raise DataError(f"{where}: {folders} too few images for CoOp's 50/20/30 split, which needs at least 4 "
+                        f"per class: {', '.join(too_few[:10])}{', ...' if len(too_few) > 10 else ''}")
     return train, val, test
 
 
@@ -549,7 +550,6 @@ def _lines(path):
 
 SPLIT_FILE = "split.json"  # CoOp's format, beside the class folders: yours, or generated once and reused
 CLASSNAMES_FILE = "classnames.txt"  # optional: one "<folder> <class name>" line per class
-FEWSHOT_DIR = "split_fewshot"  # the few-shot cache, as CoOp names it; never a class folder
 
 
 def is_folder(data):
