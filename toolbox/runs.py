@@ -454,7 +454,8 @@ def check_checkpoint(path, state, cfg, seed, data_sha256, total, adapters, conte
     if not (0 <= state["step"] <= total and state["total"] == total):
         fail(f"{path}: step {state['step']} of {state['total']} does not fit this run's {total} steps")
     check_trainables(path, state["adapters"], state.get("context"), adapters, context)
-    _check_optimizer_state(path, state["optimizer"], [P.shape for P in adapters.values()], state["step"])
+    _check_optimizer_state(path, state["optimizer"], [P.shape for P in adapters.values()], state["step"],
+                           skips=cfg.precision == "fp16")
     _check_context_optimizer_state(path, state.get("ctx_optimizer"), None if context is None else context.shape)
     fresh = scaler.state_dict()
     if set(state["scaler"]) != set(fresh) or any(type(state["scaler"][k]) is not type(v) for k, v in fresh.items()):
@@ -470,9 +471,9 @@ def check_checkpoint(path, state, cfg, seed, data_sha256, total, adapters, conte
                       f"the resumed run may differ from an uninterrupted one")
 
 
-def _check_optimizer_state(path, optimizer, shapes, step):
-    """AdamW's state must hold, for each adapter, finite moments of its shape once a step was applied (none before
-    the first, nor while fp16's scaler skipped every step); {} without rotations."""
+def _check_optimizer_state(path, optimizer, shapes, step, skips=False):
+    """AdamW's state must hold, for each adapter, finite moments of its shape after the first step (`skips`, fp16:
+    none at all while the grad scaler has skipped every step so far); {} without rotations."""
     if not shapes:
         if optimizer != {}:
             fail(f"{path}: it holds an optimizer's state for rotations, this run trains none")
@@ -484,7 +485,7 @@ def _check_optimizer_state(path, optimizer, shapes, step):
         fail(f"{path}: the optimizer's state is not AdamW's over this run's {len(shapes)} trainable tensors")
     for index, shape in zip(groups[0]["params"], shapes):
         entry = moments.get(index)
-        if entry is None and (step == 0 or not moments):
+        if entry is None and (step == 0 or skips and not moments):
             continue
         if not (isinstance(entry, dict) and all(isinstance(entry.get(k), torch.Tensor) and entry[k].shape == shape
                                                 and torch.isfinite(entry[k]).all() for k in ("exp_avg", "exp_avg_sq"))
