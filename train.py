@@ -128,7 +128,7 @@ SETTINGS = settings.Declarations([
             shown=f"'{CTX_INIT}' (4 tokens) for base2new, cross and dg, as CoCoOp's configs; fewshot, or with "
                   f"--n-ctx: random N(0, 0.02^2), as CoOp's"),
     Setting("n_ctx", N_CTX, "--prompt coop: context vectors", "method", G["method"], type=int, metavar="N",
-            check=at_least(1), shown="{} random, or the tokens of --ctx-init", eval_only="file",  # the words fix it
+            check=at_least(1), shown="{} random, or the tokens of --ctx-init", eval_only="file",  # the tokens fix it
             convert=lambda v, values: len(clip_min.encode(values["ctx_init"])) if values["ctx_init"] else v),
     Setting("epochs", EPOCHS, "passes over the few-shot training set", "method", G["opt"], type=int,
             check=at_least(1), eval_only="trained"),
