@@ -387,10 +387,12 @@ def orthcr_loss(logits, logits_cut, zs_logits, zs_logits_cut, labels, lambda1=LA
 
 
 def objective(model, params, adapters, images, labels, tokens, teacher_text, *, context=None, cutout=None,
-              lambda1=LAMBDA1, lambda2=LAMBDA2, transform=cayley, normalize=clip_min.normalize):
+              lambda1=LAMBDA1, lambda2=LAMBDA2, reduction="batchmean", transform=cayley,
+              normalize=clip_min.normalize):
     """One step's loss for a batch of [0, 1] training images (N, 3, H, W). `tokens` are the student's class
     prompts (trimmed; CoOp's when `context` is given), `teacher_text` the teacher's fp32 class features.
-    `transform` turns P into R (cayley, cayley_fast, cayley_neumann); `cutout` makes the Cutout copies
+    `transform` turns P into R (cayley, cayley_fast, cayley_neumann); `reduction` is the KLs' (KL_REDUCTIONS);
+    `cutout` makes the Cutout copies
     (cutout_views: random or attentive; None: no Cutout views and terms, the "w/o CutOut" ablation).
 
     The teacher sees the clean images and the Cutout copies without gradient; when `cutout` asks for the
@@ -416,8 +418,8 @@ def objective(model, params, adapters, images, labels, tokens, teacher_text, *, 
     logits = clip_logits(encode_image(model, merged, normalize(_views(images, cut))),
                          encode_text(model, merged, tokens, context), merged["logit_scale"])
     if cut is None:
-        return orthcr_loss(logits, None, zs, None, labels, lambda1, lambda2)
-    return orthcr_loss(logits[:n], logits[n:], zs[:n], zs[n:], labels, lambda1, lambda2)
+        return orthcr_loss(logits, None, zs, None, labels, lambda1, lambda2, reduction)
+    return orthcr_loss(logits[:n], logits[n:], zs[:n], zs[n:], labels, lambda1, lambda2, reduction)
 
 
 def _views(images, cut):

@@ -13,6 +13,7 @@ checkpoints, the flag checks) lives in toolbox/.
 import math
 import statistics
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -22,8 +23,8 @@ from PIL import Image, ImageDraw, ImageFont
 import clip_min
 import data
 import orthcr
-from toolbox import cli, files, runs, settings
-from toolbox.settings import Setting, at_least, learning_rate, non_negative_number, positive_number, seed
+from toolbox import cli, files, published, runs, settings
+from toolbox.settings import Setting, at_least, learning_rate, momentum, non_negative_number, positive_number, seed
 
 # ---------------------------------------------------------------------------------------------------- defaults
 # The paper does not publish its optimization settings; these are ours (README: "What we chose").
@@ -34,12 +35,38 @@ WEIGHT_DECAY = 0.0  # decay of P would pull R towards I: the KL term already kee
 WARMUP_STEPS = 10  # linear warm-up (at most a tenth of training), then cosine decay to 0
 EVAL_BATCH_SIZE = 64
 N_CTX = 16  # CoOp's context length; --ctx-init "a photo of a" gives 4 instead
+# CoOp's context has an optimizer of its own, CoOp's recipe, not the rotations' AdamW (Adam moves each entry by ~lr
+# per step: at 1e-4 the 16 random vectors, std 0.02, barely moved in 40 steps). KaiyangZhou/CoOp
+# configs/trainers/CoOp/vit_b16*.yaml and CoCoOp/vit_b16_c4_ep10_batch1_ctxv1.yaml: OPTIM.NAME "sgd", LR 0.002,
+# LR_SCHEDULER "cosine", WARMUP_EPOCH 1, WARMUP_TYPE "constant", WARMUP_CONS_LR 1e-5; momentum 0.9 and weight
+# decay 5e-4 are Dassl's OPTIM defaults (dassl/config/defaults.py), which those files leave as they are.
+CTX_LR = 2e-3
+CTX_MOMENTUM = 0.9
+CTX_WEIGHT_DECAY = 5e-4
+CTX_WARMUP_EPOCHS = 1  # the first epoch at the constant CTX_WARMUP_LR, then cosine decay per epoch (Dassl's)
+CTX_WARMUP_LR = 1e-5
+CTX_INIT = "a photo of a"  # CoCoOp's vit_b16_c4_ep10_batch1_ctxv1 (base-to-new and cross-dataset/DG scripts);
+# CoOp's few-shot runs (scripts/coop/main.sh with vit_b16*.yaml) start from 16 random vectors
+SKIPPED_WARN = 0.05  # fp16: warn when the grad scaler skipped more than 5 % of the steps (overflowing gradients)
 LAYOUT = {"targets": orthcr.DEFAULT_TARGETS, "blocks": 4, "towers": ("visual", "text")}  # the paper's 43.45M
 
 PROTOCOLS = ("base2new", "fewshot", "cross", "dg")
 CROSS_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
                  "sun397", "dtd", "eurosat", "ucf101")  # CoCoOp's Table 2, after the source ImageNet
 DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")  # CoCoOp's Table 3
+
+
+def default_ctx_init(values):
+    """CoOp's and CoCoOp's initial context by protocol: "a photo of a" for base-to-new, cross-dataset and DG (CoCoOp's
+    configs), random for few-shot (CoOp's); random too when --n-ctx is given, and under --eval-only, whose
+    adapters file records its own (None there: a random start)."""
+    coop = values.get("prompt") == "coop" and values.get("n_ctx") is None and not values.get("eval_only")
+    return CTX_INIT if coop and values.get("protocol") != "fewshot" else None
+
+
+def ctx_words(text):
+    """--ctx-init's words, '_' read as a space, as CoOp's prompt learner reads CTX_INIT."""
+    return text.replace("_", " ")
 
 
 # Every setting, once: its flag, default, help and role ("method": what is trained, "data": on what it is trained
@@ -77,6 +104,10 @@ SETTINGS = settings.Declarations([
     Setting("lambda2", lambda values: 0.0 if values.get("cutout") == "none" else orthcr.LAMBDA2,
             "weight of the KL on the Cutout images", "method", G["method"], type=float, metavar="L2",
             check=non_negative_number, shown=f"{orthcr.LAMBDA2}; 0 with --cutout none", eval_only="trained"),
+    Setting("kl_reduction", "batchmean", "the KL terms' reduction: batchmean, the true KL (summed over classes, "
+            "averaged over the batch); mean, also averaged over the C classes (PromptSRC-style code's sum / numel), "
+            "which weighs each λ C times less", "method", G["method"], choices=orthcr.KL_REDUCTIONS,
+            eval_only="trained", label="KL mean over classes"),
     Setting("cutout", "random", "random: OrthCR's Cutout (v1); attentive: OrthSR's (v3), the hole on the patch most "
             "similar to the class text; none: no Cutout views, no Cutout terms", "method", G["method"],
             choices=orthcr.CUTOUT_MODES, eval_only="trained"),
@@ -91,11 +122,14 @@ SETTINGS = settings.Declarations([
             "similarity map) to PNG and stop, without training", group=G["method"], metavar="PNG", shown="off"),
     Setting("prompt", "fixed", "fixed: the dataset's hand-written template; coop: CoOp's learned context", "method",
             G["method"], choices=("fixed", "coop"), shown="{}; --eval-only: the adapters file's", eval_only="file"),
+    Setting("ctx_init", default_ctx_init, "--prompt coop: initialize the context with the embeddings of these words "
+            "('_' reads as a space, as in CoOp); their BPE tokens set the context length", "method", G["method"],
+            type=ctx_words, metavar="WORDS", eval_only="same", nullable=True,
+            shown=f"'{CTX_INIT}' (4 tokens) for base2new, cross and dg, as CoCoOp's configs; fewshot, or with "
+                  f"--n-ctx: random N(0, 0.02^2), as CoOp's"),
     Setting("n_ctx", N_CTX, "--prompt coop: context vectors", "method", G["method"], type=int, metavar="N",
-            check=at_least(1), shown="{}, or the words of --ctx-init", eval_only="file",  # initial words fix it
+            check=at_least(1), shown="{} random, or the tokens of --ctx-init", eval_only="file",  # the tokens fix it
             convert=lambda v, values: len(clip_min.encode(values["ctx_init"])) if values["ctx_init"] else v),
-    Setting("ctx_init", None, "--prompt coop: initialize the context with these words, e.g. 'a photo of a'",
-            "method", G["method"], metavar="WORDS", shown="random, N(0, 0.02^2)", eval_only="file"),
     Setting("epochs", EPOCHS, "passes over the few-shot training set", "method", G["opt"], type=int,
             check=at_least(1), eval_only="trained"),
     Setting("batch_size", BATCH_SIZE, "training images per step, plus their Cutout copies", "method", G["opt"],
@@ -106,6 +140,17 @@ SETTINGS = settings.Declarations([
             check=non_negative_number, eval_only="trained"),
     Setting("warmup_steps", WARMUP_STEPS, "linear warm-up (at most a tenth of the steps), then cosine decay to 0",
             "method", G["opt"], type=int, metavar="N", check=at_least(0), eval_only="trained"),
+    Setting("ctx_lr", CTX_LR, "--prompt coop: the context's SGD learning rate, the schedule's peak (CoOp's)", "method",
+            G["opt"], type=float, metavar="LR", check=learning_rate, eval_only="trained"),
+    Setting("ctx_momentum", CTX_MOMENTUM, "--prompt coop: the context's SGD momentum (CoOp's)", "method", G["opt"],
+            type=float, metavar="M", check=momentum, eval_only="trained"),
+    Setting("ctx_weight_decay", CTX_WEIGHT_DECAY, "--prompt coop: the context's SGD weight decay (CoOp's)", "method",
+            G["opt"], type=float, metavar="WD", check=non_negative_number, eval_only="trained"),
+    Setting("ctx_warmup_epochs", CTX_WARMUP_EPOCHS, "--prompt coop: epochs at --ctx-warmup-lr before the context's "
+            "cosine decay, which steps once per epoch (CoOp's)", "method", G["opt"], type=int, metavar="N",
+            check=at_least(0), eval_only="trained"),
+    Setting("ctx_warmup_lr", CTX_WARMUP_LR, "--prompt coop: the context's constant warm-up learning rate (CoOp's)",
+            "method", G["opt"], type=float, metavar="LR", check=non_negative_number, eval_only="trained"),
     Setting("zero_shot", False, "evaluate plain CLIP, no training: the CLIP row", "method", G["eval"], switch=True),
     Setting("eval_only", False, "evaluate saved --adapters, no training", group=G["eval"], switch=True),
     Setting("adapters", None, "the adapters.pt that --eval-only evaluates", group=G["eval"], metavar="FILE",
@@ -158,33 +203,55 @@ def settings_from(args, saved=None):
     return SETTINGS.record(args, saved)
 
 
+def setting_warnings(cfg):
+    """Valid settings that change what is computed in a way the user may not expect: one line each."""
+    lines = []
+    if cfg.precision == "bf16" and not (cfg.zero_shot or cfg.eval_only) and (cfg.lambda1 or cfg.lambda2):
+        lines.append("--precision bf16 rounds away most of the small difference between the finetuned and the "
+                     "zero-shot logits that the KL terms see: on ViT-B/16 their gradient's cosine with fp32's is 0.16 "
+                     "(fp16: 0.96), so the regulariser steers by rounding noise until the rotations are large "
+                     "(docs/precision.md); fp16 (auto) or fp32 keep it")
+    if cfg.prompt == "coop" and cfg.ctx_init:
+        tokens, words = len(clip_min.encode(cfg.ctx_init)), len(cfg.ctx_init.split(" "))
+        if tokens != words:
+            lines.append(f"--ctx-init {cfg.ctx_init!r} is {tokens} BPE tokens but {words} words: here all {tokens} "
+                         f"token embeddings are the learned context; CoOp (n_ctx = its word count) would learn the "
+                         f"first {words} and keep the rest as fixed words")
+    return lines
+
+
 # ---------------------------------------------------------------------------------------------------- the loop
 
 def train(model, params, train_set, cfg, seed, folder, resume=None, data_sha256=None):
     """OrthCR's training loop on one few-shot set, from scratch or from the checkpoint `resume`. Returns the
     trained adapters and CoOp context (or None)."""
     adapters, context = init_trainables(params, cfg, seed)
-    optimizer = torch.optim.AdamW(trainable_tensors(adapters, context), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizers = make_optimizers(adapters, context, cfg)  # AdamW for P, CoOp's SGD for the context
     scaler = grad_scaler(cfg.device, cfg.precision)  # fp16's gradients need loss scaling
     tokens, teacher_text = class_prompts(model, params, train_set, cfg)
     generator = torch.Generator().manual_seed(seed)  # all of Cutout's randomness
     method = method_settings(cfg, generator)
     total = cfg.epochs * data.steps_per_epoch(len(train_set.train), cfg.batch_size)
-    step = runs.resume_from(resume, folder, adapters, context, optimizer, scaler, generator) if resume else 0
+    step = runs.resume_from(resume, folder, adapters, context, optimizers, scaler, generator) if resume else 0
     save = lambda step: runs.save_checkpoint(folder, cfg, seed, data_sha256, step, total, adapters, context,  # noqa
-                                             optimizer, scaler, generator)
+                                             optimizers, scaler, generator)
     with runs.Bookkeeping(folder, cfg, step, total, save) as books:
         for epoch, images, labels in data.train_batches(train_set.train, cfg.batch_size, seed, cfg.epochs, step,
                                                         cfg.workers, model.visual.input_resolution):
-            lr = _set_lr(optimizer, lr_at(step, total, cfg.lr, cfg.warmup_steps))
+            lr = _set_lr(optimizers["adapters"], lr_at(step, total, cfg.lr, cfg.warmup_steps))
+            ctx_lr = _set_lr(optimizers["context"], ctx_lr_at(epoch, cfg.epochs, cfg.ctx_lr, cfg.ctx_warmup_epochs,
+                                                              cfg.ctx_warmup_lr))
             try:
-                loss, terms = training_step(model, params, adapters, context, images.to(cfg.device),
-                                            labels.to(cfg.device), tokens, teacher_text, optimizer, scaler,
-                                            cfg.precision, method)
+                loss, terms, skipped = training_step(model, params, adapters, context, images.to(cfg.device),
+                                                     labels.to(cfg.device), tokens, teacher_text,
+                                                     [o for o in optimizers.values() if o], scaler, cfg.precision,
+                                                     method)
             except NonFinite as e:
                 runs.stop_not_finite(e, step + 1, folder)
             step += 1
-            books.after_step(step, epoch, lr, loss, terms)  # step log, checkpoint when due, Ctrl-C, progress
+            books.after_step(step, epoch, lr if adapters else ctx_lr, loss, terms, skipped,  # step log, checkpoint
+                             ctx_lr if adapters and context is not None else None)  # when due, Ctrl-C, progress
+    runs.check_steps_applied(folder, books.skipped, step, SKIPPED_WARN)  # fp16: none skipped unseen
     return adapters, context
 
 
@@ -195,37 +262,47 @@ class NonFinite(ArithmeticError):
 def training_step(model, params, adapters, context, images, labels, tokens, teacher_text, optimizer, scaler,
                   precision, method):
     """One step of OrthCR (train.py's and bench.py's): `orthcr.objective` under autocast, its backward through
-    the grad scaler, then AdamW's update, unless the loss or a gradient is not finite (NonFinite, before the
-    update). Returns (loss, terms)."""
+    the grad scaler, then the update of each optimizer (`optimizer`: one, or a list), unless the loss or a gradient
+    is not finite (NonFinite, before the update). Under fp16 an overflowing gradient is the scaler's to handle: the
+    step is skipped (every optimizer's) and the scale lowered. Returns (loss, terms, skipped): skipped is None, or
+    the loss scale at which the gradients overflowed."""
+    optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
     with autocast(images.device, precision):
         loss, terms = orthcr.objective(model, params, adapters, images, labels, tokens, teacher_text,
                                        context=context, **method)
-    optimizer.zero_grad(set_to_none=True)
+    for o in optimizers:
+        o.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
-    what = not_finite(loss, trainable_tensors(adapters, context), scaler)
-    if what:
+    for o in optimizers:
+        scaler.unscale_(o)  # the true gradients, checked once for all optimizers (a no-op without fp16)
+    what = not_finite(loss, trainable_tensors(adapters, context))
+    if what and not (what == "gradient" and scaler.is_enabled()):
         raise NonFinite(what)
-    scaler.step(optimizer)
+    skipped = scaler.get_scale() if what else None  # fp16's overflow: no optimizer steps, the scale halves
+    if not what:
+        for o in optimizers:
+            scaler.step(o)
     scaler.update()
-    return loss, terms
+    return loss, terms, skipped
 
 
-def not_finite(loss, trainables, scaler):
-    """What is not finite after the backward ("loss (nan)", "gradient") or None; the fp16 scaler skips inf/NaN
-    gradient steps itself. Reads values: one device sync per step."""
+def not_finite(loss, trainables):
+    """What is not finite after the backward ("loss (nan)", "gradient") or None. Reads values: one device sync per
+    step."""
     if not torch.isfinite(loss):
         return f"loss ({loss.item()})"
-    if not scaler.is_enabled() and not all(P.grad.isfinite().all() for P in trainables):
+    if not all(P.grad.isfinite().all() for P in trainables):
         return "gradient"
     return None
 
 
 def method_settings(cfg, generator):
     """The settings of `orthcr.objective` that define the method: Cutout (drawing from `generator`), the loss
-    weights, the transform."""
+    weights and the KL's reduction, the transform."""
     return dict(cutout=orthcr.cutout_views(cfg.cutout, generator, cfg.cutout_holes, cfg.cutout_size,
                                            cfg.cutout_temperature),
-                lambda1=cfg.lambda1, lambda2=cfg.lambda2, transform=cayley_transform(cfg.neumann))
+                lambda1=cfg.lambda1, lambda2=cfg.lambda2, reduction=cfg.kl_reduction,
+                transform=cayley_transform(cfg.neumann))
 
 
 def cayley_transform(neumann):
@@ -233,8 +310,18 @@ def cayley_transform(neumann):
     return orthcr.cayley_fast if neumann == 0 else lambda P: orthcr.cayley_neumann(P, neumann)
 
 
+def make_optimizers(adapters, context, cfg):
+    """{"adapters": AdamW over every P (None without rotations), "context": SGD over CoOp's context (None without
+    one)}. The context follows CoOp's recipe (see CTX_LR): an optimizer of its own, since Adam's ~lr steps at the
+    rotations' lr 1e-4 leave a random context random."""
+    return {"adapters": torch.optim.AdamW(adapters.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+            if adapters else None,
+            "context": torch.optim.SGD([context], lr=cfg.ctx_lr, momentum=cfg.ctx_momentum,
+                                       weight_decay=cfg.ctx_weight_decay) if context is not None else None}
+
+
 def _set_lr(optimizer, lr):
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups if optimizer else ():
         group["lr"] = lr
     return lr
 
@@ -246,6 +333,15 @@ def lr_at(step, total, lr, warmup):
         return lr * (step + 1) / warmup
     progress = (step - warmup) / max(total - warmup, 1)
     return lr * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def ctx_lr_at(epoch, epochs, lr, warmup_epochs, warmup_lr):
+    """CoOp's context schedule, per epoch as Dassl steps it: `warmup_lr` for the first `warmup_epochs` epochs, then
+    cosine decay over `epochs` epochs counted from the warm-up's end (Dassl's ConstantWarmupScheduler around
+    CosineAnnealingLR(T_max=epochs), WARMUP_RECOUNT), which has not reached 0 at the last epoch."""
+    if epoch < warmup_epochs:
+        return warmup_lr
+    return lr * 0.5 * (1 + math.cos(math.pi * (epoch - warmup_epochs) / epochs))
 
 
 def init_trainables(params, cfg, seed):
@@ -409,6 +505,8 @@ def run(cfg, seed, plan, datasets, model, params, seconds, data_sha256, adapters
         runs.say(f"{split}: {r['accuracy']:.2f}% of {r['n']} test images")
     if cfg.protocol == "base2new":
         results["hm"] = harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])
+        if published_check_applies(cfg):  # the real-weights install checked against CoCoOp's Table 1
+            runs.say(published.compare(cfg.data, results["base"]["accuracy"], results["new"]["accuracy"]))
     record = {"data": cfg.data, "protocol": cfg.protocol, "shots": cfg.shots, "seed": seed,
               "method": method_name(cfg), "eval_limit": cfg.eval_limit, "results": results,
               "seconds": {**seconds, "train": trained - started, "eval": time.monotonic() - trained}}
@@ -423,10 +521,18 @@ def run(cfg, seed, plan, datasets, model, params, seconds, data_sha256, adapters
 method_name = settings.method_name  # the table's row label, e.g. "OrthSR + CoOp (w/o CutOut)"
 
 
+def published_check_applies(cfg):
+    """Zero-shot CLIP on a full base-to-new test set with OpenAI's ViT-B/16 (by name, or a --weights file with its
+    SHA-256): CoCoOp's Table 1 published that row (toolbox/published.py), so the measured one must be close."""
+    official = clip_min.MODELS["ViT-B/16"].split("/")[-2]  # OpenAI's URL carries the file's SHA-256
+    return (cfg.zero_shot and cfg.protocol == "base2new" and cfg.eval_limit is None
+            and cfg.checkpoint_sha256 == official)
+
+
 def summary_table(all_results):
-    """The paper's table form: one row, each column averaged over seeds (± std with several seeds). HM is
-    the HM of the mean base and mean new accuracies, as CoCoOp's tables report it; results.json keeps each
-    seed's own HM."""
+    """The paper's table form: one row, each column averaged over seeds (± the population std with several seeds,
+    as CoOp's parse_test_res.py computes it, said under the table). HM is the HM of the mean base and mean new
+    accuracies, as CoCoOp's tables report it; results.json keeps each seed's own HM."""
     first = all_results[0]
     splits = [k for k in first["results"] if k != "hm"]
 
@@ -434,7 +540,7 @@ def summary_table(all_results):
         return [r["results"][split]["accuracy"] for r in all_results]
 
     def cell(vals):
-        std = f" ± {statistics.stdev(vals):.2f}" if len(vals) > 1 else ""
+        std = f" ± {statistics.pstdev(vals):.2f}" if len(vals) > 1 else ""
         return f"{statistics.mean(vals):.2f}{std}"
 
     columns = {s: cell(values(s)) for s in splits}
@@ -446,7 +552,11 @@ def summary_table(all_results):
     header = "| dataset | method | " + " | ".join(columns) + " |"
     rule = "|---|---|" + "---|" * len(columns)
     row = f"| {first['data']} | {first['method']} ({seeds}) | " + " | ".join(columns.values()) + " |"
-    return "\n".join([header, rule, row])
+    return "\n".join([header, rule, row, *([STD_NOTE] if len(all_results) > 1 else [])])
+
+
+STD_NOTE = ("± is the population std over seeds (np.std, as CoOp's parse_test_res.py), not the sample std; "
+            "HM is the HM of the mean base and new")
 
 
 def cutout_grid(model, params, train_set, cfg, seed, n=8):
@@ -495,6 +605,8 @@ def main(argv=None):
         if saved:
             cli.check_training_flags(SETTINGS, args, saved)
         known.cfg = cfg = settings_from(args, saved)
+        for line in setting_warnings(cfg):
+            warnings.warn(line)
         known.plan = plan = {} if cfg.cutout_grid else runs.plan_runs(cfg, evaluation_splits(cfg))  # folders first
         with runs.hold(cfg, plan):  # each run folder is locked from here to the end, before any data is read
             return run_all(cfg, plan, adapters_file)

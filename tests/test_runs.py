@@ -301,8 +301,9 @@ def test_non_finite_adapters_are_never_saved(root, weights, tmp_path):
     cfg = train.settings_from(train.parse_args(["--root", str(root), "--weights", str(weights)]))
     P = torch.full((2, 2), float("nan"))
     with pytest.raises(SystemExit) as stop:
-        runs.save_checkpoint(tmp_path, cfg, 1, "x", 3, 4, {"w": P}, None, torch.optim.AdamW([P]),
-                               torch.amp.GradScaler(enabled=False), torch.Generator())
+        runs.save_checkpoint(tmp_path, cfg, 1, "x", 3, 4, {"w": P}, None,
+                             {"adapters": torch.optim.AdamW([P]), "context": None},
+                             torch.amp.GradScaler(enabled=False), torch.Generator())
     assert stop.value.code == 3 and not (tmp_path / "checkpoint.pt").exists()
 
 

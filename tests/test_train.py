@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import math
 import re
 import shlex
 import shutil
@@ -299,6 +300,10 @@ def test_a_coop_run_reloads_to_identical_results_and_exports_its_context(root, w
     assert saved["context"].abs().sum() > 0
     second = run_main(*base_args(root, weights, again, "--eval-only", "--adapters", out / "adapters.pt", "--export"))[0]
     assert second["results"] == first["results"]  # prompt, n_ctx and the layout were read from the file
+    with pytest.raises(SystemExit, match="ctx_init = None"):  # trained from a random context, not from words
+        run_main(*base_args(root, weights, tmp_path / "x", "--eval-only", "--adapters", out / "adapters.pt",
+                            "--ctx-init", "a photo of"))
+    assert not (tmp_path / "x").exists()
     context = torch.load(again / "context.pt", weights_only=True)
     assert torch.equal(context["context"], saved["context"]) and context["n_ctx"] == 4
     merged = torch.load(again / "merged.pt", weights_only=True)
@@ -370,3 +375,160 @@ def test_out_with_seed_names_one_folder_per_seed():
     assert [runs.run_folder(cfg, s) for s in cfg.seeds] == [Path("sweep/lr3e-4_seed1"), Path("sweep/lr3e-4_seed2")]
     with pytest.raises(SystemExit):  # one folder for two seeds would mix them
         train.parse_args(["--seeds", "1", "2", "--out", "sweep/lr3e-4", "--device", "cpu"])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Issue #19: CoOp's context trains with CoOp's recipe; fp16 steps cannot fail silently; the table's std; the KL's
+# reduction; the zero-shot self-check
+
+
+def test_the_coop_context_has_its_own_sgd_with_coops_recipe(tiny_model):
+    cfg = settings("--device", "cpu", "--prompt", "coop")
+    assert (cfg.ctx_lr, cfg.ctx_momentum, cfg.ctx_weight_decay, cfg.ctx_warmup_epochs, cfg.ctx_warmup_lr) == \
+        (2e-3, 0.9, 5e-4, 1, 1e-5)  # CoOp's configs/trainers/CoOp/vit_b16.yaml with Dassl's defaults
+    params = dict(tiny_model.state_dict())
+    adapters, context = train.init_trainables(params, cfg, seed=1)
+    optimizers = train.make_optimizers(adapters, context, cfg)
+    assert isinstance(optimizers["adapters"], torch.optim.AdamW) and optimizers["adapters"].defaults["lr"] == train.LR
+    sgd = optimizers["context"]
+    assert isinstance(sgd, torch.optim.SGD) and sgd.param_groups[0]["params"] == [context]
+    assert (sgd.defaults["momentum"], sgd.defaults["weight_decay"], sgd.defaults["nesterov"]) == (0.9, 5e-4, False)
+    assert not any(P is context for P in optimizers["adapters"].param_groups[0]["params"])
+    # Dassl's ConstantWarmupScheduler around CosineAnnealingLR(T_max=epochs), stepped once per epoch
+    lrs = [train.ctx_lr_at(e, 20, 2e-3, 1, 1e-5) for e in range(20)]
+    assert lrs[0] == 1e-5 and lrs[1] == 2e-3 and lrs[11] == pytest.approx(1e-3)
+    assert lrs[19] == pytest.approx(2e-3 * 0.5 * (1 + math.cos(math.pi * 18 / 20))) and lrs[19] > 0
+    assert train.make_optimizers({}, context, cfg)["adapters"] is None  # plain CoOp: no rotation, no AdamW
+    assert train.make_optimizers(adapters, None, settings("--device", "cpu"))["context"] is None
+
+
+@pytest.mark.parametrize("flags, ctx_init, n_ctx", [
+    (["--prompt", "coop"], "a photo of a", 4),  # base-to-new: CoCoOp's vit_b16_c4_ep10_batch1_ctxv1
+    (["--prompt", "coop", "--protocol", "fewshot"], None, 16),  # CoOp's few-shot runs: 16 random vectors
+    (["--prompt", "coop", "--data", "imagenet", "--protocol", "cross"], "a photo of a", 4),  # CoCoOp's xd scripts
+    (["--prompt", "coop", "--data", "imagenet", "--protocol", "dg"], "a photo of a", 4),
+    (["--prompt", "coop", "--n-ctx", "8"], None, 8),  # a length asks for a random start
+    (["--prompt", "coop", "--ctx-init", "a_centered_satellite_photo_of"], "a centered satellite photo of", 5),
+    ([], None, 16),  # the hand-written prompt: no context
+])
+def test_the_initial_context_follows_the_protocol_as_coop_and_cocoop(flags, ctx_init, n_ctx):
+    cfg = settings("--device", "cpu", *flags)
+    assert (cfg.ctx_init, cfg.n_ctx) == (ctx_init, n_ctx)
+
+
+def test_a_context_whose_tokens_are_not_its_words_and_bf16_say_so_in_one_line():
+    assert train.setting_warnings(settings("--device", "cpu", "--prompt", "coop")) == []
+    lines = train.setting_warnings(settings("--device", "cpu", "--prompt", "coop", "--ctx-init", "an x-ray photo"))
+    assert len(lines) == 1 and "is 5 BPE tokens but 3 words" in lines[0] and "\n" not in lines[0]
+    bf16 = dataclasses.replace(settings("--device", "cpu"), precision="bf16")  # the CPU refuses bf16 as a flag
+    lines = train.setting_warnings(bf16)
+    assert len(lines) == 1 and "0.16" in lines[0] and "docs/precision.md" in lines[0]
+    assert train.setting_warnings(dataclasses.replace(bf16, zero_shot=True)) == []  # no regulariser is trained
+
+
+def test_the_context_moves_at_coops_rate_and_both_optimizers_resume_exactly(root, weights, tmp_path, monkeypatch):
+    full, stopped = tmp_path / "full", tmp_path / "stopped"
+    args = ("--prompt", "coop", "--epochs", 3, "--save-every", 1, "--ctx-warmup-epochs", 0)
+    run_main(*base_args(root, weights, full, *args))
+    log = read_log(full)
+    assert log[0]["ctx_lr"] == 2e-3 and log[0]["lr"] == 1e-4 and "skipped" not in log[0]  # its own schedule
+    init = train.init_trainables(dict(clip_min.build_model(clip_min.read_state_dict(weights)).state_dict()),
+                                 settings("--root", root, "--weights", weights, "--prompt", "coop"), 1)[1]
+    moved = (saved_adapters(full)["context"] - init).abs().max().item()
+    assert moved > 6 * 1e-4  # farther than AdamW at lr 1e-4 could take it in 6 steps
+
+    class StopAtStep3(runs.Interrupt):
+        @property
+        def requested(self):
+            return len(read_log(stopped)) >= 3 if (stopped / "log.jsonl").exists() else False
+
+        @requested.setter
+        def requested(self, value):
+            pass
+
+    monkeypatch.setattr(runs, "Interrupt", StopAtStep3)
+    with pytest.raises(SystemExit):
+        run_main(*base_args(root, weights, stopped, *args))
+    state = torch.load(stopped / "checkpoint.pt", weights_only=True)
+    assert state["ctx_optimizer"]["state"][0]["momentum_buffer"].shape == init.shape  # the SGD's momentum, saved
+    monkeypatch.undo()
+    run_main(*base_args(root, weights, stopped, *args, "--resume"))
+    assert [r["loss"] for r in read_log(stopped)] == [r["loss"] for r in read_log(full)]
+    assert torch.equal(saved_adapters(stopped)["context"], saved_adapters(full)["context"])
+
+
+def fp16_on_the_cpu(monkeypatch, init_scale, backoff_factor=0.5):
+    """fp16 autocast with a grad scaler on the CPU (the flag checks keep fp16 for CUDA), from `init_scale`."""
+    monkeypatch.setattr(train, "resolve_precision", lambda precision, device: "fp16")
+    monkeypatch.setattr(train, "grad_scaler", lambda device, precision: torch.amp.GradScaler(
+        "cpu", init_scale=init_scale, backoff_factor=backoff_factor, enabled=precision == "fp16"))
+
+
+def test_a_run_whose_every_fp16_step_was_skipped_is_not_recorded_as_trained(root, weights, tmp_path, monkeypatch,
+                                                                            capsys):
+    fp16_on_the_cpu(monkeypatch, 2.0**40)  # the loss scaled by 2^40 overflows fp16 at every step of this run
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as stop:
+        run_main(*base_args(root, weights, out, "--epochs", 1))
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert stop.value.code == 3 and len(errors) == 1
+    assert "no training step was applied: the fp16 grad scaler skipped all 2 steps" in errors[0]
+    assert not (out / "adapters.pt").exists() and not (out / "results.json").exists()
+    assert not out.exists()  # a new run that trained nothing leaves no folder behind (P = 0, nothing to continue)
+
+
+def test_each_skipped_fp16_step_is_logged_counted_and_warned_about(root, weights, tmp_path, monkeypatch, capsys):
+    fp16_on_the_cpu(monkeypatch, 2.0**40, backoff_factor=2.0**-30)  # step 1 overflows, then the scale is 2^10
+    out = tmp_path / "run"
+    run_main(*base_args(root, weights, out, "--epochs", 2, "--log-every", 1))
+    log = read_log(out)
+    assert log[0]["skipped"] is True and log[0]["scale"] == 2.0**40
+    assert not any(r.get("skipped") for r in log[1:]) and len(log) == 4
+    err = capsys.readouterr().err
+    assert "skipped 1 " in err.splitlines()[-1] or any("skipped 1 " in line for line in err.splitlines())
+    warning = [line for line in err.splitlines() if line.startswith("warning: the fp16 grad scaler skipped")]
+    assert len(warning) == 1 and "1 of 4 steps (25 %, more than 5 %)" in warning[0]
+    assert (out / "results.json").is_file()  # three steps were applied: the run trained
+
+
+def test_the_std_column_is_the_population_std_as_coops_parse_test_res():
+    runs_ = [{"data": "eurosat", "protocol": "base2new", "method": "OrthCR",
+              "results": {"base": {"accuracy": 80.0}, "new": {"accuracy": new}}} for new in (30, 30, 35)]
+    lines = train.summary_table(runs_).splitlines()
+    assert "| 31.67 ± 2.36 |" in lines[2]  # np.std([30, 30, 35]); statistics.stdev would print 2.89
+    assert lines[3] == train.STD_NOTE and "population std" in lines[3]
+    assert len(train.summary_table(runs_[:1]).splitlines()) == 3  # one seed: no ± and no note
+
+
+def test_the_kl_reduction_reaches_the_loss_and_names_its_row(tiny_model):
+    assert train.settings_from(train.parse_args(["--device", "cpu"])).kl_reduction == "batchmean"
+    cfg = settings("--device", "cpu", "--kl-reduction", "mean")
+    assert runs.run_folder(cfg, 1).name == "eurosat_base2new_16shot_orthcr-kl-mean-over-classes_seed1"
+    assert train.method_settings(cfg, torch.Generator())["reduction"] == "mean"
+    params = dict(tiny_model.state_dict())
+    adapters = {k: torch.randn_like(P) * 0.1 for k, P in orthcr.init_adapters(params).items()}
+    images, labels = torch.rand(4, 3, 32, 32), torch.tensor([0, 1, 2, 0])
+    tokens = orthcr.trim_tokens(clip_min.tokenize(["a photo of a cat.", "a photo of a dog.", "a photo of a car."]))
+    teacher = orthcr.zero_shot_text_features(tiny_model, params, tokens)
+    terms = {}
+    for reduction in orthcr.KL_REDUCTIONS:
+        cfg = settings("--device", "cpu", "--kl-reduction", reduction, "--cutout", "none")
+        terms[reduction] = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, teacher,
+                                            **train.method_settings(cfg, torch.Generator()))[1]
+    assert terms["mean"]["kl"].item() == pytest.approx(terms["batchmean"]["kl"].item() / 3, rel=1e-5)  # C = 3
+
+
+def test_zero_shot_on_the_official_weights_is_checked_against_cocoops_row(root, weights, tmp_path, monkeypatch,
+                                                                          capsys):
+    # the tiny weights play OpenAI's ViT-B/16: its URL carries their SHA-256 (nothing is downloaded)
+    url = clip_min.MODELS["ViT-B/16"].split("/")
+    monkeypatch.setitem(clip_min.MODELS, "ViT-B/16", "/".join([*url[:-2], files.file_sha256(weights), url[-1]]))
+    run_main(*base_args(root, weights, tmp_path / "zs", "--zero-shot"))
+    lines = [line for line in capsys.readouterr().err.splitlines() if "CoCoOp Table 1" in line]
+    assert len(lines) == 1 and lines[0].startswith("eurosat: measured base ")
+    assert "base 56.48, new 64.05, HM 60.03" in lines[0] and "CHECK" in lines[0]  # a random tiny model is far off
+    run_main(*base_args(root, weights, tmp_path / "limited", "--zero-shot", "--eval-limit", 2))
+    assert "CoCoOp Table 1" not in capsys.readouterr().err  # a subset is not the published test set
+    monkeypatch.undo()
+    run_main(*base_args(root, weights, tmp_path / "other", "--zero-shot"))
+    assert "CoCoOp Table 1" not in capsys.readouterr().err  # other weights: nothing to compare with

@@ -64,8 +64,14 @@ def _method_problems(args, value):
         bad.append("--targets none trains no rotation: --blocks, --towers and --neumann do not apply")
     if no_adapters and args.prompt != "coop" and not args.eval_only:
         bad.append("--targets none leaves nothing to train: add --prompt coop (plain CoOp), or use --zero-shot")
-    if args.prompt != "coop" and (args.n_ctx is not None or args.ctx_init is not None):
+    if args.prompt != "coop" and (args.n_ctx is not None or args.ctx_init is not None) and not args.eval_only:
         bad.append("--n-ctx and --ctx-init set CoOp's learned context: add --prompt coop")
+    ctx_flags = [o for o, v in (("--ctx-lr", args.ctx_lr), ("--ctx-momentum", args.ctx_momentum),
+                                ("--ctx-weight-decay", args.ctx_weight_decay),
+                                ("--ctx-warmup-epochs", args.ctx_warmup_epochs),
+                                ("--ctx-warmup-lr", args.ctx_warmup_lr)) if v is not None]
+    if ctx_flags and args.prompt != "coop" and not args.eval_only:
+        bad.append(f"{', '.join(ctx_flags)} set the optimizer of CoOp's learned context: add --prompt coop")
     if args.ctx_init is not None:
         words = len(clip_min.encode(args.ctx_init)) if args.ctx_init.strip() else 0
         if not words:

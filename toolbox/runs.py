@@ -379,30 +379,37 @@ def _trainables(adapters, context):
     return [*adapters.values(), *([] if context is None else [context])]
 
 
-def save_checkpoint(folder, cfg, seed, data_sha256, step, total, adapters, context, optimizer, scaler, generator):
+def save_checkpoint(folder, cfg, seed, data_sha256, step, total, adapters, context, optimizers, scaler, generator):
     """Everything a resumed run needs to continue bit for bit, with the settings it must be resumed with.
-    Non-finite trainables are never saved: the last good checkpoint stays the last one."""
+    `optimizers`: {"adapters": AdamW or None, "context": CoOp's SGD or None}, saved as "optimizer" ({} without
+    rotations) and "ctx_optimizer" (None without a context). Non-finite trainables are never saved: the last good
+    checkpoint stays the last one."""
     if not all(torch.isfinite(P).all() for P in _trainables(adapters, context)):
         fail(f"non-finite adapters after step {step} (the loss and gradient were finite: the optimizer's state?); "
              f"the last good checkpoint is {folder / 'checkpoint.pt'}", code=3)
     write_torch(folder / "checkpoint.pt", {
         "step": step, "total": total, "adapters": {k: P.detach().cpu() for k, P in adapters.items()},
         "context": None if context is None else context.detach().cpu(),
-        "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "optimizer": optimizers["adapters"].state_dict() if optimizers["adapters"] else {},
+        "ctx_optimizer": optimizers["context"].state_dict() if optimizers["context"] else None,
+        "scaler": scaler.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "cutout": generator.get_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "settings": result_settings(cfg, seed, data_sha256), "code_version": code_version()})
 
 
-def resume_from(state, folder, adapters, context, optimizer, scaler, generator):
-    """Load a checkpoint (checked completely before the model was loaded) into the fresh trainables, the
-    optimizer, the scaler and every RNG; trim the step log to the checkpoint's step. Returns the step."""
+def resume_from(state, folder, adapters, context, optimizers, scaler, generator):
+    """Load a checkpoint (checked completely before the model was loaded) into the fresh trainables, both
+    optimizers, the scaler and every RNG; trim the step log to the checkpoint's step. Returns the step."""
     with torch.no_grad():
         for k, P in adapters.items():
             P.copy_(state["adapters"][k])
         if context is not None:
             context.copy_(state["context"])
-    optimizer.load_state_dict(state["optimizer"])
+    if optimizers["adapters"]:
+        optimizers["adapters"].load_state_dict(state["optimizer"])
+    if optimizers["context"]:
+        optimizers["context"].load_state_dict(state["ctx_optimizer"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
     generator.set_state(state["rng"]["cutout"])
@@ -447,8 +454,9 @@ def check_checkpoint(path, state, cfg, seed, data_sha256, total, adapters, conte
     if not (0 <= state["step"] <= total and state["total"] == total):
         fail(f"{path}: step {state['step']} of {state['total']} does not fit this run's {total} steps")
     check_trainables(path, state["adapters"], state.get("context"), adapters, context)
-    _check_optimizer_state(path, state["optimizer"], [P.shape for P in _trainables(adapters, context)],
-                           state["step"])
+    _check_optimizer_state(path, state["optimizer"], [P.shape for P in adapters.values()], state["step"],
+                           skips=cfg.precision == "fp16")
+    _check_context_optimizer_state(path, state.get("ctx_optimizer"), None if context is None else context.shape)
     fresh = scaler.state_dict()
     if set(state["scaler"]) != set(fresh) or any(type(state["scaler"][k]) is not type(v) for k, v in fresh.items()):
         fail(f"{path}: the grad scaler's state {state['scaler']!r} is not that of a {cfg.precision} run")
@@ -463,8 +471,13 @@ def check_checkpoint(path, state, cfg, seed, data_sha256, total, adapters, conte
                       f"the resumed run may differ from an uninterrupted one")
 
 
-def _check_optimizer_state(path, optimizer, shapes, step):
-    """AdamW's state must hold, for each trainable tensor, finite moments of its shape (after the first step)."""
+def _check_optimizer_state(path, optimizer, shapes, step, skips=False):
+    """AdamW's state must hold, for each adapter, finite moments of its shape after the first step (`skips`, fp16:
+    none at all while the grad scaler has skipped every step so far); {} without rotations."""
+    if not shapes:
+        if optimizer != {}:
+            fail(f"{path}: it holds an optimizer's state for rotations, this run trains none")
+        return
     groups, moments = optimizer.get("param_groups"), optimizer.get("state")
     if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
             and isinstance(groups[0].get("params"), list) and len(groups[0]["params"]) == len(shapes)
@@ -472,12 +485,32 @@ def _check_optimizer_state(path, optimizer, shapes, step):
         fail(f"{path}: the optimizer's state is not AdamW's over this run's {len(shapes)} trainable tensors")
     for index, shape in zip(groups[0]["params"], shapes):
         entry = moments.get(index)
-        if entry is None and step == 0:
+        if entry is None and (step == 0 or skips and not moments):
             continue
         if not (isinstance(entry, dict) and all(isinstance(entry.get(k), torch.Tensor) and entry[k].shape == shape
                                                 and torch.isfinite(entry[k]).all() for k in ("exp_avg", "exp_avg_sq"))
                 and isinstance(entry.get("step"), torch.Tensor) and torch.isfinite(entry["step"]).all()):
             fail(f"{path}: the optimizer's moments of tensor {index} are missing, of the wrong shape or non-finite")
+
+
+def _check_context_optimizer_state(path, optimizer, shape):
+    """CoOp's SGD over the context: one group of one tensor, its momentum buffer (once a step was applied, with
+    momentum) finite and of the context's shape; None without a context."""
+    if shape is None:
+        if optimizer is not None:
+            fail(f"{path}: it holds a CoOp context optimizer's state, this run learns no context")
+        return
+    groups, moments = (optimizer.get("param_groups"), optimizer.get("state")) if isinstance(optimizer, dict) else \
+        (None, None)
+    if not (isinstance(groups, list) and len(groups) == 1 and isinstance(groups[0], dict)
+            and isinstance(groups[0].get("params"), list) and len(groups[0]["params"]) == 1
+            and isinstance(moments, dict)):
+        fail(f"{path}: the CoOp context's optimizer state is not SGD's over one context tensor (a checkpoint from "
+             f"before the context had its own optimizer?)")
+    buffer = (moments.get(groups[0]["params"][0]) or {}).get("momentum_buffer")
+    if buffer is not None and not (isinstance(buffer, torch.Tensor) and buffer.shape == shape
+                                   and torch.isfinite(buffer).all()):
+        fail(f"{path}: the CoOp context's momentum buffer is of the wrong shape or non-finite")
 
 
 def check_trainables(path, saved_adapters, saved_context, adapters, context):
@@ -657,11 +690,17 @@ class Bookkeeping:
 
     def __enter__(self):
         self.interrupt = Interrupt().__enter__()
+        self.skipped = _skipped_steps(self.folder)  # a resumed run's, before its checkpoint
+        self.progress.skipped = self.skipped
         self.log = open(self.folder / "log.jsonl", "a")
         return self
 
-    def after_step(self, step, epoch, lr, loss, terms):
-        self.log_step(step, epoch, lr, loss, terms)
+    def after_step(self, step, epoch, lr, loss, terms, skipped=None, ctx_lr=None):
+        """`skipped`: None, or the loss scale at which fp16's gradients overflowed (the step was not applied);
+        `ctx_lr`: the CoOp context's own learning rate, where it has one beside the adapters'."""
+        self.skipped += skipped is not None
+        self.progress.skipped = self.skipped
+        self.log_step(step, epoch, lr, loss, terms, skipped, ctx_lr)
         if self.interrupt.requested or step % self.save_every == 0 or step == self.total:
             self.save(step)  # at each epoch's end (or every --save-every steps), at the last step, on Ctrl-C
         if self.interrupt.requested:
@@ -669,10 +708,12 @@ class Bookkeeping:
         if step % self.cfg.log_every == 0 or step == self.total:
             self.progress.report(step, epoch, self.cfg.epochs, lr, terms)
 
-    def log_step(self, step, epoch, lr, loss, terms):
-        """One JSON line in log.jsonl, flushed: reads the loss terms' values (a device sync)."""
-        record = {"step": step, "epoch": epoch + 1, "lr": lr, "loss": loss.item(),
-                  **{k: v.item() for k, v in terms.items()}, "step_s": self.progress.tick()}
+    def log_step(self, step, epoch, lr, loss, terms, skipped=None, ctx_lr=None):
+        """One JSON line in log.jsonl, flushed: reads the loss terms' values (a device sync). A step that fp16's
+        scaler skipped says so, with the scale it overflowed at."""
+        record = {"step": step, "epoch": epoch + 1, "lr": lr, **({"ctx_lr": ctx_lr} if ctx_lr is not None else {}),
+                  "loss": loss.item(), **{k: v.item() for k, v in terms.items()}, "step_s": self.progress.tick(),
+                  **({"skipped": True, "scale": skipped} if skipped is not None else {})}
         try:
             self.log.write(json.dumps(record) + "\n")
             self.log.flush()
@@ -687,12 +728,32 @@ class Bookkeeping:
             pass  # a full disk was reported when the line was written
 
 
+def _skipped_steps(folder):
+    """How many steps of the step log fp16's scaler skipped."""
+    return sum(json.loads(line).get("skipped") is True for line in _log_lines_until(folder, float("inf")))
+
+
+def check_steps_applied(folder, skipped, steps, warn_above):
+    """After the loop: a run in which fp16's scaler skipped every step trained nothing and is not recorded as
+    trained (one line, exit 3; its checkpoint, P = 0, goes); one in which it skipped more than `warn_above` of the
+    steps says so in one line."""
+    if steps and skipped == steps:
+        (folder / "checkpoint.pt").unlink(missing_ok=True)
+        fail(f"no training step was applied: the fp16 grad scaler skipped all {steps} steps (the gradients "
+             f"overflowed at every loss scale; {folder / 'log.jsonl'} has each), so the adapters are still zero-shot "
+             f"CLIP; nothing is recorded as trained. Try --precision fp32 or bf16", code=3)
+    if steps and skipped > warn_above * steps:
+        warnings.warn(f"the fp16 grad scaler skipped {skipped} of {steps} steps ({100 * skipped / steps:.0f} %, "
+                      f"more than {100 * warn_above:g} %): their gradients overflowed and were not applied "
+                      f"({folder / 'log.jsonl'} marks each); the run trained on the rest")
+
+
 class Progress:
-    """One stderr line per --log-every steps: loss terms, lr, images/s and the time left."""
+    """One stderr line per --log-every steps: loss terms, lr, images/s, fp16's skipped steps, the time left."""
 
     def __init__(self, step, total, batch_size):
         self.start, self.start_step, self.total, self.batch_size = time.monotonic(), step, total, batch_size
-        self.last, self.terms = self.start, {}
+        self.last, self.terms, self.skipped = self.start, {}, 0
 
     def tick(self):
         now, last = time.monotonic(), self.last
@@ -702,7 +763,8 @@ class Progress:
     def report(self, step, epoch, epochs, lr, terms):
         rate = (step - self.start_step) / max(time.monotonic() - self.start, 1e-9)
         parts = " ".join(f"{k} {v.item():.4f}" for k, v in terms.items())
-        say(f"step {step}/{self.total} epoch {epoch + 1}/{epochs} ({parts}) lr {lr:.2e} "
+        skipped = f" skipped {self.skipped}" if self.skipped else ""
+        say(f"step {step}/{self.total} epoch {epoch + 1}/{epochs} ({parts}) lr {lr:.2e}{skipped} "
             f"{rate * self.batch_size:.1f} img/s ETA {files.format_duration((self.total - step) / max(rate, 1e-9))}")
 
 

@@ -30,7 +30,7 @@ class Setting:
     help: str
     role: str = "run"
     group: str = ""
-    type: object = None  # int, float, or None for text
+    type: object = None  # int, float, or None for text (or a function of the text that returns text)
     nargs: str | None = None
     choices: tuple | None = None
     metavar: str | None = None
@@ -41,6 +41,7 @@ class Setting:
     convert: object = None
     eval_only: str | None = None
     label: str | None = None
+    nullable: bool = False  # None is one of its values even where its default is not None (ctx_init: random)
 
     def __post_init__(self):
         assert self.role in ROLES and self.eval_only in EVAL_ONLY, self
@@ -64,11 +65,11 @@ class Setting:
     def valid(self, value):
         """Whether `value`, as a record holds it (lists for tuples), is one this setting can take."""
         if value is None:
-            return self.default is None
+            return self.default is None or self.nullable
         if self.nargs and not isinstance(value, list):
             return False
         for item in value if self.nargs else [value]:
-            kind = bool if self.switch else self.type or str
+            kind = bool if self.switch else self.type if self.type in (int, float) else str
             if kind is float and not (type(item) in (int, float) and math.isfinite(item)):
                 return False
             if kind is not float and type(item) is not kind:
@@ -101,6 +102,11 @@ def positive_number(value):
 def learning_rate(value):
     if value is not None and not (0 < value < 3.4028234663852886e38):  # float32 max: AdamW keeps it as one
         return f"must be a positive number (below 3.4e38), got {value}"
+
+
+def momentum(value):
+    if value is not None and not (0 <= value < 1):
+        return f"must be in [0, 1), got {value}"
 
 
 def seed(value):
