@@ -528,13 +528,16 @@ def load_trusted(path, what, blob=None):
 
 # ---------------------------------------------------------------------------------------------------- adapters files
 
-def save_adapters(path, adapters, context, cfg, seed, data_sha256):
-    """Only the trainable tensors (a few hundred MB at most), with the layout and the full training settings."""
+def save_adapters(path, adapters, context, cfg, seed, data_sha256, trained_on=None):
+    """Only the trainable tensors (a few hundred MB at most), with the layout and the full training settings;
+    with `trained_on` (a data.Dataset), the class names and prompt template they were trained with (the base
+    classes of a base-to-new run), which --predict classifies among."""
     layout = settings.declared(cfg).layout_names()
+    classes = {} if trained_on is None else {"classnames": list(trained_on.classnames), "template": trained_on.template}
     write_torch(path, {"adapters": {k: P.detach().cpu() for k, P in adapters.items()},
                        "context": None if context is None else context.detach().cpu(),
                        "config": {"model": model_label(cfg), "checkpoint_sha256": cfg.checkpoint_sha256,
-                                  **{k: v for k, v in settings.values(cfg).items() if k in layout}},
+                                  **{k: v for k, v in settings.values(cfg).items() if k in layout}, **classes},
                        "settings": result_settings(cfg, seed, data_sha256)})
 
 
