@@ -25,6 +25,14 @@ and test; seven of them ship in `splits/`, two are generated as CoOp generated t
 * generated as CoOp generates it (CoOp's own file, on Google Drive, is not shipped); the other split files and
 ImageNet's classnames.txt (CLIP's class names) ship in splits/.
 
+**Your own images**: `--data PATH` is a folder in torchvision's ImageFolder layout, `<class>/<image>` (`is_folder`
+tells a path from a benchmark's name; the run is filed under `folder_name`). Labels follow the sorted class
+folders; class names come from the folder's `classnames.txt` ("<folder> <class name>" per line), else from the
+folder names with "_" and "-" read as spaces; the prompt is CoOp's generic "a photo of a {}." unless a template is
+given. The split is the folder's `split.json` (CoOp's format): yours is used as it is; without one, CoOp's 50/20/30
+per-class split is generated once (seed SPLIT_SEED), saved there with a fingerprint of the images, and a later run
+on a changed folder stops with one line saying what changed. Few-shot and base-to-new work as on a benchmark.
+
 The protocol, as CoOp runs it (`build_dataset(name, root, shots, seed, subsample)`):
 - **Few-shot sampling** is Dassl's `generate_fewshot_dataset`: Python's `random` seeded with the run's seed, the
   items grouped by label in order of first appearance, `random.sample(group, K)` per label (all of them if fewer),
@@ -60,11 +68,12 @@ import torch
 from PIL import Image
 
 import clip_min
-from toolbox import datasets, files, images
+from toolbox import datasets, files, imagefolder, images
 
 COOP_GUIDE = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # CoOp's files shipped with this repository
 SPLIT_SEED = 1  # seed of a generated split: fixed, so that every run seed sees the same split
+FEWSHOT_DIR = "split_fewshot"  # the few-shot cache beside the data, as CoOp names it (never a class folder)
 
 
 class DataError(RuntimeError):
@@ -150,12 +159,13 @@ class Item(NamedTuple):
 
 @dataclass
 class Dataset:
-    name: str
-    classnames: list  # indexed by label, "_" replaced by a space as CoOp does before prompting
-    template: str
+    name: str  # the benchmark's name, or a folder's short name (folder_name), as run folders are named
+    classnames: list  # indexed by label, prompt-ready: "_" replaced by a space as CoOp does, or classnames.txt's
+    template: str  # the benchmark's, CoOp's generic one for a folder, or the one given to build_dataset
     train: list = field(default_factory=list)
     val: list = field(default_factory=list)
     test: list = field(default_factory=list)
+    folder: str = ""  # a folder of your own images: its absolute path; "" for a benchmark
 
     def prompts(self):
         return [self.template.format(c) for c in self.classnames]
@@ -163,33 +173,58 @@ class Dataset:
 
 # ---------------------------------------------------------------------------------------------- CoOp's protocol
 
-def build_dataset(name, root, shots=16, seed=1, subsample="all", download=True):
-    """Dataset `name` in CoOp's layout under `root`: `shots` per class (0/None: all), base/new/all classes.
+def build_dataset(name, root, shots=16, seed=1, subsample="all", download=True, template=None):
+    """Dataset `name` in CoOp's layout under `root`, or a folder of your own images (`is_folder`): `shots` per
+    class (0/None: all), base/new/all classes; `template` (e.g. "a satellite photo of {}.") replaces the dataset's.
 
     Downloads what is public and missing (unless `download=False`), then checks everything a run will read: a
     fault is a DataError, raised before any model is loaded.
     """
-    if name not in DATASETS:
-        raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
     if subsample not in ("all", "base", "new"):
         raise DataError(f"subsample should be 'all', 'base' or 'new', got {subsample!r}")
     shots = shots or 0
     if not isinstance(shots, int) or isinstance(shots, bool) or shots < 0:
         raise DataError(f"shots should be a non-negative integer, got {shots!r}")
-    spec, root = DATASETS[name], check_root(root)
-    datasets.prepare(name, root, download)  # download what is public and missing (toolbox/datasets.py)
-    train, val, test, classnames = read_dataset(spec, root)
-    if shots and spec.kind not in TEST_ONLY:
-        train, val = fewshot_subset(root / spec.folder, train, val, shots, seed, sample_val=spec.kind != "imagenet")
+    if template is not None:
+        check_template(template)
+    if is_folder(name):  # your own images: root plays no part
+        folder = check_folder(name)
+        name, kind, default_template, where = folder_name(folder), "folder", PHOTO, folder
+        train, val, test, classnames = read_folder(folder)
+    else:
+        if name not in DATASETS:
+            raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)} (or a folder of your "
+                            "own images, <class>/<image>, given as a path)")
+        spec, root = DATASETS[name], check_root(root)
+        _warn_if_ambiguous(name, root / spec.folder)
+        datasets.prepare(name, root, download)  # download what is public and missing (toolbox/datasets.py)
+        train, val, test, classnames = read_dataset(spec, root)
+        classnames = [c.replace("_", " ") for c in classnames]  # as CoOp does before prompting
+        kind, default_template, where, folder = spec.kind, spec.template, root / spec.folder, None
+    if shots and kind not in TEST_ONLY:
+        train, val = fewshot_subset(where, train, val, shots, seed, sample_val=kind != "imagenet")
     train, val, test, classnames = subsample_classes(train, val, test, classnames, subsample, name)
-    if spec.kind not in TEST_ONLY and not train:
-        raise DataError(f"{name} has no training images under {root / spec.folder}")
+    if kind not in TEST_ONLY and not train:
+        raise DataError(f"{name} has no training images under {where}")
     if not test:
-        raise DataError(f"{name} has no test images under {root / spec.folder}")
+        raise DataError(f"{name} has no test images under {where}")
     # every image a run reads is checked now; the few-shot subset (small) is decoded in full
     check_images(train + val, name, "train/val", decode=bool(shots))
     check_images(test, name, "test")
-    return Dataset(name, [c.replace("_", " ") for c in classnames], spec.template, train, val, test)
+    return Dataset(name, classnames, template or default_template, train, val, test,
+                   folder=str(folder.resolve()) if folder else "")
+
+
+def check_template(template):
+    """A prompt template holds `{}` once, where the class name goes ("a satellite photo of {}."); DataError if not."""
+    try:
+        ok = isinstance(template, str) and template.format("\0").count("\0") == 1 and template.count("{}") == 1
+    except (IndexError, KeyError, ValueError):  # "{0", "{name}", "{1}": str.format cannot fill it with one name
+        ok = False
+    if not ok:
+        raise DataError(f"template {template!r} should hold {{}} once, where the class name goes, e.g. "
+                        "'a satellite photo of {}.'")
+    return template
 
 
 def split_dataset_by_label(items):
@@ -217,7 +252,7 @@ def generate_fewshot_dataset(items, num_shots, rng, what="train"):
 
 def fewshot_subset(folder, train, val, shots, seed, sample_val=True):
     """CoOp's few-shot train (and val, min(shots, 4)) for `seed`, cached in split_fewshot/ and reused."""
-    path = Path(folder) / "split_fewshot" / f"shot_{shots}-seed_{seed}.json"
+    path = Path(folder) / FEWSHOT_DIR / f"shot_{shots}-seed_{seed}.json"
     val_shots = min(shots, 4) if sample_val else 0
     if path.is_file():
         raw = _read_json(path, "few-shot cache")
@@ -317,9 +352,10 @@ def read_dataset(spec, root):
     return [], [], test, classnames
 
 
-def read_split(path, image_dir):
-    """CoOp's split_zhou_*.json: {"train","val","test"} lists of [path relative to image_dir, label, name]."""
-    raw = _read_json(path, "split file")
+def read_split(path, image_dir, raw=None):
+    """CoOp's split_zhou_*.json: {"train","val","test"} lists of [path relative to image_dir, label, name]; other
+    keys are ignored, as CoOp's reader ignores them. `raw`: the file's JSON, when already read."""
+    raw = _read_json(path, "split file") if raw is None else raw
     if not isinstance(raw, dict) or not all(k in raw for k in SPLITS):
         raise DataError(f"split file {path} should be a JSON object with 'train', 'val' and 'test' lists")
     train, val, test = (_to_items(raw[k], image_dir, path, k) for k in SPLITS)
@@ -358,21 +394,33 @@ def classnames_of(*splits, source=None):
 
 
 def generate_split(image_dir, seed, p_train=0.5, p_val=0.2):
-    """CoOp's split of one-folder-per-class data: per class, shuffle, 50% train, 20% val, the rest test."""
+    """CoOp's split of one-folder-per-class data (its `read_and_split_data`): see split_classes."""
+    classes = imagefolder.class_folders(image_dir)
+    if not classes:
+        raise DataError(f"{image_dir} has no class folders to generate a split from")
+    groups = [(c, [str(image_dir / c / f) for f in _image_files(image_dir / c)]) for c in classes]
+    return split_classes(groups, seed, image_dir, p_train, p_val)
+
+
+def split_classes(groups, seed, where, p_train=0.5, p_val=0.2):
+    """CoOp's per-class recipe over [(class name, image paths)] in label order: one random.Random(seed) shuffles
+    each class's images in turn; round(50%) are train, round(20%) val, the rest test. Every class needs all
+    three (CoOp asserts it): at least 4 images. DataError naming every class of `where` that has fewer."""
     rng = random.Random(seed)
-    train, val, test = [], [], []
-    for label, category in enumerate(_class_folders(image_dir)):
-        images = [str(image_dir / category / f) for f in _image_files(image_dir / category)]
+    train, val, test, too_few = [], [], [], []
+    for label, (category, images) in enumerate(groups):
+        images = list(images)
         rng.shuffle(images)
         n_train, n_val = round(len(images) * p_train), round(len(images) * p_val)
         if not (n_train > 0 and n_val > 0 and len(images) - n_train - n_val > 0):
-            raise DataError(f"class folder {image_dir / category} has {len(images)} images; "
-                            "a train/val/test split needs at least 4")
+            too_few.append(f"{category} ({len(images)})")
         train += [Item(p, label, category) for p in images[:n_train]]
         val += [Item(p, label, category) for p in images[n_train:n_train + n_val]]
         test += [Item(p, label, category) for p in images[n_train + n_val:]]
-    if not train:
-        raise DataError(f"{image_dir} has no class folders to generate a split from")
+    if too_few:
+        folders = "1 class folder holds" if len(too_few) == 1 else f"{len(too_few)} class folders hold"
+        raise DataError(f"{where}: {folders} too few images for CoOp's 50/20/30 split, which needs at least 4 "
+                        f"per class: {', '.join(too_few[:10])}{', ...' if len(too_few) > 10 else ''}")
     return train, val, test
 
 
@@ -478,19 +526,6 @@ def variant_classnames(spec, root):
     return imagenet if not own.is_file() and imagenet.is_file() else own
 
 
-def _class_folders(image_dir):
-    """Sorted class folders of `image_dir`; symlinked folders are not followed (a link loop cannot recurse)."""
-    folders, links = [], []
-    with os.scandir(image_dir) as entries:
-        for e in entries:
-            if e.name.startswith(".") or not e.is_dir():
-                continue
-            (links if e.is_symlink() else folders).append(e.name)
-    if links:
-        warnings.warn(f"{image_dir}: not following symlinked folder(s) {', '.join(sorted(links)[:5])}")
-    return sorted(folders)
-
-
 def _image_files(folder):
     """Sorted names of the files in `folder` (no dot-files, no folders; CoOp leaves the order to the filesystem)."""
     with os.scandir(folder) as entries:
@@ -509,6 +544,176 @@ def _lines(path):
         raise DataError(f"{path} does not exist") from None
     except (OSError, UnicodeDecodeError) as e:
         raise DataError(f"{path} cannot be read: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------- your own images
+
+SPLIT_FILE = "split.json"  # CoOp's format, beside the class folders: yours, or generated once and reused
+CLASSNAMES_FILE = "classnames.txt"  # optional: one "<folder> <class name>" line per class
+
+
+def is_folder(data):
+    """True when `data` (--data's value) names a folder of your own images rather than a benchmark: it is not a
+    benchmark's name, and it holds a path separator ("photos/flowers", "./eurosat", "~/x") or names an existing
+    folder ("my_flowers", relative to the working directory, not to the data root). A benchmark's name always
+    means the benchmark: a folder of that name is given as "./eurosat"."""
+    data = str(data)
+    if data in DATASETS:
+        return False
+    return os.sep in data or "/" in data or data.startswith("~") or Path(data).expanduser().is_dir()
+
+
+def dataset_name(data):
+    """The name a run is filed under (runs/<name>_base2new_...): a benchmark's own, a folder's `folder_name`."""
+    return folder_name(data) if is_folder(data) else str(data)
+
+
+def folder_name(folder):
+    """A folder's short name, safe in a run folder's name: its basename ("." and "flowers/" have one too), every
+    run of characters other than letters, digits, ".", "-" and "_" made one "_" ("My Flowers" -> "My_Flowers");
+    a benchmark's name gets "_folder" appended, so that runs on the folder and on the benchmark never meet."""
+    base = Path(folder).expanduser().resolve().name
+    name = re.sub(r"[^A-Za-z0-9._-]+", "_", base).strip("._-")[:64] or "images"
+    return f"{name}_folder" if name in DATASETS else name
+
+
+def check_folder(path):
+    """A folder of your own images as a Path; DataError if it is missing or is a file."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise DataError(f"{folder} does not exist: --data takes a benchmark name ({', '.join(DATASETS)}) or a "
+                        "folder of class folders (<class>/<image>)")
+    if not folder.is_dir():
+        raise DataError(f"{folder} is a file: --data takes a folder of class folders (<class>/<image>)")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise DataError(f"{folder} is not readable")
+    return folder
+
+
+def read_folder(folder):
+    """(train, val, test, prompt-ready class names) of a folder in ImageFolder's layout, `<class>/<image>`.
+
+    Labels index the sorted class folders (ImageFolder's order). The split is the folder's split.json: your own
+    (CoOp's format) is used as it is; one this function generated must still describe the folder (its
+    fingerprint), else DataError saying what changed. Without split.json one is generated with CoOp's recipe
+    (split_classes, seed SPLIT_SEED) and saved there for every later run.
+    """
+    path = folder / SPLIT_FILE
+    if path.exists():
+        raw = _read_json(path, "split file")
+        if isinstance(raw, dict) and "generated" in raw:
+            check_unchanged(folder, path, raw)
+        train, val, test = read_split(path, folder, raw)
+        names = classnames_of(train, val, test, source=path)
+        lacking = sorted({it.label for it in train} - {it.label for it in test})
+        if lacking:
+            raise DataError(f"split file {path}: {len(lacking)} class(es) have no test images: "
+                            f"{', '.join(repr(names[y]) for y in lacking[:5])}{', ...' if len(lacking) > 5 else ''}")
+    else:
+        train, val, test = generate_folder_split(folder, path)
+        names = classnames_of(train, val, test, source=path)
+    return train, val, test, folder_classnames(folder, names)
+
+
+def generate_folder_split(folder, path):
+    """CoOp's 50/20/30 split of the folder's images (split_classes, seed SPLIT_SEED), saved as CoOp's split file
+    `path` with a "generated" record: recipe, seed, image count and fingerprint (toolbox/imagefolder.py)."""
+    classes = imagefolder.class_folders(folder, skip=(FEWSHOT_DIR,))
+    loose = imagefolder.loose_images(folder)
+    if loose:
+        warnings.warn(f"{len(loose)} image(s) directly in {folder} belong to no class folder and are left out "
+                      f"(e.g. {loose[0]}): put each class's images in a folder of its own, <class>/<image>")
+    if not classes:
+        raise DataError(f"{folder} has no class folders: put each class's images in a folder of its own, "
+                        "<class>/<image>")
+    listing, skipped = imagefolder.list_images(folder, classes)
+    if skipped:
+        warnings.warn(f"{skipped} file(s) in the class folders of {folder} are left out: an image ends in "
+                      f"{', '.join(imagefolder.IMAGE_EXTENSIONS)} (ImageFolder's)")
+    groups = {c: [] for c in classes}
+    for rel in listing:
+        groups[rel.split("/", 1)[0]].append(str(folder / rel))
+    splits = split_classes(list(groups.items()), SPLIT_SEED, folder)
+    record = dict(recipe="CoOp's: per class in label order, random.Random(seed).shuffle, 50% train, 20% val, "
+                         "the rest test", seed=SPLIT_SEED, images=len(listing),
+                  sha256=imagefolder.fingerprint(listing))
+    try:
+        save_split(splits, path, folder, generated=record)
+    except OSError as e:  # a read-only folder still works: the same listing gives the same split every run
+        warnings.warn(f"could not save the generated split at {path} ({e}): it is generated anew each run, and "
+                      "changes if the folder does")
+    else:
+        warnings.warn(f"generated the split {path} of {len(classes)} classes (CoOp's 50/20/30 per class, seed "
+                      f"{SPLIT_SEED}): {len(splits[0])} train, {len(splits[1])} val, {len(splits[2])} test "
+                      "images; every later run uses it")
+    return splits
+
+
+def check_unchanged(folder, path, raw):
+    """DataError, in one line saying what changed, if the folder's images are not those its generated split
+    file `path` (JSON `raw`) was made from."""
+    record = raw["generated"]
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        raise DataError(f"split file {path}: 'generated' should be a record with a 'sha256' fingerprint; delete "
+                        "the file to generate the split again")
+    listing, _ = imagefolder.list_images(folder, imagefolder.class_folders(folder, skip=(FEWSHOT_DIR,)))
+    if imagefolder.fingerprint(listing) != record["sha256"]:
+        listed = [e[0] for k in SPLITS if isinstance(raw.get(k), list) for e in raw[k]
+                  if isinstance(e, list) and e and isinstance(e[0], str)]
+        raise DataError(f"{folder} changed since its split {path} was generated: "
+                        f"{imagefolder.describe_change(listed, listing)}; to train on the folder as it is now, "
+                        f"delete {path} and {folder / FEWSHOT_DIR} (a new split is generated: results are not "
+                        "comparable with runs on the old one)")
+
+
+def folder_classnames(folder, names):
+    """Prompt-ready class names for the classes `names` of a folder (by label; folder names for a generated
+    split): each one's line in the folder's classnames.txt if it has one, else the name with "_" and "-" read as
+    spaces ("sea_lake" -> "sea lake")."""
+    path = folder / CLASSNAMES_FILE
+    if not path.exists():
+        return [" ".join(n.replace("_", " ").replace("-", " ").split()) or n for n in names]
+    table = read_folder_classnames(path)
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise DataError(f"{path} has no line for class(es) {', '.join(map(repr, missing[:5]))}"
+                        f"{', ...' if len(missing) > 5 else ''}: it needs one '<folder> <class name>' line per class")
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise DataError(f"{path} names {unknown[0]!r}, which is not a class folder of {folder}"
+                        + (f" (nor are {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    return [table[n] for n in names]
+
+
+def read_folder_classnames(path):
+    """classnames.txt of a folder: {folder name: class name}, one line per class as CoOp's ImageNet file is
+    written: the folder's name, whitespace, then the class name ("n01440764 tench", "sea_lake Sea or Lake"). A
+    line holding a tab splits at its first tab instead, for folder names with spaces ("sea lake<TAB>Sea or
+    Lake"). Blank lines are skipped; UTF-8, with or without a byte-order mark."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path} cannot be read: {e}") from None
+    table = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        key, _, name = line.strip().partition("\t") if "\t" in line.strip() else line.strip().partition(" ")
+        key, name = key.strip(), " ".join(name.split())
+        if not name:
+            raise DataError(f"{path} line {number} ({line.strip()[:60]!r}) should be '<folder> <class name>'")
+        if key in table:
+            raise DataError(f"{path} line {number} names folder {key!r} a second time")
+        table[key] = name
+    return table
+
+
+def _warn_if_ambiguous(name, benchmark_folder):
+    """`--data eurosat` in a directory holding a folder eurosat/ (not the benchmark's own): say which is meant."""
+    here = Path(name)
+    if here.is_dir() and here.resolve() != Path(benchmark_folder).expanduser().resolve():
+        warnings.warn(f"--data {name} is the benchmark {name}, not the folder {here.resolve()}: to train on that "
+                      f"folder, give it as a path: --data ./{name}")
 
 
 # ---------------------------------------------------------------------------------------------- split files
@@ -555,9 +760,10 @@ def _from_items(items, prefix):
     return [[os.path.relpath(it.impath, prefix).replace(os.sep, "/"), it.label, it.classname] for it in items]
 
 
-def save_split(splits, path, image_dir):
-    """(train, val, test) item lists as CoOp's split file `path`, image paths relative to `image_dir`."""
-    files.write_json(path, {k: _from_items(v, image_dir) for k, v in zip(SPLITS, splits)}, indent=None)
+def save_split(splits, path, image_dir, **extra):
+    """(train, val, test) item lists as CoOp's split file `path`, image paths relative to `image_dir`; `extra`
+    keys follow (CoOp's reader, and ours, ignore them)."""
+    files.write_json(path, {**{k: _from_items(v, image_dir) for k, v in zip(SPLITS, splits)}, **extra}, indent=None)
 
 
 # ---------------------------------------------------------------------------------------------- checks

@@ -281,7 +281,9 @@ def main(argv=None):
     """`python data.py --check NAME|all` or `--download NAME|all`: 0 when every named dataset is ready."""
     p = argparse.ArgumentParser(prog="data.py", description="Check or fetch CoOp's benchmarks in CoOp's layout.")
     action = p.add_mutually_exclusive_group(required=True)
-    action.add_argument("--check", metavar="NAME|all", help="report what is present and missing, and how to get it")
+    action.add_argument("--check", metavar="NAME|all|FOLDER",
+                        help="report what is present and missing, and how to get it; for a folder of your own "
+                             "images, read and check it as a run would")
     action.add_argument("--download", metavar="NAME|all",
                         help="fetch the public datasets now (for the others: what to do)")
     p.add_argument("--root", default=None, help="data root (default: $ORTHCR_DATA, else ~/data)")
@@ -303,6 +305,8 @@ def main(argv=None):
 
 def _run(args):
     target = args.check or args.download
+    if args.check and args.check != "all" and data.is_folder(args.check):
+        return _check_folder(args.check)
     names = list(data.DATASETS) if target == "all" else [target]
     try:
         root = data.check_root(files.default_data_root() if args.root is None else args.root)
@@ -322,3 +326,17 @@ def _run(args):
         all_ready &= ready
         print(f"{name}: {'ready' if ready else 'not ready'}" + "".join(f"\n  {line}" for line in lines))
     return 0 if all_ready else 1
+
+
+def _check_folder(path):
+    """`python data.py --check FOLDER`: a folder of your own images read as a run reads it (its split generated
+    if it has none), every image checked; 0 when a run can start."""
+    try:
+        ds = data.build_dataset(path, None, shots=0)
+    except data.DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    names = ", ".join(ds.classnames[:5]) + (", ..." if len(ds.classnames) > 5 else "")
+    print(f"{ds.name}: ready, {len(ds.classnames)} classes ({names}); {len(ds.train)} train, {len(ds.val)} val, "
+          f"{len(ds.test)} test images in {Path(ds.folder) / data.SPLIT_FILE}; prompts like {ds.prompts()[0]!r}")
+    return 0
