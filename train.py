@@ -12,6 +12,7 @@ checkpoints, the flag checks) lives in toolbox/.
 """
 
 import math
+import os
 import statistics
 import time
 from contextlib import nullcontext
@@ -51,8 +52,14 @@ DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")  # C
 G = {"data": "data", "method": "the method", "opt": "optimisation", "eval": "evaluation", "predict": "prediction",
      "files": "run files", "hw": "model and hardware"}
 SETTINGS = settings.Declarations([
-    Setting("data", "eurosat", f"benchmark to train on: {', '.join(data.DATASETS)}", "data", G["data"],
-            choices=tuple(data.DATASETS), metavar="NAME", shown="{}; --eval-only: the adapters file's", eval_only="file"),
+    Setting("data", "eurosat", f"benchmark to train on: {', '.join(data.DATASETS)}; or a folder of your own images, "
+            "<class>/<image>, given as a path (docs/data.md)", "data", G["data"], metavar="NAME|DIR",
+            check=cli.dataset_problem, shown="{}; --eval-only: the adapters file's", eval_only="file",
+            convert=lambda v, values: os.path.abspath(os.path.expanduser(v)) if data.is_folder(v) else v),
+    Setting("template", None, "the prompt of --data's classes, {} where the class name goes, e.g. 'a satellite "
+            "photo of {}.'", "data", G["data"], metavar="TEXT", check=cli.template_problem,
+            shown="the dataset's own, for a folder CoOp's generic 'a photo of a <class>.'; --eval-only, "
+                  "--predict: the adapters file's", eval_only="file"),
     Setting("root", lambda values: files.default_data_root(), "folder holding the datasets in CoOp's layout",
             group=G["data"], metavar="DIR", shown="$ORTHCR_DATA, else ~/data"),
     Setting("protocol", "base2new", "base2new: train on the base classes, test base and new; fewshot: all classes; "
@@ -371,8 +378,9 @@ def protocol_datasets(cfg, seed):
     """(training Dataset or None, {split name: Dataset to evaluate}) for the chosen protocol."""
     root = Path(cfg.root).expanduser()
 
-    def build(name, subsample="all", shots=cfg.shots):
-        return data.build_dataset(name, root, shots=shots, seed=seed, subsample=subsample, download=cfg.download)
+    def build(name, subsample="all", shots=cfg.shots):  # --template is --data's prompt, not the targets'
+        return data.build_dataset(name, root, shots=shots, seed=seed, subsample=subsample, download=cfg.download,
+                                  template=cfg.template if name == cfg.data else None)
 
     if cfg.protocol == "base2new":
         base, new = build(cfg.data, "base"), build(cfg.data, "new")
@@ -462,7 +470,7 @@ def summary_table(all_results):
     seeds = f"{len(all_results)} seed{'s' if len(all_results) > 1 else ''}"
     header = "| dataset | method | " + " | ".join(columns) + " |"
     rule = "|---|---|" + "---|" * len(columns)
-    row = f"| {first['data']} | {first['method']} ({seeds}) | " + " | ".join(columns.values()) + " |"
+    row = f"| {data.dataset_name(first['data'])} | {first['method']} ({seeds}) | " + " | ".join(columns.values()) + " |"
     return "\n".join([header, rule, row])
 
 
@@ -512,6 +520,7 @@ def predict_images(args):
     cfg = settings_from(args, adapters_file["settings"] if adapters_file else None)
     classnames, template = predictions.recorded_classes(args.adapters, adapters_file["saved"]) if adapters_file \
         else (None, data.PHOTO)
+    template = args.template or template
     classnames = predictions.read_classes(cfg.classes) if cfg.classes else classnames
     if classnames is None:
         runs.fail(f"{args.adapters} records no class names (written before they were recorded): name the classes "
@@ -598,6 +607,8 @@ def main(argv=None):
             return predict_images(args)
         adapters_file = runs.read_adapters_once(args.adapters, SETTINGS) if args.eval_only else None
         saved = adapters_file["settings"] if adapters_file else None
+        if saved and args.data is not None and args.data != saved.get("data"):  # another dataset, its own prompt
+            saved = {**saved, "template": None}
         if saved:
             cli.check_training_flags(SETTINGS, args, saved)
         known.cfg = cfg = settings_from(args, saved)

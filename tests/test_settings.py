@@ -44,7 +44,8 @@ def test_the_derived_tables_are_the_ones_train_py_had():
     assert set(declared.result_names()) == {
         "checkpoint_sha256", "data", "protocol", "shots", "epochs", "batch_size", "lr", "weight_decay", "warmup_steps",
         "targets", "blocks", "towers", "neumann", "lambda1", "lambda2", "cutout", "cutout_size", "cutout_holes",
-        "cutout_temperature", "prompt", "n_ctx", "ctx_init", "precision", "eval_data", "eval_limit", "zero_shot"}
+        "cutout_temperature", "prompt", "n_ctx", "ctx_init", "precision", "eval_data", "eval_limit", "zero_shot",
+        "template"}
     assert set(declared.training_only()) == {"epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "lambda1",
                                              "lambda2", "cutout", "cutout_size", "cutout_holes", "cutout_temperature"}
 

@@ -87,8 +87,30 @@ def _method_problems(args, value):
     return bad
 
 
+def dataset_problem(value):
+    """--data: a benchmark's name, or a folder of your own images (data.is_folder)."""
+    if value not in data.DATASETS and not data.is_folder(value):
+        return (f"{value}: neither a benchmark ({', '.join(data.DATASETS)}) nor a folder of your own images "
+                f"(give it as a path, e.g. ./{value})")
+
+
+def template_problem(value):
+    """--template: a prompt with {} once, where the class name goes."""
+    try:
+        data.check_template(value)
+    except data.DataError as e:
+        return str(e).removeprefix("template ")
+
+
 def _protocol_problems(args, value):
     bad, name = [], value("data")
+    if data.is_folder(name):
+        if value("protocol") in ("cross", "dg"):
+            bad.append(f"--protocol {value('protocol')} trains on ImageNet and tests other benchmarks: a folder of "
+                       f"your own images (--data {name}) takes --protocol base2new or fewshot")
+        return bad
+    if name not in data.DATASETS:
+        return bad  # dataset_problem names it
     if args.protocol == "dg" and name != "imagenet":
         bad.append("--protocol dg trains on imagenet: add --data imagenet")
     if args.protocol == "cross" and name != "imagenet" and args.data is not None:
@@ -149,8 +171,8 @@ def _file_problems(args, value):
 
 
 # what --predict reads; every other flag describes training or evaluation, which the adapters file already records
-PREDICT_FLAGS = ("predict", "classes", "top_k", "zero_shot", "adapters", "out", "overwrite", "eval_batch_size", "model",
-                 "weights", "download_root", "device", "precision", "workers")
+PREDICT_FLAGS = ("predict", "classes", "template", "top_k", "zero_shot", "adapters", "out", "overwrite",
+                 "eval_batch_size", "model", "weights", "download_root", "device", "precision", "workers")
 
 
 def _predict_problems(declared, args):
@@ -225,6 +247,8 @@ def check_evaluation(cfg, saved):
 
 
 def check_root(cfg):
+    if data.is_folder(cfg.data):  # your own images are read from their folder, not from the data root
+        return
     try:
         data.check_root(Path(cfg.root).expanduser())
     except (data.DataError, OSError) as e:

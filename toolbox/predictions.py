@@ -18,11 +18,11 @@ import os
 from pathlib import Path
 
 import data
-from toolbox import files, images, runs
+from toolbox import files, imagefolder, images, runs
 
-# the suffixes a folder is searched for (a file named on the command line is taken whatever its suffix: the
-# image checks say whether it is one); PIL reads each of these
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+# what a folder is searched for: ImageFolder's extensions, as for a folder of your own images (a file named on the
+# command line is taken whatever its suffix: the image checks say whether it is one)
+IMAGE_SUFFIXES = imagefolder.IMAGE_EXTENSIONS
 TOP_K = 5  # classes shown per image (fewer when there are fewer classes)
 CSV_NAME, RECORD_NAME = "predictions.csv", "predictions.json"
 ZERO_SHOT = "zero_shot_"  # the column prefix of the frozen model's group beside a trained run's

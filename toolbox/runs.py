@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import data
 import orthcr
 from toolbox import checkpoints, files, settings
 
@@ -94,11 +95,12 @@ def run_folder(cfg, seed):
     the ablation table gets its own folder; --eval-only's folder sits beside the adapters file."""
     if cfg.out:
         return Path(cfg.out.replace("{seed}", str(seed)))
+    name = data.dataset_name(cfg.data)  # a folder of your own images: its short name
     if cfg.eval_only:  # beside the training run, never into its files
-        return Path(cfg.adapters).resolve().parent / f"eval_{cfg.data}_{cfg.protocol}_seed{seed}"
+        return Path(cfg.adapters).resolve().parent / f"eval_{name}_{cfg.protocol}_seed{seed}"
     if cfg.zero_shot:
-        return Path("runs") / f"{cfg.data}_{cfg.protocol}_zeroshot_seed{seed}"
-    return Path("runs") / f"{cfg.data}_{cfg.protocol}_{cfg.shots}shot_{settings.method_tag(cfg)}_seed{seed}"
+        return Path("runs") / f"{name}_{cfg.protocol}_zeroshot_seed{seed}"
+    return Path("runs") / f"{name}_{cfg.protocol}_{cfg.shots}shot_{settings.method_tag(cfg)}_seed{seed}"
 
 
 @contextmanager
