@@ -15,6 +15,7 @@ import functools
 import gzip
 import html
 import html.entities
+import json
 import math
 import os
 import re
@@ -45,9 +46,23 @@ class LayerNorm(nn.LayerNorm):
 
 
 def quick_gelu(x):
-    """x * sigmoid(1.702 x), the GELU approximation CLIP was trained with, as one fused op: silu(1.702 x) / 1.702."""
-    # in place on the temporaries (silu's backward needs only its input): no new 4x-wide tensor
-    return F.silu(1.702 * x, inplace=not torch.is_grad_enabled()).div_(1.702)
+    """x * sigmoid(1.702 x): the GELU approximation OpenAI's CLIP was trained with."""
+    return x * torch.sigmoid(1.702 * x)
+
+
+def gelu(x):
+    """x * Phi(x), Phi the standard normal CDF computed with erf (nn.GELU): the activation of most open_clip models."""
+    return F.gelu(x)
+
+
+# the MLP's activation, by the name open_clip's configs use (OpenAI's checkpoints: quick_gelu)
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": gelu}
+
+
+def _check_activation(activation):
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation {activation!r}: expected one of {', '.join(ACTIVATIONS)}")
+    return activation
 
 
 class Attention(nn.Module):
@@ -71,30 +86,32 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    """c_proj(quick_gelu(c_fc(x))): the block's feed-forward network, where OrthCR's rotations go."""
+    """c_proj(activation(c_fc(x))): the block's feed-forward network, where OrthCR's rotations go."""
 
-    recompute_activation = True  # the memory device below; False runs the plain formula
+    recompute_activation = True  # the speed and memory device below; False runs the plain formula
 
-    def __init__(self, width):
+    def __init__(self, width, activation="quick_gelu"):
         super().__init__()
+        self.activation = _check_activation(activation)
         self.c_fc = nn.Linear(width, 4 * width)
         self.c_proj = nn.Linear(4 * width, width)
 
     def forward(self, x):
         if not self.recompute_activation:
-            return self.c_proj(quick_gelu(self.c_fc(x)))  # the plain formula
-        # the same, keeping only c_fc's output for the backward (speed section: _QuickGELULinear)
-        return _QuickGELULinear.apply(self.c_fc(x), self.c_proj.weight, self.c_proj.bias)
+            return self.c_proj(ACTIVATIONS[self.activation](self.c_fc(x)))  # the plain formula
+        # the same, keeping only c_fc's output for the backward (speed section: _mlp_recompute)
+        return _mlp_recompute(x, self.c_fc.weight, self.c_fc.bias, self.c_proj.weight, self.c_proj.bias,
+                              self.activation)
 
 
 class ResidualAttentionBlock(nn.Module):
     """Pre-LN transformer block: x + attn(ln_1(x)), then x + mlp(ln_2(x))."""
 
-    def __init__(self, width, heads):
+    def __init__(self, width, heads, activation="quick_gelu"):
         super().__init__()
         self.attn = Attention(width, heads)
         self.ln_1 = LayerNorm(width)
-        self.mlp = MLP(width)
+        self.mlp = MLP(width, activation)
         self.ln_2 = LayerNorm(width)
 
     def forward(self, x, attn_mask=None):
@@ -103,9 +120,9 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    def __init__(self, width, layers, heads):
+    def __init__(self, width, layers, heads, activation="quick_gelu"):
         super().__init__()
-        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads) for _ in range(layers)])
+        self.resblocks = nn.ModuleList([ResidualAttentionBlock(width, heads, activation) for _ in range(layers)])
 
     def forward(self, x, attn_mask=None):
         for block in self.resblocks:
@@ -114,14 +131,14 @@ class Transformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
-    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim):
+    def __init__(self, input_resolution, patch_size, width, layers, heads, output_dim, activation="quick_gelu"):
         super().__init__()
         self.input_resolution = input_resolution
         self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
         self.class_embedding = nn.Parameter(torch.empty(width))
         self.positional_embedding = nn.Parameter(torch.empty((input_resolution // patch_size) ** 2 + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, activation)
         self.ln_post = LayerNorm(width)
         self.proj = nn.Parameter(torch.empty(width, output_dim))
 
@@ -143,13 +160,15 @@ class VisionTransformer(nn.Module):
 
 class CLIP(nn.Module):
     def __init__(self, embed_dim, image_resolution, vision_layers, vision_width, vision_patch_size,
-                 context_length, vocab_size, transformer_width, transformer_layers):
+                 context_length, vocab_size, transformer_width, transformer_layers, activation="quick_gelu"):
         super().__init__()
         self.context_length = context_length
-        # the head count is not in the checkpoint: OpenAI's code uses width // 64 in both towers
+        # not in the checkpoint: OpenAI's weights use quick_gelu, most of open_clip's gelu (a key of ACTIVATIONS)
+        self.activation = _check_activation(activation)
+        # the head count is not in the checkpoint either: OpenAI's code uses width // 64 in both towers
         self.visual = VisionTransformer(image_resolution, vision_patch_size, vision_width, vision_layers,
-                                        vision_width // 64, embed_dim)
-        self.transformer = Transformer(transformer_width, transformer_layers, transformer_width // 64)
+                                        vision_width // 64, embed_dim, activation)
+        self.transformer = Transformer(transformer_width, transformer_layers, transformer_width // 64, activation)
         self.token_embedding = nn.Embedding(vocab_size, transformer_width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, transformer_width))
         self.ln_final = LayerNorm(transformer_width)
@@ -195,31 +214,52 @@ class CLIP(nn.Module):
 # Speed devices of the model (MLP.forward's plain formula is beside its call; tests check they agree)
 
 
-class _QuickGELULinear(torch.autograd.Function):
-    """c_proj(quick_gelu(h)) that keeps only h for the backward and recomputes the activation there.
+# Each activation as f(s h) / s, for an elementwise f with a fused aten backward: quick_gelu(h) = silu(1.702 h) / 1.702
+# (x sigmoid(1.702 x) = silu(1.702 x) / 1.702), gelu(h) = gelu(h). The scale s is folded into the weights
+# (s c_fc(x) = x (s W)^T + s b, c_proj(f / s) = f (W / s)^T + b): a pass over a weight instead of two over the
+# (tokens, 4 * width) activation; the results differ from the plain formula by float rounding only.
+_SCALED_ACTIVATIONS = {
+    "quick_gelu": (1.702, F.silu, torch.ops.aten.silu_backward),
+    "gelu": (1.0, F.gelu, torch.ops.aten.gelu_backward),
+}
+
+
+def _mlp_recompute(x, fc_weight, fc_bias, proj_weight, proj_bias, activation):
+    """MLP.forward's plain formula c_proj(activation(c_fc(x))) with the activation's scale folded into the weights
+    and the activation recomputed in the backward (_ActivationLinear)."""
+    s, _, _ = _SCALED_ACTIVATIONS[activation]
+    if s != 1.0:
+        fc_weight, fc_bias, proj_weight = fc_weight * s, fc_bias * s, proj_weight / s
+    return _ActivationLinear.apply(F.linear(x, fc_weight, fc_bias), proj_weight, proj_bias, activation)
+
+
+class _ActivationLinear(torch.autograd.Function):
+    """F.linear(f(h), weight, bias), f the activation's elementwise function, keeping only h for the backward
+    and recomputing f(h) there.
 
     Plain autograd would keep two (tokens, 4 * width) tensors per block (the activation's input and c_proj's
     input); recomputing the cheap element-wise activation halves that, the largest share of training memory."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, h, weight, bias):
+    def forward(ctx, h, weight, bias, activation):
+        ctx.activation = activation
         ctx.save_for_backward(h, weight)
-        return F.linear(quick_gelu(h), weight, bias)
+        return F.linear(_SCALED_ACTIVATIONS[activation][1](h), weight, bias)
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, grad):
         h, weight = ctx.saved_tensors
-        y = 1.702 * h
+        _, f, f_backward = _SCALED_ACTIVATIONS[ctx.activation]
         grad_h = grad_weight = grad_bias = None
         if ctx.needs_input_grad[2]:
             grad_bias = grad.flatten(0, -2).sum(0)
-        if ctx.needs_input_grad[1]:  # c_proj's input, recomputed: quick_gelu(h) = silu(y) / 1.702
-            grad_weight = grad.flatten(0, -2).t() @ F.silu(y).div_(1.702).flatten(0, -2)  # (out, 4 * width)
-        if ctx.needs_input_grad[0]:  # d quick_gelu / dh = silu'(1.702 h): aten's fused silu backward
-            grad_h = torch.ops.aten.silu_backward(grad @ weight.to(grad.dtype), y)
-        return grad_h, grad_weight, grad_bias
+        if ctx.needs_input_grad[1]:  # the linear's input f(h), recomputed
+            grad_weight = grad.flatten(0, -2).t() @ f(h).flatten(0, -2)  # (out, 4 * width)
+        if ctx.needs_input_grad[0]:  # f'(h) * upstream: aten's fused backward of f
+            grad_h = f_backward(grad @ weight.to(grad.dtype), h)
+        return grad_h, grad_weight, grad_bias, None
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -227,6 +267,8 @@ class _QuickGELULinear(torch.autograd.Function):
 
 # non-parameter tensors in OpenAI's TorchScript archives, dropped by OpenAI's own loader too
 ARCHIVE_EXTRAS = ("input_resolution", "context_length", "vocab_size")
+# buffers some open_clip checkpoints carry: the text tower's causal mask (the model builds its own)
+OPEN_CLIP_EXTRAS = ("attn_mask",)
 
 
 def config_from_state_dict(state_dict):
@@ -252,12 +294,17 @@ def config_from_state_dict(state_dict):
     )
 
 
-def build_model(state_dict, source="state dict"):
+def build_model(state_dict, source="state dict", activation="quick_gelu"):
     """A CLIP in eval mode holding exactly the tensors of `state_dict` (official keys), in fp32.
+
+    `activation` (a key of ACTIVATIONS) is not in the tensors: OpenAI's checkpoints use quick_gelu, most of
+    open_clip's gelu.
 
     Missing, extra or misshapen tensors raise one ValueError naming `source` and every problem.
     """
-    state_dict = {k: v for k, v in state_dict.items() if k not in ARCHIVE_EXTRAS}
+    _check_activation(activation)
+    state_dict = {k: v for k, v in state_dict.items() if k not in ARCHIVE_EXTRAS + OPEN_CLIP_EXTRAS}
+    _check_tokenizer(state_dict, source)
     try:
         config = config_from_state_dict(state_dict)
     except KeyError as e:
@@ -267,7 +314,7 @@ def build_model(state_dict, source="state dict"):
     except ValueError as e:
         raise ValueError(f"{source}: {e}") from None
     with torch.device("meta"):
-        model = CLIP(**config)
+        model = CLIP(**config, activation=activation)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state_dict))
     extra = sorted(set(state_dict) - set(expected))
@@ -288,6 +335,17 @@ def build_model(state_dict, source="state dict"):
     return model.eval()
 
 
+def _check_tokenizer(state_dict, source):
+    """One line for an open_clip checkpoint whose text tower reads another tokenizer's ids than CLIP's BPE
+    (clip_min's only). (A vocabulary of another size alone says nothing: the tests' tiny archive has 300 tokens.)"""
+    if "logit_bias" in state_dict:
+        raise ValueError(f"{source}: a SigLIP model (it has a logit_bias), with its own tokenizer: clip_min has "
+                         f"CLIP's BPE tokenizer only")
+    if any(k.startswith("text.") for k in state_dict):
+        raise ValueError(f"{source}: a custom text tower (keys 'text.*', open_clip's CustomTextCLIP), with its own "
+                         f"tokenizer: clip_min has CLIP's BPE tokenizer only")
+
+
 # Architectures of OpenAI's ViT checkpoints, and the tiny one the tests use (widths multiples of 64)
 CONFIGS = {
     "ViT-B/32": dict(embed_dim=512, image_resolution=224, vision_layers=12, vision_width=768, vision_patch_size=32,
@@ -304,11 +362,11 @@ CONFIGS = {
 }
 
 
-def random_model(config="tiny", seed=0):
+def random_model(config="tiny", seed=0, activation="quick_gelu"):
     """A CLIP with random weights drawn as OpenAI's `initialize_parameters` draws them (for tests, benchmarks)."""
     config = CONFIGS[config] if isinstance(config, str) else config
     g = torch.Generator().manual_seed(seed)
-    model = CLIP(**config)
+    model = CLIP(**config, activation=activation)
 
     def normal_(t, std):
         with torch.no_grad():
@@ -646,18 +704,19 @@ def to_tensor(image):
     return x.permute(2, 0, 1).float().div(255)  # (3, H, W)
 
 
-def normalize(x):
-    """(x - MEAN) / STD per channel, for (3, H, W) or (N, 3, H, W) images in [0, 1]."""
+def normalize(x, mean=MEAN, std=STD):
+    """(x - mean) / std per channel, for (3, H, W) or (N, 3, H, W) images in [0, 1]; CLIP's constants unless a
+    checkpoint has others (model.mean, model.std of `load`; see checkpoint_settings)."""
     if x.dim() not in (3, 4) or x.shape[-3] != 3:
         raise ValueError(f"normalize: expected images of shape (3, H, W) or (N, 3, H, W), got {tuple(x.shape)}")
-    mean = torch.tensor(MEAN, dtype=x.dtype, device=x.device).view(3, 1, 1)
-    std = torch.tensor(STD, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    mean = torch.tensor(mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(std, dtype=x.dtype, device=x.device).view(3, 1, 1)
     return (x - mean) / std
 
 
-def preprocess(image, n_px=224):
+def preprocess(image, n_px=224, mean=MEAN, std=STD):
     """OpenAI's CLIP transform: resize, center crop, RGB, to tensor, normalize -> (3, n_px, n_px)."""
-    return normalize(to_tensor(center_crop(resize(image, n_px), n_px).convert("RGB")))
+    return normalize(to_tensor(center_crop(resize(image, n_px), n_px).convert("RGB")), mean, std)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -702,7 +761,104 @@ def checkpoint(name_or_path="ViT-B/16", download_root=None):
     return path, (MODELS[name_or_path].split("/")[-2] if name_or_path in MODELS else file_sha256(path))
 
 
-def load(name_or_path="ViT-B/16", device="cpu", download_root=None):
-    """A CLIP in eval mode on `device`, in fp32, from a model name (see MODELS) or a checkpoint file."""
+def load(name_or_path="ViT-B/16", device="cpu", download_root=None, activation=None):
+    """A CLIP in eval mode on `device`, in fp32, from a model name (see MODELS) or a checkpoint file: OpenAI's
+    TorchScript archive, a torch.save state dict or a safetensors file (open_clip's ViT checkpoints).
+
+    What the tensors don't tell comes from checkpoint_settings (open_clip_config.json beside the file, else
+    `activation`); the model carries the normalization constants its images need as `model.mean`, `model.std`
+    (give them to `preprocess` / `normalize`)."""
     path = checkpoint_path(name_or_path, download_root)
-    return build_model(read_state_dict(path), source=str(path)).to(device)
+    settings = checkpoint_settings(path, activation)
+    model = build_model(read_state_dict(path), source=str(path), activation=settings["activation"])
+    check_image_size(model, settings, path)
+    model.mean, model.std = settings["mean"], settings["std"]
+    return model.to(device)
+
+
+# ----------------------------------------------------------------------------------------------------
+# open_clip's checkpoints (open_clip_pytorch_model.bin, open_clip_model.safetensors). Its ViT CLIPs use OpenAI's
+# parameter names; what differs (the activation, the normalization constants) is in open_clip_config.json, which
+# open_clip's published folders ship beside the weights: {"model_cfg": <open_clip's model config>,
+# "preprocess_cfg": {"mean", "std", ...}}. Models that clip_min doesn't compute are refused by name.
+
+OPEN_CLIP_CONFIG = "open_clip_config.json"
+# model_cfg entries (open_clip 3.3's CLIPVisionCfg / CLIPTextCfg fields) that change the computation, and the
+# value clip_min computes; a config giving another value is refused
+_OPEN_CLIP_VISION = dict(head_width=64, mlp_ratio=4.0, ls_init_value=None, attentional_pool=False, no_ln_pre=False,
+                         pos_embed_type="learnable", final_ln_after_pool=False, pool_type="tok", act_kwargs=None,
+                         norm_kwargs=None, qk_norm=False, scaled_cosine_attn=False, scale_heads=False,
+                         scale_attn_inner=False, scale_attn=False, scale_fc=False, timm_model_name=None)
+_OPEN_CLIP_TEXT = dict(mlp_ratio=4.0, ls_init_value=None, embed_cls=False, no_causal_mask=False,
+                       final_ln_after_pool=False, pool_type="argmax", proj_bias=False, proj_type="linear",
+                       act_kwargs=None, norm_kwargs=None, qk_norm=False, scaled_cosine_attn=False, scale_heads=False,
+                       scale_attn_inner=False, scale_attn=False, scale_fc=False)
+# text_cfg entries that mean another tokenizer than CLIP's BPE (SigLIP's, a Hugging Face model's, ...)
+_OPEN_CLIP_TOKENIZER = dict(hf_model_name=None, hf_tokenizer_name=None, tokenizer_mode=None, tokenizer_kwargs=None,
+                            vocab_size=49408)
+_OPEN_CLIP_PREPROCESS = dict(interpolation="bicubic", resize_mode="shortest", mode="RGB")
+
+
+def checkpoint_settings(path, activation=None):
+    """What a model needs beyond the tensors of the checkpoint at `path`: {"activation": a key of ACTIVATIONS,
+    "mean": (r, g, b), "std": (r, g, b), "image_size": int or None}.
+
+    From open_clip_config.json beside the file when it is there (`activation`, if given, must agree with it);
+    otherwise `activation` (default quick_gelu, OpenAI's) and CLIP's MEAN and STD. A config describing a model
+    that clip_min doesn't compute (another tokenizer, SigLIP, CoCa, a timm or ResNet tower, wider heads, ...)
+    raises one ValueError naming the config and the entry."""
+    if activation is not None:
+        _check_activation(activation)
+    config_path = Path(path).parent / OPEN_CLIP_CONFIG
+    if not config_path.is_file():
+        return dict(activation=activation or "quick_gelu", mean=MEAN, std=STD, image_size=None)
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+        model_cfg, preprocess_cfg = config.get("model_cfg", {}), config.get("preprocess_cfg", {})
+        vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
+        if not all(isinstance(d, dict) for d in (model_cfg, preprocess_cfg, vision, text)):
+            raise ValueError("model_cfg, its vision_cfg and text_cfg, and preprocess_cfg must be objects")
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{config_path}: not an open_clip config ({e})") from None
+
+    def refuse(what):
+        raise ValueError(f"{config_path}: {what}, which clip_min's CLIP does not compute")
+
+    for key, expected in _OPEN_CLIP_TOKENIZER.items():
+        if text.get(key, expected) != expected:
+            refuse(f"another tokenizer (text_cfg {key} {text[key]!r}; clip_min has CLIP's BPE tokenizer only)")
+    if "init_logit_bias" in model_cfg:
+        refuse("a SigLIP model (init_logit_bias: a sigmoid loss and its own tokenizer)")
+    for key in ("custom_text", "multimodal_cfg"):
+        if model_cfg.get(key):
+            refuse(f"another architecture (model_cfg {key} {model_cfg[key]!r})")
+    if not isinstance(vision.get("layers", 12), int):
+        refuse("a ResNet image tower (vision_cfg layers is a list)")
+    for tower, fields, values in (("vision_cfg", _OPEN_CLIP_VISION, vision), ("text_cfg", _OPEN_CLIP_TEXT, text)):
+        for key, expected in fields.items():
+            if values.get(key, expected) != expected and not (key == "act_kwargs" and values[key] == {}):
+                refuse(f"{tower} {key} {values[key]!r} (clip_min computes {expected!r})")
+    if text.get("heads", text.get("width", 512) // 64) != text.get("width", 512) // 64:
+        refuse(f"text_cfg heads {text['heads']} (clip_min's text tower has width // 64 heads, as OpenAI's)")
+    for key, expected in _OPEN_CLIP_PREPROCESS.items():
+        if preprocess_cfg.get(key, expected) != expected:
+            refuse(f"preprocess_cfg {key} {preprocess_cfg[key]!r} (clip_min preprocesses as OpenAI: {expected!r})")
+    configured = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+    if activation is not None and activation != configured:
+        raise ValueError(f"{config_path}: says the model uses {configured}, not the {activation} asked for")
+    mean, std = preprocess_cfg.get("mean", MEAN), preprocess_cfg.get("std", STD)
+    if not all(isinstance(c, (list, tuple)) and len(c) == 3 and all(type(v) in (int, float) for v in c)
+               for c in (mean, std)) or not all(v > 0 for v in std):
+        raise ValueError(f"{config_path}: preprocess_cfg mean and std must be three numbers each (std positive)")
+    image_size = vision.get("image_size")
+    if image_size is not None and type(image_size) is not int:
+        refuse(f"a non-square image size (vision_cfg image_size {image_size!r})")
+    return dict(activation=configured, mean=tuple(map(float, mean)), std=tuple(map(float, std)),
+                image_size=image_size)
+
+
+def check_image_size(model, settings, path):
+    """The image size the tensors give (patch size x grid) against the one the config states, if any."""
+    if settings["image_size"] not in (None, model.visual.input_resolution):
+        raise ValueError(f"{Path(path).parent / OPEN_CLIP_CONFIG}: says {settings['image_size']} px images, the "
+                         f"tensors of {path} are for {model.visual.input_resolution} px")

@@ -10,6 +10,7 @@ import json
 import os
 import sys
 import threading
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -211,3 +212,16 @@ def full_disk(monkeypatch):
 
     monkeypatch.setattr(os, "fdopen", FullDisk)
     return real_fdopen
+
+
+def rewrite_zip(src, dst, rename=lambda name: name, replace=None, drop=(), deflate=()):
+    """Copy a zip archive, renaming / replacing / dropping / compressing entries (stored, as PyTorch writes them,
+    unless in `deflate`)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            if item.filename in drop:
+                continue
+            data = (replace or {}).get(item.filename, zin.read(item.filename))
+            compression = zipfile.ZIP_DEFLATED if item.filename in deflate else zipfile.ZIP_STORED
+            zout.writestr(rename(item.filename), data, compress_type=compression)
+    return dst

@@ -2,7 +2,7 @@
 
 Covered elsewhere, not repeated here: download faults of `toolbox.downloads.download` (404, 500, dropped connection, wrong
 checksum, full disk, rerun) in test_clip_min.py; malicious pickles and unknown TorchScript globals at the model
-loader in test_clip_min.py; dataset faults at the data layer in test_data.py; flag validation in test_train.py.
+loader in test_checkpoints.py; dataset faults at the data layer in test_data.py; flag validation in test_train.py.
 """
 
 import json
