@@ -11,6 +11,7 @@ protocols; `run`, one seed from data to files; `predict_images`, a trained run o
 checkpoints, the flag checks) lives in toolbox/.
 """
 
+import functools
 import math
 import os
 import statistics
@@ -150,8 +151,12 @@ SETTINGS = settings.Declarations([
             check=at_least(1)),
     Setting("model", "ViT-B/16", "OpenAI's CLIP, downloaded and verified once", group=G["hw"],
             choices=tuple(clip_min.available_models())),
-    Setting("weights", None, "a local checkpoint to use instead of downloading --model", group=G["hw"],
-            metavar="FILE", shown="none"),
+    Setting("weights", None, "a local checkpoint to use instead of downloading --model: OpenAI's, or open_clip's ViT "
+            "(.bin, .safetensors; open_clip_config.json beside it is read)", group=G["hw"], metavar="FILE",
+            shown="none"),
+    Setting("activation", lambda values: model_activation(values["weights"]), "the MLPs' activation: quick_gelu "
+            "(OpenAI's CLIP) or gelu (most open_clip models)", "method", G["hw"], choices=tuple(clip_min.ACTIVATIONS),
+            shown="open_clip_config.json's beside --weights, else quick_gelu", eval_only="same"),
     Setting("download_root", None, "where --model is cached", group=G["hw"], metavar="DIR",
             shown=f"{clip_min.DOWNLOAD_ROOT}, as OpenAI's clip package"),
     Setting("device", lambda values: "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N",
@@ -165,6 +170,15 @@ SETTINGS = settings.Declarations([
             eval_only="checked"),
 ])
 Settings = SETTINGS.Record  # the run's settings, one immutable record
+
+
+def model_activation(weights):
+    """The activation the base model's open_clip_config.json states (beside --weights), else OpenAI's quick_gelu;
+    a config clip_min refuses is named in one line when the model is loaded."""
+    try:
+        return clip_min.checkpoint_settings(weights)["activation"] if weights else "quick_gelu"
+    except (ValueError, OSError):
+        return "quick_gelu"
 
 
 def parse_args(argv=None):
@@ -187,7 +201,7 @@ def train(model, params, train_set, cfg, seed, folder, resume=None, data_sha256=
     scaler = grad_scaler(cfg.device, cfg.precision)  # fp16's gradients need loss scaling
     tokens, teacher_text = class_prompts(model, params, train_set, cfg)
     generator = torch.Generator().manual_seed(seed)  # all of Cutout's randomness
-    method = method_settings(cfg, generator)
+    method = method_settings(cfg, generator, normalizer(model))
     total = cfg.epochs * data.steps_per_epoch(len(train_set.train), cfg.batch_size)
     step = runs.resume_from(resume, folder, adapters, context, optimizer, scaler, generator) if resume else 0
     save = lambda step: runs.save_checkpoint(folder, cfg, seed, data_sha256, step, total, adapters, context,  # noqa
@@ -239,12 +253,22 @@ def not_finite(loss, trainables, scaler):
     return None
 
 
-def method_settings(cfg, generator):
+def method_settings(cfg, generator, normalize=clip_min.normalize):
     """The settings of `orthcr.objective` that define the method: Cutout (drawing from `generator`), the loss
-    weights, the transform."""
+    weights, the transform; `normalize`, the base model's image normalization (normalizer)."""
     return dict(cutout=orthcr.cutout_views(cfg.cutout, generator, cfg.cutout_holes, cfg.cutout_size,
                                            cfg.cutout_temperature),
-                lambda1=cfg.lambda1, lambda2=cfg.lambda2, transform=cayley_transform(cfg.neumann))
+                lambda1=cfg.lambda1, lambda2=cfg.lambda2, transform=cayley_transform(cfg.neumann), normalize=normalize)
+
+
+def normalizer(model):
+    """clip_min.normalize with the base model's mean and std (clip_min.load sets them: open_clip's config, else
+    OpenAI's constants)."""
+    return functools.partial(clip_min.normalize, mean=_mean_std(model)[0], std=_mean_std(model)[1])
+
+
+def _mean_std(model):
+    return getattr(model, "mean", clip_min.MEAN), getattr(model, "std", clip_min.STD)
 
 
 def cayley_transform(neumann):
@@ -333,7 +357,8 @@ def evaluate(model, params, context, eval_sets, cfg, seed):
     splits = list(eval_sets)
     items = [_test_items(eval_sets[s].test, cfg.eval_limit, seed) for s in splits]
     correct = [0] * len(splits)
-    for i, images, labels in data.eval_batches(items, cfg.eval_batch_size, cfg.workers, model.visual.input_resolution):
+    for i, images, labels in data.eval_batches(items, cfg.eval_batch_size, cfg.workers, model.visual.input_resolution,
+                                               *_mean_std(model)):
         dataset = eval_sets[splits[i]]
         weights = classifiers[(tuple(dataset.classnames), dataset.template)]
         correct[i] += int((predict(model, params, images.to(cfg.device), weights, cfg).cpu() == labels).sum())
@@ -482,7 +507,7 @@ def cutout_grid(model, params, train_set, cfg, seed, n=8):
     images, labels = next(iter(first))[1:]  # the first batch of epoch 1, as training sees it
     _, teacher_text = class_prompts(model, params, train_set, cfg)
     with torch.no_grad(), autocast(cfg.device, cfg.precision):
-        _, patches = orthcr.encode_image(model, params, clip_min.normalize(images.to(cfg.device)), dense=True)
+        _, patches = orthcr.encode_image(model, params, normalizer(model)(images.to(cfg.device)), dense=True)
     similarity = orthcr.similarity_map(patches, teacher_text[labels.to(cfg.device)]).cpu()  # (N, grid, grid)
     random_cut = orthcr.cutout(images, torch.Generator().manual_seed(seed), cfg.cutout_holes, cfg.cutout_size)
     attentive_cut = orthcr.attentive_cutout(images, similarity, cfg.cutout_size, torch.Generator().manual_seed(seed),
@@ -555,7 +580,7 @@ def classify(model, models, classes, paths, cfg):
     features = {prefix: classifier(model, weights, context, classes, cfg) for prefix, (weights, context) in models.items()}
     results, done = {prefix: [] for prefix in models}, 0
     batches = data.eval_batches([predictions.items(paths)], cfg.eval_batch_size, cfg.workers,
-                                model.visual.input_resolution)
+                                model.visual.input_resolution, *_mean_std(model))
     try:
         for _, images, _ in batches:
             for prefix, (weights, _) in models.items():
@@ -583,6 +608,8 @@ def _base_model(cfg, args, adapters_file):
         cfg = settings.replace(cfg, weights=source)
     else:
         cfg = settings.replace(cfg, model=source, weights=None)
+    if args.activation is None and "activation" not in (adapters_file["settings"] if adapters_file else {}):
+        cfg = settings.replace(cfg, activation=model_activation(cfg.weights))  # the recorded model's config
     try:
         path, model_sha256 = clip_min.checkpoint(cfg.weights or cfg.model, cfg.download_root)
         cfg = settings.replace(cfg, checkpoint_sha256=model_sha256)
@@ -590,7 +617,7 @@ def _base_model(cfg, args, adapters_file):
             cli.check_evaluation(cfg, adapters_file["settings"])
         cli.check_layout(cfg, init_trainables, path)
         runs.say(f"loading {runs.model_label(cfg)} ({files.format_size(path.stat().st_size)})")
-        model = clip_min.load(str(path), cfg.device)
+        model = clip_min.load(str(path), cfg.device, activation=cfg.activation)
     except (ValueError, RuntimeError, OSError) as e:
         runs.fail(str(e).splitlines()[0] if str(e) else repr(e))
     model.requires_grad_(False)
@@ -639,7 +666,7 @@ def run_all(cfg, plan, adapters_file):
                   for seed, (mode, _) in plan.items() if mode == "resume"}
         runs.check_plan(cfg, plan, fingerprints, totals, adapters, context, grad_scaler(cfg.device, cfg.precision))
         runs.say(f"loading {runs.model_label(cfg)} ({files.format_size(path.stat().st_size)})")
-        model = clip_min.load(str(path), cfg.device)
+        model = clip_min.load(str(path), cfg.device, activation=cfg.activation)
     except (ValueError, RuntimeError, OSError) as e:  # bad file, failed download, unreadable path
         runs.fail(str(e).splitlines()[0] if str(e) else repr(e))
     model.requires_grad_(False)  # W0 is frozen: only the adapters (and CoOp's context) get gradients

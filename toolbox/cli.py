@@ -172,7 +172,8 @@ def _file_problems(args, value):
 
 # what --predict reads; every other flag describes training or evaluation, which the adapters file already records
 PREDICT_FLAGS = ("predict", "classes", "template", "top_k", "zero_shot", "adapters", "out", "overwrite",
-                 "eval_batch_size", "model", "weights", "download_root", "device", "precision", "workers")
+                 "eval_batch_size", "model", "weights", "activation", "download_root", "device", "precision",
+                 "workers")
 
 
 def _predict_problems(declared, args):

@@ -308,10 +308,14 @@ def compare_settings(path, recorded, cfg, seed, data_sha256=None, later=(), only
     for key in only or current:
         if key in later:
             continue
-        value = current[key]
-        if recorded.get(key, "(not recorded)") != value:
-            fail(f"--resume: {path} was written with {key} = {recorded.get(key, '(not recorded)')!r}, this run has "
-                 f"{key} = {value!r}; resume with the run's own settings, or start a new run")
+        value, then = current[key], recorded.get(key, BEFORE_RECORDED.get(key, "(not recorded)"))
+        if then != value:
+            fail(f"--resume: {path} was written with {key} = {then!r}, this run has {key} = {value!r}; resume with "
+                 f"the run's own settings, or start a new run")
+
+
+# settings that records written before them lack, and the value those runs had: such a record still resumes
+BEFORE_RECORDED = {"template": None, "activation": "quick_gelu"}
 
 
 # ---------------------------------------------------------------------------------------------------- writing
