@@ -7,8 +7,9 @@
     python train.py --predict photos/ --adapters runs/RUN/adapters.pt       # classify your images with a run
 
 Reading order: the defaults and every setting; `train`, the loop, and `training_step`; `evaluate`; the
-protocols; `run`, one seed from data to files; `predict_images`, a trained run on new images; `main`. The machinery that keeps runs safe (run folders, locks,
-checkpoints, the flag checks) lives in toolbox/.
+protocols; `run`, one seed from data to files; `predict_images`, a trained run on new images; `main`. The
+machinery that keeps runs safe (run folders, locks, checkpoints, the flag checks, predictions.csv) lives in
+toolbox/.
 """
 
 import functools
@@ -577,7 +578,8 @@ def predict_images(args):
 def classify(model, models, classes, paths, cfg):
     """{column prefix: each image's top-k [(class index, probability)]} for each of `models` (prefix -> (weights,
     CoOp context)), in batches with CLIP's test preprocessing; each image's lines printed as its batch is done."""
-    features = {prefix: classifier(model, weights, context, classes, cfg) for prefix, (weights, context) in models.items()}
+    features = {prefix: classifier(model, weights, context, classes, cfg)
+                for prefix, (weights, context) in models.items()}
     results, done = {prefix: [] for prefix in models}, 0
     batches = data.eval_batches([predictions.items(paths)], cfg.eval_batch_size, cfg.workers,
                                 model.visual.input_resolution, *_mean_std(model))

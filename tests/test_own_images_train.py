@@ -33,7 +33,8 @@ def test_a_folder_trains_evaluates_and_predicts_with_its_template(weights, tmp_p
     assert saved["config"]["classnames"] == ["forest", "pasture land"] and saved["config"]["template"] == TEMPLATE
     assert "| My_Tiles | OrthCR (1 seed) |" in capsys.readouterr().out
 
-    again = run_main("--eval-only", "--adapters", run / "adapters.pt", "--weights", weights)[0]  # data, template: the file's
+    # --eval-only takes the data and the template from the adapters file
+    again = run_main("--eval-only", "--adapters", run / "adapters.pt", "--weights", weights)[0]
     assert again["results"] == first["results"]
     other = run_main("--eval-only", "--adapters", run / "adapters.pt", "--weights", weights, "--template",
                      "a photo of {}, a kind of land.", "--out", tmp_path / "other")[0]

@@ -44,7 +44,8 @@ def find_images(paths):
                 runs.fail(f"--predict {given}: no image files in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
             found += inside
         else:
-            runs.fail(f"--predict {given}: {'not a regular file' if os.path.lexists(path) else 'no such file or folder'}")
+            what = "not a regular file" if os.path.lexists(path) else "no such file or folder"
+            runs.fail(f"--predict {given}: {what}")
     return list(dict.fromkeys(found))
 
 
