@@ -843,9 +843,9 @@ def train_transform(pil, generator, n_px=224):
     return clip_min.to_tensor(img)
 
 
-def test_transform(pil, n_px=224):
-    """CLIP's preprocessing: resize, center crop, normalize."""
-    return clip_min.preprocess(pil, n_px)
+def test_transform(pil, n_px=224, mean=clip_min.MEAN, std=clip_min.STD):
+    """CLIP's preprocessing: resize, center crop, normalize (with the checkpoint's mean and std)."""
+    return clip_min.preprocess(pil, n_px, mean, std)
 
 
 # ---------------------------------------------------------------------------------------------- loaders
@@ -874,12 +874,13 @@ def train_batches(items, batch_size, seed, epochs, start_step=0, num_workers=0, 
         yield step // per_epoch, images, labels
 
 
-def eval_batches(item_lists, batch_size, num_workers=0, n_px=224):
-    """Yield (index into item_lists, images (B, 3, n_px, n_px) CLIP-normalized, labels (B,)) for every list in
-    order, through one DataLoader for all of them."""
+def eval_batches(item_lists, batch_size, num_workers=0, n_px=224, mean=clip_min.MEAN, std=clip_min.STD):
+    """Yield (index into item_lists, images (B, 3, n_px, n_px) CLIP-normalized (`mean`, `std`: the checkpoint's),
+    labels (B,)) for every list in order, through one DataLoader for all of them."""
     keys = [[(i, k) for k in range(s, min(s + batch_size, len(items)))]
             for i, items in enumerate(item_lists) for s in range(0, len(items), batch_size)]
-    loader = torch.utils.data.DataLoader(_EvalImages(item_lists, n_px), batch_sampler=keys, num_workers=num_workers)
+    loader = torch.utils.data.DataLoader(_EvalImages(item_lists, n_px, mean, std), batch_sampler=keys,
+                                         num_workers=num_workers)
     for batch_keys, (images, labels) in zip(keys, loader):
         yield batch_keys[0][0], images, labels
 
@@ -942,15 +943,15 @@ class _TrainImages(torch.utils.data.Dataset):
 class _EvalImages(torch.utils.data.Dataset):
     """Key (list index, position) -> (CLIP-preprocessed image, label)."""
 
-    def __init__(self, item_lists, n_px):
-        self.item_lists, self.n_px = item_lists, n_px
+    def __init__(self, item_lists, n_px, mean=clip_min.MEAN, std=clip_min.STD):
+        self.item_lists, self.n_px, self.mean, self.std = item_lists, n_px, mean, std
 
     def __len__(self):
         return sum(len(items) for items in self.item_lists)
 
     def __getitem__(self, key):
         item = self.item_lists[key[0]][key[1]]
-        return test_transform(load_image(item.impath), self.n_px), item.label
+        return test_transform(load_image(item.impath), self.n_px, self.mean, self.std), item.label
 
 
 # ---------------------------------------------------------------------------------------------- sources

@@ -4,13 +4,17 @@
     python train.py --data eurosat --cutout attentive --prompt coop         # OrthSR (v3) with CoOp's context
     python train.py --data imagenet --protocol dg --seeds 1 2 3             # domain generalization table
     python train.py --data eurosat --zero-shot                              # zero-shot CLIP's row
+    python train.py --predict photos/ --adapters runs/RUN/adapters.pt       # classify your images with a run
 
 Reading order: the defaults and every setting; `train`, the loop, and `training_step`; `evaluate`; the
-protocols; `run`, one seed from data to files; `main`. The machinery that keeps runs safe (run folders, locks,
-checkpoints, the flag checks) lives in toolbox/.
+protocols; `run`, one seed from data to files; `predict_images`, a trained run on new images; `main`. The
+machinery that keeps runs safe (run folders, locks, checkpoints, the flag checks, predictions.csv) lives in
+toolbox/.
 """
 
+import functools
 import math
+import os
 import statistics
 import time
 import warnings
@@ -23,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont
 import clip_min
 import data
 import orthcr
-from toolbox import cli, files, published, runs, settings
+from toolbox import cli, files, predictions, published, runs, settings
 from toolbox.settings import Setting, at_least, learning_rate, momentum, non_negative_number, positive_number, seed
 
 # ---------------------------------------------------------------------------------------------------- defaults
@@ -74,11 +78,17 @@ def ctx_words(text):
 # record, the resume and --eval-only comparisons, the table label, docs/flags.md. eval_only: what --eval-only does
 # with the value its adapters file records ("file": taken when not given, "same": taken and must agree,
 # "trained": always taken, "checked": compared with the model).
-G = {"data": "data", "method": "the method", "opt": "optimisation", "eval": "evaluation", "files": "run files",
-     "hw": "model and hardware"}
+G = {"data": "data", "method": "the method", "opt": "optimisation", "eval": "evaluation", "predict": "prediction",
+     "files": "run files", "hw": "model and hardware"}
 SETTINGS = settings.Declarations([
-    Setting("data", "eurosat", f"benchmark to train on: {', '.join(data.DATASETS)}", "data", G["data"],
-            choices=tuple(data.DATASETS), metavar="NAME", shown="{}; --eval-only: the adapters file's", eval_only="file"),
+    Setting("data", "eurosat", f"benchmark to train on: {', '.join(data.DATASETS)}; or a folder of your own images, "
+            "<class>/<image>, given as a path (docs/data.md)", "data", G["data"], metavar="NAME|DIR",
+            check=cli.dataset_problem, shown="{}; --eval-only: the adapters file's", eval_only="file",
+            convert=lambda v, values: os.path.abspath(os.path.expanduser(v)) if data.is_folder(v) else v),
+    Setting("template", None, "the prompt of --data's classes, {} where the class name goes, e.g. 'a satellite "
+            "photo of {}.'", "data", G["data"], metavar="TEXT", check=cli.template_problem,
+            shown="the dataset's own, for a folder CoOp's generic 'a photo of a <class>.'; --eval-only, "
+                  "--predict: the adapters file's", eval_only="file"),
     Setting("root", lambda values: files.default_data_root(), "folder holding the datasets in CoOp's layout",
             group=G["data"], metavar="DIR", shown="$ORTHCR_DATA, else ~/data"),
     Setting("protocol", "base2new", "base2new: train on the base classes, test base and new; fewshot: all classes; "
@@ -151,9 +161,11 @@ SETTINGS = settings.Declarations([
             check=at_least(0), eval_only="trained"),
     Setting("ctx_warmup_lr", CTX_WARMUP_LR, "--prompt coop: the context's constant warm-up learning rate (CoOp's)",
             "method", G["opt"], type=float, metavar="LR", check=non_negative_number, eval_only="trained"),
-    Setting("zero_shot", False, "evaluate plain CLIP, no training: the CLIP row", "method", G["eval"], switch=True),
+    Setting("zero_shot", False, "evaluate plain CLIP, no training: the CLIP row; with --predict, classify with plain "
+            "CLIP too (beside --adapters' run, or alone)", "method", G["eval"], switch=True),
     Setting("eval_only", False, "evaluate saved --adapters, no training", group=G["eval"], switch=True),
-    Setting("adapters", None, "the adapters.pt that --eval-only evaluates", group=G["eval"], metavar="FILE",
+    Setting("adapters", None, "the adapters.pt that --eval-only evaluates and --predict classifies with",
+            group=G["eval"], metavar="FILE",
             shown="none"),
     Setting("eval_data", None, "the datasets that cross and dg evaluate", "data", G["eval"], nargs="+",
             choices=tuple(data.DATASETS), metavar="NAME", shown="the paper's"),
@@ -161,9 +173,18 @@ SETTINGS = settings.Declarations([
             metavar="N", check=at_least(1), shown="all"),
     Setting("eval_batch_size", EVAL_BATCH_SIZE, "images per batch", group=G["eval"], type=int, metavar="N",
             check=at_least(1)),
+    Setting("predict", None, "classify these images (files, or folders searched for image files) with --adapters' "
+            "run (and/or --zero-shot), print the top classes, write predictions.csv; trains nothing",
+            group=G["predict"], nargs="+", metavar="IMAGE", shown="off"),
+    Setting("classes", None, "--predict: choose among these class names (or those of a file, one per line) instead "
+            "of the classes the adapters were trained on (zero-shot transfer; a CoOp context is kept)",
+            group=G["predict"], nargs="+", metavar="NAME", shown="the adapters file's"),
+    Setting("top_k", predictions.TOP_K, "--predict: classes shown and written per image", group=G["predict"],
+            type=int, metavar="K", check=at_least(1), shown="{}, or the number of classes if fewer"),
     Setting("out", None, "the run folder; {seed} in it becomes the seed", group=G["files"], metavar="DIR",
             shown="runs/<data>_<protocol>_<K>shot_<method>_seed<S>, <method> the table's label, e.g. orthsr+coop; "
-                  "--eval-only: eval_<data>_<protocol>_seed<S> beside the adapters file"),
+                  "--eval-only: eval_<data>_<protocol>_seed<S> beside the adapters file; --predict: predict_<n> beside "
+                  "it (runs/predict_<n> for --zero-shot alone), n the first free number"),
     Setting("resume", False, "continue the run in the run folder from its checkpoint", group=G["files"], switch=True),
     Setting("overwrite", False, "replace the run already in the run folder", group=G["files"], switch=True),
     Setting("export", False, "also write merged.pt, the merged weights in OpenAI's format", group=G["files"],
@@ -176,8 +197,12 @@ SETTINGS = settings.Declarations([
             check=at_least(1)),
     Setting("model", "ViT-B/16", "OpenAI's CLIP, downloaded and verified once", group=G["hw"],
             choices=tuple(clip_min.available_models())),
-    Setting("weights", None, "a local checkpoint to use instead of downloading --model", group=G["hw"],
-            metavar="FILE", shown="none"),
+    Setting("weights", None, "a local checkpoint to use instead of downloading --model: OpenAI's, or open_clip's ViT "
+            "(.bin, .safetensors; open_clip_config.json beside it is read)", group=G["hw"], metavar="FILE",
+            shown="none"),
+    Setting("activation", lambda values: model_activation(values["weights"]), "the MLPs' activation: quick_gelu "
+            "(OpenAI's CLIP) or gelu (most open_clip models)", "method", G["hw"], choices=tuple(clip_min.ACTIVATIONS),
+            shown="open_clip_config.json's beside --weights, else quick_gelu", eval_only="same"),
     Setting("download_root", None, "where --model is cached", group=G["hw"], metavar="DIR",
             shown=f"{clip_min.DOWNLOAD_ROOT}, as OpenAI's clip package"),
     Setting("device", lambda values: "cuda" if torch.cuda.is_available() else "cpu", "cpu, cuda or cuda:N",
@@ -191,6 +216,15 @@ SETTINGS = settings.Declarations([
             eval_only="checked"),
 ])
 Settings = SETTINGS.Record  # the run's settings, one immutable record
+
+
+def model_activation(weights):
+    """The activation the base model's open_clip_config.json states (beside --weights), else OpenAI's quick_gelu;
+    a config clip_min refuses is named in one line when the model is loaded."""
+    try:
+        return clip_min.checkpoint_settings(weights)["activation"] if weights else "quick_gelu"
+    except (ValueError, OSError):
+        return "quick_gelu"
 
 
 def parse_args(argv=None):
@@ -230,7 +264,7 @@ def train(model, params, train_set, cfg, seed, folder, resume=None, data_sha256=
     scaler = grad_scaler(cfg.device, cfg.precision)  # fp16's gradients need loss scaling
     tokens, teacher_text = class_prompts(model, params, train_set, cfg)
     generator = torch.Generator().manual_seed(seed)  # all of Cutout's randomness
-    method = method_settings(cfg, generator)
+    method = method_settings(cfg, generator, normalizer(model))
     total = cfg.epochs * data.steps_per_epoch(len(train_set.train), cfg.batch_size)
     step = runs.resume_from(resume, folder, adapters, context, optimizers, scaler, generator) if resume else 0
     save = lambda step: runs.save_checkpoint(folder, cfg, seed, data_sha256, step, total, adapters, context,  # noqa
@@ -296,13 +330,23 @@ def not_finite(loss, trainables):
     return None
 
 
-def method_settings(cfg, generator):
+def method_settings(cfg, generator, normalize=clip_min.normalize):
     """The settings of `orthcr.objective` that define the method: Cutout (drawing from `generator`), the loss
-    weights and the KL's reduction, the transform."""
+    weights and the KL's reduction, the transform; `normalize`, the base model's image normalization (normalizer)."""
     return dict(cutout=orthcr.cutout_views(cfg.cutout, generator, cfg.cutout_holes, cfg.cutout_size,
                                            cfg.cutout_temperature),
                 lambda1=cfg.lambda1, lambda2=cfg.lambda2, reduction=cfg.kl_reduction,
-                transform=cayley_transform(cfg.neumann))
+                transform=cayley_transform(cfg.neumann), normalize=normalize)
+
+
+def normalizer(model):
+    """clip_min.normalize with the base model's mean and std (clip_min.load sets them: open_clip's config, else
+    OpenAI's constants)."""
+    return functools.partial(clip_min.normalize, mean=_mean_std(model)[0], std=_mean_std(model)[1])
+
+
+def _mean_std(model):
+    return getattr(model, "mean", clip_min.MEAN), getattr(model, "std", clip_min.STD)
 
 
 def cayley_transform(neumann):
@@ -410,7 +454,8 @@ def evaluate(model, params, context, eval_sets, cfg, seed):
     splits = list(eval_sets)
     items = [_test_items(eval_sets[s].test, cfg.eval_limit, seed) for s in splits]
     correct = [0] * len(splits)
-    for i, images, labels in data.eval_batches(items, cfg.eval_batch_size, cfg.workers, model.visual.input_resolution):
+    for i, images, labels in data.eval_batches(items, cfg.eval_batch_size, cfg.workers, model.visual.input_resolution,
+                                               *_mean_std(model)):
         dataset = eval_sets[splits[i]]
         weights = classifiers[(tuple(dataset.classnames), dataset.template)]
         correct[i] += int((predict(model, params, images.to(cfg.device), weights, cfg).cpu() == labels).sum())
@@ -429,11 +474,16 @@ def classifier(model, params, context, dataset, cfg, batch=256):
 
 
 @torch.no_grad()
-def predict(model, params, images, class_features, cfg):
-    """The predicted class of each (normalized) image: argmax of CLIP's logits."""
+def class_logits(model, params, images, class_features, cfg):
+    """CLIP's logits (N, C) fp32 of (normalized) images against the class features."""
     with autocast(cfg.device, cfg.precision):
         features = orthcr.encode_image(model, params, images)
-    return orthcr.clip_logits(features, class_features, params["logit_scale"]).argmax(dim=-1)
+    return orthcr.clip_logits(features, class_features, params["logit_scale"])
+
+
+def predict(model, params, images, class_features, cfg):
+    """The predicted class of each (normalized) image: argmax of CLIP's logits."""
+    return class_logits(model, params, images, class_features, cfg).argmax(dim=-1)
 
 
 def _test_items(items, limit, seed):
@@ -450,8 +500,9 @@ def protocol_datasets(cfg, seed):
     """(training Dataset or None, {split name: Dataset to evaluate}) for the chosen protocol."""
     root = Path(cfg.root).expanduser()
 
-    def build(name, subsample="all", shots=cfg.shots):
-        return data.build_dataset(name, root, shots=shots, seed=seed, subsample=subsample, download=cfg.download)
+    def build(name, subsample="all", shots=cfg.shots):  # --template is --data's prompt, not the targets'
+        return data.build_dataset(name, root, shots=shots, seed=seed, subsample=subsample, download=cfg.download,
+                                  template=cfg.template if name == cfg.data else None)
 
     if cfg.protocol == "base2new":
         base, new = build(cfg.data, "base"), build(cfg.data, "new")
@@ -495,7 +546,7 @@ def run(cfg, seed, plan, datasets, model, params, seconds, data_sha256, adapters
     runs.write_json(folder / "config.json", runs.run_config(cfg, seed, train_set, data_sha256))
     if not (cfg.zero_shot or cfg.eval_only):
         adapters, context = train(model, params, train_set, cfg, seed, folder, payload, data_sha256)
-        runs.save_adapters(folder / "adapters.pt", adapters, context, cfg, seed, data_sha256)
+        runs.save_adapters(folder / "adapters.pt", adapters, context, cfg, seed, data_sha256, train_set)
     trained = time.monotonic()
     merged = orthcr.export_state_dict(params, adapters, cayley_transform(cfg.neumann))  # eval costs plain CLIP
     if cfg.export:
@@ -551,7 +602,7 @@ def summary_table(all_results):
     seeds = f"{len(all_results)} seed{'s' if len(all_results) > 1 else ''}"
     header = "| dataset | method | " + " | ".join(columns) + " |"
     rule = "|---|---|" + "---|" * len(columns)
-    row = f"| {first['data']} | {first['method']} ({seeds}) | " + " | ".join(columns.values()) + " |"
+    row = f"| {data.dataset_name(first['data'])} | {first['method']} ({seeds}) | " + " | ".join(columns.values()) + " |"
     return "\n".join([header, rule, row, *([STD_NOTE] if len(all_results) > 1 else [])])
 
 
@@ -567,7 +618,7 @@ def cutout_grid(model, params, train_set, cfg, seed, n=8):
     images, labels = next(iter(first))[1:]  # the first batch of epoch 1, as training sees it
     _, teacher_text = class_prompts(model, params, train_set, cfg)
     with torch.no_grad(), autocast(cfg.device, cfg.precision):
-        _, patches = orthcr.encode_image(model, params, clip_min.normalize(images.to(cfg.device)), dense=True)
+        _, patches = orthcr.encode_image(model, params, normalizer(model)(images.to(cfg.device)), dense=True)
     similarity = orthcr.similarity_map(patches, teacher_text[labels.to(cfg.device)]).cpu()  # (N, grid, grid)
     random_cut = orthcr.cutout(images, torch.Generator().manual_seed(seed), cfg.cutout_holes, cfg.cutout_size)
     attentive_cut = orthcr.attentive_cutout(images, similarity, cfg.cutout_size, torch.Generator().manual_seed(seed),
@@ -594,14 +645,109 @@ def _with_header(picture, titles, height=20):
     return framed
 
 
+# ---------------------------------------------------------------------------------------------------- prediction
+
+def predict_images(args):
+    """--predict: images classified by a trained run (its adapters file) and/or the frozen model (--zero-shot),
+    among the classes the adapters were trained on (or --classes), with their prompt template. The top-k per image
+    printed and written to predictions.csv (toolbox/predictions.py). The adapters file, the classes, every image,
+    the output folder and the base model's SHA-256 are checked before the model is loaded."""
+    adapters_file = runs.read_adapters_once(args.adapters, SETTINGS) if args.adapters else None
+    cfg = settings_from(args, adapters_file["settings"] if adapters_file else None)
+    classnames, template = predictions.recorded_classes(args.adapters, adapters_file["saved"]) if adapters_file \
+        else (None, data.PHOTO)
+    template = args.template or template
+    classnames = predictions.read_classes(cfg.classes) if cfg.classes else classnames
+    if classnames is None:
+        runs.fail(f"{args.adapters} records no class names (written before they were recorded): name the classes "
+                  f"with --classes NAME... or --classes FILE")
+    classes = data.Dataset("--classes" if cfg.classes else "the adapters' classes", classnames, template)
+    cli.check_prompts(cfg, {0: (None, {"predict": classes})})
+    paths = predictions.find_images(cfg.predict)
+    predictions.check_images(paths)
+    folder = predictions.output_folder(cfg.out, cfg.adapters)
+    predictions.check_output(folder, cfg.overwrite)
+    model, params, cfg = _base_model(cfg, args, adapters_file)
+    models = {}  # column prefix -> (weights, CoOp context)
+    if adapters_file:
+        adapters, context, _ = runs.read_adapters_file(cfg.adapters, adapters_file, params,
+                                                       *init_trainables(params, cfg, 0), cfg.device)
+        models[""] = (orthcr.export_state_dict(params, adapters, cayley_transform(cfg.neumann)), context)
+    if cfg.zero_shot:
+        models[predictions.ZERO_SHOT if adapters_file else ""] = (params, None)
+    results = classify(model, models, classes, paths, cfg)
+    record = {"adapters": str(Path(cfg.adapters).resolve()) if cfg.adapters else None,
+              "adapters_sha256": adapters_file["sha256"] if adapters_file else None, "model": runs.model_label(cfg),
+              "checkpoint_sha256": cfg.checkpoint_sha256, "classnames": classnames, "template": template,
+              "prompt": cfg.prompt if adapters_file else "fixed", "zero_shot": cfg.zero_shot}
+    predictions.write(folder, paths, results, classnames, record)
+    runs.say(f"predictions of {len(paths)} image{'s' * (len(paths) > 1)} written to {folder / predictions.CSV_NAME}")
+    return results
+
+
+def classify(model, models, classes, paths, cfg):
+    """{column prefix: each image's top-k [(class index, probability)]} for each of `models` (prefix -> (weights,
+    CoOp context)), in batches with CLIP's test preprocessing; each image's lines printed as its batch is done."""
+    features = {prefix: classifier(model, weights, context, classes, cfg)
+                for prefix, (weights, context) in models.items()}
+    results, done = {prefix: [] for prefix in models}, 0
+    batches = data.eval_batches([predictions.items(paths)], cfg.eval_batch_size, cfg.workers,
+                                model.visual.input_resolution, *_mean_std(model))
+    try:
+        for _, images, _ in batches:
+            for prefix, (weights, _) in models.items():
+                logits = class_logits(model, weights, images.to(cfg.device), features[prefix], cfg)
+                results[prefix] += predictions.top_k(logits, cfg.top_k)
+            for n in range(done, done + len(images)):
+                for prefix in models:
+                    print(predictions.line(paths[n], results[prefix][n], classes.classnames,
+                                           "zero-shot " if prefix else ""))
+            done += len(images)
+    except data.DataError as e:  # an image that changed on disk since it was checked
+        runs.fail(str(e))
+    return results
+
+
+def _base_model(cfg, args, adapters_file):
+    """(model, params, cfg) of the base model: --weights or --model if given, else the one the adapters file
+    records (an OpenAI name, or a path), its SHA-256 checked against the file's record."""
+    recorded = (adapters_file["saved"].get("config") or {}).get("model") if adapters_file else None
+    source = args.weights or args.model or recorded or cfg.model
+    if source not in clip_min.MODELS:
+        if not Path(source).expanduser().is_file():
+            runs.fail(f"{cfg.adapters} were trained on {source}, which is not a file here: pass that model with "
+                      f"--weights FILE (its SHA-256 is checked)")
+        cfg = settings.replace(cfg, weights=source)
+    else:
+        cfg = settings.replace(cfg, model=source, weights=None)
+    if args.activation is None and "activation" not in (adapters_file["settings"] if adapters_file else {}):
+        cfg = settings.replace(cfg, activation=model_activation(cfg.weights))  # the recorded model's config
+    try:
+        path, model_sha256 = clip_min.checkpoint(cfg.weights or cfg.model, cfg.download_root)
+        cfg = settings.replace(cfg, checkpoint_sha256=model_sha256)
+        if adapters_file:
+            cli.check_evaluation(cfg, adapters_file["settings"])
+        cli.check_layout(cfg, init_trainables, path)
+        runs.say(f"loading {runs.model_label(cfg)} ({files.format_size(path.stat().st_size)})")
+        model = clip_min.load(str(path), cfg.device, activation=cfg.activation)
+    except (ValueError, RuntimeError, OSError) as e:
+        runs.fail(str(e).splitlines()[0] if str(e) else repr(e))
+    model.requires_grad_(False)
+    return model, dict(model.state_dict()), cfg
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
     """Flags, run folders, data, model, each seed, the table: every check before the heavy work it guards."""
     with runs.stopping() as known:  # one-line warnings; Ctrl-C or SIGTERM outside the loop: one line
         args = parse_args(argv)
+        if args.predict:
+            return predict_images(args)
         adapters_file = runs.read_adapters_once(args.adapters, SETTINGS) if args.eval_only else None
         saved = adapters_file["settings"] if adapters_file else None
+        if saved and args.data is not None and args.data != saved.get("data"):  # another dataset, its own prompt
+            saved = {**saved, "template": None}
         if saved:
             cli.check_training_flags(SETTINGS, args, saved)
         known.cfg = cfg = settings_from(args, saved)
@@ -634,7 +780,7 @@ def run_all(cfg, plan, adapters_file):
                   for seed, (mode, _) in plan.items() if mode == "resume"}
         runs.check_plan(cfg, plan, fingerprints, totals, adapters, context, grad_scaler(cfg.device, cfg.precision))
         runs.say(f"loading {runs.model_label(cfg)} ({files.format_size(path.stat().st_size)})")
-        model = clip_min.load(str(path), cfg.device)
+        model = clip_min.load(str(path), cfg.device, activation=cfg.activation)
     except (ValueError, RuntimeError, OSError) as e:  # bad file, failed download, unreadable path
         runs.fail(str(e).splitlines()[0] if str(e) else repr(e))
     model.requires_grad_(False)  # W0 is frozen: only the adapters (and CoOp's context) get gradients

@@ -36,7 +36,8 @@ def test_every_declared_setting_is_in_every_table_derived_from_it():
         assert (s.name in declared.training_only()) == (s.eval_only == "trained"), s.name
         assert (s.name in declared.saved_names()) == (s.eval_only is not None), s.name
     # what the adapters file records as its layout: the trainables' shapes and the prompts
-    assert set(declared.layout_names()) == {"targets", "blocks", "towers", "neumann", "prompt", "n_ctx", "ctx_init"}
+    assert set(declared.layout_names()) == {"targets", "blocks", "towers", "neumann", "prompt", "n_ctx", "ctx_init",
+                                            "activation"}
 
 
 def test_the_derived_tables_are_the_ones_train_py_had():
@@ -45,7 +46,8 @@ def test_the_derived_tables_are_the_ones_train_py_had():
         "checkpoint_sha256", "data", "protocol", "shots", "epochs", "batch_size", "lr", "weight_decay", "warmup_steps",
         "targets", "blocks", "towers", "neumann", "lambda1", "lambda2", "cutout", "cutout_size", "cutout_holes",
         "cutout_temperature", "prompt", "n_ctx", "ctx_init", "precision", "eval_data", "eval_limit", "zero_shot",
-        "ctx_lr", "ctx_momentum", "ctx_weight_decay", "ctx_warmup_epochs", "ctx_warmup_lr", "kl_reduction"}
+        "ctx_lr", "ctx_momentum", "ctx_weight_decay", "ctx_warmup_epochs", "ctx_warmup_lr", "kl_reduction",
+        "template", "activation"}
     assert set(declared.training_only()) == {"epochs", "batch_size", "lr", "weight_decay", "warmup_steps", "lambda1",
                                              "lambda2", "cutout", "cutout_size", "cutout_holes", "cutout_temperature",
                                              "ctx_lr", "ctx_momentum", "ctx_weight_decay", "ctx_warmup_epochs",

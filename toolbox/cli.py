@@ -51,6 +51,7 @@ def problems(declared, args):
     bad += _protocol_problems(args, value)
     bad += _file_problems(args, value)
     bad += _device_problems(value("device"), value("precision"))
+    bad += _predict_problems(declared, args)
     return bad
 
 
@@ -92,8 +93,30 @@ def _method_problems(args, value):
     return bad
 
 
+def dataset_problem(value):
+    """--data: a benchmark's name, or a folder of your own images (data.is_folder)."""
+    if value not in data.DATASETS and not data.is_folder(value):
+        return (f"{value}: neither a benchmark ({', '.join(data.DATASETS)}) nor a folder of your own images "
+                f"(give it as a path, e.g. ./{value})")
+
+
+def template_problem(value):
+    """--template: a prompt with {} once, where the class name goes."""
+    try:
+        data.check_template(value)
+    except data.DataError as e:
+        return str(e).removeprefix("template ")
+
+
 def _protocol_problems(args, value):
     bad, name = [], value("data")
+    if data.is_folder(name):
+        if value("protocol") in ("cross", "dg"):
+            bad.append(f"--protocol {value('protocol')} trains on ImageNet and tests other benchmarks: a folder of "
+                       f"your own images (--data {name}) takes --protocol base2new or fewshot")
+        return bad
+    if name not in data.DATASETS:
+        return bad  # dataset_problem names it
     if args.protocol == "dg" and name != "imagenet":
         bad.append("--protocol dg trains on imagenet: add --data imagenet")
     if args.protocol == "cross" and name != "imagenet" and args.data is not None:
@@ -132,8 +155,8 @@ def _file_problems(args, value):
         bad.append(f"--export-dtype {args.export_dtype} is merged.pt's dtype: add --export")
     if args.eval_only and not args.adapters:
         bad.append("--eval-only needs --adapters PATH")
-    if args.adapters and not args.eval_only:
-        bad.append("--adapters is read by --eval-only: add --eval-only")
+    if args.adapters and not args.eval_only and not args.predict:
+        bad.append("--adapters is read by --eval-only (or --predict): add --eval-only")
     if args.adapters and not Path(args.adapters).is_file():
         bad.append(f"--adapters {args.adapters}: {'not a regular file' if os.path.lexists(args.adapters) else 'no such file'}")
     if args.out and args.seeds and len(args.seeds) > 1 and "{seed}" not in args.out:
@@ -150,6 +173,25 @@ def _file_problems(args, value):
         bad.append("--root (or $ORTHCR_DATA) is empty: give the folder holding the datasets")
     if grid and (args.resume or args.eval_only or args.zero_shot):
         bad.append("--cutout-grid draws a training batch and stops: it takes no --resume, --eval-only or --zero-shot")
+    return bad
+
+
+# what --predict reads; every other flag describes training or evaluation, which the adapters file already records
+PREDICT_FLAGS = ("predict", "classes", "template", "top_k", "zero_shot", "adapters", "out", "overwrite",
+                 "eval_batch_size", "model", "weights", "activation", "download_root", "device", "precision",
+                 "workers")
+
+
+def _predict_problems(declared, args):
+    if not args.predict:
+        return ["--classes and --top-k are --predict's: add --predict IMAGE..."] \
+            if args.classes is not None or args.top_k is not None else []
+    others = [s.option for s in declared.flags() if s.name not in PREDICT_FLAGS and getattr(args, s.name) is not None]
+    bad = [f"--predict classifies with what the adapters file records: drop {', '.join(others)}"] if others else []
+    if not args.adapters and not args.zero_shot:
+        bad.append("--predict needs --adapters RUN/adapters.pt, or --zero-shot for plain CLIP")
+    elif not args.adapters and not args.classes:
+        bad.append("--predict --zero-shot without --adapters needs the classes to choose from: --classes NAME...")
     return bad
 
 
@@ -212,6 +254,8 @@ def check_evaluation(cfg, saved):
 
 
 def check_root(cfg):
+    if data.is_folder(cfg.data):  # your own images are read from their folder, not from the data root
+        return
     try:
         data.check_root(Path(cfg.root).expanduser())
     except (data.DataError, OSError) as e:

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+import data
 import orthcr
 from toolbox import checkpoints, files, settings
 
@@ -94,11 +95,12 @@ def run_folder(cfg, seed):
     the ablation table gets its own folder; --eval-only's folder sits beside the adapters file."""
     if cfg.out:
         return Path(cfg.out.replace("{seed}", str(seed)))
+    name = data.dataset_name(cfg.data)  # a folder of your own images: its short name
     if cfg.eval_only:  # beside the training run, never into its files
-        return Path(cfg.adapters).resolve().parent / f"eval_{cfg.data}_{cfg.protocol}_seed{seed}"
+        return Path(cfg.adapters).resolve().parent / f"eval_{name}_{cfg.protocol}_seed{seed}"
     if cfg.zero_shot:
-        return Path("runs") / f"{cfg.data}_{cfg.protocol}_zeroshot_seed{seed}"
-    return Path("runs") / f"{cfg.data}_{cfg.protocol}_{cfg.shots}shot_{settings.method_tag(cfg)}_seed{seed}"
+        return Path("runs") / f"{name}_{cfg.protocol}_zeroshot_seed{seed}"
+    return Path("runs") / f"{name}_{cfg.protocol}_{cfg.shots}shot_{settings.method_tag(cfg)}_seed{seed}"
 
 
 @contextmanager
@@ -306,10 +308,14 @@ def compare_settings(path, recorded, cfg, seed, data_sha256=None, later=(), only
     for key in only or current:
         if key in later:
             continue
-        value = current[key]
-        if recorded.get(key, "(not recorded)") != value:
-            fail(f"--resume: {path} was written with {key} = {recorded.get(key, '(not recorded)')!r}, this run has "
-                 f"{key} = {value!r}; resume with the run's own settings, or start a new run")
+        value, then = current[key], recorded.get(key, BEFORE_RECORDED.get(key, "(not recorded)"))
+        if then != value:
+            fail(f"--resume: {path} was written with {key} = {then!r}, this run has {key} = {value!r}; resume with "
+                 f"the run's own settings, or start a new run")
+
+
+# settings that records written before them lack, and the value those runs had: such a record still resumes
+BEFORE_RECORDED = {"template": None, "activation": "quick_gelu"}
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -561,13 +567,16 @@ def load_trusted(path, what, blob=None):
 
 # ---------------------------------------------------------------------------------------------------- adapters files
 
-def save_adapters(path, adapters, context, cfg, seed, data_sha256):
-    """Only the trainable tensors (a few hundred MB at most), with the layout and the full training settings."""
+def save_adapters(path, adapters, context, cfg, seed, data_sha256, trained_on=None):
+    """Only the trainable tensors (a few hundred MB at most), with the layout and the full training settings;
+    with `trained_on` (a data.Dataset), the class names and prompt template they were trained with (the base
+    classes of a base-to-new run), which --predict classifies among."""
     layout = settings.declared(cfg).layout_names()
+    classes = {} if trained_on is None else {"classnames": list(trained_on.classnames), "template": trained_on.template}
     write_torch(path, {"adapters": {k: P.detach().cpu() for k, P in adapters.items()},
                        "context": None if context is None else context.detach().cpu(),
                        "config": {"model": model_label(cfg), "checkpoint_sha256": cfg.checkpoint_sha256,
-                                  **{k: v for k, v in settings.values(cfg).items() if k in layout}},
+                                  **{k: v for k, v in settings.values(cfg).items() if k in layout}, **classes},
                        "settings": result_settings(cfg, seed, data_sha256)})
 
 

@@ -1,0 +1,186 @@
+"""--predict's machinery: the images to classify (files, and folders walked for image files), their checks, the
+class names and prompt template that an adapters file records (or --classes), the output folder, the top-k lines
+and predictions.csv. train.py's `predict_images` reads it top to bottom; nothing here imports train.py.
+
+predictions.csv has one row per image, in the order the images were found, and one column group per model:
+
+    path,class_1,probability_1,...,class_k,probability_k[,zero_shot_class_1,zero_shot_probability_1,...]
+
+`path` is absolute; class_1 is the top-1 class; probabilities are CLIP's softmax over all the classes (so the k
+shown sum to at most 1), highest first. With --adapters and --zero-shot both, the unprefixed group is the trained
+run's and the zero_shot_ group the frozen model's; with --zero-shot alone, the unprefixed group is the frozen
+model's. predictions.json beside it records what produced them (model, adapters, classes, template).
+"""
+
+import csv
+import io
+import os
+from pathlib import Path
+
+import data
+from toolbox import files, imagefolder, images, runs
+
+# what a folder is searched for: ImageFolder's extensions, as for a folder of your own images (a file named on the
+# command line is taken whatever its suffix: the image checks say whether it is one)
+IMAGE_SUFFIXES = imagefolder.IMAGE_EXTENSIONS
+TOP_K = 5  # classes shown per image (fewer when there are fewer classes)
+CSV_NAME, RECORD_NAME = "predictions.csv", "predictions.json"
+ZERO_SHOT = "zero_shot_"  # the column prefix of the frozen model's group beside a trained run's
+
+
+# ---------------------------------------------------------------------------------------------------- the images
+
+def find_images(paths):
+    """The image files named by `paths`: files as given, folders walked (sorted, dot-files and symlinked folders
+    skipped) for files with an image suffix; each once, absolute. One line for a missing path or an empty folder."""
+    found = []
+    for given in paths:
+        path = Path(given).expanduser()
+        if path.is_file():
+            found.append(os.path.abspath(path))
+        elif path.is_dir():
+            inside = _walk(path)
+            if not inside:
+                runs.fail(f"--predict {given}: no image files in this folder (looked for {', '.join(IMAGE_SUFFIXES)})")
+            found += inside
+        else:
+            what = "not a regular file" if os.path.lexists(path) else "no such file or folder"
+            runs.fail(f"--predict {given}: {what}")
+    return list(dict.fromkeys(found))
+
+
+def _walk(folder):
+    found = []
+    for top, dirs, names in os.walk(folder):  # os.walk does not follow symlinked folders: a link loop cannot recurse
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        found += [os.path.abspath(os.path.join(top, name)) for name in sorted(names)
+                  if not name.startswith(".") and name.lower().endswith(IMAGE_SUFFIXES)
+                  and os.path.isfile(os.path.join(top, name))]
+    return found
+
+
+def check_images(paths):
+    """Every image is a regular, decodable, not cut short image that CLIP's preprocessing can take (the checks
+    data.load_image applies): one line naming the bad ones, before any model is loaded."""
+    bad = images.find_problems(paths, "images to classify")
+    if bad:
+        listing = "; ".join(f"{p} {msg}" for p, msg in bad[:5])
+        runs.fail(f"--predict: {len(bad)} of {len(paths):,} images cannot be classified: {listing}"
+                  f"{'; ...' if len(bad) > 5 else ''}")
+
+
+def items(paths):
+    """The images as data.Items (label unused), for data.eval_batches: CLIP's test preprocessing, in batches."""
+    return [data.Item(p, 0, "") for p in paths]
+
+
+# ---------------------------------------------------------------------------------------------------- the classes
+
+def read_classes(values):
+    """--classes NAME... or --classes FILE (one class per line, blank lines skipped): the class names, each once."""
+    if len(values) == 1 and Path(values[0]).expanduser().is_file():
+        try:
+            names = [line.strip() for line in Path(values[0]).expanduser().read_text(encoding="utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError) as e:
+            runs.fail(f"--classes {values[0]}: cannot read it as UTF-8 text: {e}")
+        names, source = [n for n in names if n], f"--classes {values[0]}"
+    else:
+        names, source = [v.strip() for v in values], "--classes"
+    if any(not n for n in names):
+        runs.fail(f"{source}: a class name is empty")
+    if len(names) < 2:
+        runs.fail(f"{source}: {len(names)} class{'es' if len(names) != 1 else ''}; give at least two "
+                  f"(with one, every image gets it with probability 1)")
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        runs.fail(f"{source}: {', '.join(map(repr, repeated[:3]))} given more than once")
+    return names
+
+
+def recorded_classes(path, saved):
+    """(class names or None, template or None) that adapters file `path` (its content `saved`) records: the
+    classes it was trained on (the base classes of a base-to-new run). Files written before these were recorded
+    hold neither: the template then follows from the recorded dataset, the class names from --classes."""
+    config = saved.get("config") or {}
+    names, template = config.get("classnames"), config.get("template")
+    if names is not None and not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
+        runs.fail(f"{path}: its recorded classnames are not a list of class names")
+    if template is not None and not (isinstance(template, str) and "{}" in template):
+        runs.fail(f"{path}: its recorded template {template!r} is not a prompt template with {{}}")
+    if template is None:
+        dataset = (saved.get("settings") or {}).get("data")
+        template = data.DATASETS[dataset].template if dataset in data.DATASETS else None
+    return names, template
+
+
+# ---------------------------------------------------------------------------------------------------- the output
+
+def output_folder(out, adapters):
+    """--out, else predict_<n>/ beside the adapters file (runs/predict_<n>/ for --zero-shot alone), n the first
+    number whose folder does not exist yet: a default never meets an earlier prediction."""
+    if out:
+        return Path(out).expanduser()
+    parent = Path(adapters).resolve().parent if adapters else Path("runs")
+    n = 1
+    while os.path.lexists(parent / f"predict_{n}"):
+        n += 1
+    return parent / f"predict_{n}"
+
+
+def check_output(folder, overwrite):
+    """The folder can take predictions.csv: writable, and without one already (unless --overwrite)."""
+    runs.check_writable(folder)
+    if os.path.lexists(folder / CSV_NAME) and not overwrite:
+        runs.fail(f"{folder / CSV_NAME} exists: add --overwrite to replace it, or choose another --out")
+    if (folder / CSV_NAME).is_dir():
+        runs.fail(f"{folder / CSV_NAME} is a folder")
+
+
+def top_k(logits, k):
+    """[(class index, probability)] * k per image, highest first, from (N, C) logits: the classes ranked by their
+    logits (the top-1 is their argmax, the evaluation's prediction), each with its softmax probability."""
+    indices = logits.topk(min(k, logits.shape[1]), dim=1).indices
+    values = logits.float().softmax(dim=1).gather(1, indices)
+    return [list(zip(i.tolist(), v.tolist())) for i, v in zip(indices.cpu(), values.cpu())]
+
+
+def line(path, top, classnames, label=""):
+    """One image's printed line: `path: class (0.912), class (0.051), ...`."""
+    return f"{label}{path}: " + ", ".join(f"{classnames[i]} ({p:.3f})" for i, p in top)
+
+
+def header(k, groups):
+    return ["path"] + [f"{prefix}{column}_{j}" for prefix in groups for j in range(1, k + 1)
+                       for column in ("class", "probability")]
+
+
+def write(folder, paths, results, classnames, record):
+    """predictions.csv and predictions.json, each through a temporary file renamed into place. `results` maps a
+    column prefix ("" or ZERO_SHOT) to each image's top-k list."""
+    k = len(next(iter(results.values()))[0])
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header(k, list(results)))
+    for n, path in enumerate(paths):
+        row = [path]
+        for top in results.values():
+            for index, p in top[n]:
+                row += [classnames[index], f"{p:.6f}"]
+        writer.writerow(row)
+    created = _make_folder(folder)
+    try:
+        runs.write_file(folder / CSV_NAME, lambda tmp: Path(tmp).write_text(buffer.getvalue(), encoding="utf-8"))
+        runs.write_json(folder / RECORD_NAME, {**record, "images": len(paths), "top_k": k, "columns": list(results)})
+    except BaseException:
+        if created:
+            for name in (CSV_NAME, RECORD_NAME):
+                (folder / name).unlink(missing_ok=True)
+            files.remove_empty_dirs(created)
+        raise
+
+
+def _make_folder(folder):
+    try:
+        return files.make_dirs(folder)
+    except OSError as e:
+        runs.fail(f"cannot create {folder}: {e.strerror or e}")
