@@ -58,7 +58,6 @@ import random
 import re
 import sys
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
@@ -328,18 +327,7 @@ def read_split(path, image_dir, raw=None):
     if not isinstance(raw, dict) or not all(k in raw for k in SPLITS):
         raise DataError(f"split file {path} should be a JSON object with 'train', 'val' and 'test' lists")
     train, val, test = (splitfiles.to_items(raw[k], image_dir, path, k) for k in SPLITS)  # Items under image_dir
-    seen = Counter(it.impath for it in train + val + test)
-    twice = next((p for p, n in seen.items() if n > 1), None)
-    if twice:
-        raise DataError(f"split file {path} lists image {twice} twice")
-    for items, key in ((train, "training"), (test, "test")):
-        if not items:
-            raise DataError(f"split file {path} has no {key} images")
-    names = classnames_of(train, val, test, source=path)
-    lacking = sorted({it.label for it in test} - {it.label for it in train})
-    if lacking:
-        raise DataError(f"split file {path}: test label {lacking[0]} ({names[lacking[0]]!r}) has no training "
-                        f"images" + (f" (nor do {len(lacking) - 1} more)" if len(lacking) > 1 else ""))
+    splitfiles.check_split(path, train, val, test)  # no image twice, train and test images, test classes trained
     return train, val, test
 
 
@@ -397,12 +385,12 @@ def generate_sun397_split(folder, image_dir, seed, p_val=0.2):
     """CoOp's SUN397 split: labels in ClassName.txt's order, Training_01.txt split per class into 80% train and
     20% val (seeded), Testing_01.txt the test set; class "/a/apartment_building/outdoor" is named
     "outdoor apartment_building", as CoOp names it."""
-    classes = [ln.strip()[1:] for ln in _lines(folder / "ClassName.txt")]  # "/a/abbey" -> "a/abbey"
+    classes = [ln.strip()[1:] for ln in splitfiles.read_lines(folder / "ClassName.txt")]  # "/a/abbey" -> "a/abbey"
     label_of = {c: i for i, c in enumerate(classes)}
 
     def read(name):
         items = []
-        for ln in _lines(folder / name):
+        for ln in splitfiles.read_lines(folder / name):
             rel = ln.strip()[1:]  # "/a/abbey/sun_x.jpg" -> "a/abbey/sun_x.jpg"
             category = str(PurePosixPath(rel).parent)
             if category not in label_of:
@@ -427,12 +415,12 @@ def generate_sun397_split(folder, image_dir, seed, p_val=0.2):
 
 def read_aircraft(folder, image_dir):
     """FGVC-Aircraft's own files: variants.txt (class per line), images_variant_<split>.txt ("id variant")."""
-    classnames = _lines(folder / "variants.txt")
+    classnames = splitfiles.read_lines(folder / "variants.txt")
     label_of = {c: i for i, c in enumerate(classnames)}
 
     def read(split):
         items = []
-        for ln in _lines(folder / f"images_variant_{split}.txt"):
+        for ln in splitfiles.read_lines(folder / f"images_variant_{split}.txt"):
             image_id, _, variant = ln.partition(" ")
             if variant not in label_of:
                 raise DataError(f"{folder / f'images_variant_{split}.txt'}: variant {variant!r} of image "
@@ -451,7 +439,7 @@ def read_aircraft(folder, image_dir):
 def read_imagenet_classnames(path):
     """classnames.txt: "<wnid> <class name>" per line, in ImageNet's label order."""
     names = {}
-    for ln in _lines(path):
+    for ln in splitfiles.read_lines(path):
         wnid, _, name = ln.partition(" ")
         names[wnid] = name
     return names
@@ -505,16 +493,6 @@ def _listdir(path):
     return sorted(f for f in os.listdir(path) if not f.startswith("."))
 
 
-def _lines(path):
-    """The non-empty lines of a text file, stripped; DataError naming it if it cannot be read."""
-    try:
-        return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} cannot be read: {e}") from None
-
-
 # ---------------------------------------------------------------------------------------------- your own images
 
 SPLIT_FILE = "split.json"  # CoOp's format, beside the class folders: yours, or generated once and reused
@@ -565,10 +543,7 @@ def read_folder(folder):
         imagefolder.check_unchanged(folder, path, raw)
     train, val, test = read_split(path, folder, raw)
     names = classnames_of(train, val, test, source=path)
-    lacking = sorted({it.label for it in train} - {it.label for it in test})
-    if lacking:  # a class that is never tested would go unmeasured
-        raise DataError(f"split file {path}: {len(lacking)} class(es) have no test images: "
-                        f"{', '.join(repr(names[y]) for y in lacking[:5])}{', ...' if len(lacking) > 5 else ''}")
+    splitfiles.check_tested(path, train, test, names)  # yours: a class never tested would go unmeasured
     return train, val, test, imagefolder.classnames(folder, names)
 
 

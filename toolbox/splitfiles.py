@@ -1,5 +1,5 @@
-"""CoOp's JSON list files, read and written so that a fault is one line: split files (split_zhou_*.json, a
-folder's split.json) and the few-shot caches in split_fewshot/.
+"""CoOp's list files, read and written so that a fault is one line: split files (split_zhou_*.json, a folder's
+split.json), the few-shot caches in split_fewshot/, and the text lists some layouts are read from (`read_lines`).
 
 Both hold lists of [image path relative to the dataset, label, class name]. data.py reads a split file's lists
 through `to_items` (its `read_split` is the format), and the few-shot cache through `read_fewshot_cache`, which
@@ -11,7 +11,7 @@ import os
 import re
 import warnings
 from collections import Counter
-from pathlib import PurePosixPath
+from pathlib import Path, PurePosixPath
 
 import data  # Item, DataError and the protocol's names (data.py imports this module too: no names at import)
 from toolbox import files
@@ -28,6 +28,16 @@ def read_json(path, what):
         raise data.DataError(f"{what} {path} is not valid JSON: {str(e).splitlines()[0][:200]}") from None
     except OSError as e:
         raise data.DataError(f"{what} {path} cannot be read: {e}") from None
+
+
+def read_lines(path):
+    """The non-empty lines of a text file, stripped; DataError naming it if it cannot be read."""
+    try:
+        return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
+    except FileNotFoundError:
+        raise data.DataError(f"{path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise data.DataError(f"{path} cannot be read: {e}") from None
 
 
 def to_items(entries, prefix, path, key):
@@ -54,6 +64,31 @@ def _relative(name, path, key):
     if not parts or name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts:
         raise data.DataError(f"{path}: '{key}' image path {name!r} should be relative to the dataset, without '..'")
     return PurePosixPath(*parts).as_posix()
+
+
+def check_split(path, train, val, test):
+    """DataError unless the split file `path`'s lists name no image twice, hold training and test images, and its
+    labels are 0..n-1 with one name each (data.classnames_of) and every test class has training images."""
+    seen = Counter(it.impath for it in train + val + test)
+    twice = next((p for p, n in seen.items() if n > 1), None)
+    if twice:
+        raise data.DataError(f"split file {path} lists image {twice} twice")
+    for items, key in ((train, "training"), (test, "test")):
+        if not items:
+            raise data.DataError(f"split file {path} has no {key} images")
+    names = data.classnames_of(train, val, test, source=path)
+    lacking = sorted({it.label for it in test} - {it.label for it in train})
+    if lacking:
+        raise data.DataError(f"split file {path}: test label {lacking[0]} ({names[lacking[0]]!r}) has no training "
+                             f"images" + (f" (nor do {len(lacking) - 1} more)" if len(lacking) > 1 else ""))
+
+
+def check_tested(path, train, test, names):
+    """DataError naming the classes of split file `path` (labels named by `names`) that have no test images."""
+    lacking = sorted({it.label for it in train} - {it.label for it in test})
+    if lacking:
+        raise data.DataError(f"split file {path}: {len(lacking)} class(es) have no test images: "
+                             f"{', '.join(repr(names[y]) for y in lacking[:5])}{', ...' if len(lacking) > 5 else ''}")
 
 
 def from_items(items, prefix):
