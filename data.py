@@ -47,8 +47,9 @@ The protocol, as CoOp runs it (`build_dataset(name, root, shots, seed, subsample
 image's augmentation seeded from (seed, epoch, position): a resumed run, or any number of workers, sees the same
 batches. The file ends with the sources: `ARCHIVES` (each public archive's URL, checksum and layout) and `SHIPPED`
 (the files in splits/ and their SHA-256). The machinery that makes a dataset folder from them (download, verify,
-unpack; `python data.py --check all`, `python data.py --download dtd`) is toolbox/datasets.py; the image file
-checks are toolbox/images.py.
+unpack; `python data.py --check all`, `python data.py --download dtd`) is toolbox/datasets.py; reading and
+checking split files and few-shot caches, toolbox/splitfiles.py; listing your own folder, toolbox/imagefolder.py;
+the image file checks, toolbox/images.py.
 """
 
 import hashlib
