@@ -27,7 +27,8 @@ from torch import nn
 from toolbox.checkpoints import read_shapes, read_state_dict  # the reader that executes nothing; part of the API
 from toolbox.downloads import download
 from toolbox.files import file_sha256
-from toolbox.open_clip import check_image_size, read_config as read_open_clip_config
+from toolbox.open_clip import OPEN_CLIP_CONFIG, check_image_size  # open_clip_config.json; part of the API
+from toolbox.open_clip import read_config as read_open_clip_config
 from toolbox.unicode_text import category, fix_text  # what OpenAI gets from ftfy and `regex`
 
 
