@@ -10,16 +10,12 @@ TorchScript archive without executing anything from it; `tokenize(texts)` is the
 OpenAI's code.
 """
 
-import bisect
 import functools
 import gzip
 import html
-import html.entities
-import json
 import math
 import os
 import re
-import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +27,9 @@ from torch import nn
 from toolbox.checkpoints import read_shapes, read_state_dict  # the reader that executes nothing; part of the API
 from toolbox.downloads import download
 from toolbox.files import file_sha256
+from toolbox.open_clip import OPEN_CLIP_CONFIG, check_image_size  # open_clip_config.json; part of the API
+from toolbox.open_clip import read_config as read_open_clip_config
+from toolbox.unicode_text import category, fix_text  # what OpenAI gets from ftfy and `regex`
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -402,101 +401,12 @@ def random_model(config="tiny", seed=0, activation="quick_gelu"):
 #
 # OpenAI's SimpleTokenizer cleans a text (ftfy.fix_text, html.unescape twice, whitespace runs to one space,
 # lower case), splits it with a `regex` pattern, and BPE-merges the UTF-8 bytes of each piece. Here `clean` is
-# the cleaning (`_fix_text` is ftfy's part), `_pretokenize` the split, `_bpe` the merges.
+# the cleaning (`fix_text`, toolbox/unicode_text.py, is ftfy's part), `_pretokenize` the split, `_bpe` the merges.
 
 VOCAB_FILE = Path(__file__).with_name("bpe_simple_vocab_16e6.txt.gz")
 _N_MERGES = 49152 - 256 - 2  # 48,894: 2 x 256 byte symbols + merges + 2 special tokens = 49,408 ids
 SPECIAL_TOKENS = ("<|startoftext|>", "<|endoftext|>")
 SOT, EOT = 49406, 49407
-
-# --- ftfy's fix_text, as OpenAI runs it (ftfy 6.3.1, default TextFixerConfig), without its mojibake repair.
-# The facts below (which characters each fix rewrites, the order of the fixes) are read from ftfy 6.3.1's
-# fixes.py, chardata.py and __init__.py; the tables are built here from unicodedata and Python's codecs.
-# In ftfy's order:
-
-# unescape_html: only references ending in ';' ("this&not that" stays)...
-_HTML_ENTITY = re.compile(r"&#?[0-9A-Za-z]{1,24};")
-# ...and the all-caps spelling of a lower-case HTML5 name where html.unescape reads none of it ('&EACUTE;' -> 'É';
-# not '&COPYSR;', which html.unescape reads as '©SR;')
-_CAPS_ENTITIES = {f"&{name.upper()}": char.upper() for name, char in html.entities.html5.items()
-                  if name.endswith(";") and name.islower() and html.unescape(f"&{name.upper()}") == f"&{name.upper()}"}
-# fix_c1_controls: U+0080-U+009F read as Windows-1252 bytes ('\x93' -> '“'); the five bytes Windows-1252 leaves
-# undefined (81 8D 8F 90 9D) stay, as in ftfy's "sloppy" codec
-_C1_CONTROLS = {b: bytes([b]).decode("cp1252", errors="ignore") or chr(b) for b in range(0x80, 0xA0)}
-# fix_latin_ligatures: these 22 Latin ligatures and digraphs become their letters (one level of their Unicode
-# compatibility decomposition: 'ﬅ' -> 'ſt', not NFKC's 'st'); 'æ', 'œ' and non-Latin ligatures stay
-_LIGATURES = str.maketrans({c: "".join(chr(int(h, 16)) for h in unicodedata.decomposition(c).split()[1:])
-                            for c in "ĲĳŉǄǅǆǇǈǉǊǋǌǱǲǳﬀﬁﬂﬃﬄﬅﬆ"})
-# fix_character_width: the full- and half-width forms block (U+FF01-U+FFEF) to its NFKC form, and the
-# ideographic space to a space
-_WIDTH = {0x3000: " "} | {c: unicodedata.normalize("NFKC", chr(c)) for c in range(0xFF01, 0xFFF0)
-                          if unicodedata.normalize("NFKC", chr(c)) != chr(c)}
-# uncurl_quotes
-_STRAIGHT_QUOTES = dict.fromkeys([0x02BC, *range(0x2018, 0x201C)], "'") | dict.fromkeys(range(0x201C, 0x2020), '"')
-# fix_line_breaks: CR LF (replaced first), CR, line and paragraph separators, NEL to LF
-_LINE_BREAKS = dict.fromkeys(map(ord, "\r\u2028\u2029\x85"), "\n")
-# fix_surrogates
-_SURROGATE_PAIR, _SURROGATE = re.compile("[\ud800-\udbff][\udc00-\udfff]"), re.compile("[\ud800-\udfff]")
-# remove_terminal_escapes: ANSI "ESC [ digits/semicolons letter" (\d: any Unicode digit, as in ftfy's `re`)
-_TERMINAL_ESCAPE = re.compile(r"\x1b\[[\d;]*[a-zA-Z]")
-# remove_control_chars: C0 controls but \t \n \f \r, DEL, deprecated Arabic format controls, BOM, interlinear
-# annotation marks, object replacement (not C1 controls, joiners, bidi marks, tags)
-_CONTROL_CHARS = dict.fromkeys([*range(0x00, 0x09), 0x0B, *range(0x0E, 0x20), 0x7F, *range(0x206A, 0x2070),
-                                0xFEFF, *range(0xFFF9, 0xFFFD)])
-_FTFY_SEGMENT = 1_000_000  # ftfy fixes a text line by line, lines cut to segments of at most this many characters
-
-
-def _chained(*tables):
-    """One str.translate table that does `tables` one after another."""
-    table = {}
-    for c in set().union(*tables):
-        table[c] = chr(c)
-        for t in tables:
-            table[c] = table[c].translate(t)
-    return table
-
-
-_FIX_CHARACTERS = _chained(_C1_CONTROLS, _LIGATURES, _WIDTH, _STRAIGHT_QUOTES, _LINE_BREAKS)
-
-
-def _unescape_entity(match):
-    """An HTML reference ftfy decodes: one that html.unescape reads whole (';' included), or an all-caps name."""
-    entity = match.group()
-    decoded = html.unescape(entity)
-    return decoded if ";" not in decoded else _CAPS_ENTITIES.get(entity, entity)
-
-
-def _fix_surrogates(text):
-    """UTF-16 surrogate pairs to the character they encode, lone surrogates to U+FFFD (a str may hold them)."""
-    text = _SURROGATE_PAIR.sub(lambda m: m.group().encode("utf-16-le", "surrogatepass").decode("utf-16-le"), text)
-    return _SURROGATE.sub("\ufffd", text)
-
-
-def _fix_segment(text, unescape):
-    """ftfy's fixes on one segment, in its order, repeated until the text stops changing (as ftfy does)."""
-    while True:
-        before = text
-        if unescape:
-            text = _HTML_ENTITY.sub(_unescape_entity, text)
-        # CR LF first: no character fix makes or takes a CR or LF, so this is ftfy's order too
-        text = _fix_surrogates(text.replace("\r\n", "\n").translate(_FIX_CHARACTERS))
-        text = _TERMINAL_ESCAPE.sub("", text).translate(_CONTROL_CHARS)
-        text = unicodedata.normalize("NFC", text)
-        if text == before:
-            return text
-
-
-def _fix_text(text):
-    """ftfy.fix_text without mojibake repair: segment by segment (lines, cut every _FTFY_SEGMENT characters).
-    HTML references are decoded only before the first segment holding a '<' (ftfy takes that text for HTML)."""
-    unescape, fixed = True, []
-    for line in re.findall(r"[^\n]*\n|[^\n]+", text):
-        for start in range(0, len(line), _FTFY_SEGMENT):
-            segment = line[start:start + _FTFY_SEGMENT]
-            unescape = unescape and "<" not in segment
-            fixed.append(_fix_segment(segment, unescape))
-    return "".join(fixed)
-
 
 # --- OpenAI's pattern, by Unicode category: <|startoftext|>|<|endoftext|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|
 # [^\s\p{L}\p{N}]+, case-insensitive
@@ -506,43 +416,6 @@ _CONTRACTIONS = ("s", "t", "re", "ve", "m", "ll", "d")  # after an apostrophe, i
 _WHITESPACE = "\t\n\x0b\x0c\r \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005\u2006\u2007\u2008\u2009\u200a" \
               "\u2028\u2029\u202f\u205f\u3000"
 _WHITESPACE_RUN = re.compile(f"[{_WHITESPACE}]+")
-# Letters (L) and numbers (N) in the regex module 2026.11.19's Unicode data that Python 3.11's unicodedata
-# (Unicode 14.0) doesn't know yet: (first, last, class), sorted; used only for characters unicodedata calls 'Cn'
-_NEWER_LETTERS_AND_NUMBERS = (
-    (0x558, 0x558, "L"), (0x58B, 0x58C, "L"), (0x88F, 0x88F, "L"), (0xC5C, 0xC5C, "L"), (0xCDC, 0xCDC, "L"),
-    (0x1C89, 0x1C8A, "L"), (0x208F, 0x208F, "L"), (0x209D, 0x209F, "L"), (0xA7CB, 0xA7CF, "L"), (0xA7D2, 0xA7D2, "L"),
-    (0xA7D4, 0xA7D4, "L"), (0xA7DA, 0xA7DD, "L"), (0xA7E2, 0xA7E2, "L"), (0xA7F1, 0xA7F1, "L"), (0xAB6C, 0xAB6D, "L"),
-    (0x105C0, 0x105F3, "L"), (0x107BB, 0x107BF, "L"), (0x10940, 0x10959, "L"), (0x10D40, 0x10D49, "N"),
-    (0x10D4A, 0x10D65, "L"), (0x10D6F, 0x10D85, "L"), (0x10EC2, 0x10EC7, "L"), (0x10ED9, 0x10EEE, "L"),
-    (0x1123F, 0x11240, "L"), (0x11380, 0x11389, "L"), (0x1138B, 0x1138B, "L"), (0x1138E, 0x1138E, "L"),
-    (0x11390, 0x113B5, "L"), (0x113B7, 0x113B7, "L"), (0x113D1, 0x113D1, "L"), (0x113D3, 0x113D3, "L"),
-    (0x116D0, 0x116E3, "N"), (0x11B0A, 0x11B0A, "L"), (0x11BC0, 0x11BE0, "L"), (0x11BF0, 0x11BF9, "N"),
-    (0x11DB0, 0x11DDB, "L"), (0x11DE0, 0x11DE9, "N"), (0x11DF1, 0x11DF1, "L"), (0x11F02, 0x11F02, "L"),
-    (0x11F04, 0x11F10, "L"), (0x11F12, 0x11F33, "L"), (0x11F50, 0x11F59, "N"), (0x1246F, 0x1246F, "N"),
-    (0x12475, 0x1247F, "N"), (0x12550, 0x12686, "N"), (0x1342F, 0x1342F, "L"), (0x13441, 0x13446, "L"),
-    (0x13460, 0x143FA, "L"), (0x16100, 0x1611D, "L"), (0x16130, 0x16139, "N"), (0x16D40, 0x16D6C, "L"),
-    (0x16D70, 0x16D79, "N"), (0x16EA0, 0x16EB8, "L"), (0x16EBB, 0x16ED3, "L"), (0x16FF2, 0x16FF3, "L"),
-    (0x16FF4, 0x16FF6, "N"), (0x187F8, 0x187FF, "L"), (0x18CD6, 0x18CDA, "L"), (0x18CFF, 0x18CFF, "L"),
-    (0x18D09, 0x18D20, "L"), (0x18D80, 0x18DF2, "L"), (0x18E00, 0x19191, "L"), (0x191A0, 0x191D2, "L"),
-    (0x1B123, 0x1B128, "L"), (0x1B132, 0x1B132, "L"), (0x1B155, 0x1B155, "L"), (0x1B168, 0x1B168, "L"),
-    (0x1CCF0, 0x1CCF9, "N"), (0x1D2C0, 0x1D2D3, "N"), (0x1D6A6, 0x1D6A6, "L"), (0x1DF1F, 0x1DF81, "L"),
-    (0x1DF90, 0x1DF96, "L"), (0x1DFCD, 0x1DFFF, "L"), (0x1E030, 0x1E06D, "L"), (0x1E4D0, 0x1E4EB, "L"),
-    (0x1E4F0, 0x1E4F9, "N"), (0x1E5D0, 0x1E5ED, "L"), (0x1E5F0, 0x1E5F0, "L"), (0x1E5F1, 0x1E5FA, "N"),
-    (0x1E6C0, 0x1E6DE, "L"), (0x1E6E0, 0x1E6E2, "L"), (0x1E6E4, 0x1E6E5, "L"), (0x1E6E7, 0x1E6ED, "L"),
-    (0x1E6F0, 0x1E6F4, "L"), (0x1E6FE, 0x1E6FF, "L"), (0x2B739, 0x2B73F, "L"), (0x2B81E, 0x2B81E, "L"),
-    (0x2CEA2, 0x2CEAD, "L"), (0x2EBF0, 0x2EE5D, "L"), (0x31350, 0x33479, "L"), (0x3D000, 0x3FC3F, "L"),
-)
-
-
-def _category(c):
-    """The major class of c's Unicode general category ('L', 'N', 'P', ...); for a character this Python's
-    unicodedata doesn't know ('Cn'), the class the newer table gives it."""
-    category = unicodedata.category(c)
-    if category == "Cn":
-        i = bisect.bisect_right(_NEWER_LETTERS_AND_NUMBERS, (ord(c), math.inf))  # the last range starting <= c
-        if i and ord(c) <= _NEWER_LETTERS_AND_NUMBERS[i - 1][1]:
-            return _NEWER_LETTERS_AND_NUMBERS[i - 1][2]
-    return category[0]
 
 
 def _char_class(c):
@@ -551,8 +424,8 @@ def _char_class(c):
         return " "
     if c == "\u0345":  # a combining mark that case-folds to a letter: OpenAI's case-insensitive classes skip it
         return " "
-    category = _category(c)
-    return category if category in "LN" else "P"
+    kind = category(c)  # Unicode's, with the letters and numbers newer than this Python's unicodedata
+    return kind if kind in "LN" else "P"
 
 
 def _pretokenize(text):
@@ -631,9 +504,9 @@ def _bpe(word):
 # --- the API
 
 def clean(text):
-    """OpenAI's text cleaning: ftfy's fixes (`_fix_text`), html.unescape twice, strip, whitespace runs to one
+    """OpenAI's text cleaning: ftfy's fixes (`fix_text`), html.unescape twice, strip, whitespace runs to one
     space, lower case."""
-    text = html.unescape(html.unescape(_fix_text(text))).strip()
+    text = html.unescape(html.unescape(fix_text(text))).strip()
     return _WHITESPACE_RUN.sub(" ", text).strip().lower()
 
 
@@ -720,7 +593,7 @@ def preprocess(image, n_px=224, mean=MEAN, std=STD):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Loading OpenAI's checkpoints
+# Loading checkpoints: OpenAI's, and open_clip's ViTs (their config read by toolbox/open_clip.py)
 
 # OpenAI's published ViT checkpoints; the path component before the file name is the file's SHA-256
 MODELS = {
@@ -761,6 +634,19 @@ def checkpoint(name_or_path="ViT-B/16", download_root=None):
     return path, (MODELS[name_or_path].split("/")[-2] if name_or_path in MODELS else file_sha256(path))
 
 
+def checkpoint_settings(path, activation=None):
+    """What a model needs beyond the tensors of the checkpoint at `path`: {"activation": a key of ACTIVATIONS,
+    "mean": (r, g, b), "std": (r, g, b), "image_size": int or None}.
+
+    From open_clip_config.json beside the file when it is there (`activation`, if given, must agree with it; a
+    model that clip_min doesn't compute is refused: toolbox/open_clip.py); otherwise `activation` (default
+    quick_gelu, OpenAI's) and CLIP's MEAN and STD."""
+    if activation is not None:
+        _check_activation(activation)
+    settings = read_open_clip_config(path, activation, MEAN, STD)
+    return settings or dict(activation=activation or "quick_gelu", mean=MEAN, std=STD, image_size=None)
+
+
 def load(name_or_path="ViT-B/16", device="cpu", download_root=None, activation=None):
     """A CLIP in eval mode on `device`, in fp32, from a model name (see MODELS) or a checkpoint file: OpenAI's
     TorchScript archive, a torch.save state dict or a safetensors file (open_clip's ViT checkpoints).
@@ -771,94 +657,6 @@ def load(name_or_path="ViT-B/16", device="cpu", download_root=None, activation=N
     path = checkpoint_path(name_or_path, download_root)
     settings = checkpoint_settings(path, activation)
     model = build_model(read_state_dict(path), source=str(path), activation=settings["activation"])
-    check_image_size(model, settings, path)
+    check_image_size(model, settings, path)  # a config's image size against the tensors'
     model.mean, model.std = settings["mean"], settings["std"]
     return model.to(device)
-
-
-# ----------------------------------------------------------------------------------------------------
-# open_clip's checkpoints (open_clip_pytorch_model.bin, open_clip_model.safetensors). Its ViT CLIPs use OpenAI's
-# parameter names; what differs (the activation, the normalization constants) is in open_clip_config.json, which
-# open_clip's published folders ship beside the weights: {"model_cfg": <open_clip's model config>,
-# "preprocess_cfg": {"mean", "std", ...}}. Models that clip_min doesn't compute are refused by name.
-
-OPEN_CLIP_CONFIG = "open_clip_config.json"
-# model_cfg entries (open_clip 3.3's CLIPVisionCfg / CLIPTextCfg fields) that change the computation, and the
-# value clip_min computes; a config giving another value is refused
-_OPEN_CLIP_VISION = dict(head_width=64, mlp_ratio=4.0, ls_init_value=None, attentional_pool=False, no_ln_pre=False,
-                         pos_embed_type="learnable", final_ln_after_pool=False, pool_type="tok", act_kwargs=None,
-                         norm_kwargs=None, qk_norm=False, scaled_cosine_attn=False, scale_heads=False,
-                         scale_attn_inner=False, scale_attn=False, scale_fc=False, timm_model_name=None)
-_OPEN_CLIP_TEXT = dict(mlp_ratio=4.0, ls_init_value=None, embed_cls=False, no_causal_mask=False,
-                       final_ln_after_pool=False, pool_type="argmax", proj_bias=False, proj_type="linear",
-                       act_kwargs=None, norm_kwargs=None, qk_norm=False, scaled_cosine_attn=False, scale_heads=False,
-                       scale_attn_inner=False, scale_attn=False, scale_fc=False)
-# text_cfg entries that mean another tokenizer than CLIP's BPE (SigLIP's, a Hugging Face model's, ...)
-_OPEN_CLIP_TOKENIZER = dict(hf_model_name=None, hf_tokenizer_name=None, tokenizer_mode=None, tokenizer_kwargs=None,
-                            vocab_size=49408)
-_OPEN_CLIP_PREPROCESS = dict(interpolation="bicubic", resize_mode="shortest", mode="RGB")
-
-
-def checkpoint_settings(path, activation=None):
-    """What a model needs beyond the tensors of the checkpoint at `path`: {"activation": a key of ACTIVATIONS,
-    "mean": (r, g, b), "std": (r, g, b), "image_size": int or None}.
-
-    From open_clip_config.json beside the file when it is there (`activation`, if given, must agree with it);
-    otherwise `activation` (default quick_gelu, OpenAI's) and CLIP's MEAN and STD. A config describing a model
-    that clip_min doesn't compute (another tokenizer, SigLIP, CoCa, a timm or ResNet tower, wider heads, ...)
-    raises one ValueError naming the config and the entry."""
-    if activation is not None:
-        _check_activation(activation)
-    config_path = Path(path).parent / OPEN_CLIP_CONFIG
-    if not config_path.is_file():
-        return dict(activation=activation or "quick_gelu", mean=MEAN, std=STD, image_size=None)
-    try:
-        config = json.loads(config_path.read_text(encoding="utf-8"))
-        model_cfg, preprocess_cfg = config.get("model_cfg", {}), config.get("preprocess_cfg", {})
-        vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
-        if not all(isinstance(d, dict) for d in (model_cfg, preprocess_cfg, vision, text)):
-            raise ValueError("model_cfg, its vision_cfg and text_cfg, and preprocess_cfg must be objects")
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
-        raise ValueError(f"{config_path}: not an open_clip config ({e})") from None
-
-    def refuse(what):
-        raise ValueError(f"{config_path}: {what}, which clip_min's CLIP does not compute")
-
-    for key, expected in _OPEN_CLIP_TOKENIZER.items():
-        if text.get(key, expected) != expected:
-            refuse(f"another tokenizer (text_cfg {key} {text[key]!r}; clip_min has CLIP's BPE tokenizer only)")
-    if "init_logit_bias" in model_cfg:
-        refuse("a SigLIP model (init_logit_bias: a sigmoid loss and its own tokenizer)")
-    for key in ("custom_text", "multimodal_cfg"):
-        if model_cfg.get(key):
-            refuse(f"another architecture (model_cfg {key} {model_cfg[key]!r})")
-    if not isinstance(vision.get("layers", 12), int):
-        refuse("a ResNet image tower (vision_cfg layers is a list)")
-    for tower, fields, values in (("vision_cfg", _OPEN_CLIP_VISION, vision), ("text_cfg", _OPEN_CLIP_TEXT, text)):
-        for key, expected in fields.items():
-            if values.get(key, expected) != expected and not (key == "act_kwargs" and values[key] == {}):
-                refuse(f"{tower} {key} {values[key]!r} (clip_min computes {expected!r})")
-    if text.get("heads", text.get("width", 512) // 64) != text.get("width", 512) // 64:
-        refuse(f"text_cfg heads {text['heads']} (clip_min's text tower has width // 64 heads, as OpenAI's)")
-    for key, expected in _OPEN_CLIP_PREPROCESS.items():
-        if preprocess_cfg.get(key, expected) != expected:
-            refuse(f"preprocess_cfg {key} {preprocess_cfg[key]!r} (clip_min preprocesses as OpenAI: {expected!r})")
-    configured = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
-    if activation is not None and activation != configured:
-        raise ValueError(f"{config_path}: says the model uses {configured}, not the {activation} asked for")
-    mean, std = preprocess_cfg.get("mean", MEAN), preprocess_cfg.get("std", STD)
-    if not all(isinstance(c, (list, tuple)) and len(c) == 3 and all(type(v) in (int, float) for v in c)
-               for c in (mean, std)) or not all(v > 0 for v in std):
-        raise ValueError(f"{config_path}: preprocess_cfg mean and std must be three numbers each (std positive)")
-    image_size = vision.get("image_size")
-    if image_size is not None and type(image_size) is not int:
-        refuse(f"a non-square image size (vision_cfg image_size {image_size!r})")
-    return dict(activation=configured, mean=tuple(map(float, mean)), std=tuple(map(float, std)),
-                image_size=image_size)
-
-
-def check_image_size(model, settings, path):
-    """The image size the tensors give (patch size x grid) against the one the config states, if any."""
-    if settings["image_size"] not in (None, model.visual.input_resolution):
-        raise ValueError(f"{Path(path).parent / OPEN_CLIP_CONFIG}: says {settings['image_size']} px images, the "
-                         f"tensors of {path} are for {model.visual.input_resolution} px")

@@ -47,19 +47,18 @@ The protocol, as CoOp runs it (`build_dataset(name, root, shots, seed, subsample
 image's augmentation seeded from (seed, epoch, position): a resumed run, or any number of workers, sees the same
 batches. The file ends with the sources: `ARCHIVES` (each public archive's URL, checksum and layout) and `SHIPPED`
 (the files in splits/ and their SHA-256). The machinery that makes a dataset folder from them (download, verify,
-unpack; `python data.py --check all`, `python data.py --download dtd`) is toolbox/datasets.py; the image file
-checks are toolbox/images.py.
+unpack; `python data.py --check all`, `python data.py --download dtd`) is toolbox/datasets.py; reading and
+checking split files and few-shot caches, toolbox/splitfiles.py; listing your own folder, toolbox/imagefolder.py;
+the image file checks, toolbox/images.py.
 """
 
 import hashlib
-import json
 import math
 import os
 import random
 import re
 import sys
 import warnings
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import NamedTuple
@@ -68,7 +67,7 @@ import torch
 from PIL import Image
 
 import clip_min
-from toolbox import datasets, files, imagefolder, images
+from toolbox import datasets, imagefolder, images, splitfiles
 
 COOP_GUIDE = "https://github.com/KaiyangZhou/CoOp/blob/main/DATASETS.md"
 SPLITS_DIR = Path(__file__).resolve().parent / "splits"  # CoOp's files shipped with this repository
@@ -188,7 +187,7 @@ def build_dataset(name, root, shots=16, seed=1, subsample="all", download=True, 
     if template is not None:
         check_template(template)
     if is_folder(name):  # your own images: root plays no part
-        folder = check_folder(name)
+        folder = imagefolder.check_folder(name)
         name, kind, default_template, where = folder_name(folder), "folder", PHOTO, folder
         train, val, test, classnames = read_folder(folder)
     else:
@@ -196,7 +195,7 @@ def build_dataset(name, root, shots=16, seed=1, subsample="all", download=True, 
             raise DataError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)} (or a folder of your "
                             "own images, <class>/<image>, given as a path)")
         spec, root = DATASETS[name], check_root(root)
-        _warn_if_ambiguous(name, root / spec.folder)
+        imagefolder.warn_if_ambiguous(name, root / spec.folder)  # a folder ./eurosat is given as a path
         datasets.prepare(name, root, download)  # download what is public and missing (toolbox/datasets.py)
         train, val, test, classnames = read_dataset(spec, root)
         classnames = [c.replace("_", " ") for c in classnames]  # as CoOp does before prompting
@@ -254,23 +253,12 @@ def fewshot_subset(folder, train, val, shots, seed, sample_val=True):
     """CoOp's few-shot train (and val, min(shots, 4)) for `seed`, cached in split_fewshot/ and reused."""
     path = Path(folder) / FEWSHOT_DIR / f"shot_{shots}-seed_{seed}.json"
     val_shots = min(shots, 4) if sample_val else 0
-    if path.is_file():
-        raw = _read_json(path, "few-shot cache")
-        if not isinstance(raw, dict) or "train" not in raw:
-            raise DataError(f"few-shot cache {path} should be a JSON object with a 'train' list; delete it")
-        cached = tuple(_to_items(raw.get(key, []), folder, path, key) for key in SPLITS[:2])
-        for key, items, pool, k in zip(SPLITS, cached, (train, val), (shots, val_shots)):
-            _check_cache(path, key, items, pool, k)
-        return cached
+    if path.is_file():  # reused, once checked to be such a subset of this split
+        return splitfiles.read_fewshot_cache(path, folder, (train, val), (shots, val_shots))
     rng = random.Random(seed)  # the same stream as Dassl's random.seed(seed): train drawn first, then val
     train = generate_fewshot_dataset(train, shots, rng, "train")
     val = generate_fewshot_dataset(val, val_shots, rng, "val") if sample_val else []
-    created = files.make_dirs(path.parent)
-    try:
-        files.write_json(path, dict(zip(SPLITS, (_from_items(train, folder), _from_items(val, folder)))), indent=None)
-    except OSError as e:  # a read-only (or full) data folder still works, it just resamples next time
-        files.remove_empty_dirs(created)
-        warnings.warn(f"could not cache the few-shot subset at {path}: {e}")
+    splitfiles.write_fewshot_cache(path, folder, train, val)  # toolbox/splitfiles.py
     return train, val
 
 
@@ -309,25 +297,6 @@ def class_balanced_subset(items, n, seed):
     return [items[i] for i in sorted(chosen[:n])]
 
 
-def _check_cache(path, key, items, pool, shots):
-    """A few-shot cache must hold, per class of the split, min(shots, class size) distinct images of that class."""
-    stray = set(items) - set(pool)
-    if stray:
-        raise DataError(f"few-shot cache {path} lists {key} items not in the split (e.g. "
-                        f"{next(iter(stray)).impath}); it is stale: delete it")
-    twice = [it for it, n in Counter(items).items() if n > 1]
-    if twice:
-        raise DataError(f"few-shot cache {path} lists {key} image {twice[0].impath} twice; delete it")
-    have, size = Counter(it.label for it in items), Counter(it.label for it in pool)
-    names = {it.label: it.classname for it in pool}
-    for label in split_dataset_by_label(pool):
-        want = min(shots, size[label])
-        if have[label] != want:
-            why = "more than" if have[label] > want else "fewer than"
-            raise DataError(f"few-shot cache {path} has {have[label]} {key} images of class {names[label]!r} "
-                            f"(label {label}), {why} the {want} that {shots} shots take; delete it")
-
-
 # ---------------------------------------------------------------------------------------------- CoOp's layouts
 
 def read_dataset(spec, root):
@@ -355,22 +324,11 @@ def read_dataset(spec, root):
 def read_split(path, image_dir, raw=None):
     """CoOp's split_zhou_*.json: {"train","val","test"} lists of [path relative to image_dir, label, name]; other
     keys are ignored, as CoOp's reader ignores them. `raw`: the file's JSON, when already read."""
-    raw = _read_json(path, "split file") if raw is None else raw
+    raw = splitfiles.read_json(path, "split file") if raw is None else raw
     if not isinstance(raw, dict) or not all(k in raw for k in SPLITS):
         raise DataError(f"split file {path} should be a JSON object with 'train', 'val' and 'test' lists")
-    train, val, test = (_to_items(raw[k], image_dir, path, k) for k in SPLITS)
-    seen = Counter(it.impath for it in train + val + test)
-    twice = next((p for p, n in seen.items() if n > 1), None)
-    if twice:
-        raise DataError(f"split file {path} lists image {twice} twice")
-    for items, key in ((train, "training"), (test, "test")):
-        if not items:
-            raise DataError(f"split file {path} has no {key} images")
-    names = classnames_of(train, val, test, source=path)
-    lacking = sorted({it.label for it in test} - {it.label for it in train})
-    if lacking:
-        raise DataError(f"split file {path}: test label {lacking[0]} ({names[lacking[0]]!r}) has no training "
-                        f"images" + (f" (nor do {len(lacking) - 1} more)" if len(lacking) > 1 else ""))
+    train, val, test = (splitfiles.to_items(raw[k], image_dir, path, k) for k in SPLITS)  # Items under image_dir
+    splitfiles.check_split(path, train, val, test)  # no image twice, train and test images, test classes trained
     return train, val, test
 
 
@@ -428,12 +386,12 @@ def generate_sun397_split(folder, image_dir, seed, p_val=0.2):
     """CoOp's SUN397 split: labels in ClassName.txt's order, Training_01.txt split per class into 80% train and
     20% val (seeded), Testing_01.txt the test set; class "/a/apartment_building/outdoor" is named
     "outdoor apartment_building", as CoOp names it."""
-    classes = [ln.strip()[1:] for ln in _lines(folder / "ClassName.txt")]  # "/a/abbey" -> "a/abbey"
+    classes = [ln.strip()[1:] for ln in splitfiles.read_lines(folder / "ClassName.txt")]  # "/a/abbey" -> "a/abbey"
     label_of = {c: i for i, c in enumerate(classes)}
 
     def read(name):
         items = []
-        for ln in _lines(folder / name):
+        for ln in splitfiles.read_lines(folder / name):
             rel = ln.strip()[1:]  # "/a/abbey/sun_x.jpg" -> "a/abbey/sun_x.jpg"
             category = str(PurePosixPath(rel).parent)
             if category not in label_of:
@@ -458,12 +416,12 @@ def generate_sun397_split(folder, image_dir, seed, p_val=0.2):
 
 def read_aircraft(folder, image_dir):
     """FGVC-Aircraft's own files: variants.txt (class per line), images_variant_<split>.txt ("id variant")."""
-    classnames = _lines(folder / "variants.txt")
+    classnames = splitfiles.read_lines(folder / "variants.txt")
     label_of = {c: i for i, c in enumerate(classnames)}
 
     def read(split):
         items = []
-        for ln in _lines(folder / f"images_variant_{split}.txt"):
+        for ln in splitfiles.read_lines(folder / f"images_variant_{split}.txt"):
             image_id, _, variant = ln.partition(" ")
             if variant not in label_of:
                 raise DataError(f"{folder / f'images_variant_{split}.txt'}: variant {variant!r} of image "
@@ -482,7 +440,7 @@ def read_aircraft(folder, image_dir):
 def read_imagenet_classnames(path):
     """classnames.txt: "<wnid> <class name>" per line, in ImageNet's label order."""
     names = {}
-    for ln in _lines(path):
+    for ln in splitfiles.read_lines(path):
         wnid, _, name = ln.partition(" ")
         names[wnid] = name
     return names
@@ -536,16 +494,6 @@ def _listdir(path):
     return sorted(f for f in os.listdir(path) if not f.startswith("."))
 
 
-def _lines(path):
-    """The non-empty lines of a text file, stripped; DataError naming it if it cannot be read."""
-    try:
-        return [ln.strip() for ln in Path(path).read_text().splitlines() if ln.strip()]
-    except FileNotFoundError:
-        raise DataError(f"{path} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} cannot be read: {e}") from None
-
-
 # ---------------------------------------------------------------------------------------------- your own images
 
 SPLIT_FILE = "split.json"  # CoOp's format, beside the class folders: yours, or generated once and reused
@@ -577,215 +525,34 @@ def folder_name(folder):
     return f"{name}_folder" if name in DATASETS else name
 
 
-def check_folder(path):
-    """A folder of your own images as a Path; DataError if it is missing or is a file."""
-    folder = Path(path).expanduser()
-    if not folder.exists():
-        raise DataError(f"{folder} does not exist: --data takes a benchmark name ({', '.join(DATASETS)}) or a "
-                        "folder of class folders (<class>/<image>)")
-    if not folder.is_dir():
-        raise DataError(f"{folder} is a file: --data takes a folder of class folders (<class>/<image>)")
-    if not os.access(folder, os.R_OK | os.X_OK):
-        raise DataError(f"{folder} is not readable")
-    return folder
-
-
 def read_folder(folder):
     """(train, val, test, prompt-ready class names) of a folder in ImageFolder's layout, `<class>/<image>`.
 
     Labels index the sorted class folders (ImageFolder's order). The split is the folder's split.json: your own
-    (CoOp's format) is used as it is; one this function generated must still describe the folder (its
-    fingerprint), else DataError saying what changed. Without split.json one is generated with CoOp's recipe
-    (split_classes, seed SPLIT_SEED) and saved there for every later run.
+    (CoOp's format) is used as it is; one generated here must still describe the folder (its fingerprint), else
+    DataError saying what changed. Without split.json one is generated with CoOp's recipe (split_classes, seed
+    SPLIT_SEED) and saved there for every later run. (toolbox/imagefolder.py lists, fingerprints and saves.)
     """
     path = folder / SPLIT_FILE
-    if path.exists():
-        raw = _read_json(path, "split file")
-        if isinstance(raw, dict) and "generated" in raw:
-            check_unchanged(folder, path, raw)
-        train, val, test = read_split(path, folder, raw)
-        names = classnames_of(train, val, test, source=path)
-        lacking = sorted({it.label for it in train} - {it.label for it in test})
-        if lacking:
-            raise DataError(f"split file {path}: {len(lacking)} class(es) have no test images: "
-                            f"{', '.join(repr(names[y]) for y in lacking[:5])}{', ...' if len(lacking) > 5 else ''}")
-    else:
-        train, val, test = generate_folder_split(folder, path)
-        names = classnames_of(train, val, test, source=path)
-    return train, val, test, folder_classnames(folder, names)
-
-
-def generate_folder_split(folder, path):
-    """CoOp's 50/20/30 split of the folder's images (split_classes, seed SPLIT_SEED), saved as CoOp's split file
-    `path` with a "generated" record: recipe, seed, image count and fingerprint (toolbox/imagefolder.py)."""
-    classes = imagefolder.class_folders(folder, skip=(FEWSHOT_DIR,))
-    loose = imagefolder.loose_images(folder)
-    if loose:
-        warnings.warn(f"{len(loose)} image(s) directly in {folder} belong to no class folder and are left out "
-                      f"(e.g. {loose[0]}): put each class's images in a folder of its own, <class>/<image>")
-    if not classes:
-        raise DataError(f"{folder} has no class folders: put each class's images in a folder of its own, "
-                        "<class>/<image>")
-    listing, skipped = imagefolder.list_images(folder, classes)
-    if skipped:
-        warnings.warn(f"{skipped} file(s) in the class folders of {folder} are left out: an image ends in "
-                      f"{', '.join(imagefolder.IMAGE_EXTENSIONS)} (ImageFolder's)")
-    groups = {c: [] for c in classes}
-    for rel in listing:
-        groups[rel.split("/", 1)[0]].append(str(folder / rel))
-    splits = split_classes(list(groups.items()), SPLIT_SEED, folder)
-    record = dict(recipe="CoOp's: per class in label order, random.Random(seed).shuffle, 50% train, 20% val, "
-                         "the rest test", seed=SPLIT_SEED, images=len(listing),
-                  sha256=imagefolder.fingerprint(listing))
-    try:
-        save_split(splits, path, folder, generated=record)
-    except OSError as e:  # a read-only folder still works: the same listing gives the same split every run
-        warnings.warn(f"could not save the generated split at {path} ({e}): it is generated anew each run, and "
-                      "changes if the folder does")
-    else:
-        warnings.warn(f"generated the split {path} of {len(classes)} classes (CoOp's 50/20/30 per class, seed "
-                      f"{SPLIT_SEED}): {len(splits[0])} train, {len(splits[1])} val, {len(splits[2])} test "
-                      "images; every later run uses it")
-    return splits
-
-
-def check_unchanged(folder, path, raw):
-    """DataError, in one line saying what changed, if the folder's images are not those its generated split
-    file `path` (JSON `raw`) was made from."""
-    record = raw["generated"]
-    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
-        raise DataError(f"split file {path}: 'generated' should be a record with a 'sha256' fingerprint; delete "
-                        "the file to generate the split again")
-    listing, _ = imagefolder.list_images(folder, imagefolder.class_folders(folder, skip=(FEWSHOT_DIR,)))
-    if imagefolder.fingerprint(listing) != record["sha256"]:
-        listed = [e[0] for k in SPLITS if isinstance(raw.get(k), list) for e in raw[k]
-                  if isinstance(e, list) and e and isinstance(e[0], str)]
-        raise DataError(f"{folder} changed since its split {path} was generated: "
-                        f"{imagefolder.describe_change(listed, listing)}; to train on the folder as it is now, "
-                        f"delete {path} and {folder / FEWSHOT_DIR} (a new split is generated: results are not "
-                        "comparable with runs on the old one)")
-
-
-def folder_classnames(folder, names):
-    """Prompt-ready class names for the classes `names` of a folder (by label; folder names for a generated
-    split): each one's line in the folder's classnames.txt if it has one, else the name with "_" and "-" read as
-    spaces ("sea_lake" -> "sea lake")."""
-    path = folder / CLASSNAMES_FILE
     if not path.exists():
-        return [" ".join(n.replace("_", " ").replace("-", " ").split()) or n for n in names]
-    table = read_folder_classnames(path)
-    missing = [n for n in names if n not in table]
-    if missing:
-        raise DataError(f"{path} has no line for class(es) {', '.join(map(repr, missing[:5]))}"
-                        f"{', ...' if len(missing) > 5 else ''}: it needs one '<folder> <class name>' line per class")
-    unknown = sorted(set(table) - set(names))
-    if unknown:
-        raise DataError(f"{path} names {unknown[0]!r}, which is not a class folder of {folder}"
-                        + (f" (nor are {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
-    return [table[n] for n in names]
-
-
-def read_folder_classnames(path):
-    """classnames.txt of a folder: {folder name: class name}, one line per class as CoOp's ImageNet file is
-    written: the folder's name, whitespace, then the class name ("n01440764 tench", "sea_lake Sea or Lake"). A
-    line holding a tab splits at its first tab instead, for folder names with spaces ("sea lake<TAB>Sea or
-    Lake"). Blank lines are skipped; UTF-8, with or without a byte-order mark."""
-    try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path} cannot be read: {e}") from None
-    table = {}
-    for number, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        key, _, name = line.strip().partition("\t") if "\t" in line.strip() else line.strip().partition(" ")
-        key, name = key.strip(), " ".join(name.split())
-        if not name:
-            raise DataError(f"{path} line {number} ({line.strip()[:60]!r}) should be '<folder> <class name>'")
-        if key in table:
-            raise DataError(f"{path} line {number} names folder {key!r} a second time")
-        table[key] = name
-    return table
-
-
-def _warn_if_ambiguous(name, benchmark_folder):
-    """`--data eurosat` in a directory holding a folder eurosat/ (not the benchmark's own): say which is meant."""
-    here = Path(name)
-    if here.is_dir() and here.resolve() != Path(benchmark_folder).expanduser().resolve():
-        warnings.warn(f"--data {name} is the benchmark {name}, not the folder {here.resolve()}: to train on that "
-                      f"folder, give it as a path: --data ./{name}")
-
-
-# ---------------------------------------------------------------------------------------------- split files
-
-def _read_json(path, what):
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise DataError(f"{what} {path} does not exist") from None
-    except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, a 5,000-digit number, deep nesting
-        raise DataError(f"{what} {path} is not valid JSON: {str(e).splitlines()[0][:200]}") from None
-    except OSError as e:
-        raise DataError(f"{what} {path} cannot be read: {e}") from None
-
-
-def _to_items(entries, prefix, path, key):
-    """[[relative path, label, classname], ...] of split/cache file `path` -> Items under `prefix`."""
-    if not isinstance(entries, list):
-        raise DataError(f"{path}: '{key}' should be a list of [image path, label, class name]")
-    items, prefix = [], str(prefix)
-    for e in entries:
-        if not (isinstance(e, list) and len(e) == 3 and isinstance(e[0], str) and type(e[1]) is int
-                and isinstance(e[2], str)):
-            raise DataError(f"{path}: '{key}' entry {e!r} is not [image path, label, class name]")
-        items.append(Item(os.path.join(prefix, _relative(e[0], path, key)), e[1], e[2]))
-    return items
-
-
-def _relative(name, path, key):
-    """A split entry's image path as the cache writes it ("./a\\b.jpg" -> "a/b.jpg"); absolute paths and ".."
-    are refused: a split file names images inside its dataset, nothing else."""
-    if "\0" in name:
-        raise DataError(f"{path}: '{key}' image path {name[:80]!r} holds a NUL character")
-    if "\\" not in name and ":" not in name and not {"", ".", ".."} & set(name.split("/")):
-        return name  # already in the cache's form (the common case, and 10x faster than PurePosixPath)
-    parts = PurePosixPath(name.replace("\\", "/")).parts
-    if not parts or name.startswith(("/", "\\")) or re.match(r"[A-Za-z]:", name) or ".." in parts:
-        raise DataError(f"{path}: '{key}' image path {name!r} should be relative to the dataset, without '..'")
-    return PurePosixPath(*parts).as_posix()
-
-
-def _from_items(items, prefix):
-    return [[os.path.relpath(it.impath, prefix).replace(os.sep, "/"), it.label, it.classname] for it in items]
-
-
-def save_split(splits, path, image_dir, **extra):
-    """(train, val, test) item lists as CoOp's split file `path`, image paths relative to `image_dir`; `extra`
-    keys follow (CoOp's reader, and ours, ignore them)."""
-    files.write_json(path, {**{k: _from_items(v, image_dir) for k, v in zip(SPLITS, splits)}, **extra}, indent=None)
+        groups, listing = imagefolder.class_groups(folder)  # [(class folder, image paths)], sorted by folder
+        train, val, test = split_classes(groups, SPLIT_SEED, folder)
+        imagefolder.save_generated_split((train, val, test), path, folder, listing)
+        return train, val, test, imagefolder.classnames(folder, [c for c, _ in groups])
+    raw = splitfiles.read_json(path, "split file")
+    if isinstance(raw, dict) and "generated" in raw:
+        imagefolder.check_unchanged(folder, path, raw)
+    train, val, test = read_split(path, folder, raw)
+    names = classnames_of(train, val, test, source=path)
+    splitfiles.check_tested(path, train, test, names)  # yours: a class never tested would go unmeasured
+    return train, val, test, imagefolder.classnames(folder, names)
 
 
 # ---------------------------------------------------------------------------------------------- checks
 
 def check_root(path):
     """The data root as a Path (it need not exist yet); DataError if it is empty, a file or a symlink loop."""
-    if path is None or str(path) == "":
-        raise DataError("the data root is an empty string: set ORTHCR_DATA or --root to a folder")
-    root = Path(path).expanduser()
-    try:
-        root.stat()
-    except FileNotFoundError:
-        if root.is_symlink():
-            raise DataError(f"data root {root} is a symlink to {os.readlink(root)}, which does not exist") from None
-        return root
-    except OSError as e:  # ELOOP for a symlink loop, ENOTDIR when a parent is a file
-        raise DataError(f"data root {root} cannot be used: {e.strerror}") from None
-    if not root.is_dir():
-        raise DataError(f"data root {root} is a file, not a folder")
-    if not os.access(root, os.R_OK | os.X_OK):
-        raise DataError(f"data root {root} is not readable")
-    return root
+    return datasets.check_root(path)
 
 
 def check_images(items, name, split, decode=False):

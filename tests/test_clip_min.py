@@ -281,20 +281,6 @@ def test_clean(text, cleaned):
     assert clip_min.clean(text) == cleaned
 
 
-def test_fix_text_is_ftfy_without_mojibake_repair(monkeypatch):
-    """clean's ftfy part equals ftfy.fix_text(fix_encoding=False) on every text, character for character."""
-    ftfy = pytest.importorskip("ftfy")
-    from make_fixtures import PIECES, random_corpus
-
-    texts = [p for kind in PIECES.values() for p in kind] + random_corpus(2000, seed=2)
-    assert [t for t in texts if clip_min._fix_text(t) != ftfy.fix_text(t, fix_encoding=False)] == []
-    # ftfy cuts lines longer than its max_decode_length (10^6) into segments: shown here with segments of 5
-    monkeypatch.setattr(clip_min, "_FTFY_SEGMENT", 5)
-    texts = random_corpus(500, seed=3)
-    assert [t for t in texts if clip_min._fix_text(t) != ftfy.fix_text(t, fix_encoding=False, max_decode_length=5)
-            ] == []
-
-
 def test_pretokenizer_classes_match_openais_pattern_on_every_code_point():
     """Each code point is a letter, a number, whitespace or other exactly where OpenAI's case-insensitive `regex`
     classes say so (only 'ͅ', a combining mark that case-folds to a letter, is in none and skipped)."""

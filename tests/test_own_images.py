@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import data
-from toolbox import imagefolder
+from toolbox import files, imagefolder
 
 
 def jpeg(path, seed=0, size=8):
@@ -233,7 +233,7 @@ def test_a_read_only_folder_still_works_and_says_the_split_is_not_saved(flowers,
     def read_only(path, *args, **kwargs):
         raise PermissionError(13, "Permission denied", str(path))
 
-    monkeypatch.setattr(data.files, "write_json", read_only)
+    monkeypatch.setattr(files, "write_json", read_only)
     with pytest.warns(UserWarning, match=r"could not save the generated split at .*split\.json \(.*Permission denied"):
         a = data.build_dataset(str(flowers), None, shots=0)
     assert not (flowers / "split.json").exists() and build(flowers).test == a.test  # the same split each run

@@ -1,6 +1,7 @@
 """Dataset folders made from data.py's tables: what each benchmark needs on disk (`requirements`), how the
 missing parts are obtained (`prepare`: download, verify, unpack, copy CoOp's shipped files, generate a split),
-what is there (`status`), and the command line `python data.py --check NAME|all` / `--download NAME|all`.
+what is there (`status`), the data root's check (`check_root`, data.check_root), and the command line
+`python data.py --check NAME|all` / `--download NAME|all`.
 
 This module reads data.py's tables (DATASETS, ARCHIVES, SHIPPED) and raises its DataError; data.py calls
 `prepare` before reading a dataset. Each step either completes or leaves nothing a later step would take for
@@ -22,7 +23,7 @@ from pathlib import Path, PurePosixPath
 from typing import NamedTuple
 
 import data  # the tables this module prepares folders from (data.py imports this module too: no names at import)
-from toolbox import archives, downloads, files
+from toolbox import archives, downloads, files, splitfiles
 
 UNPACK_RATIO = 8  # an archive may unpack to 8x its size: JPEG archives unpack to ~1x, text lists to a few x
 UNPACK_FLOOR = 2**20  # ...and a tiny one to 1 MiB (a tar's headers and padding outweigh a few small files)
@@ -33,6 +34,27 @@ class Need(NamedTuple):
     how: str  # "download" (from `archive`), "shipped" (copied from splits/), "generated" or "manual"
     archive: "data.Archive" = None
     folder: bool = False  # a folder (of images), not a file
+
+
+def check_root(path):
+    """The data root as a Path (it need not exist yet); DataError if it is empty, a file or a symlink loop."""
+    if path is None or str(path) == "":
+        raise data.DataError("the data root is an empty string: set ORTHCR_DATA or --root to a folder")
+    root = Path(path).expanduser()
+    try:
+        root.stat()
+    except FileNotFoundError:
+        if root.is_symlink():
+            raise data.DataError(f"data root {root} is a symlink to {os.readlink(root)}, which does not exist") \
+                from None
+        return root
+    except OSError as e:  # ELOOP for a symlink loop, ENOTDIR when a parent is a file
+        raise data.DataError(f"data root {root} cannot be used: {e.strerror}") from None
+    if not root.is_dir():
+        raise data.DataError(f"data root {root} is a file, not a folder")
+    if not os.access(root, os.R_OK | os.X_OK):
+        raise data.DataError(f"data root {root} is not readable")
+    return root
 
 
 def requirements(name, root):
@@ -131,7 +153,7 @@ def _generate_split(spec, folder, path):
     else:
         splits = data.generate_split(image_dir, data.SPLIT_SEED)
     try:
-        data.save_split(splits, path, image_dir)
+        splitfiles.save_split(splits, path, image_dir)
     except OSError as e:
         raise data.DataError(f"could not write the generated split {path}: {e}") from None
 
@@ -309,7 +331,7 @@ def _run(args):
         return _check_folder(args.check)
     names = list(data.DATASETS) if target == "all" else [target]
     try:
-        root = data.check_root(files.default_data_root() if args.root is None else args.root)
+        root = check_root(files.default_data_root() if args.root is None else args.root)
         if target not in data.DATASETS and target != "all":
             raise data.DataError(f"unknown dataset {target!r}; valid names: all, {', '.join(data.DATASETS)}")
     except data.DataError as e:

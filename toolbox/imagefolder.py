@@ -1,13 +1,19 @@
 """A folder of one's own images in torchvision's ImageFolder layout (`<class>/<image>`): its class folders, its
-images, a fingerprint of them, and what changed since a split was made from them.
+images, a fingerprint of them and what changed since a split was made from them; its classnames.txt; the split
+generated for it, saved with that fingerprint.
 
-data.py reads such a folder (class names, split, protocol); this module only lists and compares. Nothing here
-reads an image's pixels: the image checks are toolbox/images.py.
+data.py reads such a folder in the protocol's terms (`read_folder`: the split, CoOp's recipe, the class names);
+this module lists, compares, warns and saves. Nothing here reads an image's pixels: the image checks are
+toolbox/images.py.
 """
 
 import hashlib
 import os
 import warnings
+from pathlib import Path
+
+import data  # DataError and the protocol's names (data.py imports this module too: no names at import)
+from toolbox import splitfiles
 
 # torchvision's IMG_EXTENSIONS (torchvision/datasets/folder.py): what ImageFolder takes as an image, in any case
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -80,3 +86,124 @@ def describe_change(old, listing):
         parts.append(f"{len(removed)} {'image' + 's' * (len(removed) != 1) + ' ' if not added else ''}removed "
                      f"(e.g. {removed[0]})")
     return ", ".join(parts) or "no image added or removed, but some were replaced or edited (their sizes differ)"
+
+
+# ---------------------------------------------------------------------------------------------- the folder as data
+
+def check_folder(path):
+    """A folder of your own images as a Path; DataError if it is missing or is a file."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise data.DataError(f"{folder} does not exist: --data takes a benchmark name ({', '.join(data.DATASETS)}) "
+                             "or a folder of class folders (<class>/<image>)")
+    if not folder.is_dir():
+        raise data.DataError(f"{folder} is a file: --data takes a folder of class folders (<class>/<image>)")
+    if not os.access(folder, os.R_OK | os.X_OK):
+        raise data.DataError(f"{folder} is not readable")
+    return folder
+
+
+def warn_if_ambiguous(name, benchmark_folder):
+    """`--data eurosat` in a directory holding a folder eurosat/ (not the benchmark's own): say which is meant."""
+    here = Path(name)
+    if here.is_dir() and here.resolve() != Path(benchmark_folder).expanduser().resolve():
+        warnings.warn(f"--data {name} is the benchmark {name}, not the folder {here.resolve()}: to train on that "
+                      f"folder, give it as a path: --data ./{name}")
+
+
+def class_groups(folder):
+    """([(class folder, its image paths)] in label order, the list_images listing) of a folder that has no split
+    yet; images outside class folders and files that are not images are left out, with a warning."""
+    classes = class_folders(folder, skip=(data.FEWSHOT_DIR,))
+    loose = loose_images(folder)
+    if loose:
+        warnings.warn(f"{len(loose)} image(s) directly in {folder} belong to no class folder and are left out "
+                      f"(e.g. {loose[0]}): put each class's images in a folder of its own, <class>/<image>")
+    if not classes:
+        raise data.DataError(f"{folder} has no class folders: put each class's images in a folder of its own, "
+                             "<class>/<image>")
+    listing, skipped = list_images(folder, classes)
+    if skipped:
+        warnings.warn(f"{skipped} file(s) in the class folders of {folder} are left out: an image ends in "
+                      f"{', '.join(IMAGE_EXTENSIONS)} (ImageFolder's)")
+    groups = {c: [] for c in classes}
+    for rel in listing:
+        groups[rel.split("/", 1)[0]].append(str(Path(folder) / rel))
+    return list(groups.items()), listing
+
+
+def save_generated_split(splits, path, folder, listing):
+    """Save the split generated for `folder` as CoOp's split file `path`, with a "generated" record: recipe,
+    seed, image count and the listing's fingerprint (check_unchanged compares it). A read-only folder still
+    works: the same listing gives the same split every run."""
+    record = dict(recipe="CoOp's: per class in label order, random.Random(seed).shuffle, 50% train, 20% val, "
+                         "the rest test", seed=data.SPLIT_SEED, images=len(listing), sha256=fingerprint(listing))
+    try:
+        splitfiles.save_split(splits, path, folder, generated=record)
+    except OSError as e:
+        warnings.warn(f"could not save the generated split at {path} ({e}): it is generated anew each run, and "
+                      "changes if the folder does")
+    else:
+        warnings.warn(f"generated the split {path} of {len({it.label for it in splits[0]})} classes (CoOp's "
+                      f"50/20/30 per class, seed {data.SPLIT_SEED}): {len(splits[0])} train, {len(splits[1])} val, "
+                      f"{len(splits[2])} test images; every later run uses it")
+
+
+def check_unchanged(folder, path, raw):
+    """DataError, in one line saying what changed, if the folder's images are not those its generated split
+    file `path` (JSON `raw`) was made from."""
+    record = raw["generated"]
+    if not isinstance(record, dict) or not isinstance(record.get("sha256"), str):
+        raise data.DataError(f"split file {path}: 'generated' should be a record with a 'sha256' fingerprint; "
+                             "delete the file to generate the split again")
+    listing, _ = list_images(folder, class_folders(folder, skip=(data.FEWSHOT_DIR,)))
+    if fingerprint(listing) != record["sha256"]:
+        listed = [e[0] for k in data.SPLITS if isinstance(raw.get(k), list) for e in raw[k]
+                  if isinstance(e, list) and e and isinstance(e[0], str)]
+        raise data.DataError(f"{folder} changed since its split {path} was generated: "
+                             f"{describe_change(listed, listing)}; to train on the folder as it is now, delete "
+                             f"{path} and {Path(folder) / data.FEWSHOT_DIR} (a new split is generated: results are "
+                             "not comparable with runs on the old one)")
+
+
+def classnames(folder, names):
+    """Prompt-ready class names for the classes `names` of a folder (by label; folder names for a generated
+    split): each one's line in the folder's classnames.txt if it has one, else the name with "_" and "-" read as
+    spaces ("sea_lake" -> "sea lake")."""
+    path = Path(folder) / data.CLASSNAMES_FILE
+    if not path.exists():
+        return [" ".join(n.replace("_", " ").replace("-", " ").split()) or n for n in names]
+    table = read_classnames(path)
+    missing = [n for n in names if n not in table]
+    if missing:
+        raise data.DataError(f"{path} has no line for class(es) {', '.join(map(repr, missing[:5]))}"
+                             f"{', ...' if len(missing) > 5 else ''}: it needs one '<folder> <class name>' line "
+                             "per class")
+    unknown = sorted(set(table) - set(names))
+    if unknown:
+        raise data.DataError(f"{path} names {unknown[0]!r}, which is not a class folder of {folder}"
+                             + (f" (nor are {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    return [table[n] for n in names]
+
+
+def read_classnames(path):
+    """classnames.txt of a folder: {folder name: class name}, one line per class as CoOp's ImageNet file is
+    written: the folder's name, whitespace, then the class name ("n01440764 tench", "sea_lake Sea or Lake"). A
+    line holding a tab splits at its first tab instead, for folder names with spaces ("sea lake<TAB>Sea or
+    Lake"). Blank lines are skipped; UTF-8, with or without a byte-order mark."""
+    try:
+        text = Path(path).read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise data.DataError(f"{path} cannot be read: {e}") from None
+    table = {}
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        key, _, name = line.strip().partition("\t") if "\t" in line.strip() else line.strip().partition(" ")
+        key, name = key.strip(), " ".join(name.split())
+        if not name:
+            raise data.DataError(f"{path} line {number} ({line.strip()[:60]!r}) should be '<folder> <class name>'")
+        if key in table:
+            raise data.DataError(f"{path} line {number} names folder {key!r} a second time")
+        table[key] = name
+    return table
