@@ -87,13 +87,18 @@ def _method_problems(args, value):
 
 
 def _protocol_problems(args, value):
-    bad, name = [], value("data")
-    if args.protocol == "dg" and name != "imagenet":
+    bad, names = [], list(value("data"))
+    if "all" in names and len(names) > 1:
+        bad.append("--data all stands for the 11 datasets of CoCoOp's base-to-new table: give it alone")
+    if len(set(names)) != len(names):
+        bad.append(f"--data {' '.join(names)}: each dataset once (a repeated dataset repeats its runs)")
+    if args.protocol == "dg" and names != ["imagenet"]:
         bad.append("--protocol dg trains on imagenet: add --data imagenet")
-    if args.protocol == "cross" and name != "imagenet" and args.data is not None:
+    if args.protocol == "cross" and names != ["imagenet"] and args.data is not None:
         bad.append("--protocol cross trains on imagenet (CoCoOp's cross-dataset table): add --data imagenet")
-    if data.DATASETS[name].kind in data.TEST_ONLY:
-        bad.append(f"--data {name} has no training split (it is an evaluation-only ImageNet variant)")
+    for name in names:
+        if name != "all" and data.DATASETS[name].kind in data.TEST_ONLY:
+            bad.append(f"--data {name} has no training split (it is an evaluation-only ImageNet variant)")
     if args.eval_data and args.protocol not in ("cross", "dg"):
         bad.append("--eval-data lists the targets of --protocol cross or dg")
     return bad
@@ -132,6 +137,19 @@ def _file_problems(args, value):
         bad.append(f"--adapters {args.adapters}: {'not a regular file' if os.path.lexists(args.adapters) else 'no such file'}")
     if args.out and args.seeds and len(args.seeds) > 1 and "{seed}" not in args.out:
         bad.append("--out names one run folder: with several seeds put {seed} in it, e.g. --out runs/lr3e-4_seed{seed}")
+    several = args.data is not None and (len(args.data) > 1 or args.data == ["all"])
+    if args.out and several and "{data}" not in args.out:
+        bad.append("--out names one run folder: with several datasets put {data} in it, e.g. --out "
+                   "runs/lr3e-4/{data}_seed{seed}")
+    if several and (args.eval_only or grid):
+        bad.append(f"{'--eval-only evaluates one adapters file' if args.eval_only else '--cutout-grid draws one batch'}"
+                   f" on one dataset: give one --data")
+    if args.overwrite and (several or args.seeds and len(args.seeds) > 1):
+        bad.append("--overwrite replaces one run; a sweep keeps its finished runs and resumes its stopped ones: "
+                   "remove the runs to redo, or overwrite one at a time (--data NAME --seeds S --overwrite)")
+    if args.table_only and (args.eval_only or args.resume or args.overwrite or grid or args.export):
+        bad.append("--table-only reads the finished runs' records: it takes no --eval-only, --resume, --overwrite, "
+                   "--cutout-grid or --export")
     if args.resume and args.overwrite:
         bad.append("--resume continues the run in --out, --overwrite replaces it: choose one")
     if grid and not Path(grid).expanduser().resolve().parent.is_dir():
