@@ -565,13 +565,13 @@ def main(argv=None):
         if cfg.table_only:  # the records alone: no data, no model
             ignore = () if args.precision not in (None, "auto") else ("precision",)  # auto: the device's, not known
             sweep = sweeps.Sweep(by_dataset, evaluation_splits, table_with_note, ignore)
-            records, missing = tables.read_records(by_dataset, evaluation_splits, ignore)
+            records, missing, shared = tables.read_records(by_dataset, evaluation_splits, ignore)
             if not records:
                 runs.fail(f"--table-only: no finished run to tabulate (expected {missing[0].split(' (')[0]}"
                           f"/results.json)")
             for line in missing:
                 runs.say(f"missing: {line}")
-            return sweep.write(records, missing)
+            return sweep.write(records, missing, shared)
         if len(by_dataset) > 1 or len(cfg.seeds) > 1 and not cfg.cutout_grid:  # several runs, shared by processes
             return run_sweep(sweeps.Sweep(by_dataset, evaluation_splits, table_with_note), known)
         known.cfg = cfg

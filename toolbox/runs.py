@@ -125,29 +125,32 @@ def exclusive(folder, cfg, plan):
 
 
 @contextmanager
-def locked(folder):
+def locked(folder, shared=False):
     """The run folder, created if needed and locked against concurrent use (flock on <folder>/.lock, which the
     kernel releases when a process dies). Yields True while held, or False at once, holding nothing, when another
-    process holds it (a sweep then skips it). On leaving, .lock is removed before it is released, and a folder made
-    here that is still empty is removed again."""
+    process holds it to run it (a sweep then skips it). `shared`: held only to look at the folder, beside other
+    lookers; a process that takes the folder to run it waits the moment a look takes. On leaving, .lock is removed
+    (by the run's holder) before it is released, and a folder made here that is still empty is removed again."""
     created = not folder.exists()
     try:
-        lock = _take_lock(folder)
+        lock = _take_lock(folder, shared)
     except OSError as e:
         fail(f"cannot use {folder} as the run folder: {e.strerror or e}")
     try:
         yield lock is not None
     finally:
         if lock is not None:
-            (folder / ".lock").unlink(missing_ok=True)
+            if not shared:
+                (folder / ".lock").unlink(missing_ok=True)
             lock.close()
         if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
 
 
-def _take_lock(folder):
-    """The open, flock-ed <folder>/.lock, or None when another process holds it. A holder removes .lock before it
-    lets go: a lock taken on a file that is no longer the folder's .lock is let go, and the new one taken."""
+def _take_lock(folder, shared):
+    """The open, flock-ed <folder>/.lock, or None when another process holds it to run it (exclusively). A look
+    (a shared lock) is waited for. A holder removes .lock before it lets go: a lock taken on a file that is no
+    longer the folder's .lock is let go, and the new one taken."""
     while True:
         folder.mkdir(parents=True, exist_ok=True)
         try:
@@ -155,10 +158,16 @@ def _take_lock(folder):
         except FileNotFoundError:  # the folder was removed (left empty by a holder) in between
             continue
         try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(lock, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except BlockingIOError:
+            try:  # only looks hold it when a shared lock can be had: wait for them
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                return None  # held to be run
             lock.close()
-            return None
+            time.sleep(0.05)
+            continue
         try:
             if os.stat(folder / ".lock").st_ino == os.fstat(lock.fileno()).st_ino:
                 return lock

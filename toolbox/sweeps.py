@@ -65,7 +65,7 @@ class Sweep:
             return "new", None
         if (folder / "results.json").is_file():  # written last, atomically: the run is finished
             return "done", runs.read_finished_run(folder, cfg, seed, self.splits(cfg))
-        with runs.locked(folder) as held:
+        with runs.locked(folder, shared=True) as held:  # a look: it never keeps a process from a run
             if not held:
                 return "busy", None
             return self._plan(name, seed, runs.run_state(folder), clear=False)
@@ -137,19 +137,19 @@ class Sweep:
     def finish(self):
         """The table, written by the process that finds every run finished (and printed); the others say which
         runs are still running. Returns the finished runs' records."""
-        records, missing = tables.read_records(self.cfgs, self.splits, self.ignore, why="the sweep's table")
+        records, missing, shared = tables.read_records(self.cfgs, self.splits, self.ignore, why="the sweep's table")
         if missing:
             runs.say(f"{len(missing)} of {len(self.runs)} runs are not finished: {'; '.join(missing)}. The process "
                      f"that finishes the last one writes {self.folder / 'table.md'}; a stopped run is resumed by "
                      f"the same command, run again")
             return records
-        self.write(records, missing)
-        return records
+        return self.write(records, missing, shared)
 
-    def write(self, records, missing):
-        """table.md and table.json from `records`, printed on stdout."""
+    def write(self, records, missing, shared):
+        """table.md and table.json from `records` (`missing`, `shared`: as tables.read_records returns them),
+        printed on stdout. Returns the records."""
         table, text = self.table(records)
-        wrote = tables.write(self.folder, table, text, self.cfg, missing, self.ignore)
+        wrote = tables.write(self.folder, table, text, shared, missing)
         print(text, end="")
         where = f"{self.folder / 'table.md'} and table.json"
         runs.say(f"table written to {where}" if wrote else f"the table is written: {where}")

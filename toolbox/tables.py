@@ -52,11 +52,11 @@ def check_folder(cfg, ignore=()):
 
 
 def read_records(cfgs, splits, ignore=(), why="--table-only"):
-    """Each finished run's results.json, in the sweep's order (dataset, then seed), and a line for each run still
-    missing. `cfgs`: {dataset: its runs' settings}; `splits(cfg)`: the evaluation splits a record must hold. One
+    """Each finished run's results.json, in the sweep's order (dataset, then seed), a line for each run still
+    missing, and the settings they share as recorded (with the base model). `cfgs`: {dataset: its runs' settings}; `splits(cfg)`: the evaluation splits a record must hold. One
     line refuses the runs whose records differ from these settings (any method or data setting, except the dataset
     and the seed themselves) or were trained on another base model than the others."""
-    records, missing, differ, base_models = [], [], [], {}
+    records, missing, differ, base_models, shared = [], [], [], {}, None
     for name, cfg in cfgs.items():
         for seed in cfg.seeds:
             folder = runs.run_folder(cfg, seed)
@@ -80,13 +80,16 @@ def read_records(cfgs, splits, ignore=(), why="--table-only"):
                     differ.append(f"{folder} (its results.json lacks {', '.join(splits(cfg))})")
                 base_models.setdefault(config.get("checkpoint_sha256"), folder)
                 records.append(record)
+                shared = shared or {**{k: config.get(k) for k in shared_settings(cfg)},
+                                    "model_file": config.get("model_file"),
+                                    "checkpoint_sha256": config.get("checkpoint_sha256")}
     if differ:
         runs.fail(f"{why}: {len(differ)} run(s) differ from this command's settings: {'; '.join(differ)}")
     if len(base_models) > 1:
         (a, first), (b, second) = list(base_models.items())[:2]
         runs.fail(f"{why}: {first} and {second} were trained on different base models (SHA-256 {str(a)[:16]}..., "
                   f"{str(b)[:16]}...): one table holds one base model")
-    return records, missing
+    return records, missing, shared
 
 
 def _holds(record, splits):
@@ -98,10 +101,12 @@ def _holds(record, splits):
 def _why_missing(folder):
     if not folder.exists():
         return "not started"
-    with runs.locked(folder) as held:
+    with runs.locked(folder, shared=True) as held:  # a look: it never keeps a process from the run
         if not held:
             return "running in another process"
         state = runs.run_state(folder)
+    if state == "done":
+        return "finished just now"
     if state == "checkpoint":
         return "stopped with a checkpoint: the sweep's command resumes it"
     return "stopped before its first checkpoint" if state == "partial" else "not started"
@@ -117,13 +122,16 @@ def _read(path, why):
     return record
 
 
-def write(folder, table, text, cfg, missing, ignore=()):
-    """table.md (`text`) and table.json (`table`, with the settings its runs share, the base model and the runs
-    still missing), written under the folder's .table.lock so that two processes that finish together write it
+def write(folder, table, text, shared, missing):
+    """table.md (`text`) and table.json (`table`, with the settings its runs share (`shared`, as read_records
+    returns them) and the runs still missing), written under the folder's .table.lock so that two processes that finish together write it
     once. Returns whether this call wrote them (False: they already held this table)."""
     folder = Path(folder)
-    files.make_dirs(folder)
-    content = {**table, "settings": shared_settings(cfg, ignore), "missing": missing}
+    try:
+        files.make_dirs(folder)
+    except OSError as e:
+        runs.fail(f"cannot write the table into {folder}: {e.strerror or e}")
+    content = {**table, "settings": shared, "missing": missing}
     with open(folder / ".table.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held for a moment: two writers of the same table take turns
         try:
