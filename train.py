@@ -607,6 +607,7 @@ def run_sweep(sweep, known):
     def run_one(name, seed, plan):  # called with the run's folder held
         cfg = ready.cfgs[name]
         known.cfg, known.plan = cfg, {seed: plan}
+        runs.say(f"{name}, seed {seed}: {runs.run_folder(cfg, seed)}")
         runs.check_plan(cfg, {seed: plan}, {seed: ready.fingerprints[name, seed]}, {seed: ready.totals[name, seed]},
                         *ready.trainables, grad_scaler(cfg.device, cfg.precision))
         run_checked(ready, name, seed, plan, None)

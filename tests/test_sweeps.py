@@ -7,9 +7,11 @@ every training it starts (the check that each run is trained exactly once) and, 
 import fcntl
 import json
 import os
+import shlex
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -254,3 +256,13 @@ def test_data_all_is_cocoops_eleven_and_each_run_keeps_its_own_dataset():
     assert list(runs_of) == list(cfg.data) and runs_of["dtd"].data == "dtd"
     assert str(train.runs.run_folder(runs_of["dtd"], 3)) == "s/dtd_3"
     assert train.settings_from(train.parse_args(["--data", "dtd", "--device", "cpu"])).data == "dtd"  # one: its name
+
+
+def test_a_stopped_sweeps_resume_command_names_every_dataset_and_seed(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["train.py", "--data", "all", "--seeds", "1", "2", "--device", "cpu"])
+    command = shlex.split(train.runs.resume_command(Path("runs/dtd_base2new_16shot_orthcr_seed2")))
+    args = train.parse_args(command[2:])  # exits 2 if the printed command is not a valid one
+    assert args.resume and args.data == ["all"] and args.seeds == [1, 2]
+    assert args.out == str(Path.cwd() / "runs" / "{data}_base2new_16shot_orthcr_seed{seed}")
+    cfg = train.sweep_datasets(train.settings_from(args))["dtd"]
+    assert train.runs.run_folder(cfg, 2) == Path.cwd() / "runs/dtd_base2new_16shot_orthcr_seed2"
