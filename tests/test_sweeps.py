@@ -266,3 +266,14 @@ def test_a_stopped_sweeps_resume_command_names_every_dataset_and_seed(monkeypatc
     assert args.out == str(Path.cwd() / "runs" / "{data}_base2new_16shot_orthcr_seed{seed}")
     cfg = train.sweep_datasets(train.settings_from(args))["dtd"]
     assert train.runs.run_folder(cfg, 2) == Path.cwd() / "runs/dtd_base2new_16shot_orthcr_seed2"
+
+
+def test_every_datasets_data_is_checked_before_any_training(two_datasets, weights, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train.clip_min, "load", lambda *a, **k: pytest.fail("the model was loaded"))
+    argv = sweep_args(two_datasets, weights)
+    argv[argv.index("imagenet")] = "dtd"  # not under --root
+    with pytest.raises(SystemExit) as stop:
+        run_main(*argv)
+    assert str(stop.value.code).startswith("error: --data dtd: ") and "\n" not in str(stop.value.code)
+    assert not (tmp_path / "runs").exists()  # eurosat, first in the sweep, was not trained

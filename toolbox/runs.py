@@ -418,7 +418,8 @@ def resume_command(folder):
     argv[0] = str(Path(argv[0]).resolve()) if argv[0].endswith(".py") else argv[0]
     argv += [] if "--resume" in argv else ["--resume"]
     if "--out" not in argv:  # the default folder, named (with {seed}, {data} for a sweep): works from anywhere
-        several = {flag: len(_values(argv, flag)) > 1 or _values(argv, flag) == ["all"] for flag in ("--seeds", "--data")}
+        several = {flag: len(_values(argv, flag)) > 1 or _values(argv, flag) == ["all"]
+                   for flag in ("--seeds", "--data")}
         out = folder.resolve()
         name = re.sub(r"_seed\d+$", "_seed{seed}", out.name) if several["--seeds"] else out.name
         if several["--data"]:  # the default folder begins with the dataset, then the protocol

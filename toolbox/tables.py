@@ -53,9 +53,10 @@ def check_folder(cfg, ignore=()):
 
 def read_records(cfgs, splits, ignore=(), why="--table-only"):
     """Each finished run's results.json, in the sweep's order (dataset, then seed), a line for each run still
-    missing, and the settings they share as recorded (with the base model). `cfgs`: {dataset: its runs' settings}; `splits(cfg)`: the evaluation splits a record must hold. One
-    line refuses the runs whose records differ from these settings (any method or data setting, except the dataset
-    and the seed themselves) or were trained on another base model than the others."""
+    missing, and the settings they share as recorded (with the base model). `cfgs`: {dataset: its runs' settings};
+    `splits(cfg)`: the evaluation splits a record must hold. One line refuses the runs whose records differ from
+    these settings (any method or data setting, except the dataset and the seed themselves) or were trained on
+    another base model than the others."""
     records, missing, differ, base_models, shared = [], [], [], {}, None
     for name, cfg in cfgs.items():
         for seed in cfg.seeds:
@@ -124,8 +125,8 @@ def _read(path, why):
 
 def write(folder, table, text, shared, missing):
     """table.md (`text`) and table.json (`table`, with the settings its runs share (`shared`, as read_records
-    returns them) and the runs still missing), written under the folder's .table.lock so that two processes that finish together write it
-    once. Returns whether this call wrote them (False: they already held this table)."""
+    returns them) and the runs still missing), written under the folder's .table.lock so that two processes that
+    finish together write it once. Returns whether this call wrote them (False: they already held this table)."""
     folder = Path(folder)
     try:
         files.make_dirs(folder)
