@@ -122,7 +122,8 @@ SETTINGS = settings.Declarations([
             "records, without loading a model or training", group=G["eval"], switch=True),
     Setting("eval_batch_size", EVAL_BATCH_SIZE, "images per batch", group=G["eval"], type=int, metavar="N",
             check=at_least(1)),
-    Setting("out", None, "the run folder; {seed} in it becomes the seed", group=G["files"], metavar="DIR",
+    Setting("out", None, "the run folder; {seed} and {data} in it become each run's seed and dataset",
+            group=G["files"], metavar="DIR",
             shown="runs/<data>_<protocol>_<K>shot_<method>_seed<S>, <method> the table's label, e.g. orthsr+coop; "
                   "--eval-only: eval_<data>_<protocol>_seed<S> beside the adapters file"),
     Setting("resume", False, "continue the run in the run folder from its checkpoint", group=G["files"], switch=True),
