@@ -20,6 +20,7 @@ import time
 import warnings
 from contextlib import nullcontext
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -27,7 +28,7 @@ from PIL import Image, ImageDraw, ImageFont
 import clip_min
 import data
 import orthcr
-from toolbox import cli, files, predictions, published, runs, settings
+from toolbox import cli, files, predictions, published, runs, settings, sweeps, tables
 from toolbox.settings import Setting, at_least, learning_rate, momentum, non_negative_number, positive_number, seed
 
 # ---------------------------------------------------------------------------------------------------- defaults
@@ -58,6 +59,7 @@ PROTOCOLS = ("base2new", "fewshot", "cross", "dg")
 CROSS_TARGETS = ("caltech101", "oxford_pets", "stanford_cars", "oxford_flowers", "food101", "fgvc_aircraft",
                  "sun397", "dtd", "eurosat", "ucf101")  # CoCoOp's Table 2, after the source ImageNet
 DG_TARGETS = ("imagenet_v2", "imagenet_sketch", "imagenet_a", "imagenet_r")  # CoCoOp's Table 3
+BASE2NEW_DATASETS = ("imagenet", *CROSS_TARGETS)  # CoCoOp's Table 1, --data all
 
 
 def default_ctx_init(values):
@@ -81,10 +83,10 @@ def ctx_words(text):
 G = {"data": "data", "method": "the method", "opt": "optimisation", "eval": "evaluation", "predict": "prediction",
      "files": "run files", "hw": "model and hardware"}
 SETTINGS = settings.Declarations([
-    Setting("data", "eurosat", f"benchmark to train on: {', '.join(data.DATASETS)}; or a folder of your own images, "
-            "<class>/<image>, given as a path (docs/data.md)", "data", G["data"], metavar="NAME|DIR",
-            check=cli.dataset_problem, shown="{}; --eval-only: the adapters file's", eval_only="file",
-            convert=lambda v, values: os.path.abspath(os.path.expanduser(v)) if data.is_folder(v) else v),
+    Setting("data", ["eurosat"], f"benchmarks to train on, each a row of the table: {', '.join(data.DATASETS)}; "
+            "all: the 11 of CoCoOp's base-to-new table; or a folder of your own images, <class>/<image>, given as a "
+            "path (docs/data.md)", "data", G["data"], nargs="+", metavar="NAME|DIR", check=cli.dataset_problem,
+            shown="{}; --eval-only: the adapters file's", eval_only="file", convert=lambda v, values: datasets_named(v)),
     Setting("template", None, "the prompt of --data's classes, {} where the class name goes, e.g. 'a satellite "
             "photo of {}.'", "data", G["data"], metavar="TEXT", check=cli.template_problem,
             shown="the dataset's own, for a folder CoOp's generic 'a photo of a <class>.'; --eval-only, "
@@ -171,6 +173,8 @@ SETTINGS = settings.Declarations([
             choices=tuple(data.DATASETS), metavar="NAME", shown="the paper's"),
     Setting("eval_limit", None, "evaluate N class-balanced test images per split", "data", G["eval"], type=int,
             metavar="N", check=at_least(1), shown="all"),
+    Setting("table_only", False, "print and write the table of this command's finished runs again, from their "
+            "records, without loading a model or training", group=G["eval"], switch=True),
     Setting("eval_batch_size", EVAL_BATCH_SIZE, "images per batch", group=G["eval"], type=int, metavar="N",
             check=at_least(1)),
     Setting("predict", None, "classify these images (files, or folders searched for image files) with --adapters' "
@@ -181,7 +185,8 @@ SETTINGS = settings.Declarations([
             group=G["predict"], nargs="+", metavar="NAME", shown="the adapters file's"),
     Setting("top_k", predictions.TOP_K, "--predict: classes shown and written per image", group=G["predict"],
             type=int, metavar="K", check=at_least(1), shown="{}, or the number of classes if fewer"),
-    Setting("out", None, "the run folder; {seed} in it becomes the seed", group=G["files"], metavar="DIR",
+    Setting("out", None, "the run folder; {seed} and {data} in it become each run's seed and dataset",
+            group=G["files"], metavar="DIR",
             shown="runs/<data>_<protocol>_<K>shot_<method>_seed<S>, <method> the table's label, e.g. orthsr+coop; "
                   "--eval-only: eval_<data>_<protocol>_seed<S> beside the adapters file; --predict: predict_<n> beside "
                   "it (runs/predict_<n> for --zero-shot alone), n the first free number"),
@@ -225,6 +230,19 @@ def model_activation(weights):
         return clip_min.checkpoint_settings(weights)["activation"] if weights else "quick_gelu"
     except (ValueError, OSError):
         return "quick_gelu"
+
+
+def datasets_named(names):
+    """--data's record: one dataset's name, as each run records it; for a sweep, the datasets (all: CoCoOp's 11)."""
+    names = BASE2NEW_DATASETS if tuple(names) == ("all",) else tuple(names)
+    names = tuple(os.path.abspath(os.path.expanduser(n)) if data.is_folder(n) else n for n in names)
+    return names[0] if len(names) == 1 else names
+
+
+def sweep_datasets(cfg):
+    """The datasets a command's runs cover: {name: the settings of its runs}."""
+    names = (cfg.data,) if isinstance(cfg.data, str) else cfg.data
+    return {name: settings.replace(cfg, data=name) for name in names}
 
 
 def parse_args(argv=None):
@@ -580,36 +598,6 @@ def published_check_applies(cfg):
             and cfg.checkpoint_sha256 == official)
 
 
-def summary_table(all_results):
-    """The paper's table form: one row, each column averaged over seeds (± the population std with several seeds,
-    as CoOp's parse_test_res.py computes it, said under the table). HM is the HM of the mean base and mean new
-    accuracies, as CoCoOp's tables report it; results.json keeps each seed's own HM."""
-    first = all_results[0]
-    splits = [k for k in first["results"] if k != "hm"]
-
-    def values(split):
-        return [r["results"][split]["accuracy"] for r in all_results]
-
-    def cell(vals):
-        std = f" ± {statistics.pstdev(vals):.2f}" if len(vals) > 1 else ""
-        return f"{statistics.mean(vals):.2f}{std}"
-
-    columns = {s: cell(values(s)) for s in splits}
-    if first["protocol"] == "base2new":
-        columns["HM"] = f"{harmonic_mean(statistics.mean(values('base')), statistics.mean(values('new'))):.2f}"
-    if first["protocol"] in ("cross", "dg") and len(splits) > 2:  # the targets' average, source excluded
-        columns["average"] = f"{statistics.mean(statistics.mean(values(s)) for s in splits[1:]):.2f}"
-    seeds = f"{len(all_results)} seed{'s' if len(all_results) > 1 else ''}"
-    header = "| dataset | method | " + " | ".join(columns) + " |"
-    rule = "|---|---|" + "---|" * len(columns)
-    row = f"| {data.dataset_name(first['data'])} | {first['method']} ({seeds}) | " + " | ".join(columns.values()) + " |"
-    return "\n".join([header, rule, row, *([STD_NOTE] if len(all_results) > 1 else [])])
-
-
-STD_NOTE = ("± is the population std over seeds (np.std, as CoOp's parse_test_res.py), not the sample std; "
-            "HM is the HM of the mean base and new")
-
-
 def cutout_grid(model, params, train_set, cfg, seed, n=8):
     """A PNG-ready picture of the first training batch: per image, the image, its random Cutout hole, its
     attentive Cutout hole, and the teacher's patch-to-class-text similarity as a heat overlay (red = similar)."""
@@ -736,10 +724,90 @@ def _base_model(cfg, args, adapters_file):
     return model, dict(model.state_dict()), cfg
 
 
+# ---------------------------------------------------------------------------------------------------- the table
+
+TABLE_NOTE = ("HM: the harmonic mean of the mean base and mean new accuracies over the seeds (results.json keeps each "
+              "seed's own HM); on the Average row, the HM of the base and new accuracies averaged over the datasets, "
+              "as in CoCoOp's tables. ±: the population standard deviation over the seeds (np.std, as CoOp's "
+              "parse_test_res.py computes it), not the sample std.")
+
+
+def paper_table(records):
+    """The paper's table from finished runs' records (results.json): one row per dataset, each column averaged over
+    its seeds (± std with several seeds); base-to-new's HM is the HM of the mean base and mean new accuracies, as
+    CoCoOp's tables report it. With several datasets, an Average row: each column's mean over the datasets, its HM
+    the HM of the averaged base and new (CoCoOp's Average row). Returns (the table as JSON, its markdown)."""
+    first = records[0]
+    splits = [k for k in first["results"] if k != "hm"]
+    by_dataset = {}
+    for r in records:
+        by_dataset.setdefault(r["data"], []).append(r)
+    rows = []
+    for name, rs in by_dataset.items():
+        row = {"dataset": data.dataset_name(name), "seeds": [r["seed"] for r in rs]}
+        for split in splits:
+            values = [r["results"][split]["accuracy"] for r in rs]
+            row[split] = {"mean": statistics.mean(values), "std": statistics.pstdev(values) if len(values) > 1 else None,
+                          "values": values}
+        rows.append(_derived_columns(row, splits, first["protocol"]))
+    table = {"protocol": first["protocol"], "shots": first["shots"], "method": first["method"], "splits": splits,
+             "rows": rows, "average": None, "note": TABLE_NOTE}
+    if len(rows) > 1:  # CoCoOp's Average row: the mean over the datasets of each dataset's mean
+        average = {"dataset": "Average", "datasets": [row["dataset"] for row in rows]}
+        for split in splits:
+            average[split] = {"mean": statistics.mean(row[split]["mean"] for row in rows), "std": None}
+        table["average"] = _derived_columns(average, splits, first["protocol"])
+    return table, markdown(table)
+
+
+def _derived_columns(row, splits, protocol):
+    """Base-to-new's HM of the mean base and new; cross and dg's average over the targets (the source excluded)."""
+    if protocol == "base2new":
+        row["HM"] = harmonic_mean(row["base"]["mean"], row["new"]["mean"])
+    if protocol in ("cross", "dg") and len(splits) > 2:
+        row["average"] = statistics.mean(row[s]["mean"] for s in splits[1:])
+    return row
+
+
+def markdown(table):
+    """The table in the paper's form: | dataset | method | base | new | HM |, a row per dataset, then Average."""
+    derived = [c for c in ("HM", "average") if c in table["rows"][0]]
+    columns = [*table["splits"], *derived]
+
+    def cells(row):
+        means = [f"{row[s]['mean']:.2f}" + (f" ± {row[s]['std']:.2f}" if row[s]["std"] is not None else "")
+                 for s in table["splits"]]
+        return " | ".join([*means, *(f"{row[c]:.2f}" for c in derived)])
+
+    lines = ["| dataset | method | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for row in table["rows"]:
+        seeds = f"{len(row['seeds'])} seed{'s' if len(row['seeds']) > 1 else ''}"
+        lines.append(f"| {row['dataset']} | {table['method']} ({seeds}) | {cells(row)} |")
+    if table["average"]:
+        lines.append(f"| **Average** | {table['method']} ({len(table['rows'])} datasets) | {cells(table['average'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(all_results):
+    """One dataset's runs as the paper's table: one row, each column averaged over the seeds (± and HM as
+    STD_NOTE says, under the table with several seeds)."""
+    return paper_table(all_results)[1].rstrip("\n") + (f"\n{STD_NOTE}" if len(all_results) > 1 else "")
+
+
+STD_NOTE = ("± is the population std over seeds (np.std, as CoOp's parse_test_res.py), not the sample std; "
+            "HM is the HM of the mean base and new")
+
+
+def table_with_note(records):
+    """A sweep's table and, under it, how its HM and ± are computed."""
+    table, text = paper_table(records)
+    return table, f"{text}\n{TABLE_NOTE}\n"
+
+
 # ---------------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
-    """Flags, run folders, data, model, each seed, the table: every check before the heavy work it guards."""
+    """Flags, run folders, data, model, each run, the table: every check before the heavy work it guards."""
     with runs.stopping() as known:  # one-line warnings; Ctrl-C or SIGTERM outside the loop: one line
         args = parse_args(argv)
         if args.predict:
@@ -753,58 +821,114 @@ def main(argv=None):
         known.cfg = cfg = settings_from(args, saved)
         for line in setting_warnings(cfg):
             warnings.warn(line)
+        by_dataset = sweep_datasets(cfg)  # {dataset: its runs' settings}
+        if cfg.table_only:  # the records alone: no data, no model
+            ignore = () if args.precision not in (None, "auto") else ("precision",)  # auto: the device's, not known
+            sweep = sweeps.Sweep(by_dataset, evaluation_splits, table_with_note, ignore)
+            records, missing, shared = tables.read_records(by_dataset, evaluation_splits, ignore)
+            if not records:
+                runs.fail(f"--table-only: no finished run to tabulate (expected {missing[0].split(' (')[0]}"
+                          f"/results.json)")
+            for line in missing:
+                runs.say(f"missing: {line}")
+            return sweep.write(records, missing, shared)
+        if len(by_dataset) > 1 or len(cfg.seeds) > 1 and not cfg.cutout_grid:  # several runs, shared by processes
+            return run_sweep(sweeps.Sweep(by_dataset, evaluation_splits, table_with_note), known)
+        known.cfg = cfg
         known.plan = plan = {} if cfg.cutout_grid else runs.plan_runs(cfg, evaluation_splits(cfg))  # folders first
         with runs.hold(cfg, plan):  # each run folder is locked from here to the end, before any data is read
             return run_all(cfg, plan, adapters_file)
 
 
 def run_all(cfg, plan, adapters_file):
-    """The data, then the model, checked completely; then each seed's run and the table."""
+    """One dataset's runs: the data, then the model, checked completely; then each seed's run and the table."""
+    ready = prepare({cfg.data: cfg}, {cfg.data: plan}, adapters_file)
+    if cfg.cutout_grid:
+        seed = cfg.seeds[0]
+        runs.write_file(Path(cfg.cutout_grid), lambda tmp: cutout_grid(ready.model, ready.params,
+                                                                       ready.datasets[cfg.data, seed][0], cfg, seed)
+                        .save(tmp, format="PNG"))
+        runs.say(f"Cutout grid written to {cfg.cutout_grid}")
+        return []
+    all_results = [run_checked(ready, cfg.data, seed, plan[seed], adapters_file) for seed in cfg.seeds]
+    print(summary_table(all_results))
+    return all_results
+
+
+def run_sweep(sweep, known):
+    """Several runs (datasets x seeds), which any number of processes started with the same command share
+    (toolbox/sweeps.py): each takes the next run that no other holds or has finished; the process that finds them
+    all finished writes the table (table.md, table.json)."""
+    plans = sweep.preview()  # every run folder checked before any data is read
+    if sweep.finished(plans):  # nothing to train: the table from the records
+        return sweep.finish()
+    ready = prepare(sweep.cfgs, plans, None)
+
+    def run_one(name, seed, plan):  # called with the run's folder held
+        cfg = ready.cfgs[name]
+        known.cfg, known.plan = cfg, {seed: plan}
+        runs.say(f"{name}, seed {seed}: {runs.run_folder(cfg, seed)}")
+        runs.check_plan(cfg, {seed: plan}, {seed: ready.fingerprints[name, seed]}, {seed: ready.totals[name, seed]},
+                        *ready.trainables, grad_scaler(cfg.device, cfg.precision))
+        run_checked(ready, name, seed, plan, None)
+
+    sweep.take_each(run_one)
+    known.cfg = None
+    return sweep.finish()
+
+
+def prepare(cfgs, plans, adapters_file):
+    """The data of every run, then the model, checked completely: `cfgs` {dataset: its runs' settings}, `plans`
+    {dataset: {seed: (mode, payload)}}. Returns what the runs need (the settings now hold the model's checksum)."""
+    cfg = next(iter(cfgs.values()))  # what every run shares
     cli.check_layout(cfg, init_trainables)  # a named model's shapes: checked before any data is read or downloaded
     cli.check_root(cfg)
     clock = time.monotonic()
-    try:  # the datasets are read and checked, completely, before the model is loaded or downloaded
-        datasets = {seed: protocol_datasets(cfg, seed) for seed in cfg.seeds}
-    except (data.DataError, OSError) as e:
-        runs.fail(str(e) if isinstance(e, data.DataError) else f"cannot read the data: {e}")
+    datasets = {}
+    for name, c in cfgs.items():  # read and checked, completely, before the model is loaded or downloaded
+        try:
+            datasets.update({(name, seed): protocol_datasets(c, seed) for seed in c.seeds})
+        except (data.DataError, OSError) as e:
+            problem = str(e) if isinstance(e, data.DataError) else f"cannot read the data: {e}"
+            runs.fail(problem if len(cfgs) == 1 else f"--data {name}: {problem}")
     cli.check_prompts(cfg, datasets)
-    fingerprints = {seed: runs.data_fingerprint(cfg, datasets[seed]) for seed in cfg.seeds}
+    fingerprints = {key: runs.data_fingerprint(cfg, d) for key, d in datasets.items()}
+    totals = {key: cfg.epochs * data.steps_per_epoch(len(d[0].train), cfg.batch_size) for key, d in datasets.items()}
     data_s = time.monotonic() - clock
     try:
         path, model_sha256 = clip_min.checkpoint(cfg.weights or cfg.model, cfg.download_root)
-        cfg = settings.replace(cfg, checkpoint_sha256=model_sha256)
-        adapters, context = cli.check_layout(cfg, init_trainables, path)
+        cfgs = {name: settings.replace(c, checkpoint_sha256=model_sha256) for name, c in cfgs.items()}
+        cfg = next(iter(cfgs.values()))
+        trainables = cli.check_layout(cfg, init_trainables, path)
         if cfg.eval_only:
             cli.check_evaluation(cfg, adapters_file["settings"])
-        totals = {seed: cfg.epochs * data.steps_per_epoch(len(datasets[seed][0].train), cfg.batch_size)
-                  for seed, (mode, _) in plan.items() if mode == "resume"}
-        runs.check_plan(cfg, plan, fingerprints, totals, adapters, context, grad_scaler(cfg.device, cfg.precision))
+        for name, plan in plans.items():
+            runs.check_plan(cfgs[name], plan, {seed: fingerprints[name, seed] for seed in plan},
+                            {seed: totals[name, seed] for seed in plan}, *trainables,
+                            grad_scaler(cfg.device, cfg.precision))
         runs.say(f"loading {runs.model_label(cfg)} ({files.format_size(path.stat().st_size)})")
         model = clip_min.load(str(path), cfg.device, activation=cfg.activation)
     except (ValueError, RuntimeError, OSError) as e:  # bad file, failed download, unreadable path
         runs.fail(str(e).splitlines()[0] if str(e) else repr(e))
     model.requires_grad_(False)  # W0 is frozen: only the adapters (and CoOp's context) get gradients
-    params = dict(model.state_dict())
-    if cfg.cutout_grid:
-        seed = cfg.seeds[0]
-        runs.write_file(Path(cfg.cutout_grid), lambda tmp: cutout_grid(model, params, datasets[seed][0], cfg, seed)
-                        .save(tmp, format="PNG"))
-        runs.say(f"Cutout grid written to {cfg.cutout_grid}")
-        return []
     seconds = {"data": data_s, "model": time.monotonic() - clock - data_s}
-    all_results = []
-    for seed in cfg.seeds:
-        try:
-            all_results.append(run(cfg, seed, plan[seed], datasets[seed], model, params, seconds, fingerprints[seed],
-                                   adapters_file))
-        except data.DataError as e:  # a file that changed on disk since it was checked
-            folder = runs.run_folder(cfg, seed)
-            if (folder / "checkpoint.pt").is_file():
-                runs.say(f"the run can continue from its checkpoint once the data is back:\n  "
-                         f"{runs.resume_command(folder)}")
-            runs.fail(str(e))
-    print(summary_table(all_results))
-    return all_results
+    return SimpleNamespace(cfgs=cfgs, datasets=datasets, fingerprints=fingerprints, totals=totals,
+                           trainables=trainables, model=model, params=dict(model.state_dict()), seconds=seconds)
+
+
+def run_checked(ready, name, seed, plan, adapters_file):
+    """One run of `prepare`d data and model; a file that changed on disk since it was checked stops it with one
+    line, and the command that continues it."""
+    cfg = ready.cfgs[name]
+    try:
+        return run(cfg, seed, plan, ready.datasets[name, seed], ready.model, ready.params, ready.seconds,
+                   ready.fingerprints[name, seed], adapters_file)
+    except data.DataError as e:
+        folder = runs.run_folder(cfg, seed)
+        if (folder / "checkpoint.pt").is_file():
+            runs.say(f"the run can continue from its checkpoint once the data is back:\n  "
+                     f"{runs.resume_command(folder)}")
+        runs.fail(str(e))
 
 
 if __name__ == "__main__":

@@ -94,8 +94,8 @@ def _method_problems(args, value):
 
 
 def dataset_problem(value):
-    """--data: a benchmark's name, or a folder of your own images (data.is_folder)."""
-    if value not in data.DATASETS and not data.is_folder(value):
+    """--data: a benchmark's name (or all), or a folder of your own images (data.is_folder)."""
+    if value != "all" and value not in data.DATASETS and not data.is_folder(value):
         return (f"{value}: neither a benchmark ({', '.join(data.DATASETS)}) nor a folder of your own images "
                 f"(give it as a path, e.g. ./{value})")
 
@@ -109,20 +109,25 @@ def template_problem(value):
 
 
 def _protocol_problems(args, value):
-    bad, name = [], value("data")
-    if data.is_folder(name):
-        if value("protocol") in ("cross", "dg"):
-            bad.append(f"--protocol {value('protocol')} trains on ImageNet and tests other benchmarks: a folder of "
-                       f"your own images (--data {name}) takes --protocol base2new or fewshot")
+    bad, names = [], list(value("data"))
+    if "all" in names and len(names) > 1:
+        bad.append("--data all stands for the 11 datasets of CoCoOp's base-to-new table: give it alone")
+    if len(set(names)) != len(names):
+        bad.append(f"--data {' '.join(names)}: each dataset once (a repeated dataset repeats its runs)")
+    folders = [name for name in names if data.is_folder(name)]
+    if folders and value("protocol") in ("cross", "dg"):
+        bad.append(f"--protocol {value('protocol')} trains on ImageNet and tests other benchmarks: a folder of "
+                   f"your own images (--data {folders[0]}) takes --protocol base2new or fewshot")
+    names = [name for name in names if name == "all" or name in data.DATASETS]  # dataset_problem names the rest
+    if folders:
         return bad
-    if name not in data.DATASETS:
-        return bad  # dataset_problem names it
-    if args.protocol == "dg" and name != "imagenet":
+    if args.protocol == "dg" and names != ["imagenet"]:
         bad.append("--protocol dg trains on imagenet: add --data imagenet")
-    if args.protocol == "cross" and name != "imagenet" and args.data is not None:
+    if args.protocol == "cross" and names != ["imagenet"] and args.data is not None:
         bad.append("--protocol cross trains on imagenet (CoCoOp's cross-dataset table): add --data imagenet")
-    if data.DATASETS[name].kind in data.TEST_ONLY:
-        bad.append(f"--data {name} has no training split (it is an evaluation-only ImageNet variant)")
+    for name in names:
+        if name != "all" and data.DATASETS[name].kind in data.TEST_ONLY:
+            bad.append(f"--data {name} has no training split (it is an evaluation-only ImageNet variant)")
     if args.eval_data and args.protocol not in ("cross", "dg"):
         bad.append("--eval-data lists the targets of --protocol cross or dg")
     return bad
@@ -161,6 +166,19 @@ def _file_problems(args, value):
         bad.append(f"--adapters {args.adapters}: {'not a regular file' if os.path.lexists(args.adapters) else 'no such file'}")
     if args.out and args.seeds and len(args.seeds) > 1 and "{seed}" not in args.out:
         bad.append("--out names one run folder: with several seeds put {seed} in it, e.g. --out runs/lr3e-4_seed{seed}")
+    several = args.data is not None and (len(args.data) > 1 or args.data == ["all"])
+    if args.out and several and "{data}" not in args.out:
+        bad.append("--out names one run folder: with several datasets put {data} in it, e.g. --out "
+                   "runs/lr3e-4/{data}_seed{seed}")
+    if several and (args.eval_only or grid):
+        bad.append(f"{'--eval-only evaluates one adapters file' if args.eval_only else '--cutout-grid draws one batch'}"
+                   f" on one dataset: give one --data")
+    if args.overwrite and (several or args.seeds and len(args.seeds) > 1):
+        bad.append("--overwrite replaces one run; a sweep keeps its finished runs and resumes its stopped ones: "
+                   "remove the runs to redo, or overwrite one at a time (--data NAME --seeds S --overwrite)")
+    if args.table_only and (args.eval_only or args.resume or args.overwrite or grid or args.export):
+        bad.append("--table-only reads the finished runs' records: it takes no --eval-only, --resume, --overwrite, "
+                   "--cutout-grid or --export")
     if args.resume and args.overwrite:
         bad.append("--resume continues the run in --out, --overwrite replaces it: choose one")
     if grid and not Path(grid).expanduser().resolve().parent.is_dir():

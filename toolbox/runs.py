@@ -91,11 +91,12 @@ def data_fingerprint(cfg, datasets):
 # ---------------------------------------------------------------------------------------------------- run folders
 
 def run_folder(cfg, seed):
-    """--out ({seed} in it becomes the seed), else runs/<data>_<protocol>_<K>shot_<method>_seed<S>: each row of
-    the ablation table gets its own folder; --eval-only's folder sits beside the adapters file."""
-    if cfg.out:
-        return Path(cfg.out.replace("{seed}", str(seed)))
+    """--out ({data} and {seed} in it become the dataset and the seed), else
+    runs/<data>_<protocol>_<K>shot_<method>_seed<S>: each row of the ablation table gets its own folder; --eval-only's
+    folder sits beside the adapters file."""
     name = data.dataset_name(cfg.data)  # a folder of your own images: its short name
+    if cfg.out:
+        return Path(cfg.out.replace("{data}", name).replace("{seed}", str(seed)))
     if cfg.eval_only:  # beside the training run, never into its files
         return Path(cfg.adapters).resolve().parent / f"eval_{name}_{cfg.protocol}_seed{seed}"
     if cfg.zero_shot:
@@ -114,38 +115,83 @@ def hold(cfg, plan):
 
 @contextmanager
 def exclusive(folder, cfg, plan):
-    """Hold the run folder for one run: created if needed and locked against concurrent use (flock, which the
-    kernel releases when a run crashes). What it holds was checked by plan_runs; it is checked again under the
-    lock. A folder made here that is still empty at the end is removed again."""
+    """Hold the run folder for one run: created if needed and locked against concurrent use. What it holds was
+    checked by plan_runs; it is checked again under the lock."""
+    with locked(folder) as held:
+        if not held:
+            fail(f"{folder} is in use by another run (its .lock is held): wait for it, or choose another --out")
+        if run_state(folder) != _PLAN_STATE[plan] and not (plan == "new" and cfg.overwrite):
+            fail(f"{folder} changed while this run was starting (another run?): start again")
+        with running(folder, plan):
+            yield folder
+
+
+@contextmanager
+def locked(folder, shared=False):
+    """The run folder, created if needed and locked against concurrent use (flock on <folder>/.lock, which the
+    kernel releases when a process dies). Yields True while held, or False at once, holding nothing, when another
+    process holds it to run it (a sweep then skips it). `shared`: held only to look at the folder, beside other
+    lookers; a process that takes the folder to run it waits the moment a look takes. On leaving, .lock is removed
+    (by the run's holder) before it is released, and a folder made here that is still empty is removed again."""
     created = not folder.exists()
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        lock = open(folder / ".lock", "a")
+        lock = _take_lock(folder, shared)
     except OSError as e:
         fail(f"cannot use {folder} as the run folder: {e.strerror or e}")
     try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            fail(f"{folder} is in use by another run (its .lock is held): wait for it, or choose another --out")
-        try:
-            if run_state(folder) != _PLAN_STATE[plan] and not (plan == "new" and cfg.overwrite):
-                fail(f"{folder} changed while this run was starting (another run?): start again")
-            for name in RUN_FILES:  # a write that a killed run left half done (none is in progress: we hold the lock)
-                for stale in folder.glob(f".{name}.*.tmp"):
-                    stale.unlink(missing_ok=True)
-            try:
-                yield folder
-            except BaseException:  # stopped (an error, Ctrl-C) before a new run left anything to continue from:
-                if plan == "new" and run_state(folder) == "partial":  # nothing half-written is kept
-                    clear(folder, evaluations=False)  # only what this run wrote
-                raise
-        finally:
-            (folder / ".lock").unlink(missing_ok=True)
+        yield lock is not None
     finally:
-        lock.close()
-        if created and not any(folder.iterdir()):
+        if lock is not None:
+            if not shared:
+                (folder / ".lock").unlink(missing_ok=True)
+            lock.close()
+        if created and folder.is_dir() and not any(folder.iterdir()):
             folder.rmdir()
+
+
+def _take_lock(folder, shared):
+    """The open, flock-ed <folder>/.lock, or None when another process holds it to run it (exclusively). A look
+    (a shared lock) is waited for. A holder removes .lock before it lets go: a lock taken on a file that is no
+    longer the folder's .lock is let go, and the new one taken."""
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            lock = open(folder / ".lock", "a")
+        except FileNotFoundError:  # the folder was removed (left empty by a holder) in between
+            continue
+        try:
+            fcntl.flock(lock, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:  # only looks hold it when a shared lock can be had: wait for them
+                fcntl.flock(lock, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                lock.close()
+                return None  # held to be run
+            lock.close()
+            time.sleep(0.05)
+            continue
+        try:
+            if os.stat(folder / ".lock").st_ino == os.fstat(lock.fileno()).st_ino:
+                return lock
+        except FileNotFoundError:
+            pass
+        lock.close()
+
+
+@contextmanager
+def running(folder, plan):
+    """A run in its held folder: a write that a killed run left half done is removed first (none is in progress:
+    the folder is held); a new run stopped (an error, Ctrl-C) before it left anything to continue from leaves
+    nothing half-written."""
+    for name in RUN_FILES:
+        for stale in folder.glob(f".{name}.*.tmp"):
+            stale.unlink(missing_ok=True)
+    try:
+        yield folder
+    except BaseException:
+        if plan == "new" and run_state(folder) == "partial":
+            clear(folder, evaluations=False)  # only what this run wrote
+        raise
 
 
 def clear(folder, evaluations=True):
@@ -304,14 +350,23 @@ def _read_json_record(path):
 def compare_settings(path, recorded, cfg, seed, data_sha256=None, later=(), only=None):
     """Refuse, naming the first difference and both values, a record written with other result settings.
     `later`: keys not known yet (compared once the model's checksum and the data are known), `only`: just those."""
+    difference = first_difference(recorded, cfg, seed, data_sha256, later, only)
+    if difference:
+        key, was, now = difference
+        fail(f"--resume: {path} was written with {key} = {was!r}, this run has {key} = {now!r}; resume with the "
+             f"run's own settings, or start a new run")
+
+
+def first_difference(recorded, cfg, seed, data_sha256=None, later=(), only=None):
+    """(key, recorded value, this run's value) of the first result setting in which `recorded` differs, or None."""
     current = result_settings(cfg, seed, data_sha256)
     for key in only or current:
         if key in later:
             continue
         value, then = current[key], recorded.get(key, BEFORE_RECORDED.get(key, "(not recorded)"))
         if then != value:
-            fail(f"--resume: {path} was written with {key} = {then!r}, this run has {key} = {value!r}; resume with "
-                 f"the run's own settings, or start a new run")
+            return key, then, value
+    return None
 
 
 # settings that records written before them lack, and the value those runs had: such a record still resumes
@@ -371,12 +426,24 @@ def resume_command(folder):
             argv[i + 1] = str(Path(argv[i + 1]).expanduser().resolve())
     argv[0] = str(Path(argv[0]).resolve()) if argv[0].endswith(".py") else argv[0]
     argv += [] if "--resume" in argv else ["--resume"]
-    if "--out" not in argv:  # the default folder, named (with {seed} for a sweep): the command works from anywhere
-        seeds = argv[argv.index("--seeds") + 1:] if "--seeds" in argv else []
-        several = len(list(itertools.takewhile(lambda a: not a.startswith("--"), seeds))) > 1
+    if "--out" not in argv:  # the default folder, named (with {seed}, {data} for a sweep): works from anywhere
+        several = {flag: len(_values(argv, flag)) > 1 or _values(argv, flag) == ["all"]
+                   for flag in ("--seeds", "--data")}
         out = folder.resolve()
-        argv += ["--out", str(out.parent / re.sub(r"_seed\d+$", "_seed{seed}", out.name)) if several else str(out)]
+        name = re.sub(r"_seed\d+$", "_seed{seed}", out.name) if several["--seeds"] else out.name
+        if several["--data"]:  # the default folder begins with the dataset, then the protocol
+            protocol = (_values(argv, "--protocol") or ["base2new"])[0]
+            if f"_{protocol}_" in name:
+                name = f"{{data}}_{protocol}_" + name.split(f"_{protocol}_", 1)[1]
+        argv += ["--out", str(out.parent / name)]
     return shlex.join([sys.executable, *argv])
+
+
+def _values(argv, flag):
+    """The values given to `flag` in `argv` (the words after it, up to the next flag)."""
+    if flag not in argv:
+        return []
+    return list(itertools.takewhile(lambda a: not a.startswith("--"), argv[argv.index(flag) + 1:]))
 
 
 # ---------------------------------------------------------------------------------------------------- checkpoints
@@ -594,7 +661,8 @@ def _read_training_settings(path, saved, declared):
     recorded = {**(saved.get("config") or {}), **(saved.get("settings") or {})}
     for name in declared.saved_names():
         key, s = ("seed" if name == "seeds" else name), declared.by_name[name]
-        if key in recorded and not s.valid([recorded[key]] if key == "seed" else recorded[key]):
+        one_per_run = key in ("seed", "data")  # a run's record holds its own seed and dataset
+        if key in recorded and not s.valid([recorded[key]] if one_per_run else recorded[key]):
             fail(f"{path}: its recorded {key} = {recorded[key]!r} is not a valid setting")
     return recorded
 

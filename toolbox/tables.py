@@ -1,0 +1,146 @@
+"""The paper's table as files: where a sweep's table goes, the finished runs' records it is made from (each checked
+to belong to the same table), the runs still missing, and table.md / table.json written once and atomically.
+
+train.py computes the table (`paper_table`, `markdown`); this module reads and writes. Nothing here imports train.py
+or loads a model: `--table-only` prints a table again from the records alone."""
+
+import fcntl
+import json
+from pathlib import Path
+
+from toolbox import files, runs, settings
+
+# settings that differ between the runs of one table by design, or that the records compare otherwise
+_OWN = ("data", "seed", "data_sha256", "checkpoint_sha256")
+
+
+def table_folder(cfg):
+    """Where a sweep's table.md and table.json go: runs/table_<protocol>_<K>shot_<method>/ beside the default run
+    folders (runs/table_<protocol>_zeroshot/ for --zero-shot); with --out, the deepest folder of its template that
+    holds no {data} or {seed} (the folder that holds the sweep's run folders)."""
+    if cfg.out:
+        template = Path(cfg.out)
+        fixed = [part for part in template.parents if "{" not in str(part)]
+        return fixed[0] if "{" in template.name else template.parent
+    if cfg.zero_shot:
+        return Path("runs") / f"table_{cfg.protocol}_zeroshot"
+    return Path("runs") / f"table_{cfg.protocol}_{cfg.shots}shot_{settings.method_tag(cfg)}"
+
+
+def shared_settings(cfg, ignore=()):
+    """The settings every run of one table must share: the method and data settings (toolbox/settings.py's roles),
+    except each run's own dataset and seed; the base model is compared between the runs' records."""
+    return {k: v for k, v in runs.result_settings(cfg, 0).items() if k not in _OWN and k not in ignore}
+
+
+def check_folder(cfg, ignore=()):
+    """A table folder that holds another sweep's table (other settings) is refused before any work: its table
+    would be replaced."""
+    path = table_folder(cfg) / "table.json"
+    if not path.is_file():
+        return
+    try:
+        recorded = json.loads(path.read_text()).get("settings", {})
+    except (OSError, ValueError, AttributeError):
+        runs.fail(f"{path} exists and is not a table.json written by train.py: move it, or choose another --out")
+    expected = shared_settings(cfg, ignore)
+    different = next((k for k in expected if recorded.get(k, "(not recorded)") != expected[k]), None)
+    if different:
+        runs.fail(f"{path} is the table of another sweep ({different} = {recorded.get(different, '(not recorded)')!r},"
+                  f" this one has {expected[different]!r}): give each sweep its own folder, e.g. --out "
+                  f"sweeps/<name>/{{data}}_seed{{seed}}")
+
+
+def read_records(cfgs, splits, ignore=(), why="--table-only"):
+    """Each finished run's results.json, in the sweep's order (dataset, then seed), a line for each run still
+    missing, and the settings they share as recorded (with the base model). `cfgs`: {dataset: its runs' settings};
+    `splits(cfg)`: the evaluation splits a record must hold. One line refuses the runs whose records differ from
+    these settings (any method or data setting, except the dataset and the seed themselves) or were trained on
+    another base model than the others."""
+    records, missing, differ, base_models, shared = [], [], [], {}, None
+    for name, cfg in cfgs.items():
+        for seed in cfg.seeds:
+            folder = runs.run_folder(cfg, seed)
+            if not (folder / "results.json").is_file():
+                missing.append(f"{folder} ({_why_missing(folder)})")
+                continue
+            config, record = (_read(folder / f, why) for f in ("config.json", "results.json"))
+            expected = shared_settings(cfg, ignore)
+            for key, value in expected.items():
+                if config.get(key, "(not recorded)") != value:
+                    differ.append(f"{folder} ({key} = {config.get(key, '(not recorded)')!r}, not {value!r})")
+                    break
+            else:
+                if config.get("model_file") != runs.model_label(cfg):
+                    differ.append(f"{folder} (base model {config.get('model_file')!r}, not {runs.model_label(cfg)!r})")
+                elif (config.get("data"), config.get("seed")) != (name, seed) or record.get("data") != name \
+                        or record.get("seed") != seed:
+                    differ.append(f"{folder} (it records data = {record.get('data')!r}, seed = "
+                                  f"{record.get('seed')!r})")
+                elif not _holds(record, splits(cfg)):
+                    differ.append(f"{folder} (its results.json lacks {', '.join(splits(cfg))})")
+                base_models.setdefault(config.get("checkpoint_sha256"), folder)
+                records.append(record)
+                shared = shared or {**{k: config.get(k) for k in shared_settings(cfg)},
+                                    "model_file": config.get("model_file"),
+                                    "checkpoint_sha256": config.get("checkpoint_sha256")}
+    if differ:
+        runs.fail(f"{why}: {len(differ)} run(s) differ from this command's settings: {'; '.join(differ)}")
+    if len(base_models) > 1:
+        (a, first), (b, second) = list(base_models.items())[:2]
+        runs.fail(f"{why}: {first} and {second} were trained on different base models (SHA-256 {str(a)[:16]}..., "
+                  f"{str(b)[:16]}...): one table holds one base model")
+    return records, missing, shared
+
+
+def _holds(record, splits):
+    results = record.get("results")
+    return isinstance(results, dict) and all(isinstance(results.get(s), dict) and
+                                             type(results[s].get("accuracy")) in (int, float) for s in splits)
+
+
+def _why_missing(folder):
+    if not folder.exists():
+        return "not started"
+    with runs.locked(folder, shared=True) as held:  # a look: it never keeps a process from the run
+        if not held:
+            return "running in another process"
+        state = runs.run_state(folder)
+    if state == "done":
+        return "finished just now"
+    if state == "checkpoint":
+        return "stopped with a checkpoint: the sweep's command resumes it"
+    return "stopped before its first checkpoint" if state == "partial" else "not started"
+
+
+def _read(path, why):
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError, RecursionError) as e:
+        runs.fail(f"{why}: cannot read {path}: {e}".splitlines()[0])
+    if not isinstance(record, dict):
+        runs.fail(f"{why}: {path} is not a record written by train.py")
+    return record
+
+
+def write(folder, table, text, shared, missing):
+    """table.md (`text`) and table.json (`table`, with the settings its runs share (`shared`, as read_records
+    returns them) and the runs still missing), written under the folder's .table.lock so that two processes that
+    finish together write it once. Returns whether this call wrote them (False: they already held this table)."""
+    folder = Path(folder)
+    try:
+        files.make_dirs(folder)
+    except OSError as e:
+        runs.fail(f"cannot write the table into {folder}: {e.strerror or e}")
+    content = {**table, "settings": shared, "missing": missing}
+    with open(folder / ".table.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # held for a moment: two writers of the same table take turns
+        try:
+            same = json.loads((folder / "table.json").read_text()) == json.loads(json.dumps(content))
+        except (OSError, ValueError):
+            same = False
+        if same and (folder / "table.md").is_file() and (folder / "table.md").read_text() == text:
+            return False
+        runs.write_file(folder / "table.md", lambda tmp: Path(tmp).write_text(text))
+        runs.write_json(folder / "table.json", content)
+    return True
