@@ -13,16 +13,17 @@ checkpoints, the flag checks) lives in toolbox/.
 import math
 import statistics
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 
 import clip_min
 import data
 import orthcr
-from toolbox import cli, files, runs, settings
+from toolbox import cli, distributed, files, runs, settings
 from toolbox.settings import Setting, at_least, learning_rate, non_negative_number, positive_number, seed
 
 # ---------------------------------------------------------------------------------------------------- defaults
@@ -142,6 +143,9 @@ SETTINGS = settings.Declarations([
             convert=lambda v, values: resolve_precision(v, values["device"])),  # recorded resolved
     Setting("workers", lambda values: data.default_workers(values["device"]), "data loading processes",
             group=G["hw"], type=int, metavar="N", check=at_least(0), shown="0 on the CPU, 8 on CUDA"),
+    Setting("dist_timeout", distributed.TIMEOUT_S, "under torchrun: seconds a process waits for the others at a "
+            "collective before the run stops (a peer that hung; the first model download counts)", group=G["hw"],
+            type=float, metavar="S", check=positive_number),
     Setting("checkpoint_sha256", None, "SHA-256 of the base model file, once it is known", "method", flag=False,
             eval_only="checked"),
 ])
@@ -162,25 +166,32 @@ def settings_from(args, saved=None):
 
 def train(model, params, train_set, cfg, seed, folder, resume=None, data_sha256=None):
     """OrthCR's training loop on one few-shot set, from scratch or from the checkpoint `resume`. Returns the
-    trained adapters and CoOp context (or None)."""
+    trained adapters and CoOp context (or None).
+
+    Under torchrun each process takes its slice of every global batch of --batch-size images (data.train_batches'
+    `shard`) and `training_step` sums the processes' gradients. Every random choice belongs to an image (its crop,
+    flip and Cutout holes are seeded from (seed, epoch, position)), so any number of processes trains the same
+    adapters, up to the order in which floating-point sums are taken."""
     adapters, context = init_trainables(params, cfg, seed)
     optimizer = torch.optim.AdamW(trainable_tensors(adapters, context), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scaler = grad_scaler(cfg.device, cfg.precision)  # fp16's gradients need loss scaling
     tokens, teacher_text = class_prompts(model, params, train_set, cfg)
-    generator = torch.Generator().manual_seed(seed)  # all of Cutout's randomness
-    method = method_settings(cfg, generator)
     total = cfg.epochs * data.steps_per_epoch(len(train_set.train), cfg.batch_size)
-    step = runs.resume_from(resume, folder, adapters, context, optimizer, scaler, generator) if resume else 0
+    global_batch = min(cfg.batch_size, len(train_set.train))  # each step's images, over all processes
+    step = runs.resume_from(resume, folder, adapters, context, optimizer, scaler) if resume else 0
     save = lambda step: runs.save_checkpoint(folder, cfg, seed, data_sha256, step, total, adapters, context,  # noqa
-                                             optimizer, scaler, generator)
+                                             optimizer, scaler)
+    batches = data.train_batches(train_set.train, cfg.batch_size, seed, cfg.epochs, step, cfg.workers,
+                                 model.visual.input_resolution, shard=(distributed.rank(), distributed.size()))
     with runs.Bookkeeping(folder, cfg, step, total, save) as books:
-        for epoch, images, labels in data.train_batches(train_set.train, cfg.batch_size, seed, cfg.epochs, step,
-                                                        cfg.workers, model.visual.input_resolution):
+        for epoch, images, labels, positions in distributed.each_together(batches):  # a bad image stops all
             lr = _set_lr(optimizer, lr_at(step, total, cfg.lr, cfg.warmup_steps))
+            holes = data.image_generators(seed, epoch, positions, data.CUTOUT_STREAM)  # each image's own Cutout
             try:
                 loss, terms = training_step(model, params, adapters, context, images.to(cfg.device),
                                             labels.to(cfg.device), tokens, teacher_text, optimizer, scaler,
-                                            cfg.precision, method)
+                                            cfg.precision, method_settings(cfg, holes),
+                                            share=len(labels) / global_batch)
             except NonFinite as e:
                 runs.stop_not_finite(e, step + 1, folder)
             step += 1
@@ -193,16 +204,28 @@ class NonFinite(ArithmeticError):
 
 
 def training_step(model, params, adapters, context, images, labels, tokens, teacher_text, optimizer, scaler,
-                  precision, method):
+                  precision, method, share=1.0):
     """One step of OrthCR (train.py's and bench.py's): `orthcr.objective` under autocast, its backward through
     the grad scaler, then AdamW's update, unless the loss or a gradient is not finite (NonFinite, before the
-    update). Returns (loss, terms)."""
+    update). Returns (loss, terms).
+
+    Under torchrun, `images` are this process's slice of the global batch and `share` its part of it (its images
+    over the batch's): the loss, a mean over the slice, is weighted by `share`, so that the gradients summed over
+    the processes are the gradient of the global batch's mean loss, whatever the slices' sizes. The loss and terms
+    returned are the global batch's, the same on every process, and so is the finite check."""
     with autocast(images.device, precision):
         loss, terms = orthcr.objective(model, params, adapters, images, labels, tokens, teacher_text,
                                        context=context, **method)
     optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    what = not_finite(loss, trainable_tensors(adapters, context), scaler)
+    trainables = trainable_tensors(adapters, context)
+    scaler.scale(loss * share).backward()  # one process: share 1
+    if distributed.active():  # data parallel: the sum of the processes' weighted gradients (JAX's pmean)
+        for P in trainables:
+            dist.all_reduce(P.grad)  # every process now holds the same gradients, so takes the same AdamW step
+        values = torch.stack([loss.detach().float(), *(t.detach().float() for t in terms.values())]) * share
+        dist.all_reduce(values)  # the global batch's loss and terms: the log, and one finite check for all
+        loss, terms = values[0], dict(zip(terms, values[1:]))
+    what = not_finite(loss, trainables, scaler)
     if what:
         raise NonFinite(what)
     scaler.step(optimizer)
@@ -212,7 +235,8 @@ def training_step(model, params, adapters, context, images, labels, tokens, teac
 
 def not_finite(loss, trainables, scaler):
     """What is not finite after the backward ("loss (nan)", "gradient") or None; the fp16 scaler skips inf/NaN
-    gradient steps itself. Reads values: one device sync per step."""
+    gradient steps itself (under torchrun it sees the summed gradients, the same on every process). Reads values:
+    one device sync per step."""
     if not torch.isfinite(loss):
         return f"loss ({loss.item()})"
     if not scaler.is_enabled() and not all(P.grad.isfinite().all() for P in trainables):
@@ -221,8 +245,8 @@ def not_finite(loss, trainables, scaler):
 
 
 def method_settings(cfg, generator):
-    """The settings of `orthcr.objective` that define the method: Cutout (drawing from `generator`), the loss
-    weights, the transform."""
+    """The settings of `orthcr.objective` that define the method: Cutout (drawing from `generator`, one for the
+    batch or, as `train` gives it, one per image), the loss weights, the transform."""
     return dict(cutout=orthcr.cutout_views(cfg.cutout, generator, cfg.cutout_holes, cfg.cutout_size,
                                            cfg.cutout_temperature),
                 lambda1=cfg.lambda1, lambda2=cfg.lambda2, transform=cayley_transform(cfg.neumann))
@@ -305,7 +329,8 @@ def grad_scaler(device, precision):
 def evaluate(model, params, context, eval_sets, cfg, seed):
     """Top-1 accuracy (%) of CLIP's classifier under `params` on each evaluation split, with the count behind it.
     All splits go through one loader; each class set's classifier is computed once (ImageNet, -V2 and -Sketch
-    share theirs)."""
+    share theirs). Under torchrun each process encodes every N-th batch (each image in the batch it has on one
+    process) and the correct counts are summed: the accuracies are one process's."""
     classifiers = {}
     for dataset in eval_sets.values():
         key = (tuple(dataset.classnames), dataset.template)
@@ -313,11 +338,16 @@ def evaluate(model, params, context, eval_sets, cfg, seed):
             classifiers[key] = classifier(model, params, context, dataset, cfg)
     splits = list(eval_sets)
     items = [_test_items(eval_sets[s].test, cfg.eval_limit, seed) for s in splits]
-    correct = [0] * len(splits)
-    for i, images, labels in data.eval_batches(items, cfg.eval_batch_size, cfg.workers, model.visual.input_resolution):
+    correct = torch.zeros(len(splits), dtype=torch.int64)
+    batches = data.eval_batches(items, cfg.eval_batch_size, cfg.workers, model.visual.input_resolution,
+                                shard=(distributed.rank(), distributed.size()))  # under torchrun, a share of them
+    for i, images, labels in distributed.each_together(batches):
         dataset = eval_sets[splits[i]]
         weights = classifiers[(tuple(dataset.classnames), dataset.template)]
         correct[i] += int((predict(model, params, images.to(cfg.device), weights, cfg).cpu() == labels).sum())
+    if distributed.active():
+        dist.all_reduce(correct)  # every process's correct counts, summed
+    correct = correct.tolist()
     return {s: {"accuracy": 100.0 * c / len(its), "correct": c, "n": len(its)}
             for s, c, its in zip(splits, correct, items)}
 
@@ -394,15 +424,18 @@ def run(cfg, seed, plan, datasets, model, params, seconds, data_sha256, adapters
     if cfg.eval_only:  # checked against the model before anything is written
         adapters, context, evaluated = runs.read_adapters_file(cfg.adapters, adapters_file, params,
                                                                *init_trainables(params, cfg, 0), cfg.device)
-    if cfg.overwrite:
+    writes = distributed.main_process()  # under torchrun, only the first process writes
+    if cfg.overwrite and writes:
         runs.clear(folder)
-    runs.write_json(folder / "config.json", runs.run_config(cfg, seed, train_set, data_sha256))
+    if writes:
+        runs.write_json(folder / "config.json", runs.run_config(cfg, seed, train_set, data_sha256))
     if not (cfg.zero_shot or cfg.eval_only):
         adapters, context = train(model, params, train_set, cfg, seed, folder, payload, data_sha256)
-        runs.save_adapters(folder / "adapters.pt", adapters, context, cfg, seed, data_sha256)
+        if writes:
+            runs.save_adapters(folder / "adapters.pt", adapters, context, cfg, seed, data_sha256)
     trained = time.monotonic()
     merged = orthcr.export_state_dict(params, adapters, cayley_transform(cfg.neumann))  # eval costs plain CLIP
-    if cfg.export:
+    if cfg.export and writes:
         runs.export(folder, merged, context, cfg)
     results = evaluate(model, merged, context, eval_sets, cfg, seed)
     for split, r in results.items():
@@ -414,8 +447,9 @@ def run(cfg, seed, plan, datasets, model, params, seconds, data_sha256, adapters
               "seconds": {**seconds, "train": trained - started, "eval": time.monotonic() - trained}}
     if cfg.eval_only:
         record["evaluated"] = evaluated
-    runs.write_json(folder / "results.json", record)
-    (folder / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete: adapters.pt holds what it learned
+    if writes:
+        runs.write_json(folder / "results.json", record)
+        (folder / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete: adapters.pt holds what it learned
     runs.say(f"results written to {folder / 'results.json'}")
     return record
 
@@ -454,14 +488,14 @@ def cutout_grid(model, params, train_set, cfg, seed, n=8):
     attentive Cutout hole, and the teacher's patch-to-class-text similarity as a heat overlay (red = similar)."""
     first = data.train_batches(train_set.train, min(n, len(train_set.train)), seed, 1, 0, 0,
                                model.visual.input_resolution)
-    images, labels = next(iter(first))[1:]  # the first batch of epoch 1, as training sees it
+    _, images, labels, positions = next(iter(first))  # the first batch of epoch 1, as training sees it
     _, teacher_text = class_prompts(model, params, train_set, cfg)
     with torch.no_grad(), autocast(cfg.device, cfg.precision):
         _, patches = orthcr.encode_image(model, params, clip_min.normalize(images.to(cfg.device)), dense=True)
     similarity = orthcr.similarity_map(patches, teacher_text[labels.to(cfg.device)]).cpu()  # (N, grid, grid)
-    random_cut = orthcr.cutout(images, torch.Generator().manual_seed(seed), cfg.cutout_holes, cfg.cutout_size)
-    attentive_cut = orthcr.attentive_cutout(images, similarity, cfg.cutout_size, torch.Generator().manual_seed(seed),
-                                            cfg.cutout_temperature)
+    holes = lambda: data.image_generators(seed, 0, positions, data.CUTOUT_STREAM)  # noqa: E731 (training's draws)
+    random_cut = orthcr.cutout(images, holes(), cfg.cutout_holes, cfg.cutout_size)
+    attentive_cut = orthcr.attentive_cutout(images, similarity, cfg.cutout_size, holes(), cfg.cutout_temperature)
     heat = torch.nn.functional.interpolate(similarity[:, None], size=images.shape[-2:], mode="nearest")  # (N, 1, H, W)
     low, high = heat.amin(dim=(2, 3), keepdim=True), heat.amax(dim=(2, 3), keepdim=True)
     heat = (heat - low) / (high - low).clamp_min(1e-12)
@@ -487,7 +521,9 @@ def _with_header(picture, titles, height=20):
 # ---------------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
-    """Flags, run folders, data, model, each seed, the table: every check before the heavy work it guards."""
+    """Flags, run folders, data, model, each seed, the table: every check before the heavy work it guards.
+    Under torchrun (docs/distributed.md) every process runs this; the points where they could diverge are agreed
+    (toolbox/distributed.py), so that a fault on any one stops all of them with one line each."""
     with runs.stopping() as known:  # one-line warnings; Ctrl-C or SIGTERM outside the loop: one line
         args = parse_args(argv)
         adapters_file = runs.read_adapters_once(args.adapters, SETTINGS) if args.eval_only else None
@@ -495,8 +531,12 @@ def main(argv=None):
         if saved:
             cli.check_training_flags(SETTINGS, args, saved)
         known.cfg = cfg = settings_from(args, saved)
-        known.plan = plan = {} if cfg.cutout_grid else runs.plan_runs(cfg, evaluation_splits(cfg))  # folders first
-        with runs.hold(cfg, plan):  # each run folder is locked from here to the end, before any data is read
+        with distributed.session(cfg.device, cfg.dist_timeout) as device, ExitStack() as held:  # torchrun's group
+            known.cfg = cfg = settings.replace(cfg, device=device)  # under torchrun, --device cuda: cuda:LOCAL_RANK
+            with distributed.together():  # every process checks the folders; only the first locks and writes them
+                known.plan = plan = {} if cfg.cutout_grid else runs.plan_runs(cfg, evaluation_splits(cfg))
+                if distributed.main_process():  # each run folder is locked to the end, before any data is read
+                    held.enter_context(runs.hold(cfg, plan))
             return run_all(cfg, plan, adapters_file)
 
 
@@ -505,32 +545,26 @@ def run_all(cfg, plan, adapters_file):
     cli.check_layout(cfg, init_trainables)  # a named model's shapes: checked before any data is read or downloaded
     cli.check_root(cfg)
     clock = time.monotonic()
-    try:  # the datasets are read and checked, completely, before the model is loaded or downloaded
-        datasets = {seed: protocol_datasets(cfg, seed) for seed in cfg.seeds}
-    except (data.DataError, OSError) as e:
-        runs.fail(str(e) if isinstance(e, data.DataError) else f"cannot read the data: {e}")
-    cli.check_prompts(cfg, datasets)
-    fingerprints = {seed: runs.data_fingerprint(cfg, datasets[seed]) for seed in cfg.seeds}
+    with distributed.node_first():  # torchrun: each machine's first process reads (and downloads), then the others
+        try:  # the datasets are read and checked, completely, before the model is loaded or downloaded
+            datasets = {seed: protocol_datasets(cfg, seed) for seed in cfg.seeds}
+        except (data.DataError, OSError) as e:
+            runs.fail(str(e) if isinstance(e, data.DataError) else f"cannot read the data: {e}")
+        cli.check_prompts(cfg, datasets)
+        if not (cfg.zero_shot or cfg.eval_only):
+            for train_set, _ in datasets.values():  # under torchrun, every process needs an image of each step
+                distributed.check_batch(cfg.batch_size, len(train_set.train))
+        fingerprints = {seed: runs.data_fingerprint(cfg, datasets[seed]) for seed in cfg.seeds}
     data_s = time.monotonic() - clock
-    try:
-        path, model_sha256 = clip_min.checkpoint(cfg.weights or cfg.model, cfg.download_root)
-        cfg = settings.replace(cfg, checkpoint_sha256=model_sha256)
-        adapters, context = cli.check_layout(cfg, init_trainables, path)
-        if cfg.eval_only:
-            cli.check_evaluation(cfg, adapters_file["settings"])
-        totals = {seed: cfg.epochs * data.steps_per_epoch(len(datasets[seed][0].train), cfg.batch_size)
-                  for seed, (mode, _) in plan.items() if mode == "resume"}
-        runs.check_plan(cfg, plan, fingerprints, totals, adapters, context, grad_scaler(cfg.device, cfg.precision))
-        runs.say(f"loading {runs.model_label(cfg)} ({files.format_size(path.stat().st_size)})")
-        model = clip_min.load(str(path), cfg.device)
-    except (ValueError, RuntimeError, OSError) as e:  # bad file, failed download, unreadable path
-        runs.fail(str(e).splitlines()[0] if str(e) else repr(e))
+    with distributed.node_first():
+        model, cfg = load_model(cfg, plan, datasets, fingerprints, adapters_file)
     model.requires_grad_(False)  # W0 is frozen: only the adapters (and CoOp's context) get gradients
     params = dict(model.state_dict())
     if cfg.cutout_grid:
         seed = cfg.seeds[0]
-        runs.write_file(Path(cfg.cutout_grid), lambda tmp: cutout_grid(model, params, datasets[seed][0], cfg, seed)
-                        .save(tmp, format="PNG"))
+        if distributed.main_process():
+            runs.write_file(Path(cfg.cutout_grid),
+                            lambda tmp: cutout_grid(model, params, datasets[seed][0], cfg, seed).save(tmp, format="PNG"))
         runs.say(f"Cutout grid written to {cfg.cutout_grid}")
         return []
     seconds = {"data": data_s, "model": time.monotonic() - clock - data_s}
@@ -545,8 +579,28 @@ def run_all(cfg, plan, adapters_file):
                 runs.say(f"the run can continue from its checkpoint once the data is back:\n  "
                          f"{runs.resume_command(folder)}")
             runs.fail(str(e))
-    print(summary_table(all_results))
+    if distributed.main_process():
+        print(summary_table(all_results))
     return all_results
+
+
+def load_model(cfg, plan, datasets, fingerprints, adapters_file):
+    """The base model, checked against the layout, the adapters file and each checkpoint to resume; with cfg
+    recording its checksum."""
+    try:
+        path, model_sha256 = clip_min.checkpoint(cfg.weights or cfg.model, cfg.download_root)
+        cfg = settings.replace(cfg, checkpoint_sha256=model_sha256)
+        adapters, context = cli.check_layout(cfg, init_trainables, path)
+        if cfg.eval_only:
+            cli.check_evaluation(cfg, adapters_file["settings"])
+        totals = {seed: cfg.epochs * data.steps_per_epoch(len(datasets[seed][0].train), cfg.batch_size)
+                  for seed, (mode, _) in plan.items() if mode == "resume"}
+        runs.check_plan(cfg, plan, fingerprints, totals, adapters, context, grad_scaler(cfg.device, cfg.precision))
+        runs.say(f"loading {runs.model_label(cfg)} ({files.format_size(path.stat().st_size)})")
+        model = clip_min.load(str(path), cfg.device)
+    except (ValueError, RuntimeError, OSError) as e:  # bad file, failed download, unreadable path
+        runs.fail(str(e).splitlines()[0] if str(e) else repr(e))
+    return model, cfg
 
 
 if __name__ == "__main__":
