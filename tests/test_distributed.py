@@ -42,6 +42,16 @@ FLAGS = ["--data", "eurosat", "--shots", 8, "--batch-size", 7, "--epochs", 2, "-
 # 2 base classes x 8 shots = 16 images: 2 steps of 7 per epoch, each split 3 + 4 over 2 processes
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One thread per process, in this process as in the ones it starts: a shared machine's cores, and the
+    reference run and the 2-process run do their sums in the same order within each process."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """The data root and the tiny model's weights, shared by the module's runs."""
@@ -135,7 +145,6 @@ def _process(rank, size, port, cwd, argv, fault, log):
     os.dup2(err, 2)
     sys.stderr = os.fdopen(2, "w", buffering=1)
     os.chdir(cwd)
-    torch.set_num_threads(1)  # two processes on a shared machine
     import train  # noqa: F401 (after the environment is set)
     if fault == "bad image" and rank == 1:  # every image this process reads is unreadable, as on a bad disk
         def unreadable(path):
@@ -154,9 +163,9 @@ def _process(rank, size, port, cwd, argv, fault, log):
 
 
 def launch(tmp_path, argv, fault=None, size=2, bound_s=6 * TIMEOUT_S):
-    """Run train.main on `size` processes (spawned, each in its own working folder tmp_path/rank<r>); returns
+    """Run train.main on `size` processes (forked, each in its own working folder tmp_path/rank<r>); returns
     [(exit code, stderr)] in rank order. Fails the test if any process is still running after `bound_s`."""
-    context = torch.multiprocessing.get_context("spawn")
+    context = torch.multiprocessing.get_context("fork")  # the test process, already importing torch and train
     port, processes, logs = _free_port(), [], []
     for rank in range(size):
         cwd, log = tmp_path / f"rank{rank}", tmp_path / f"rank{rank}.log"
