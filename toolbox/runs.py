@@ -664,12 +664,13 @@ class Bookkeeping:
         return self
 
     def after_step(self, step, epoch, lr, loss, terms):
+        if distributed.main_process():  # under torchrun, only the first process writes
+            self.log_step(step, epoch, lr, loss, terms)
         stop = distributed.any_process(self.interrupt.requested)  # under torchrun, all stop after the same step
-        if not distributed.main_process():  # only the first process writes; the others stop with it
+        if not distributed.main_process():
             if stop:
                 fail("interrupted; the first process saved the checkpoint", code=130)
             return
-        self.log_step(step, epoch, lr, loss, terms)
         if stop or step % self.save_every == 0 or step == self.total:
             self.save(step)  # at each epoch's end (or every --save-every steps), at the last step, on Ctrl-C
         if stop:
