@@ -4,6 +4,7 @@
     python train.py --data eurosat --cutout attentive --prompt coop         # OrthSR (v3) with CoOp's context
     python train.py --data imagenet --protocol dg --seeds 1 2 3             # domain generalization table
     python train.py --data eurosat --zero-shot                              # zero-shot CLIP's row
+    torchrun --nproc_per_node 8 train.py --data imagenet --device cuda      # one run on 8 GPUs (docs/distributed.md)
 
 Reading order: the defaults and every setting; `train`, the loop, and `training_step`; `evaluate`; the
 protocols; `run`, one seed from data to files; `main`. The machinery that keeps runs safe (run folders, locks,

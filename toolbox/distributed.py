@@ -14,7 +14,7 @@ Faults. A process that stops while the others wait in a collective would leave t
 timeout. So the points where processes can diverge (reading and checking the data, loading the model, reading each
 step's images, evaluating) run inside `together`: at its end every process learns whether one failed in it, and all
 stop with one line. A process that dies outright (killed, out of memory in a step) is seen by the others as a broken
-collective, which `lost_contact` turns into one line; torchrun also ends the other processes when one exits non-zero.
+collective, which `session` turns into one line; torchrun also ends the other processes when one exits non-zero.
 """
 
 import datetime
