@@ -66,8 +66,10 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 import clip_min  # noqa: E402
+import data  # noqa: E402
 import orthcr  # noqa: E402
 import train  # noqa: E402
+from toolbox import distributed  # noqa: E402
 
 BENCH_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
 BATCH = 16  # training images per step (plus as many Cutout copies) and eval batch
@@ -83,7 +85,9 @@ PRECISION_IMAGES_CPU = 4
 ROTATION_SIZES = (1e-4, 1e-3, 1e-2)  # target max |R - I| of the student's rotations
 LOGIT_SCALE = 100.0  # OpenAI's trained checkpoints (clamped at 100); a random model's init is 1 / 0.07
 GPU_CHECK_SECONDS = 470  # --gpu-check's budget: under 8 minutes with the start-up and the summary
-DEFAULT_RUN = ["matmul", "ours_step", "cutout", "eval", "peft_exact", "peft_neumann"]
+DEFAULT_RUN = ["matmul", "ours_step", "cutout", "eval", "peft_exact", "peft_neumann", "data_parallel"]
+DP_BATCH = 16  # data parallel: the global batch of the 1 vs 2 processes comparison (on GPUs: per device)
+DP_EVAL_BATCHES = 4  # data parallel: evaluation batches of BATCH images (on GPUs: per device)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -552,6 +556,120 @@ def timed_steps(args, model, params, images, labels, tokens, zs_text, start, pre
     return figures
 
 
+# ----------------------------------------------------------------------------------------------------
+# Data parallelism (train.py under torchrun): 1 process against N, alternating launches in one run
+
+
+def worker_data_parallel(args):
+    """One process of the data-parallel measurement, as torchrun starts it (alone: one process, no group): our
+    training step, train.py's own, on this process's slice of a global batch of --dp-batch images (its loss weighted
+    by its share, the gradients all-reduced), and the evaluation's `predict` on its share of --dp-eval-batches
+    batches of BATCH images with the correct counts summed, as train.evaluate does. Rank 0 prints the JSON."""
+    device = distributed.start(args.device)  # cuda:LOCAL_RANK under torchrun
+    rank, size = distributed.rank(), distributed.size()
+    torch.manual_seed(0)
+    model, params = frozen_model(args.config, device)
+    adapters = orthcr.init_adapters(params, blocks=BLOCKS)
+    images, labels, tokens = reference_batch(args.config, device, args.dp_batch)
+    mine = range(rank * args.dp_batch // size, (rank + 1) * args.dp_batch // size)  # as data.train_batches slices
+    with autocast(device, args.precision):
+        zs_text = orthcr.zero_shot_text_features(model, params, tokens)
+    optimizer, scaler = torch.optim.AdamW(adapters.values(), lr=1e-5), grad_scaler(device, args.precision)
+    kind = torch.device(device).type
+
+    def step():
+        holes = data.image_generators(0, 0, mine, data.CUTOUT_STREAM)
+        method = dict(cutout=orthcr.cutout_views("random", holes), transform=train.cayley_transform(0))
+        train.training_step(model, params, adapters, None, images[mine.start:mine.stop], labels[mine.start:mine.stop],
+                            tokens, zs_text, optimizer, scaler, args.precision, method, share=len(mine) / args.dp_batch)
+
+    cfg = argparse.Namespace(device=device, precision=args.precision)
+    test = clip_min.normalize(reference_batch(args.config, device)[0])  # one batch of BATCH, encoded again
+
+    def evaluate():
+        correct = torch.zeros(1, dtype=torch.int64)
+        for _ in range(rank, args.dp_eval_batches, size):  # every size-th batch, as data.eval_batches shards
+            correct += int((train.predict(model, params, test, zs_text, cfg).cpu() == 0).sum())
+        if distributed.active():
+            torch.distributed.all_reduce(correct)
+
+    figures = {"processes": size, "threads": torch.get_num_threads(), "device": device, "batch": args.dp_batch,
+               "eval_images": args.dp_eval_batches * BATCH}
+    for name, fn in (("step", step), ("eval", evaluate)):
+        fn()  # warm-up
+        if distributed.active():
+            torch.distributed.barrier()
+        figures[f"{name}_times"] = timed(fn, args.steps, kind)
+    figures["step_s"] = statistics.median(figures["step_times"])
+    figures["train_img_s"] = args.dp_batch / figures["step_s"]
+    figures["eval_img_s"] = figures["eval_images"] / statistics.median(figures["eval_times"])
+    distributed.stop()
+    return figures if rank == 0 else None
+
+
+def data_parallel(args, processes, deadline=None, rounds=2, per_process=False):
+    """train.py's data parallelism, 1 process against each of `processes`, measured in one run: torchrun launches
+    alternate (1, N, N, 1, ...) so that machine load hits both alike. Fixed work (`per_process` False: the CPU's
+    question, the same --batch-size on more processes) or fixed work per process (True: what each added GPU
+    brings). Ratios against 1 process: step time, training and evaluation images/s, and images/s per added
+    process."""
+    counts = sorted({1, *processes})
+    times = {n: [] for n in counts}
+    order = [n for r in range(rounds) for n in (counts if r % 2 == 0 else counts[::-1])]
+    for n in order:
+        batch = DP_BATCH * (n if per_process else 1)
+        eval_batches = DP_EVAL_BATCHES * (n if per_process else 1)
+        with socket_port() as port:
+            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port",
+                       str(port), str(Path(__file__).resolve()), "--worker", "data_parallel", "--device", args.device,
+                       "--steps", str(args.steps), "--precision", args.precision, "--dp-batch", str(batch),
+                       "--dp-eval-batches", str(eval_batches)] + (["--quick"] if args.quick else [])
+        log(f"data parallel: {n} process{'es' * (n > 1)}, batch {batch}, {eval_batches} eval batches")
+        timeout = None if deadline is None else max(deadline - time.monotonic(), 1)
+        env = {**os.environ, "OMP_NUM_THREADS": "1"} if args.device == "cpu" else None  # 1 core per process,
+        # as torchrun sets for several: the ratio is the processes', not threads' (which oversubscribe a loaded CPU)
+        done = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, timeout=timeout,
+                              env=env)
+        if done.returncode != 0:
+            raise RuntimeError(f"{n} processes: exit code {done.returncode}: {done.stderr.strip()[-500:]}")
+        times[n].append(json.loads([line for line in done.stdout.splitlines() if line.startswith("{")][-1]))
+    runs = {n: {"processes": n, "threads": r[0]["threads"], "batch": r[0]["batch"], "eval_images": r[0]["eval_images"],
+                "step_s": statistics.median(x["step_s"] for x in r),
+                "train_img_s": statistics.median(x["train_img_s"] for x in r),
+                "eval_img_s": statistics.median(x["eval_img_s"] for x in r)} for n, r in times.items()}
+    one = runs[1]
+    ratios = {n: {"step_s": runs[n]["step_s"] / one["step_s"], "train_img_s": runs[n]["train_img_s"] / one["train_img_s"],
+                  "eval_img_s": runs[n]["eval_img_s"] / one["eval_img_s"]} for n in counts if n > 1}
+    added = {n: {"train_img_s": (runs[n]["train_img_s"] - one["train_img_s"]) / (n - 1),
+                 "eval_img_s": (runs[n]["eval_img_s"] - one["eval_img_s"]) / (n - 1)} for n in counts if n > 1}
+    return {"scaling": "per process" if per_process else "fixed work", "runs": runs, "vs_1": ratios,
+            "per_added_process": added, "rounds": rounds, "device": args.device, "config": args.config}
+
+
+@contextlib.contextmanager
+def socket_port():
+    """A free TCP port for torchrun's rendezvous (released just before torchrun binds it)."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    yield port
+
+
+def print_data_parallel(d):
+    print(f"\nData parallel ({d['device']}, {d['config']}, {d['scaling']}; medians of {d['rounds']} alternating "
+          f"launches):")
+    print(f"{'processes':>10}{'threads':>9}{'batch':>7}{'step s':>9}{'train img/s':>13}{'eval img/s':>12}")
+    for r in d["runs"].values():
+        print(f"{r['processes']:>10}{r['threads']:>9}{r['batch']:>7}{r['step_s']:>9.3f}{r['train_img_s']:>13.1f}"
+              f"{r['eval_img_s']:>12.1f}")
+    for n, ratio in d["vs_1"].items():
+        add = d["per_added_process"][n]
+        print(f"  {n} vs 1: step time x{ratio['step_s']:.2f}, training images/s x{ratio['train_img_s']:.2f}, "
+              f"evaluation images/s x{ratio['eval_img_s']:.2f}; per added process: {add['train_img_s']:+.1f} "
+              f"training, {add['eval_img_s']:+.1f} evaluation images/s")
+
+
 WORKERS = {
     "matmul": worker_matmul,
     "ours_step": worker_ours_step,
@@ -560,6 +678,7 @@ WORKERS = {
     "peft_exact": lambda args: worker_peft_step(args, neumann=False),
     "peft_neumann": lambda args: worker_peft_step(args, neumann=True),
     "precision": worker_precision,
+    "data_parallel": worker_data_parallel,
 }
 
 
@@ -828,9 +947,22 @@ def check_headline(args, deadline):
     return out
 
 
+def check_data_parallel(args, deadline):
+    """With several CUDA devices, train.py's data parallelism on 1 to all of them (a fixed batch per device):
+    images/s per added device, training and evaluation. One device: skipped with a note. The dry run: 2 CPU
+    processes."""
+    n = torch.cuda.device_count() if args.device == "cuda" else 2
+    if n < 2:
+        return {"skipped": f"{n} CUDA device: the multi-device figures need at least 2"}
+    d = data_parallel(args, [n], deadline, rounds=1, per_process=args.device == "cuda")
+    with contextlib.redirect_stdout(sys.stderr):
+        print_data_parallel(d)
+    return d
+
+
 # each part and the seconds it may take at most (the whole check also stops at GPU_CHECK_SECONDS)
 GPU_CHECK_PARTS = {"tests": (check_tests, 90), "precision": (check_precision, 90), "bench": (check_bench, 200),
-                   "headline": (check_headline, 150)}
+                   "headline": (check_headline, 150), "data_parallel": (check_data_parallel, 120)}
 
 
 def gpu_check(args):
@@ -891,6 +1023,13 @@ def log_gpu_check(s, args):
         elif name == "bench":
             log(f"  bench ({part['precision']}): step {part['step_s']:.3f} s, ratios " +
                 ", ".join(f"{k} {v:.2f}" for k, v in part["ratios"].items() if v is not None))
+        elif name == "data_parallel" and "skipped" in part:
+            log(f"  data parallel: skipped ({part['skipped']})")
+        elif name == "data_parallel":
+            log("  data parallel: " + "; ".join(
+                f"{n} vs 1: training x{r['train_img_s']:.2f}, evaluation x{r['eval_img_s']:.2f} images/s, per added "
+                f"device {part['per_added_process'][n]['train_img_s']:+.1f} / {part['per_added_process'][n]['eval_img_s']:+.1f}"
+                for n, r in part["vs_1"].items()))
         elif name == "headline":
             phases = ", ".join(f"{k} {v:.1f} s" for k, v in (part["seconds"] or {}).items())
             log(f"  headline: {part['wall_s']:.1f} s end to end, {part['steps']} steps, {part['test_images']} test "
@@ -909,14 +1048,17 @@ def main():
     parser.add_argument("--cutout", default="random", choices=orthcr.CUTOUT_MODES, help="Cutout of the steps")
     parser.add_argument("--json", action="store_true", help="end with one JSON line of every figure")
     parser.add_argument("--quick", action="store_true", help="the tiny config: a smoke test of every path")
-    parser.add_argument("--only", nargs="+", choices=list(WORKERS), help="run only these measurements")
+    parser.add_argument("--only", nargs="+", choices=[*WORKERS], help="run only these measurements (data_parallel: "
+                        "1 against 2 processes under torchrun)")
     parser.add_argument("--gpu-check", action="store_true", help="the CUDA machine check (a dry run on --device cpu)")
     parser.add_argument("--data-root", default=None, help="--gpu-check: the EuroSAT sample (holding 2750/), "
                                                           "or a folder holding it as eurosat/")
     parser.add_argument("--out", default=None, help="--gpu-check: the JSON file to write")
-    parser.add_argument("--parts", nargs="+", choices=["tests", "precision", "bench", "headline"],
-                        default=["tests", "precision", "bench", "headline"], help="--gpu-check: run only these parts")
+    parser.add_argument("--parts", nargs="+", choices=list(GPU_CHECK_PARTS), default=list(GPU_CHECK_PARTS),
+                        help="--gpu-check: run only these parts")
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--dp-batch", type=int, default=DP_BATCH, help=argparse.SUPPRESS)  # data_parallel's worker
+    parser.add_argument("--dp-eval-batches", type=int, default=DP_EVAL_BATCHES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
@@ -924,16 +1066,21 @@ def main():
     args.config = "tiny" if args.quick else "ViT-B/16"
 
     if args.worker:
-        print(json.dumps(WORKERS[args.worker](args)))
+        result = WORKERS[args.worker](args)
+        if result is not None:  # data_parallel: rank 0's only
+            print(json.dumps(result))
         return
     if args.gpu_check:
         gpu_check(args)
         return
 
     names = args.only or DEFAULT_RUN
-    summary = run_bench(args, [n for n in names if n != "precision"])
-    if any(n != "precision" for n in names):
+    summary = run_bench(args, [n for n in names if n not in ("precision", "data_parallel")])
+    if any(n not in ("precision", "data_parallel") for n in names):
         print_bench(summary, args)
+    if "data_parallel" in names:  # 1 against 2 processes, each launch its own torchrun
+        summary["data_parallel"] = data_parallel(args, [2])
+        print_data_parallel(summary["data_parallel"])
     if "precision" in names:
         summary["precision"] = run_worker("precision", args)
         if "failed" not in summary["precision"]:

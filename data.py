@@ -623,29 +623,36 @@ def steps_per_epoch(n_items, batch_size):
     return n_items // batch_size if n_items >= batch_size else int(n_items > 0)
 
 
-def train_batches(items, batch_size, seed, epochs, start_step=0, num_workers=0, n_px=224):
-    """Yield (epoch, images (B, 3, n_px, n_px) in [0, 1], labels (B,)) for every step from `start_step` to the end
-    of the last epoch, through one DataLoader (its workers start once per run, not once per epoch).
+def train_batches(items, batch_size, seed, epochs, start_step=0, num_workers=0, n_px=224, shard=(0, 1)):
+    """Yield (epoch, images (B, 3, n_px, n_px) in [0, 1], labels (B,), positions (B,)) for every step from
+    `start_step` to the end of the last epoch, through one DataLoader (its workers start once per run, not once per
+    epoch). `positions` are the images' places in their epoch's order: what their randomness is seeded from.
 
     Epoch e visits the items in a permutation seeded from (seed, e); the image at position k of epoch e is cropped
     and flipped with a generator seeded from (seed, e, k): a resumed run (any `start_step`) and any `num_workers`
-    see the same batches. Images are not normalized (Cutout comes first, then clip_min.normalize).
+    see the same batches. Images are not normalized (Cutout comes first, then clip_min.normalize). With `shard`
+    (rank, processes), this process takes its contiguous slice of each global batch of `batch_size`: the slices of
+    all processes, in rank order, are the single process's batch.
     """
     per_epoch = steps_per_epoch(len(items), batch_size)
     if not per_epoch:
         raise ValueError("train_batches needs at least one item")
-    steps = _TrainSteps(len(items), batch_size, seed, epochs, start_step)
+    steps = _TrainSteps(len(items), batch_size, seed, epochs, start_step, shard)
     loader = torch.utils.data.DataLoader(_TrainImages(items, seed, n_px), batch_sampler=steps,
                                          num_workers=num_workers)
-    for step, (images, labels) in enumerate(loader, start_step):
-        yield step // per_epoch, images, labels
+    for step, (images, labels, positions) in enumerate(loader, start_step):
+        yield step // per_epoch, images, labels, positions
 
 
-def eval_batches(item_lists, batch_size, num_workers=0, n_px=224, mean=clip_min.MEAN, std=clip_min.STD):
+def eval_batches(item_lists, batch_size, num_workers=0, n_px=224, mean=clip_min.MEAN, std=clip_min.STD, shard=(0, 1)):
     """Yield (index into item_lists, images (B, 3, n_px, n_px) CLIP-normalized (`mean`, `std`: the checkpoint's),
-    labels (B,)) for every list in order, through one DataLoader for all of them."""
+    labels (B,)) for every list in order, through one DataLoader for all of them. With `shard` (rank, processes),
+    this process takes every processes-th batch from the rank-th: each image is encoded in the same batch as on one
+    process."""
+    rank, processes = shard
     keys = [[(i, k) for k in range(s, min(s + batch_size, len(items)))]
             for i, items in enumerate(item_lists) for s in range(0, len(items), batch_size)]
+    keys = keys[rank::processes]  # this process's share of the batches
     loader = torch.utils.data.DataLoader(_EvalImages(item_lists, n_px, mean, std), batch_sampler=keys,
                                          num_workers=num_workers)
     for batch_keys, (images, labels) in zip(keys, loader):
@@ -667,16 +674,27 @@ def derive_seed(*ints):
     return int.from_bytes(digest, "little") >> 1
 
 
+CUTOUT_STREAM = 1  # an image's crop and flip are seeded from (seed, epoch, position), its Cutout from (..., 1)
+
+
+def image_generators(seed, epoch, positions, stream):
+    """One CPU generator per image, seeded from (seed, epoch, position, stream): an image's randomness after
+    loading (its Cutout holes) is its own, whichever batch, or process, the image is in."""
+    return [torch.Generator().manual_seed(derive_seed(seed, epoch, int(k), stream)) for k in positions]
+
+
 def epoch_order(n, seed, epoch):
     return torch.randperm(n, generator=torch.Generator().manual_seed(derive_seed(seed, epoch))).tolist()
 
 
 class _TrainSteps(torch.utils.data.Sampler):
-    """The batches of steps start_step.. of a run, each a list of (epoch, position, item index) keys."""
+    """The batches of steps start_step.. of a run, each a list of (epoch, position, item index) keys: this
+    process's slice of the global batch when `shard` (rank, processes) says so."""
 
-    def __init__(self, n, batch_size, seed, epochs, start_step):
+    def __init__(self, n, batch_size, seed, epochs, start_step, shard=(0, 1)):
         self.n, self.batch_size, self.seed, self.epochs, self.start_step = n, batch_size, seed, epochs, start_step
         self.per_epoch = steps_per_epoch(n, batch_size)
+        self.rank, self.processes = shard
 
     def __len__(self):
         return max(0, self.per_epoch * self.epochs - self.start_step)
@@ -687,12 +705,14 @@ class _TrainSteps(torch.utils.data.Sampler):
             order = epoch_order(self.n, self.seed, epoch)
             for step in range(skip if epoch == first_epoch else 0, self.per_epoch):
                 positions = range(step * self.batch_size, min((step + 1) * self.batch_size, self.n))
+                b, r, p = len(positions), self.rank, self.processes
+                positions = positions[r * b // p:(r + 1) * b // p]  # this process's slice of the global batch
                 yield [(epoch, k, order[k]) for k in positions]
 
 
 class _TrainImages(torch.utils.data.Dataset):
-    """Key (epoch, position, item index) -> (augmented image, label); each position owns its randomness, so which
-    worker (or which resumed run) computes it changes nothing."""
+    """Key (epoch, position, item index) -> (augmented image, label, position); each position owns its randomness,
+    so which worker, process (or which resumed run) computes it changes nothing."""
 
     def __init__(self, items, seed, n_px):
         self.items, self.seed, self.n_px = items, seed, n_px
@@ -704,7 +724,7 @@ class _TrainImages(torch.utils.data.Dataset):
         epoch, position, index = key
         item = self.items[index]
         g = torch.Generator().manual_seed(derive_seed(self.seed, epoch, position))
-        return train_transform(load_image(item.impath), g, self.n_px), item.label
+        return train_transform(load_image(item.impath), g, self.n_px), item.label, position
 
 
 class _EvalImages(torch.utils.data.Dataset):

@@ -276,11 +276,23 @@ def coop_prompts(token_embedding, tokens, context):
 def cutout(images, generator, holes=1, size=CUTOUT_SIZE):
     """A copy of `images` (N, C, H, W), in [0, 1] before normalization, with `holes` square holes of side
     `size` set to 0 per image. Centres are uniform over the pixels (DeVries & Taylor, 2017), holes are
-    clipped at the border. Randomness comes only from `generator` (a CPU torch.Generator)."""
+    clipped at the border. Randomness comes only from `generator`: one CPU torch.Generator for the batch, or a
+    list of N, one per image (each image's holes its own, whichever batch or process it is in)."""
     n, _, h, w = images.shape
-    centres_y = torch.randint(h, (n, holes), generator=generator).to(images.device)
-    centres_x = torch.randint(w, (n, holes), generator=generator).to(images.device)
+    centres = _each_image(generator, n, lambda g, k: torch.stack([torch.randint(h, (k, holes), generator=g),
+                                                                   torch.randint(w, (k, holes), generator=g)]))
+    centres_y, centres_x = centres.to(images.device)  # (2, N, holes) -> each (N, holes)
     return images.masked_fill(_holes(centres_y, centres_x, h, w, size)[:, None], 0.0)
+
+
+def _each_image(generator, n, draw):
+    """draw(g, k): k images' draws from g, the images along dim 1. One generator draws for the whole batch at
+    once; a list of n draws each image's from its own."""
+    if isinstance(generator, torch.Generator):
+        return draw(generator, n)
+    if len(generator) != n:
+        raise ValueError(f"{len(generator)} generators for {n} images: pass one per image, or one for the batch")
+    return torch.cat([draw(g, 1) for g in generator], dim=1)
 
 
 def similarity_map(patch_features, text_features):
@@ -303,21 +315,27 @@ def attentive_cutout(images, similarity, size=CUTOUT_SIZE, generator=None, tempe
     uniform map and a temperature, the two are the same distribution). Within the patch rather than from the
     map brought to pixel resolution: the map holds one value per patch, so nearest upsampling gives this same
     law and a smoothed map would invent detail it does not have. Randomness comes only from `generator`
-    (a CPU torch.Generator), which is required: the centre is drawn even with the argmax."""
+    (a CPU torch.Generator, or a list of one per image, as `cutout`), which is required: the centre is drawn
+    even with the argmax."""
     if generator is None:
         raise ValueError("attentive_cutout draws the hole's centre within the chosen patch: "
-                         "pass a seeded torch.Generator as `generator`")
+                         "pass a seeded torch.Generator as `generator` (or a list of one per image)")
     n, _, h, w = images.shape
     grid_h, grid_w = similarity.shape[-2:]
     # the offsets first, so that the same generator gives the same offsets whichever way the patch is chosen
     # (T -> 0 then reproduces the argmax hole exactly)
-    offset_y, offset_x = torch.rand(2, n, generator=generator).to(images.device)  # each (N,), in [0, 1)
+    offset_y, offset_x = _each_image(generator, n, lambda g, k: torch.rand(2, k, generator=g)).to(images.device)
     flat = similarity.flatten(1)  # (N, grid^2)
     if temperature is None:
         patch = flat.argmax(dim=1).to(images.device)
     else:
         probabilities = (flat.float() / temperature).softmax(dim=1).cpu()  # a CPU generator draws on the CPU
-        patch = torch.multinomial(probabilities, 1, generator=generator)[:, 0].to(images.device)
+        if isinstance(generator, torch.Generator):
+            patch = torch.multinomial(probabilities, 1, generator=generator)[:, 0]
+        else:  # each image's patch from its own generator, after its offsets
+            patch = torch.cat([torch.multinomial(p[None], 1, generator=g)[:, 0]
+                               for p, g in zip(probabilities, generator)])
+        patch = patch.to(images.device)
     row, col = patch // grid_w, patch % grid_w
     centres_y = _uniform_in_cell(row, offset_y, h, grid_h)[:, None]  # (N, 1)
     centres_x = _uniform_in_cell(col, offset_x, w, grid_w)[:, None]
@@ -345,7 +363,9 @@ def _holes(centres_y, centres_x, h, w, size):
 def cutout_views(mode, generator, holes=1, size=CUTOUT_SIZE, temperature=None):
     """Cutout as `objective` takes it, a function (images, similarity) -> the Cutout copies, where `similarity()`
     gives the teacher's map of the clean images (N, grid, grid) when asked: random Cutout (v1) never asks,
-    attentive Cutout (v3) does. None for mode "none" (no Cutout). Randomness only from `generator`."""
+    attentive Cutout (v3) does. None for mode "none" (no Cutout). Randomness only from `generator` (one for the
+    batch, or one per image: train.py gives each image its own, so that any number of processes draws the same
+    holes)."""
     if mode == "random":
         return lambda images, similarity: cutout(images, generator, holes, size)
     if mode == "attentive":

@@ -5,6 +5,7 @@
     python train.py --data imagenet --protocol dg --seeds 1 2 3             # domain generalization table
     python train.py --data eurosat --zero-shot                              # zero-shot CLIP's row
     python train.py --predict photos/ --adapters runs/RUN/adapters.pt       # classify your images with a run
+    torchrun --nproc_per_node 8 train.py --data imagenet --device cuda      # one run on 8 GPUs (docs/distributed.md)
 
 Reading order: the defaults and every setting; `train`, the loop, and `training_step`; `evaluate`; the
 protocols; `run`, one seed from data to files; `predict_images`, a trained run on new images; `main`. The
@@ -18,17 +19,18 @@ import os
 import statistics
 import time
 import warnings
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 
 import clip_min
 import data
 import orthcr
-from toolbox import cli, files, predictions, published, runs, settings, sweeps, tables
+from toolbox import cli, distributed, files, predictions, published, runs, settings, sweeps, tables
 from toolbox.settings import Setting, at_least, learning_rate, momentum, non_negative_number, positive_number, seed
 
 # ---------------------------------------------------------------------------------------------------- defaults
@@ -217,6 +219,9 @@ SETTINGS = settings.Declarations([
             convert=lambda v, values: resolve_precision(v, values["device"])),  # recorded resolved
     Setting("workers", lambda values: data.default_workers(values["device"]), "data loading processes",
             group=G["hw"], type=int, metavar="N", check=at_least(0), shown="0 on the CPU, 8 on CUDA"),
+    Setting("dist_timeout", distributed.TIMEOUT_S, "under torchrun: seconds a process waits for the others at a "
+            "collective before the run stops (a peer that hung; the first model download counts)", group=G["hw"],
+            type=float, metavar="S", check=positive_number),
     Setting("checkpoint_sha256", None, "SHA-256 of the base model file, once it is known", "method", flag=False,
             eval_only="checked"),
 ])
@@ -276,28 +281,36 @@ def setting_warnings(cfg):
 
 def train(model, params, train_set, cfg, seed, folder, resume=None, data_sha256=None):
     """OrthCR's training loop on one few-shot set, from scratch or from the checkpoint `resume`. Returns the
-    trained adapters and CoOp context (or None)."""
+    trained adapters and CoOp context (or None).
+
+    Under torchrun each process takes its slice of every global batch of --batch-size images (data.train_batches'
+    `shard`) and `training_step` sums the processes' gradients. Every random choice belongs to an image (its crop,
+    flip and Cutout holes are seeded from (seed, epoch, position)), so any number of processes trains the same
+    adapters, up to the order in which floating-point sums are taken."""
     adapters, context = init_trainables(params, cfg, seed)
     optimizers = make_optimizers(adapters, context, cfg)  # AdamW for P, CoOp's SGD for the context
     scaler = grad_scaler(cfg.device, cfg.precision)  # fp16's gradients need loss scaling
     tokens, teacher_text = class_prompts(model, params, train_set, cfg)
-    generator = torch.Generator().manual_seed(seed)  # all of Cutout's randomness
-    method = method_settings(cfg, generator, normalizer(model))
+    normalize = normalizer(model)  # the base model's mean and std
     total = cfg.epochs * data.steps_per_epoch(len(train_set.train), cfg.batch_size)
-    step = runs.resume_from(resume, folder, adapters, context, optimizers, scaler, generator) if resume else 0
+    global_batch = min(cfg.batch_size, len(train_set.train))  # each step's images, over all processes
+    step = runs.resume_from(resume, folder, adapters, context, optimizers, scaler) if resume else 0
     save = lambda step: runs.save_checkpoint(folder, cfg, seed, data_sha256, step, total, adapters, context,  # noqa
-                                             optimizers, scaler, generator)
+                                             optimizers, scaler)
+    batches = data.train_batches(train_set.train, cfg.batch_size, seed, cfg.epochs, step, cfg.workers,
+                                 model.visual.input_resolution, shard=(distributed.rank(), distributed.size()))
     with runs.Bookkeeping(folder, cfg, step, total, save) as books:
-        for epoch, images, labels in data.train_batches(train_set.train, cfg.batch_size, seed, cfg.epochs, step,
-                                                        cfg.workers, model.visual.input_resolution):
+        for epoch, images, labels, positions in distributed.each_together(batches):  # a bad image stops all
             lr = _set_lr(optimizers["adapters"], lr_at(step, total, cfg.lr, cfg.warmup_steps))
             ctx_lr = _set_lr(optimizers["context"], ctx_lr_at(epoch, cfg.epochs, cfg.ctx_lr, cfg.ctx_warmup_epochs,
                                                               cfg.ctx_warmup_lr))
+            holes = data.image_generators(seed, epoch, positions, data.CUTOUT_STREAM)  # each image's own Cutout
             try:
                 loss, terms, skipped = training_step(model, params, adapters, context, images.to(cfg.device),
                                                      labels.to(cfg.device), tokens, teacher_text,
                                                      [o for o in optimizers.values() if o], scaler, cfg.precision,
-                                                     method)
+                                                     method_settings(cfg, holes, normalize),
+                                                     share=len(labels) / global_batch)
             except NonFinite as e:
                 runs.stop_not_finite(e, step + 1, folder)
             step += 1
@@ -312,22 +325,34 @@ class NonFinite(ArithmeticError):
 
 
 def training_step(model, params, adapters, context, images, labels, tokens, teacher_text, optimizer, scaler,
-                  precision, method):
+                  precision, method, share=1.0):
     """One step of OrthCR (train.py's and bench.py's): `orthcr.objective` under autocast, its backward through
     the grad scaler, then the update of each optimizer (`optimizer`: one, or a list), unless the loss or a gradient
     is not finite (NonFinite, before the update). Under fp16 an overflowing gradient is the scaler's to handle: the
     step is skipped (every optimizer's) and the scale lowered. Returns (loss, terms, skipped): skipped is None, or
-    the loss scale at which the gradients overflowed."""
+    the loss scale at which the gradients overflowed.
+
+    Under torchrun, `images` are this process's slice of the global batch and `share` its part of it (its images
+    over the batch's): the loss, a mean over the slice, is weighted by `share`, so that the gradients summed over
+    the processes are the gradient of the global batch's mean loss, whatever the slices' sizes. The loss and terms
+    returned are the global batch's, the same on every process, and so is the finite check."""
     optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
     with autocast(images.device, precision):
         loss, terms = orthcr.objective(model, params, adapters, images, labels, tokens, teacher_text,
                                        context=context, **method)
     for o in optimizers:
         o.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
+    trainables = trainable_tensors(adapters, context)
+    scaler.scale(loss * share).backward()  # one process: share 1
+    if distributed.active():  # data parallel: the sum of the processes' weighted gradients (JAX's pmean)
+        for P in trainables:
+            dist.all_reduce(P.grad)  # every process now holds the same gradients, so takes the same step
+        values = torch.stack([loss.detach().float(), *(t.detach().float() for t in terms.values())]) * share
+        dist.all_reduce(values)  # the global batch's loss and terms: the log, and one finite check for all
+        loss, terms = values[0], dict(zip(terms, values[1:]))
     for o in optimizers:
         scaler.unscale_(o)  # the true gradients, checked once for all optimizers (a no-op without fp16)
-    what = not_finite(loss, trainable_tensors(adapters, context))
+    what = not_finite(loss, trainables)
     if what and not (what == "gradient" and scaler.is_enabled()):
         raise NonFinite(what)
     skipped = scaler.get_scale() if what else None  # fp16's overflow: no optimizer steps, the scale halves
@@ -349,8 +374,9 @@ def not_finite(loss, trainables):
 
 
 def method_settings(cfg, generator, normalize=clip_min.normalize):
-    """The settings of `orthcr.objective` that define the method: Cutout (drawing from `generator`), the loss
-    weights and the KL's reduction, the transform; `normalize`, the base model's image normalization (normalizer)."""
+    """The settings of `orthcr.objective` that define the method: Cutout (drawing from `generator`, one for the
+    batch or, as `train` gives it, one per image), the loss weights and the KL's reduction, the transform;
+    `normalize`, the base model's image normalization (normalizer)."""
     return dict(cutout=orthcr.cutout_views(cfg.cutout, generator, cfg.cutout_holes, cfg.cutout_size,
                                            cfg.cutout_temperature),
                 lambda1=cfg.lambda1, lambda2=cfg.lambda2, reduction=cfg.kl_reduction,
@@ -463,7 +489,8 @@ def grad_scaler(device, precision):
 def evaluate(model, params, context, eval_sets, cfg, seed):
     """Top-1 accuracy (%) of CLIP's classifier under `params` on each evaluation split, with the count behind it.
     All splits go through one loader; each class set's classifier is computed once (ImageNet, -V2 and -Sketch
-    share theirs)."""
+    share theirs). Under torchrun each process encodes every N-th batch (each image in the batch it has on one
+    process) and the correct counts are summed: the accuracies are one process's."""
     classifiers = {}
     for dataset in eval_sets.values():
         key = (tuple(dataset.classnames), dataset.template)
@@ -471,12 +498,16 @@ def evaluate(model, params, context, eval_sets, cfg, seed):
             classifiers[key] = classifier(model, params, context, dataset, cfg)
     splits = list(eval_sets)
     items = [_test_items(eval_sets[s].test, cfg.eval_limit, seed) for s in splits]
-    correct = [0] * len(splits)
-    for i, images, labels in data.eval_batches(items, cfg.eval_batch_size, cfg.workers, model.visual.input_resolution,
-                                               *_mean_std(model)):
+    correct = torch.zeros(len(splits), dtype=torch.int64)
+    batches = data.eval_batches(items, cfg.eval_batch_size, cfg.workers, model.visual.input_resolution,
+                                *_mean_std(model), shard=(distributed.rank(), distributed.size()))  # torchrun: a share
+    for i, images, labels in distributed.each_together(batches):
         dataset = eval_sets[splits[i]]
         weights = classifiers[(tuple(dataset.classnames), dataset.template)]
         correct[i] += int((predict(model, params, images.to(cfg.device), weights, cfg).cpu() == labels).sum())
+    if distributed.active():
+        dist.all_reduce(correct)  # every process's correct counts, summed
+    correct = correct.tolist()
     return {s: {"accuracy": 100.0 * c / len(its), "correct": c, "n": len(its)}
             for s, c, its in zip(splits, correct, items)}
 
@@ -559,15 +590,18 @@ def run(cfg, seed, plan, datasets, model, params, seconds, data_sha256, adapters
     if cfg.eval_only:  # checked against the model before anything is written
         adapters, context, evaluated = runs.read_adapters_file(cfg.adapters, adapters_file, params,
                                                                *init_trainables(params, cfg, 0), cfg.device)
-    if cfg.overwrite:
+    writes = distributed.main_process()  # under torchrun, only the first process writes
+    if cfg.overwrite and writes:
         runs.clear(folder)
-    runs.write_json(folder / "config.json", runs.run_config(cfg, seed, train_set, data_sha256))
+    if writes:
+        runs.write_json(folder / "config.json", runs.run_config(cfg, seed, train_set, data_sha256))
     if not (cfg.zero_shot or cfg.eval_only):
         adapters, context = train(model, params, train_set, cfg, seed, folder, payload, data_sha256)
-        runs.save_adapters(folder / "adapters.pt", adapters, context, cfg, seed, data_sha256, train_set)
+        if writes:
+            runs.save_adapters(folder / "adapters.pt", adapters, context, cfg, seed, data_sha256, train_set)
     trained = time.monotonic()
     merged = orthcr.export_state_dict(params, adapters, cayley_transform(cfg.neumann))  # eval costs plain CLIP
-    if cfg.export:
+    if cfg.export and writes:
         runs.export(folder, merged, context, cfg)
     results = evaluate(model, merged, context, eval_sets, cfg, seed)
     for split, r in results.items():
@@ -581,8 +615,9 @@ def run(cfg, seed, plan, datasets, model, params, seconds, data_sha256, adapters
               "seconds": {**seconds, "train": trained - started, "eval": time.monotonic() - trained}}
     if cfg.eval_only:
         record["evaluated"] = evaluated
-    runs.write_json(folder / "results.json", record)
-    (folder / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete: adapters.pt holds what it learned
+    if writes:
+        runs.write_json(folder / "results.json", record)
+        (folder / "checkpoint.pt").unlink(missing_ok=True)  # the run is complete: adapters.pt holds what it learned
     runs.say(f"results written to {folder / 'results.json'}")
     return record
 
@@ -603,14 +638,14 @@ def cutout_grid(model, params, train_set, cfg, seed, n=8):
     attentive Cutout hole, and the teacher's patch-to-class-text similarity as a heat overlay (red = similar)."""
     first = data.train_batches(train_set.train, min(n, len(train_set.train)), seed, 1, 0, 0,
                                model.visual.input_resolution)
-    images, labels = next(iter(first))[1:]  # the first batch of epoch 1, as training sees it
+    _, images, labels, positions = next(iter(first))  # the first batch of epoch 1, as training sees it
     _, teacher_text = class_prompts(model, params, train_set, cfg)
     with torch.no_grad(), autocast(cfg.device, cfg.precision):
         _, patches = orthcr.encode_image(model, params, normalizer(model)(images.to(cfg.device)), dense=True)
     similarity = orthcr.similarity_map(patches, teacher_text[labels.to(cfg.device)]).cpu()  # (N, grid, grid)
-    random_cut = orthcr.cutout(images, torch.Generator().manual_seed(seed), cfg.cutout_holes, cfg.cutout_size)
-    attentive_cut = orthcr.attentive_cutout(images, similarity, cfg.cutout_size, torch.Generator().manual_seed(seed),
-                                            cfg.cutout_temperature)
+    holes = lambda: data.image_generators(seed, 0, positions, data.CUTOUT_STREAM)  # noqa: E731 (training's draws)
+    random_cut = orthcr.cutout(images, holes(), cfg.cutout_holes, cfg.cutout_size)
+    attentive_cut = orthcr.attentive_cutout(images, similarity, cfg.cutout_size, holes(), cfg.cutout_temperature)
     heat = torch.nn.functional.interpolate(similarity[:, None], size=images.shape[-2:], mode="nearest")  # (N, 1, H, W)
     low, high = heat.amin(dim=(2, 3), keepdim=True), heat.amax(dim=(2, 3), keepdim=True)
     heat = (heat - low) / (high - low).clamp_min(1e-12)
@@ -807,7 +842,9 @@ def table_with_note(records):
 # ---------------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
-    """Flags, run folders, data, model, each run, the table: every check before the heavy work it guards."""
+    """Flags, run folders, data, model, each run, the table: every check before the heavy work it guards.
+    Under torchrun (docs/distributed.md) every process runs this; the points where they could diverge are agreed
+    (toolbox/distributed.py), so that a fault on any one stops all of them with one line each."""
     with runs.stopping() as known:  # one-line warnings; Ctrl-C or SIGTERM outside the loop: one line
         args = parse_args(argv)
         if args.predict:
@@ -832,11 +869,17 @@ def main(argv=None):
             for line in missing:
                 runs.say(f"missing: {line}")
             return sweep.write(records, missing, shared)
-        if len(by_dataset) > 1 or len(cfg.seeds) > 1 and not cfg.cutout_grid:  # several runs, shared by processes
+        if distributed.launched() and len(by_dataset) > 1:
+            runs.fail("under torchrun, one dataset per command (its processes train one run together); a sweep's "
+                      "runs are shared by processes started without torchrun (docs/runs.md)", code=2)
+        if (len(by_dataset) > 1 or len(cfg.seeds) > 1 and not cfg.cutout_grid) and not distributed.launched():
             return run_sweep(sweeps.Sweep(by_dataset, evaluation_splits, table_with_note), known)
-        known.cfg = cfg
-        known.plan = plan = {} if cfg.cutout_grid else runs.plan_runs(cfg, evaluation_splits(cfg))  # folders first
-        with runs.hold(cfg, plan):  # each run folder is locked from here to the end, before any data is read
+        with distributed.session(cfg.device, cfg.dist_timeout) as device, ExitStack() as held:  # torchrun's group
+            known.cfg = cfg = settings.replace(cfg, device=device)  # under torchrun, --device cuda: cuda:LOCAL_RANK
+            with distributed.together():  # every process checks the folders; only the first locks and writes them
+                known.plan = plan = {} if cfg.cutout_grid else runs.plan_runs(cfg, evaluation_splits(cfg))
+                if distributed.main_process():  # each run folder is locked to the end, before any data is read
+                    held.enter_context(runs.hold(cfg, plan))
             return run_all(cfg, plan, adapters_file)
 
 
@@ -845,13 +888,15 @@ def run_all(cfg, plan, adapters_file):
     ready = prepare({cfg.data: cfg}, {cfg.data: plan}, adapters_file)
     if cfg.cutout_grid:
         seed = cfg.seeds[0]
-        runs.write_file(Path(cfg.cutout_grid), lambda tmp: cutout_grid(ready.model, ready.params,
-                                                                       ready.datasets[cfg.data, seed][0], cfg, seed)
-                        .save(tmp, format="PNG"))
+        if distributed.main_process():
+            runs.write_file(Path(cfg.cutout_grid), lambda tmp: cutout_grid(ready.model, ready.params,
+                                                                           ready.datasets[cfg.data, seed][0], cfg,
+                                                                           seed).save(tmp, format="PNG"))
         runs.say(f"Cutout grid written to {cfg.cutout_grid}")
         return []
     all_results = [run_checked(ready, cfg.data, seed, plan[seed], adapters_file) for seed in cfg.seeds]
-    print(summary_table(all_results))
+    if distributed.main_process():
+        print(summary_table(all_results))
     return all_results
 
 
@@ -885,16 +930,32 @@ def prepare(cfgs, plans, adapters_file):
     cli.check_root(cfg)
     clock = time.monotonic()
     datasets = {}
-    for name, c in cfgs.items():  # read and checked, completely, before the model is loaded or downloaded
-        try:
-            datasets.update({(name, seed): protocol_datasets(c, seed) for seed in c.seeds})
-        except (data.DataError, OSError) as e:
-            problem = str(e) if isinstance(e, data.DataError) else f"cannot read the data: {e}"
-            runs.fail(problem if len(cfgs) == 1 else f"--data {name}: {problem}")
-    cli.check_prompts(cfg, datasets)
-    fingerprints = {key: runs.data_fingerprint(cfg, d) for key, d in datasets.items()}
+    with distributed.node_first():  # torchrun: each machine's first process reads (and downloads), then the others
+        for name, c in cfgs.items():  # read and checked, completely, before the model is loaded or downloaded
+            try:
+                datasets.update({(name, seed): protocol_datasets(c, seed) for seed in c.seeds})
+            except (data.DataError, OSError) as e:
+                problem = str(e) if isinstance(e, data.DataError) else f"cannot read the data: {e}"
+                runs.fail(problem if len(cfgs) == 1 else f"--data {name}: {problem}")
+        cli.check_prompts(cfg, datasets)
+        if not (cfg.zero_shot or cfg.eval_only):
+            for train_set, _ in datasets.values():  # under torchrun, every process needs an image of each step
+                distributed.check_batch(cfg.batch_size, len(train_set.train))
+        fingerprints = {key: runs.data_fingerprint(cfg, d) for key, d in datasets.items()}
     totals = {key: cfg.epochs * data.steps_per_epoch(len(d[0].train), cfg.batch_size) for key, d in datasets.items()}
     data_s = time.monotonic() - clock
+    with distributed.node_first():
+        cfgs, trainables, model = _load_model(cfgs, plans, fingerprints, totals, adapters_file)
+    model.requires_grad_(False)  # W0 is frozen: only the adapters (and CoOp's context) get gradients
+    seconds = {"data": data_s, "model": time.monotonic() - clock - data_s}
+    return SimpleNamespace(cfgs=cfgs, datasets=datasets, fingerprints=fingerprints, totals=totals,
+                           trainables=trainables, model=model, params=dict(model.state_dict()), seconds=seconds)
+
+
+def _load_model(cfgs, plans, fingerprints, totals, adapters_file):
+    """The base model, checked against the layout, the adapters file and each checkpoint to resume; the settings
+    then record its checksum."""
+    cfg = next(iter(cfgs.values()))
     try:
         path, model_sha256 = clip_min.checkpoint(cfg.weights or cfg.model, cfg.download_root)
         cfgs = {name: settings.replace(c, checkpoint_sha256=model_sha256) for name, c in cfgs.items()}
@@ -910,10 +971,7 @@ def prepare(cfgs, plans, adapters_file):
         model = clip_min.load(str(path), cfg.device, activation=cfg.activation)
     except (ValueError, RuntimeError, OSError) as e:  # bad file, failed download, unreadable path
         runs.fail(str(e).splitlines()[0] if str(e) else repr(e))
-    model.requires_grad_(False)  # W0 is frozen: only the adapters (and CoOp's context) get gradients
-    seconds = {"data": data_s, "model": time.monotonic() - clock - data_s}
-    return SimpleNamespace(cfgs=cfgs, datasets=datasets, fingerprints=fingerprints, totals=totals,
-                           trainables=trainables, model=model, params=dict(model.state_dict()), seconds=seconds)
+    return cfgs, trainables, model
 
 
 def run_checked(ready, name, seed, plan, adapters_file):

@@ -758,10 +758,10 @@ def test_steps_per_epoch_is_dassls_drop_last_rule():
 
 def test_train_batches_cover_every_step_once_deterministically(small_items):
     run = list(data.train_batches(small_items, 3, seed=4, epochs=3, n_px=16))
-    assert [e for e, _, _ in run] == [0] * 3 + [1] * 3 + [2] * 3  # 10 // 3 steps per epoch, last partial dropped
-    assert all(tuple(x.shape) == (3, 3, 16, 16) and y.dtype == torch.long for _, x, y in run)
+    assert [e for e, *_ in run] == [0] * 3 + [1] * 3 + [2] * 3  # 10 // 3 steps per epoch, last partial dropped
+    assert all(tuple(x.shape) == (3, 3, 16, 16) and y.dtype == torch.long for _, x, y, _ in run)
     for epoch in range(3):
-        labels = torch.cat([y for e, _, y in run if e == epoch]).tolist()
+        labels = torch.cat([y for e, _, y, _ in run if e == epoch]).tolist()
         order = data.epoch_order(10, 4, epoch)[:9]  # the epoch's permutation, first 3 full batches
         assert labels == [small_items[i].label for i in order]
     assert not torch.equal(run[0][1], run[3][1])  # epochs differ
@@ -789,7 +789,7 @@ def test_train_batches_same_with_workers(small_items):
 
 def test_a_train_set_smaller_than_a_batch_is_one_batch_per_epoch(small_items):
     run = list(data.train_batches(small_items, 32, seed=0, epochs=2, n_px=8))
-    assert [(e, len(y)) for e, _, y in run] == [(0, 10), (1, 10)]
+    assert [(e, len(y)) for e, _, y, _ in run] == [(0, 10), (1, 10)]
 
 
 def test_eval_batches_walk_every_list_in_order_through_one_loader(small_items):
@@ -846,7 +846,7 @@ def test_real_eurosat_sample_end_to_end(eurosat_sample):
     assert all(it.classname == EUROSAT_CLASSES[it.label] for it in ds.train + ds.val + ds.test)
     assert all(f"/2750/{EUROSAT_FOLDERS[it.label]}/" in it.impath for it in ds.train)
     assert ds.prompts()[3] == "a centered satellite photo of Highway or Road."
-    epoch, x, y = next(iter(data.train_batches(ds.train, 8, seed=1, epochs=1)))
+    epoch, x, y, _ = next(iter(data.train_batches(ds.train, 8, seed=1, epochs=1)))
     assert epoch == 0 and x.shape == (8, 3, 224, 224) and y.shape == (8,)
 
 

@@ -258,8 +258,8 @@ CHECKPOINT_FAULTS = {
     "another optimizer": (lambda s: s.update(optimizer={"foo": 1}), "not AdamW's"),
     "scaler state of another precision": (lambda s: s.update(scaler={"scale": "x"}), "grad scaler's state"),
     "random state missing": (lambda s: s.update(rng={}), "torch random state is missing"),
-    "random state cut short": (lambda s: s["rng"].update(cutout=torch.zeros(3, dtype=torch.uint8)),
-                               "cutout random state"),
+    "random state cut short": (lambda s: s["rng"].update(torch=torch.zeros(3, dtype=torch.uint8)),
+                               "torch random state"),
 }
 
 
@@ -303,7 +303,7 @@ def test_non_finite_adapters_are_never_saved(root, weights, tmp_path):
     with pytest.raises(SystemExit) as stop:
         runs.save_checkpoint(tmp_path, cfg, 1, "x", 3, 4, {"w": P}, None,
                              {"adapters": torch.optim.AdamW([P]), "context": None},
-                             torch.amp.GradScaler(enabled=False), torch.Generator())
+                             torch.amp.GradScaler(enabled=False))
     assert stop.value.code == 3 and not (tmp_path / "checkpoint.pt").exists()
 
 

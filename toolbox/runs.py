@@ -27,7 +27,7 @@ import torch
 
 import data
 import orthcr
-from toolbox import checkpoints, files, settings
+from toolbox import checkpoints, distributed, files, settings
 
 ROOT = Path(__file__).resolve().parent.parent
 RUN_FILES = ("config.json", "log.jsonl", "checkpoint.pt", "adapters.pt", "results.json", "merged.pt", "context.pt")
@@ -36,14 +36,16 @@ RUN_FILES = ("config.json", "log.jsonl", "checkpoint.pt", "adapters.pt", "result
 # ---------------------------------------------------------------------------------------------------- messages
 
 def say(message):
-    print(message, file=sys.stderr, flush=True)
+    """A message on stderr; under torchrun only the first process speaks (errors: every process, `fail`)."""
+    if distributed.main_process():
+        print(message, file=sys.stderr, flush=True)
 
 
 def fail(message, code=1):
     """Stop with one `error: ...` line on stderr and a non-zero exit, no traceback."""
     if code == 1:
         raise SystemExit(f"error: {message}")  # Python prints it and exits with 1
-    say(f"error: {message}")
+    print(f"error: {message}", file=sys.stderr, flush=True)
     raise SystemExit(code)
 
 
@@ -452,11 +454,11 @@ def _trainables(adapters, context):
     return [*adapters.values(), *([] if context is None else [context])]
 
 
-def save_checkpoint(folder, cfg, seed, data_sha256, step, total, adapters, context, optimizers, scaler, generator):
-    """Everything a resumed run needs to continue bit for bit, with the settings it must be resumed with.
-    `optimizers`: {"adapters": AdamW or None, "context": CoOp's SGD or None}, saved as "optimizer" ({} without
-    rotations) and "ctx_optimizer" (None without a context). Non-finite trainables are never saved: the last good
-    checkpoint stays the last one."""
+def save_checkpoint(folder, cfg, seed, data_sha256, step, total, adapters, context, optimizers, scaler):
+    """Everything a resumed run needs to continue bit for bit, with the settings it must be resumed with (the
+    images' randomness is seeded from (seed, epoch, position): no generator to keep). `optimizers`: {"adapters":
+    AdamW or None, "context": CoOp's SGD or None}, saved as "optimizer" ({} without rotations) and "ctx_optimizer"
+    (None without a context). Non-finite trainables are never saved: the last good checkpoint stays the last one."""
     if not all(torch.isfinite(P).all() for P in _trainables(adapters, context)):
         fail(f"non-finite adapters after step {step} (the loss and gradient were finite: the optimizer's state?); "
              f"the last good checkpoint is {folder / 'checkpoint.pt'}", code=3)
@@ -466,12 +468,12 @@ def save_checkpoint(folder, cfg, seed, data_sha256, step, total, adapters, conte
         "optimizer": optimizers["adapters"].state_dict() if optimizers["adapters"] else {},
         "ctx_optimizer": optimizers["context"].state_dict() if optimizers["context"] else None,
         "scaler": scaler.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "cutout": generator.get_state(),
+        "rng": {"torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         "settings": result_settings(cfg, seed, data_sha256), "code_version": code_version()})
 
 
-def resume_from(state, folder, adapters, context, optimizers, scaler, generator):
+def resume_from(state, folder, adapters, context, optimizers, scaler):
     """Load a checkpoint (checked completely before the model was loaded) into the fresh trainables, both
     optimizers, the scaler and every RNG; trim the step log to the checkpoint's step. Returns the step."""
     with torch.no_grad():
@@ -485,10 +487,10 @@ def resume_from(state, folder, adapters, context, optimizers, scaler, generator)
         optimizers["context"].load_state_dict(state["ctx_optimizer"])
     scaler.load_state_dict(state["scaler"])
     torch.set_rng_state(state["rng"]["torch"])
-    generator.set_state(state["rng"]["cutout"])
     if state["rng"]["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
-    write_file(folder / "log.jsonl", lambda tmp: tmp.write_text("".join(_log_lines_until(folder, state["step"]))))
+    if distributed.main_process():  # under torchrun, only the first process writes
+        write_file(folder / "log.jsonl", lambda tmp: tmp.write_text("".join(_log_lines_until(folder, state["step"]))))
     say(f"resumed from {folder / 'checkpoint.pt'} at step {state['step']}/{state['total']}")
     return state["step"]
 
@@ -534,7 +536,7 @@ def check_checkpoint(path, state, cfg, seed, data_sha256, total, adapters, conte
     if set(state["scaler"]) != set(fresh) or any(type(state["scaler"][k]) is not type(v) for k, v in fresh.items()):
         fail(f"{path}: the grad scaler's state {state['scaler']!r} is not that of a {cfg.precision} run")
     rng, size = state["rng"], torch.get_rng_state().shape
-    for key in ("torch", "cutout"):
+    for key in ("torch", "cutout") if "cutout" in rng else ("torch",):  # older checkpoints kept a Cutout generator
         if not (isinstance(rng.get(key), torch.Tensor) and rng[key].dtype == torch.uint8 and rng[key].shape == size):
             fail(f"{path}: the {key} random state is missing or not a generator state")
     if not isinstance(rng.get("cuda"), list):
@@ -769,7 +771,7 @@ class Bookkeeping:
         self.interrupt = Interrupt().__enter__()
         self.skipped = _skipped_steps(self.folder)  # a resumed run's, before its checkpoint
         self.progress.skipped = self.skipped
-        self.log = open(self.folder / "log.jsonl", "a")
+        self.log = open(self.folder / "log.jsonl", "a") if distributed.main_process() else None
         return self
 
     def after_step(self, step, epoch, lr, loss, terms, skipped=None, ctx_lr=None):
@@ -777,10 +779,16 @@ class Bookkeeping:
         `ctx_lr`: the CoOp context's own learning rate, where it has one beside the adapters'."""
         self.skipped += skipped is not None
         self.progress.skipped = self.skipped
-        self.log_step(step, epoch, lr, loss, terms, skipped, ctx_lr)
-        if self.interrupt.requested or step % self.save_every == 0 or step == self.total:
+        if distributed.main_process():  # under torchrun, only the first process writes
+            self.log_step(step, epoch, lr, loss, terms, skipped, ctx_lr)
+        stop = distributed.any_process(self.interrupt.requested)  # under torchrun, all stop after the same step
+        if not distributed.main_process():
+            if stop:
+                fail("interrupted; the first process saved the checkpoint", code=130)
+            return
+        if stop or step % self.save_every == 0 or step == self.total:
             self.save(step)  # at each epoch's end (or every --save-every steps), at the last step, on Ctrl-C
-        if self.interrupt.requested:
+        if stop:
             _stop_interrupted(self.folder, step, self.total)
         if step % self.cfg.log_every == 0 or step == self.total:
             self.progress.report(step, epoch, self.cfg.epochs, lr, terms)
@@ -800,7 +808,8 @@ class Bookkeeping:
     def __exit__(self, *exc):
         self.interrupt.__exit__(*exc)
         try:
-            self.log.close()
+            if self.log:
+                self.log.close()
         except OSError:
             pass  # a full disk was reported when the line was written
 
