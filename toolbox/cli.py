@@ -238,7 +238,7 @@ def _check_recorded_combination(declared, args, saved):
     combination the command line accepts (`_protocol_problems`): a file that records cross or dg on another
     dataset than ImageNet, or training on a test-only set, was not written by a run train.py allows."""
     def namespace(values):
-        merged = argparse.Namespace(**{s.name: None for s in declared.flags()}, **{"eval_only": False})
+        merged = argparse.Namespace(**{s.name: None for s in declared.flags()})  # as if training were asked for
         for name, value in values.items():
             setattr(merged, name, value)
         return merged
