@@ -68,7 +68,8 @@ def _method_problems(args, value):
         bad.append("--targets none trains no rotation: --blocks, --towers and --neumann do not apply")
     if no_adapters and args.prompt != "coop" and not args.eval_only:
         bad.append("--targets none leaves nothing to train: add --prompt coop (plain CoOp), or use --zero-shot")
-    if args.prompt != "coop" and (args.n_ctx is not None or args.ctx_init is not None):
+    from_file = args.eval_only and args.prompt is None  # --eval-only: the file's prompt, compared with them there
+    if args.prompt != "coop" and not from_file and (args.n_ctx is not None or args.ctx_init is not None):
         bad.append("--n-ctx and --ctx-init set CoOp's learned context: add --prompt coop")
     if args.ctx_init is not None:
         words = len(clip_min.encode(args.ctx_init)) if args.ctx_init.strip() else 0
