@@ -19,6 +19,7 @@ import pytest
 import torch
 
 import clip_min
+import data
 import orthcr
 import train
 from toolbox import runs
@@ -281,6 +282,62 @@ def test_crafted_adapters_run_nothing_and_are_named(root, weights, tmp_path, con
                "torch_save": f"error: {evil} is not a valid adapters file (loaded with weights_only"}
     assert str(stop.value.code).startswith(refusal[container])
     assert not marker.exists() and not (tmp_path / "run" / "results.json").exists()
+
+
+# ----------------------------------------------------------------------------------------------------
+# An adapters file that claims absurd sizes (issue 18): its records are checked against its own tensors and the
+# settings' ranges before anything is built from them
+
+
+def coop_adapters_file(path, context_rows=8, **records):
+    """A well-formed tiny CoOp adapters file, then `records` written over its config and settings."""
+    params = dict(clip_min.random_model("tiny", seed=0).state_dict())
+    adapters = {k: P.detach() for k, P in orthcr.init_adapters(params).items()}
+    config = {"model": "tiny", "targets": list(orthcr.DEFAULT_TARGETS), "blocks": 4, "towers": ["visual", "text"],
+              "neumann": 0, "prompt": "coop", "n_ctx": context_rows, "ctx_init": None}
+    config.update({k: v for k, v in records.items() if k != "adapters"})
+    torch.save({"adapters": records.get("adapters", adapters), "context": torch.zeros(context_rows, 64),
+                "config": config, "settings": {"data": "eurosat", "protocol": "base2new", "seed": 1}}, path)
+    return path
+
+
+@pytest.mark.parametrize("context_rows, records, match", [
+    (1100, dict(n_ctx=10**8, targets=[], adapters={}), "its recorded n_ctx = 100000000 is not a valid setting (must "
+                                                       "be <= 73"),  # the issue's 280 KB file
+    (1100, dict(n_ctx=8, targets=[], adapters={}), "its CoOp context has 1100 vectors, its recorded n_ctx = 8"),
+    (8, dict(n_ctx=60), "its CoOp context has 8 vectors, its recorded n_ctx = 60"),
+    (8, dict(ctx_init="a photo of a"), "its recorded ctx_init 'a photo of a' is 4 tokens, its CoOp context 8 vectors"),
+    (8, dict(ctx_init="a " * 10**5), "(200,002 characters) is too many tokens"),
+    (8, dict(blocks=10**6), "its recorded blocks = 1000000 is not a valid setting (must be <= 4,096"),
+    (8, dict(blocks=2), "has 4 blocks, its recorded blocks = 2"),
+    (8, dict(targets=["attn.out_proj"]), "is not on one of its recorded targets (attn.out_proj)"),
+    (8, dict(towers=["text"]), "is not in one of its recorded towers (text)"),
+    (8, dict(prompt="fixed"), "holds a CoOp context but records prompt = fixed"),
+    (8, dict(blocks=4096, adapters={"visual.transformer.resblocks.0.mlp.c_fc.weight": torch.zeros(4096, 2, 2)}),
+     "for 8,192 inputs: no CLIP layer has more than 4,096"),
+    (8, dict(cutout_holes=100000), "its recorded cutout_holes = 100000 is not a valid setting (must be <= 64"),
+])
+def test_an_adapters_file_that_claims_absurd_sizes_is_refused_before_anything_is_built(
+        root, weights, tmp_path, monkeypatch, context_rows, records, match):
+    built = []
+    for module, name in ((clip_min, "read_state_dict"), (clip_min, "tokenize"), (orthcr, "init_context"),
+                         (data, "build_dataset")):
+        monkeypatch.setattr(module, name, lambda *a, _name=name, **k: built.append(_name))
+    path = coop_adapters_file(tmp_path / "adapters.pt", context_rows, **records)
+    if context_rows == 1100:
+        assert 270_000 < path.stat().st_size < 300_000  # the issue's 280 KB file
+    with pytest.raises(SystemExit) as stop:
+        run_main("--root", root, "--weights", weights, "--eval-only", "--adapters", path, "--out", tmp_path / "e")
+    message = str(stop.value.code)
+    assert message.startswith(f"error: {path}") and "\n" not in message and match in message, message
+    assert len(message) < 400 and not built and not (tmp_path / "e").exists()
+
+
+def test_a_consistent_coop_adapters_file_is_evaluated(root, weights, tmp_path):
+    path = coop_adapters_file(tmp_path / "adapters.pt", 8)
+    results = run_main("--root", root, "--weights", weights, "--eval-only", "--adapters", path, "--eval-limit", 2,
+                       "--out", tmp_path / "e")[0]["results"]
+    assert results["base"]["n"] == 2  # the checks above refuse the claims, not the files train.py writes
 
 
 # ----------------------------------------------------------------------------------------------------
