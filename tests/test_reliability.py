@@ -5,6 +5,8 @@ checksum, full disk, rerun) in test_clip_min.py; malicious pickles and unknown T
 loader in test_clip_min.py; dataset faults at the data layer in test_data.py; flag validation in test_train.py.
 """
 
+import errno
+import io
 import json
 import os
 import pickle
@@ -22,7 +24,7 @@ import clip_min
 import data
 import orthcr
 import train
-from toolbox import runs
+from toolbox import files, runs
 from conftest import ROOT
 from conftest import sha256
 from conftest import base_args, make_eurosat_like, make_imagenet_like, read_log, run_main, saved_adapters
@@ -451,3 +453,76 @@ def test_model_download_fault_through_the_cli_then_rerun(root, server, tmp_path,
     server["files"][url[len(server["url"]):]] = blob.read_bytes()
     results = run_main(*argv)[0]["results"]
     assert results["base"]["n"] == 2 and (cache / "ViT-B-16.pt").read_bytes() == blob.read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output streams (issue 18): a reader that goes away, or a closed descriptor, changes nothing a run does or writes;
+# the exit status stays the run's own (0 for a finished run), and what nobody reads is dropped without a traceback
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, weights):
+    """A run with ordinary streams, to compare each run below with."""
+    root = make_eurosat_like(tmp_path_factory.mktemp("streams") / "data")
+    out = root.parent / "reference"
+    run_main(*base_args(root, weights, out, "--epochs", 1, "--eval-limit", 4))
+    return root, out
+
+
+@pytest.mark.parametrize("streams", ["2>&1 | head -1", "stdout closed at once", "stderr closed after its first line",
+                                     ">&- 2>&-"])
+def test_a_closed_output_stream_changes_nothing_the_run_does_or_writes(reference, weights, tmp_path, streams):
+    root, expected = reference
+    out = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "train.py"), *map(str, base_args(root, weights, out, "--epochs", 1,
+                                                                         "--eval-limit", 4))]
+    errors, printed = tmp_path / "stderr.txt", ""
+    if streams == "2>&1 | head -1":
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert child.stdout.readline()
+        child.stdout.close()
+    elif streams == "stdout closed at once":
+        with open(errors, "w") as err:
+            child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True)
+        child.stdout.close()
+    elif streams == "stderr closed after its first line":
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert child.stderr.readline()
+        child.stderr.close()
+        printed = child.stdout.read()
+    else:  # started without descriptors 1 and 2: the run's files must not take their numbers
+        child = subprocess.Popen(["bash", "-c", 'exec "$@" >&- 2>&-', "bash", *argv])
+    assert child.wait(timeout=600) == 0  # the run's own status: it finished
+    if streams == "stdout closed at once":
+        assert errors.read_text().splitlines()[-1] == f"results written to {out / 'results.json'}"
+        assert not any(word in errors.read_text() for word in ("Traceback", "Exception ignored", "BrokenPipe"))
+    if streams == "stderr closed after its first line":
+        assert printed.splitlines()[0].startswith("| dataset | method |")  # stdout kept working
+    # the same files as the reference run, complete, and nothing else
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in expected.iterdir())
+    assert json.loads((out / "results.json").read_text())["results"] == \
+        json.loads((expected / "results.json").read_text())["results"]
+    assert [r["loss"] for r in read_log(out)] == [r["loss"] for r in read_log(expected)]
+    trained, reference_adapters = saved_adapters(out), saved_adapters(expected)
+    assert all(torch.equal(P, reference_adapters["adapters"][k]) for k, P in trained["adapters"].items())
+    config = json.loads((out / "config.json").read_text())  # valid JSON: no stray output went into it
+    assert config["epochs"] == 1
+
+
+def test_unbreakable_streams_drop_what_a_gone_reader_misses_and_raise_other_faults(monkeypatch):
+    class Gone(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sys, "stdout", Gone())
+    monkeypatch.setattr(sys, "stderr", Full())
+    with files.unbreakable_streams():
+        print("the table")  # dropped: nobody reads it
+        print("twice")
+        with pytest.raises(OSError, match="No space"):  # a redirect to a full disk is still an error
+            print("a line", file=sys.stderr)
+    assert isinstance(sys.stdout, Gone) and isinstance(sys.stderr, Full)  # restored
