@@ -10,6 +10,7 @@ import io
 import json
 import os
 import pickle
+import re
 import shlex
 import signal
 import subprocess
@@ -526,3 +527,74 @@ def test_unbreakable_streams_drop_what_a_gone_reader_misses_and_raise_other_faul
         with pytest.raises(OSError, match="No space"):  # a redirect to a full disk is still an error
             print("a line", file=sys.stderr)
     assert isinstance(sys.stdout, Gone) and isinstance(sys.stderr, Full)  # restored
+
+
+# ----------------------------------------------------------------------------------------------------
+# docs/reliability.md: what we promise, and how it is tested, with counts that pytest's collection recounts
+
+RELIABILITY_DOC = ROOT / "docs" / "reliability.md"
+
+
+def _cells(line):
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]  # "\|" inside a cell is not a border
+
+
+def selections(doc):
+    """Each promise row of the table: (its line, its `file: word, word` selections)."""
+    return [(line, [(f, [w.strip() for w in words.split(",")]) for f, words in re.findall(r"`([\w.]+\.py): ([^`]+)`",
+                                                                                            _cells(line)[2])])
+            for line in doc.splitlines() if line.startswith("| **") and len(_cells(line)) == 4
+            and "`" in _cells(line)[2]]
+
+
+def collected_tests(files):
+    """pytest's own list of test cases in `files` (a CUDA machine's extra device cases left out)."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           *[f"tests/{f}" for f in files]], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return [i for i in done.stdout.splitlines() if "::" in i and not re.search(r"\[([^]]*-)?cuda[-\]]", i)]
+
+
+def selected(tests, file, words):
+    return [t for t in tests if t.startswith(f"tests/{file}::")
+            and any(w in t.split("::", 1)[1].split("[")[0] for w in words)]
+
+
+def reliability_doc(doc, tests):
+    """docs/reliability.md with each promise's count recounted from `tests`, and the distinct total."""
+    rows, everything = selections(doc), set()
+    for line, chosen in rows:
+        cases = {t for file, words in chosen for t in selected(tests, file, words)}
+        everything |= cases
+        doc = doc.replace(line, line[:line.rstrip().rstrip("|").rstrip().rindex("|")] + f"| {len(cases)} |")
+    files = {file for _, chosen in rows for file, _ in chosen}
+    total = len([t for t in tests if t.split("::")[0][len("tests/"):] in files])
+    return re.sub(r"^(\| \*\*in all\*\* \|.*\| )\d+ of \d+ \|$", rf"\g<1>{len(everything)} of {total} |", doc,
+                  flags=re.M)
+
+
+def test_the_reliability_page_s_counts_are_pytest_s():
+    doc = RELIABILITY_DOC.read_text()
+    rows = selections(doc)
+    assert len(rows) >= 8 and "[docs/reliability.md](docs/reliability.md)" in (ROOT / "README.md").read_text()
+    tests = collected_tests(sorted({file for _, chosen in rows for file, _ in chosen}))
+    for line, chosen in rows:  # every word selects a test: a renamed test cannot silently drop out of its promise
+        for file, words in chosen:
+            for word in words:
+                assert selected(tests, file, [word]), f"{file}: {word!r} selects no test ({_cells(line)[0]})"
+    assert doc == reliability_doc(doc, tests), "docs/reliability.md's counts are stale: run `make docs`"
+
+
+def test_the_reliability_counts_count_what_they_say():
+    doc = ("| **p** | how | `test_a.py: one, two` `test_b.py: three` | 7 |\n"
+           "| **in all** | distinct | | 9 of 9 |\n")
+    tests = ["tests/test_a.py::test_one", "tests/test_a.py::test_two[x]", "tests/test_a.py::test_two[y]",
+             "tests/test_a.py::test_three", "tests/test_b.py::test_three_and_one", "tests/test_b.py::test_four"]
+    assert reliability_doc(doc, tests) == ("| **p** | how | `test_a.py: one, two` `test_b.py: three` | 4 |\n"
+                                           "| **in all** | distinct | | 4 of 6 |\n")
+
+
+if __name__ == "__main__":  # `make docs`: recount docs/reliability.md
+    text = RELIABILITY_DOC.read_text()
+    RELIABILITY_DOC.write_text(reliability_doc(text, collected_tests(sorted({f for _, c in selections(text)
+                                                                              for f, _ in c}))))
