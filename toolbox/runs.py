@@ -285,8 +285,8 @@ def check_apart(folder, root):
     """A run folder never lies in a dataset's folder under the data root (its files would mix with the images, and a
     later run would meet them there), nor does the data root lie in a run folder: one line, before anything is
     read or written."""
-    out, root = Path(os.path.abspath(Path(folder).expanduser())), Path(os.path.abspath(Path(root).expanduser()))
-    out, root = out.resolve(), root.resolve()  # links too: the same folder under two names is one folder
+    # links resolved (realpath: a loop is named by the root check later): one folder under two names is one folder
+    out, root = (Path(os.path.realpath(Path(p).expanduser())) for p in (folder, root))
     for name, spec in data.DATASETS.items():
         dataset = root / spec.folder
         if out == dataset or dataset in out.parents:
