@@ -750,7 +750,8 @@ def test_eval_only_refuses_a_method_flag_that_contradicts_the_file(root, weights
     saved["config"].update(prompt="coop", n_ctx=3, ctx_init=None)
     saved["settings"].update(prompt="coop", n_ctx=3, ctx_init=None)
     torch.save(saved, tmp_path / "coop.pt")
-    common = ("--root", root, "--weights", weights, "--eval-only", "--adapters", tmp_path / "coop.pt", "--eval-limit", 2)
+    common = ("--root", root, "--weights", weights, "--eval-only", "--adapters", tmp_path / "coop.pt",
+              "--eval-limit", 2)
     refused(*common, "--ctx-init", "a photo of", "--out", tmp_path / "e1",
             match="--ctx-init 'a photo of' contradicts")
     refused(*common, "--prompt", "fixed", "--out", tmp_path / "e2", match="--prompt fixed contradicts")

@@ -168,7 +168,8 @@ def nothing_allocated(monkeypatch):
     """Every step that would read, download or build something records itself here instead."""
     calls = []
     for module, name in ((clip_min, "read_state_dict"), (clip_min, "checkpoint"), (clip_min, "CLIP"),
-                         (orthcr, "init_context"), (orthcr, "init_adapters"), (orthcr, "cutout"), (data, "build_dataset")):
+                         (orthcr, "init_context"), (orthcr, "init_adapters"), (orthcr, "cutout"),
+                         (data, "build_dataset")):
         monkeypatch.setattr(module, name, lambda *a, _name=name, **k: calls.append(_name))
     return calls
 

@@ -54,8 +54,9 @@ def fail(message, code=1):
 def run_config(cfg, seed, train_set, data_sha256):
     """config.json: every setting that applies to the run (a zero-shot run records no training settings), and
     what identifies the run's inputs and code."""
-    unused = settings.declared(cfg).unused(dataclasses.asdict(cfg))
-    return {**{k: v for k, v in dataclasses.asdict(cfg).items() if k not in unused}, "seed": seed, "data_sha256": data_sha256, "method": settings.method_name(cfg),
+    record = dataclasses.asdict(cfg)
+    unused = settings.declared(cfg).unused(record)
+    return {**{k: v for k, v in record.items() if k not in unused}, "seed": seed, "data_sha256": data_sha256, "method": settings.method_name(cfg),
             "model_file": model_label(cfg), "code_version": code_version(), "torch": torch.__version__,
             "train_images": len(train_set.train) if train_set else 0}
 
