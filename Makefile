@@ -40,7 +40,9 @@ DEVICE ?= cuda
 gpu-check:
 	$(PYTHON) bench.py --gpu-check --device $(DEVICE) $(if $(DATA_ROOT),--data-root $(DATA_ROOT)) $(if $(GPU_CHECK_OUT),--out $(GPU_CHECK_OUT))
 
-# docs/flags.md, generated from train.py's SETTINGS (tests/test_settings.py checks that it is current)
+# docs/flags.md, generated from train.py's SETTINGS (tests/test_settings.py checks that it is current), and the
+# test counts of docs/reliability.md, recounted from pytest's collection (tests/test_reliability.py checks them)
 .PHONY: docs
 docs:
 	$(PYTHON) -c "import train; open('docs/flags.md', 'w').write(train.SETTINGS.flags_doc())"
+	PYTHONPATH=. $(PYTHON) tests/test_reliability.py

@@ -32,6 +32,7 @@ import data
 import orthcr
 from toolbox import cli, distributed, files, predictions, published, runs, settings, sweeps, tables
 from toolbox.settings import Setting, at_least, learning_rate, momentum, non_negative_number, positive_number, seed
+from toolbox.settings import between, loss_weight
 
 # ---------------------------------------------------------------------------------------------------- defaults
 # The paper does not publish its optimization settings; these are ours (README: "What we chose").
@@ -98,7 +99,8 @@ SETTINGS = settings.Declarations([
     Setting("protocol", "base2new", "base2new: train on the base classes, test base and new; fewshot: all classes; "
             "cross: train on ImageNet, test 10 datasets; dg: train on ImageNet, test its 4 variants", "data", G["data"],
             choices=PROTOCOLS, shown="{}; --eval-only: the adapters file's", eval_only="file"),
-    Setting("shots", 16, "training images per class", "data", G["data"], type=int, metavar="K", check=at_least(1),
+    Setting("shots", 16, "training images per class", "data", G["data"], type=int, metavar="K",
+            check=between(1, 10_000, "more than any class holds: EuroSAT's largest has 1,500 training images"),
             shown="{}; --eval-only: the adapters file's", eval_only="same"),
     Setting("seeds", [1], "one run per seed, then a mean ± std table", group=G["data"], type=int, nargs="+",
             metavar="S", check=seed, eval_only="same"),
@@ -108,16 +110,17 @@ SETTINGS = settings.Declarations([
             "(plain CoOp with --prompt coop)", "method", G["method"], nargs="+", metavar="LAYER", eval_only="file",
             convert=lambda v, values: () if v == ("none",) else v),
     Setting("blocks", LAYOUT["blocks"], "diagonal blocks of each R", "method", G["method"], type=int, metavar="R",
-            check=at_least(1), eval_only="file"),
+            check=between(1, settings.BLOCKS_MAX, "a block is at least 1 x 1"), eval_only="file"),
     Setting("towers", LAYOUT["towers"], "towers to finetune", "method", G["method"], nargs="+",
             choices=tuple(orthcr.TOWER_PREFIX), eval_only="file"),
     Setting("neumann", 0, "terms of the approximate Cayley transform, which is not exactly orthogonal; 0: the exact "
-            "solve", "method", G["method"], type=int, metavar="N", check=at_least(0), eval_only="same"),
+            "solve", "method", G["method"], type=int, metavar="N",
+            check=between(0, 64, "past 64 terms fp32 gains nothing the exact solve, 0, lacks"), eval_only="same"),
     Setting("lambda1", orthcr.LAMBDA1, "weight of KL(zero-shot ‖ finetuned) on the clean images", "method",
-            G["method"], type=float, metavar="L1", check=non_negative_number, eval_only="trained"),
+            G["method"], type=float, metavar="L1", check=loss_weight, eval_only="trained"),
     Setting("lambda2", lambda values: 0.0 if values.get("cutout") == "none" else orthcr.LAMBDA2,
             "weight of the KL on the Cutout images", "method", G["method"], type=float, metavar="L2",
-            check=non_negative_number, shown=f"{orthcr.LAMBDA2}; 0 with --cutout none", eval_only="trained"),
+            check=loss_weight, shown=f"{orthcr.LAMBDA2}; 0 with --cutout none", eval_only="trained"),
     Setting("kl_reduction", "batchmean", "the KL terms' reduction: batchmean, the true KL (summed over classes, "
             "averaged over the batch); mean, also averaged over the C classes (PromptSRC-style code's sum / numel), "
             "which weighs each λ C times less", "method", G["method"], choices=orthcr.KL_REDUCTIONS,
@@ -126,11 +129,12 @@ SETTINGS = settings.Declarations([
             "similar to the class text; none: no Cutout views, no Cutout terms", "method", G["method"],
             choices=orthcr.CUTOUT_MODES, eval_only="trained"),
     Setting("cutout_size", orthcr.CUTOUT_SIZE, "side of the square hole in pixels (16 covers 0.5 % of a 224 px image)",
-            "method", G["method"], type=int, metavar="PX", check=at_least(1), eval_only="trained"),
+            "method", G["method"], type=int, metavar="PX", eval_only="trained",
+            check=between(1, settings.IMAGE_MAX, "no model's images are larger")),
     Setting("cutout_holes", 1, "holes per image, random Cutout only", "method", G["method"], type=int, metavar="N",
-            check=at_least(1), eval_only="trained"),
+            check=between(1, 64, "64 holes of 16 px cover a third of a 224 px image"), eval_only="trained"),
     Setting("cutout_temperature", None, "attentive Cutout: draw the hole's patch from softmax(similarity / T) instead "
-            "of taking the argmax", "method", G["method"], type=float, metavar="T", check=positive_number,
+            "of taking the argmax", "method", G["method"], type=float, metavar="T", check=settings.temperature,
             shown="argmax", eval_only="trained"),
     Setting("cutout_grid", None, "write a picture of the first training batch (random hole, attentive hole, "
             "similarity map) to PNG and stop, without training", group=G["method"], metavar="PNG", shown="off"),
@@ -142,29 +146,30 @@ SETTINGS = settings.Declarations([
             shown=f"'{CTX_INIT}' (4 tokens) for base2new, cross and dg, as CoCoOp's configs; fewshot, or with "
                   f"--n-ctx: random N(0, 0.02^2), as CoOp's"),
     Setting("n_ctx", N_CTX, "--prompt coop: context vectors", "method", G["method"], type=int, metavar="N",
-            check=at_least(1), shown="{} random, or the tokens of --ctx-init", eval_only="file",  # the tokens fix it
+            check=between(1, settings.N_CTX_MAX, "CLIP's 77 tokens, less [SOS], a class, '.' and [EOS]"),
+            shown="{} random, or the tokens of --ctx-init", eval_only="file",  # the tokens fix it
             convert=lambda v, values: len(clip_min.encode(values["ctx_init"])) if values["ctx_init"] else v),
     Setting("epochs", EPOCHS, "passes over the few-shot training set", "method", G["opt"], type=int,
-            check=at_least(1), eval_only="trained"),
+            check=between(1, 10_000, "CoOp's longest schedule is 200"), eval_only="trained"),
     Setting("batch_size", BATCH_SIZE, "training images per step, plus their Cutout copies", "method", G["opt"],
-            type=int, metavar="N", check=at_least(1), eval_only="trained"),
+            type=int, metavar="N", check=between(1, 4096, "4096 images are 2.5 GB of pixels"), eval_only="trained"),
     Setting("lr", LR, "AdamW's learning rate, the schedule's peak", "method", G["opt"], type=float, check=learning_rate,
             eval_only="trained"),
     Setting("weight_decay", WEIGHT_DECAY, "AdamW's weight decay on P", "method", G["opt"], type=float, metavar="WD",
-            check=non_negative_number, eval_only="trained"),
+            check=between(0, 100, "P shrinks by lr x WD per step"), eval_only="trained"),
     Setting("warmup_steps", WARMUP_STEPS, "linear warm-up (at most a tenth of the steps), then cosine decay to 0",
-            "method", G["opt"], type=int, metavar="N", check=at_least(0), eval_only="trained"),
+            "method", G["opt"], type=int, metavar="N", check=between(0, settings.STEPS_MAX), eval_only="trained"),
     Setting("ctx_lr", CTX_LR, "--prompt coop: the context's SGD learning rate, the schedule's peak (CoOp's)", "method",
             G["opt"], type=float, metavar="LR", check=learning_rate, eval_only="trained"),
     Setting("ctx_momentum", CTX_MOMENTUM, "--prompt coop: the context's SGD momentum (CoOp's)", "method", G["opt"],
             type=float, metavar="M", check=momentum, eval_only="trained"),
     Setting("ctx_weight_decay", CTX_WEIGHT_DECAY, "--prompt coop: the context's SGD weight decay (CoOp's)", "method",
-            G["opt"], type=float, metavar="WD", check=non_negative_number, eval_only="trained"),
+            G["opt"], type=float, metavar="WD", check=between(0, 100), eval_only="trained"),
     Setting("ctx_warmup_epochs", CTX_WARMUP_EPOCHS, "--prompt coop: epochs at --ctx-warmup-lr before the context's "
             "cosine decay, which steps once per epoch (CoOp's)", "method", G["opt"], type=int, metavar="N",
-            check=at_least(0), eval_only="trained"),
+            check=between(0, 10_000, "more than any few-shot run's epochs"), eval_only="trained"),
     Setting("ctx_warmup_lr", CTX_WARMUP_LR, "--prompt coop: the context's constant warm-up learning rate (CoOp's)",
-            "method", G["opt"], type=float, metavar="LR", check=non_negative_number, eval_only="trained"),
+            "method", G["opt"], type=float, metavar="LR", check=between(0, 10), eval_only="trained"),
     Setting("zero_shot", False, "evaluate plain CLIP, no training: the CLIP row; with --predict, classify with plain "
             "CLIP too (beside --adapters' run, or alone)", "method", G["eval"], switch=True),
     Setting("eval_only", False, "evaluate saved --adapters, no training", group=G["eval"], switch=True),
@@ -174,11 +179,12 @@ SETTINGS = settings.Declarations([
     Setting("eval_data", None, "the datasets that cross and dg evaluate", "data", G["eval"], nargs="+",
             choices=tuple(data.DATASETS), metavar="NAME", shown="the paper's"),
     Setting("eval_limit", None, "evaluate N class-balanced test images per split", "data", G["eval"], type=int,
-            metavar="N", check=at_least(1), shown="all"),
+            metavar="N", shown="all",
+            check=between(1, 100_000, "more than any test split: ImageNet-Sketch has 50,889")),
     Setting("table_only", False, "print and write the table of this command's finished runs again, from their "
             "records, without loading a model or training", group=G["eval"], switch=True),
     Setting("eval_batch_size", EVAL_BATCH_SIZE, "images per batch", group=G["eval"], type=int, metavar="N",
-            check=at_least(1)),
+            check=between(1, 4096, "4096 images are 2.5 GB of pixels")),
     Setting("predict", None, "classify these images (files, or folders searched for image files) with --adapters' "
             "run (and/or --zero-shot), print the top classes, write predictions.csv; trains nothing",
             group=G["predict"], nargs="+", metavar="IMAGE", shown="off"),
@@ -186,7 +192,8 @@ SETTINGS = settings.Declarations([
             "of the classes the adapters were trained on (zero-shot transfer; a CoOp context is kept)",
             group=G["predict"], nargs="+", metavar="NAME", shown="the adapters file's"),
     Setting("top_k", predictions.TOP_K, "--predict: classes shown and written per image", group=G["predict"],
-            type=int, metavar="K", check=at_least(1), shown="{}, or the number of classes if fewer"),
+            type=int, metavar="K", check=between(1, 1000, "ImageNet has 1000 classes"),
+            shown="{}, or the number of classes if fewer"),
     Setting("out", None, "the run folder; {seed} and {data} in it become each run's seed and dataset",
             group=G["files"], metavar="DIR",
             shown="runs/<data>_<protocol>_<K>shot_<method>_seed<S>, <method> the table's label, e.g. orthsr+coop; "
@@ -199,9 +206,9 @@ SETTINGS = settings.Declarations([
     Setting("export_dtype", "fp32", "merged.pt's dtype; fp16 (OpenAI's) is half the size but rounds small rotations "
             "away", group=G["files"], choices=("fp32", "fp16")),
     Setting("save_every", 0, "checkpoint every N steps; 0: at the end of each epoch", group=G["files"], type=int,
-            metavar="N", check=at_least(0)),
+            metavar="N", check=between(0, settings.STEPS_MAX)),
     Setting("log_every", 1, "a progress line every N steps", group=G["files"], type=int, metavar="N",
-            check=at_least(1)),
+            check=between(1, settings.STEPS_MAX)),
     Setting("model", "ViT-B/16", "OpenAI's CLIP, downloaded and verified once", group=G["hw"],
             choices=tuple(clip_min.available_models())),
     Setting("weights", None, "a local checkpoint to use instead of downloading --model: OpenAI's, or open_clip's ViT "
@@ -218,10 +225,11 @@ SETTINGS = settings.Declarations([
             "fp32 on the CPU", "method", G["hw"], choices=("auto", "fp32", "bf16", "fp16"),
             convert=lambda v, values: resolve_precision(v, values["device"])),  # recorded resolved
     Setting("workers", lambda values: data.default_workers(values["device"]), "data loading processes",
-            group=G["hw"], type=int, metavar="N", check=at_least(0), shown="0 on the CPU, 8 on CUDA"),
+            group=G["hw"], type=int, metavar="N", shown="0 on the CPU, 8 on CUDA",
+            check=between(0, 256, "processes: more than any machine's cores")),
     Setting("dist_timeout", distributed.TIMEOUT_S, "under torchrun: seconds a process waits for the others at a "
             "collective before the run stops (a peer that hung; the first model download counts)", group=G["hw"],
-            type=float, metavar="S", check=positive_number),
+            type=float, metavar="S", check=between(1, 86_400, "a day")),
     Setting("checkpoint_sha256", None, "SHA-256 of the base model file, once it is known", "method", flag=False,
             eval_only="checked"),
 ])

@@ -183,8 +183,9 @@ def run_main(*argv):
 
 
 def base_args(root, weights, out, *extra):
-    return ["--data", "eurosat", "--root", root, "--weights", weights, "--out", out, "--shots", 8,
-            "--batch-size", 8, "--log-every", 100, *extra]
+    training = [] if "--zero-shot" in extra else ["--batch-size", 8]  # zero-shot refuses a training flag
+    return ["--data", "eurosat", "--root", root, "--weights", weights, "--out", out, "--shots", 8, *training,
+            "--log-every", 100, *extra]
 
 
 def read_log(out):

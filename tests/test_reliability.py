@@ -5,9 +5,12 @@ checksum, full disk, rerun) in test_clip_min.py; malicious pickles and unknown T
 loader in test_checkpoints.py; dataset faults at the data layer in test_data.py; flag validation in test_train.py.
 """
 
+import errno
+import io
 import json
 import os
 import pickle
+import re
 import shlex
 import signal
 import subprocess
@@ -19,9 +22,10 @@ import pytest
 import torch
 
 import clip_min
+import data
 import orthcr
 import train
-from toolbox import runs
+from toolbox import files, runs
 from conftest import ROOT
 from conftest import sha256
 from conftest import base_args, make_eurosat_like, make_imagenet_like, read_log, run_main, saved_adapters
@@ -284,6 +288,62 @@ def test_crafted_adapters_run_nothing_and_are_named(root, weights, tmp_path, con
 
 
 # ----------------------------------------------------------------------------------------------------
+# An adapters file that claims absurd sizes (issue 18): its records are checked against its own tensors and the
+# settings' ranges before anything is built from them
+
+
+def coop_adapters_file(path, context_rows=8, **records):
+    """A well-formed tiny CoOp adapters file, then `records` written over its config and settings."""
+    params = dict(clip_min.random_model("tiny", seed=0).state_dict())
+    adapters = {k: P.detach() for k, P in orthcr.init_adapters(params).items()}
+    config = {"model": "tiny", "targets": list(orthcr.DEFAULT_TARGETS), "blocks": 4, "towers": ["visual", "text"],
+              "neumann": 0, "prompt": "coop", "n_ctx": context_rows, "ctx_init": None}
+    config.update({k: v for k, v in records.items() if k != "adapters"})
+    torch.save({"adapters": records.get("adapters", adapters), "context": torch.zeros(context_rows, 64),
+                "config": config, "settings": {"data": "eurosat", "protocol": "base2new", "seed": 1}}, path)
+    return path
+
+
+@pytest.mark.parametrize("context_rows, records, match", [
+    (1100, dict(n_ctx=10**8, targets=[], adapters={}), "its recorded n_ctx = 100000000 is not a valid setting (must "
+                                                       "be <= 73"),  # the issue's 280 KB file
+    (1100, dict(n_ctx=8, targets=[], adapters={}), "its CoOp context has 1100 vectors, its recorded n_ctx = 8"),
+    (8, dict(n_ctx=60), "its CoOp context has 8 vectors, its recorded n_ctx = 60"),
+    (8, dict(ctx_init="a photo of a"), "its recorded ctx_init 'a photo of a' is 4 tokens, its CoOp context 8 vectors"),
+    (8, dict(ctx_init="a " * 10**5), "(200,002 characters) is too many tokens"),
+    (8, dict(blocks=10**6), "its recorded blocks = 1000000 is not a valid setting (must be <= 4,096"),
+    (8, dict(blocks=2), "has 4 blocks, its recorded blocks = 2"),
+    (8, dict(targets=["attn.out_proj"]), "is not on one of its recorded targets (attn.out_proj)"),
+    (8, dict(towers=["text"]), "is not in one of its recorded towers (text)"),
+    (8, dict(prompt="fixed"), "holds a CoOp context but records prompt = fixed"),
+    (8, dict(blocks=4096, adapters={"visual.transformer.resblocks.0.mlp.c_fc.weight": torch.zeros(4096, 2, 2)}),
+     "for 8,192 inputs: no CLIP layer has more than 4,096"),
+    (8, dict(cutout_holes=100000), "its recorded cutout_holes = 100000 is not a valid setting (must be <= 64"),
+])
+def test_an_adapters_file_that_claims_absurd_sizes_is_refused_before_anything_is_built(
+        root, weights, tmp_path, monkeypatch, context_rows, records, match):
+    built = []
+    for module, name in ((clip_min, "read_state_dict"), (clip_min, "tokenize"), (orthcr, "init_context"),
+                         (data, "build_dataset")):
+        monkeypatch.setattr(module, name, lambda *a, _name=name, **k: built.append(_name))
+    path = coop_adapters_file(tmp_path / "adapters.pt", context_rows, **records)
+    if context_rows == 1100:
+        assert 270_000 < path.stat().st_size < 300_000  # the issue's 280 KB file
+    with pytest.raises(SystemExit) as stop:
+        run_main("--root", root, "--weights", weights, "--eval-only", "--adapters", path, "--out", tmp_path / "e")
+    message = str(stop.value.code)
+    assert message.startswith(f"error: {path}") and "\n" not in message and match in message, message
+    assert len(message) < 400 and not built and not (tmp_path / "e").exists()
+
+
+def test_a_consistent_coop_adapters_file_is_evaluated(root, weights, tmp_path):
+    path = coop_adapters_file(tmp_path / "adapters.pt", 8)
+    results = run_main("--root", root, "--weights", weights, "--eval-only", "--adapters", path, "--eval-limit", 2,
+                       "--out", tmp_path / "e")[0]["results"]
+    assert results["base"]["n"] == 2  # the checks above refuse the claims, not the files train.py writes
+
+
+# ----------------------------------------------------------------------------------------------------
 # Adapters from another configuration: the first mismatching tensor is named
 
 TINY = clip_min.CONFIGS["tiny"]
@@ -301,9 +361,10 @@ def test_adapters_from_another_configuration_name_the_first_mismatching_tensor(r
     params = dict(clip_min.random_model(config, seed=1).state_dict())
     adapters = {k: torch.randn(P.shape) * 0.01 for k, P in orthcr.init_adapters(params, targets, blocks).items()}
     path = tmp_path / "adapters.pt"
-    torch.save({"adapters": adapters, "config": {"model": "other", "targets": list(targets), "blocks": blocks,
-                                                 "towers": ["visual", "text"], "neumann": 0}}, path)
-    # the run asks for the default layout explicitly; a file made for another model fails whatever is asked
+    layout = {"model": "other", "targets": list(targets), "blocks": blocks, "towers": ["visual", "text"], "neumann": 0}
+    # a file that records another layout than the flags ask for is refused for the flag (test_runs.py); here the
+    # tiny model's files record none, and a file made for another model fails whatever is asked
+    torch.save({"adapters": adapters, **({"config": layout} if config is not TINY else {})}, path)
     layout = ("--targets", *orthcr.DEFAULT_TARGETS, "--blocks", 4)
     with pytest.raises(SystemExit) as stop:
         run_main(*base_args(root, weights, tmp_path / "run", "--eval-only", "--adapters", path, *layout))
@@ -331,8 +392,8 @@ def test_eval_only_reads_the_layout_from_the_adapters_file(root, weights, tmp_pa
     run_main(*base_args(root, weights, tmp_path / "run", "--eval-only", "--adapters", path, "--eval-limit", 2))
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert (config["targets"], config["blocks"], config["towers"]) == (targets, 2, ["visual"])
-    # a flag given on the command line still wins, and a mismatch with it is refused
-    with pytest.raises(SystemExit, match="first mismatching tensor"):
+    # a method flag given on the command line must agree with the file: it would describe other adapters
+    with pytest.raises(SystemExit, match="--blocks 4 contradicts .*trained with blocks = 2"):
         run_main(*base_args(root, weights, tmp_path / "run2", "--eval-only", "--adapters", path, "--blocks", 4))
 
 
@@ -393,3 +454,147 @@ def test_model_download_fault_through_the_cli_then_rerun(root, server, tmp_path,
     server["files"][url[len(server["url"]):]] = blob.read_bytes()
     results = run_main(*argv)[0]["results"]
     assert results["base"]["n"] == 2 and (cache / "ViT-B-16.pt").read_bytes() == blob.read_bytes()
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output streams (issue 18): a reader that goes away, or a closed descriptor, changes nothing a run does or writes;
+# the exit status stays the run's own (0 for a finished run), and what nobody reads is dropped without a traceback
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, weights):
+    """A run with ordinary streams, to compare each run below with."""
+    root = make_eurosat_like(tmp_path_factory.mktemp("streams") / "data")
+    out = root.parent / "reference"
+    run_main(*base_args(root, weights, out, "--epochs", 1, "--eval-limit", 4))
+    return root, out
+
+
+@pytest.mark.parametrize("streams", ["2>&1 | head -1", "stdout closed at once", "stderr closed after its first line",
+                                     ">&- 2>&-"])
+def test_a_closed_output_stream_changes_nothing_the_run_does_or_writes(reference, weights, tmp_path, streams):
+    root, expected = reference
+    out = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "train.py"), *map(str, base_args(root, weights, out, "--epochs", 1,
+                                                                         "--eval-limit", 4))]
+    errors, printed = tmp_path / "stderr.txt", ""
+    if streams == "2>&1 | head -1":
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert child.stdout.readline()
+        child.stdout.close()
+    elif streams == "stdout closed at once":
+        with open(errors, "w") as err:
+            child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=err, text=True)
+        child.stdout.close()
+    elif streams == "stderr closed after its first line":
+        child = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert child.stderr.readline()
+        child.stderr.close()
+        printed = child.stdout.read()
+    else:  # started without descriptors 1 and 2: the run's files must not take their numbers
+        child = subprocess.Popen(["bash", "-c", 'exec "$@" >&- 2>&-', "bash", *argv])
+    assert child.wait(timeout=600) == 0  # the run's own status: it finished
+    if streams == "stdout closed at once":
+        assert errors.read_text().splitlines()[-1] == f"results written to {out / 'results.json'}"
+        assert not any(word in errors.read_text() for word in ("Traceback", "Exception ignored", "BrokenPipe"))
+    if streams == "stderr closed after its first line":
+        assert printed.splitlines()[0].startswith("| dataset | method |")  # stdout kept working
+    # the same files as the reference run, complete, and nothing else
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in expected.iterdir())
+    assert json.loads((out / "results.json").read_text())["results"] == \
+        json.loads((expected / "results.json").read_text())["results"]
+    assert [r["loss"] for r in read_log(out)] == [r["loss"] for r in read_log(expected)]
+    trained, reference_adapters = saved_adapters(out), saved_adapters(expected)
+    assert all(torch.equal(P, reference_adapters["adapters"][k]) for k, P in trained["adapters"].items())
+    config = json.loads((out / "config.json").read_text())  # valid JSON: no stray output went into it
+    assert config["epochs"] == 1
+
+
+def test_unbreakable_streams_drop_what_a_gone_reader_misses_and_raise_other_faults(monkeypatch):
+    class Gone(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+    class Full(io.StringIO):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(sys, "stdout", Gone())
+    monkeypatch.setattr(sys, "stderr", Full())
+    with files.unbreakable_streams():
+        print("the table")  # dropped: nobody reads it
+        print("twice")
+        with pytest.raises(OSError, match="No space"):  # a redirect to a full disk is still an error
+            print("a line", file=sys.stderr)
+    assert isinstance(sys.stdout, Gone) and isinstance(sys.stderr, Full)  # restored
+
+
+# ----------------------------------------------------------------------------------------------------
+# docs/reliability.md: what we promise, and how it is tested, with counts that pytest's collection recounts
+
+RELIABILITY_DOC = ROOT / "docs" / "reliability.md"
+
+
+def _cells(line):
+    return [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]  # "\|" inside a cell is not a border
+
+
+def selections(doc):
+    """Each promise row of the table: (its line, its `file: word, word` selections)."""
+    return [(line, [(f, [w.strip() for w in words.split(",")]) for f, words in re.findall(r"`([\w.]+\.py): ([^`]+)`",
+                                                                                            _cells(line)[2])])
+            for line in doc.splitlines() if line.startswith("| **") and len(_cells(line)) == 4
+            and "`" in _cells(line)[2]]
+
+
+def collected_tests(files):
+    """pytest's own list of test cases in `files` (a CUDA machine's extra device cases left out)."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:cacheprovider",
+                           *[f"tests/{f}" for f in files]], capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return [i for i in done.stdout.splitlines() if "::" in i and not re.search(r"\[([^]]*-)?cuda[-\]]", i)]
+
+
+def selected(tests, file, words):
+    return [t for t in tests if t.startswith(f"tests/{file}::")
+            and any(w in t.split("::", 1)[1].split("[")[0] for w in words)]
+
+
+def reliability_doc(doc, tests):
+    """docs/reliability.md with each promise's count recounted from `tests`, and the distinct total."""
+    rows, everything = selections(doc), set()
+    for line, chosen in rows:
+        cases = {t for file, words in chosen for t in selected(tests, file, words)}
+        everything |= cases
+        doc = doc.replace(line, line[:line.rstrip().rstrip("|").rstrip().rindex("|")] + f"| {len(cases)} |")
+    files = {file for _, chosen in rows for file, _ in chosen}
+    total = len([t for t in tests if t.split("::")[0][len("tests/"):] in files])
+    return re.sub(r"^(\| \*\*in all\*\* \|.*\| )\d+ of \d+ \|$", rf"\g<1>{len(everything)} of {total} |", doc,
+                  flags=re.M)
+
+
+def test_the_reliability_page_s_counts_are_pytest_s():
+    doc = RELIABILITY_DOC.read_text()
+    rows = selections(doc)
+    assert len(rows) >= 8 and "[docs/reliability.md](docs/reliability.md)" in (ROOT / "README.md").read_text()
+    tests = collected_tests(sorted({file for _, chosen in rows for file, _ in chosen}))
+    for line, chosen in rows:  # every word selects a test: a renamed test cannot silently drop out of its promise
+        for file, words in chosen:
+            for word in words:
+                assert selected(tests, file, [word]), f"{file}: {word!r} selects no test ({_cells(line)[0]})"
+    assert doc == reliability_doc(doc, tests), "docs/reliability.md's counts are stale: run `make docs`"
+
+
+def test_the_reliability_counts_count_what_they_say():
+    doc = ("| **p** | how | `test_a.py: one, two` `test_b.py: three` | 7 |\n"
+           "| **in all** | distinct | | 9 of 9 |\n")
+    tests = ["tests/test_a.py::test_one", "tests/test_a.py::test_two[x]", "tests/test_a.py::test_two[y]",
+             "tests/test_a.py::test_three", "tests/test_b.py::test_three_and_one", "tests/test_b.py::test_four"]
+    assert reliability_doc(doc, tests) == ("| **p** | how | `test_a.py: one, two` `test_b.py: three` | 4 |\n"
+                                           "| **in all** | distinct | | 4 of 6 |\n")
+
+
+if __name__ == "__main__":  # `make docs`: recount docs/reliability.md
+    text = RELIABILITY_DOC.read_text()
+    RELIABILITY_DOC.write_text(reliability_doc(text, collected_tests(sorted({f for _, c in selections(text)
+                                                                              for f, _ in c}))))

@@ -22,7 +22,7 @@ from toolbox import files, runs, settings
 import data
 import train
 from conftest import ROOT
-from conftest import base_args, read_log, run_main
+from conftest import base_args, make_eurosat_like, make_imagenet_like, read_log, run_main
 
 
 
@@ -422,7 +422,7 @@ def test_a_layout_that_does_not_fit_the_model_is_refused_before_it_is_loaded(roo
 
 @pytest.mark.parametrize("flags, match", [
     (["--blocks", "5"], "--blocks do not fit ViT-B/16: visual.transformer.resblocks.0.mlp.c_fc.weight: input dimension 768"),
-    (["--model", "ViT-L/14@336px", "--cutout-size", "400"], "larger than the model's 336 px images"),
+    (["--model", "ViT-B/16", "--cutout-size", "300"], "larger than the model's 224 px images"),  # 336 px exist
 ])
 def test_a_named_model_s_layout_is_checked_before_the_data_or_the_download(tmp_path, no_model, flags, match):
     refused("--root", tmp_path / "no_data", "--download-root", tmp_path / "models", "--out", tmp_path / "run", *flags,
@@ -491,8 +491,9 @@ def test_a_bad_data_root_is_one_line_before_anything_is_read(weights, tmp_path, 
 
 def test_a_coop_context_too_long_for_clip_is_refused_before_the_model_is_loaded(root, weights, tmp_path,  # noqa
                                                                                  no_model):
-    refused(*base_args(root, weights, tmp_path / "run", "--prompt", "coop", "--n-ctx", 75),
-            match="--n-ctx 75: a prompt of eurosat does not fit CLIP's context")
+    # 73 is the flag's bound (a one-token class name); this toy's names are two tokens
+    refused(*base_args(root, weights, tmp_path / "run", "--prompt", "coop", "--n-ctx", settings.N_CTX_MAX),
+            match=f"--n-ctx {settings.N_CTX_MAX}: a prompt of eurosat does not fit CLIP's context")
     assert not no_model and not (tmp_path / "run").exists()
 
 
@@ -507,7 +508,7 @@ def test_out_through_a_broken_symlink_is_one_line_before_anything_is_read(root, 
 
 
 @pytest.mark.parametrize("flags, match", [
-    (["--lr", "1e300"], "--lr must be a positive number (below 3.4e38)"),
+    (["--lr", "1e300"], "--lr must be a positive number, at most 10"),
     (["--out", ""], "--out is empty"),
     (["--weights", "."], "--weights .: not a regular file"),
 ])
@@ -650,3 +651,137 @@ def test_coop_rows_name_the_terms_they_add():
     assert label("--lambda1", "0", "--cutout", "none") == ("CoOp", "coop")
     assert label("--lambda1", "0", "--lambda2", "0") == ("CoOp (+ CutOut)", "coop-cutout")  # no KL weight, no KL
     assert label() == ("CoOp (+ KL + CutOut)", "coop-kl+cutout")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Records that say what ran (issue 18)
+
+
+@pytest.mark.parametrize("where", ["imagenet/images/train/n00000000", "eurosat/2750/Class0", "eurosat",
+                                   "imagenet-sketch/new", "the root", "above the root"])
+def test_a_run_folder_and_the_data_never_hold_each_other(tmp_path, weights, no_model, where):
+    root = make_imagenet_like(make_eurosat_like(tmp_path / "data", classes=2), classes=2, train_n=1, test_n=1)
+    before = snapshot(root)
+    out = {"the root": root, "above the root": tmp_path}.get(where, root / where)
+    message = refused("--root", root, "--weights", weights, "--out", out, "--epochs", 1)
+    assert ("is inside the folder of dataset" if "/" in where or where == "eurosat" else "holds the data root") \
+        in message
+    assert snapshot(root) == before and not no_model
+    link = tmp_path / "elsewhere"  # the same folder under another name is the same folder
+    link.symlink_to(root / "eurosat" / "2750")
+    refused("--root", root, "--weights", weights, "--out", link / "run", match="inside the folder of dataset eurosat")
+
+
+def test_zero_shot_refuses_every_setting_that_does_not_apply_naming_them(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(["--root", str(tmp_path), "--zero-shot", "--lr", "5", "--epochs", "9", "--lambda1", "7"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1
+    assert "trains nothing: --lambda1, --epochs, --lr do not apply" in err[0]
+    # derived from the declarations: what only training reads, and the adapters' layout
+    unused = set(train.SETTINGS.unused({"zero_shot": True}))
+    assert unused == set(train.SETTINGS.training_only()) | set(train.SETTINGS.layout_names())
+    assert {"lr", "epochs", "lambda1", "blocks", "n_ctx"} <= unused and not unused & {"data", "eval_limit", "precision"}
+    assert train.SETTINGS.unused({"zero_shot": False}) == ()
+
+
+def test_a_zero_shot_record_holds_only_the_settings_that_applied(root, weights, tmp_path):
+    run_main(*base_args(root, weights, tmp_path / "zs", "--zero-shot", "--eval-limit", 2))
+    config = json.loads((tmp_path / "zs" / "config.json").read_text())
+    assert not set(config) & set(train.SETTINGS.unused({"zero_shot": True}))
+    assert config["zero_shot"] is True and config["data"] == "eurosat" and config["eval_limit"] == 2
+    assert config["method"] == "zero-shot CLIP" and config["precision"] == "fp32"
+    run_main(*base_args(root, weights, tmp_path / "trained", "--epochs", 1, "--eval-limit", 2))
+    trained = json.loads((tmp_path / "trained" / "config.json").read_text())
+    assert {"lr", "epochs", "lambda1", "blocks"} <= set(trained)  # a training run records them all
+
+
+@pytest.mark.parametrize("flags", [["--protocol", "cross", "--eval-data", "eurosat"],
+                                   ["--protocol", "cross", "--eval-data", "eurosat", "--data", "eurosat"],
+                                   ["--protocol", "cross"], ["--protocol", "dg"]])
+def test_cross_and_dg_train_on_imagenet_whether_or_not_data_is_given(tmp_path, capsys, flags):
+    with pytest.raises(SystemExit) as stop:
+        train.parse_args(["--root", str(tmp_path), *flags])
+    assert stop.value.code == 2 and "trains on imagenet" in capsys.readouterr().err
+    train.parse_args(["--root", str(tmp_path), *flags, "--data", "imagenet"])  # the one they train on
+
+
+def adapters_recording(source, path, **changes):
+    """A copy of an adapters file whose records say `changes` (in "settings" and "config" where there)."""
+    saved = torch.load(source, weights_only=True)
+    for part in ("settings", "config"):
+        saved[part].update({k: v for k, v in changes.items() if part == "settings" or k in saved[part]})
+    torch.save(saved, path)
+    return path
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(protocol="cross"), "records data = eurosat, protocol = cross, which the command line refuses: --protocol "
+                             "cross trains on imagenet"),
+    (dict(protocol="dg"), "--protocol dg trains on imagenet"),
+    (dict(data="imagenet_v2", protocol="fewshot"), "--data imagenet_v2 has no training split"),
+    (dict(data="imagenet_sketch"), "--data imagenet_sketch has no training split"),
+])
+def test_eval_only_refuses_a_file_that_records_what_the_command_line_refuses(root, weights, finished, tmp_path,
+                                                                              monkeypatch, changes, match):
+    built = []
+    monkeypatch.setattr(data, "build_dataset", lambda *a, **k: built.append(a))  # nothing is read or downloaded
+    path = adapters_recording(finished / "adapters.pt", tmp_path / "odd.pt", **changes)
+    refused("--root", root, "--weights", weights, "--eval-only", "--adapters", path, "--out", tmp_path / "e",
+            match=match)
+    assert not built and not (tmp_path / "e").exists()
+
+
+def test_eval_only_refuses_flags_that_make_the_evaluation_a_combination_the_command_line_refuses(
+        root, weights, finished, tmp_path, capsys):
+    common = ("--root", root, "--weights", weights, "--eval-only", "--adapters", finished / "adapters.pt")
+    refused(*common, "--protocol", "cross", "--out", tmp_path / "e", match="with the flags given is data = eurosat, "
+            "protocol = cross, which the command line refuses")
+    with pytest.raises(SystemExit) as stop:  # a given --data is checked with the flags
+        run_main(*common, "--data", "imagenet_r", "--out", tmp_path / "e")
+    assert stop.value.code == 2 and "imagenet_r has no training split" in capsys.readouterr().err
+    assert not (tmp_path / "e").exists()
+
+
+def test_eval_only_refuses_a_method_flag_that_contradicts_the_file(root, weights, finished, tmp_path):
+    """Adapters trained from a random context of 3 vectors: --ctx-init 'a photo of' (3 tokens) would evaluate
+    the same tensors and record a ctx_init they never had."""
+    saved = torch.load(finished / "adapters.pt", weights_only=True)
+    saved["context"] = torch.randn(3, 64, generator=torch.Generator().manual_seed(0)) * 0.02
+    saved["config"].update(prompt="coop", n_ctx=3, ctx_init=None)
+    saved["settings"].update(prompt="coop", n_ctx=3, ctx_init=None)
+    torch.save(saved, tmp_path / "coop.pt")
+    common = ("--root", root, "--weights", weights, "--eval-only", "--adapters", tmp_path / "coop.pt",
+              "--eval-limit", 2)
+    refused(*common, "--ctx-init", "a photo of", "--out", tmp_path / "e1",
+            match="--ctx-init 'a photo of' contradicts")
+    refused(*common, "--prompt", "fixed", "--out", tmp_path / "e2", match="--prompt fixed contradicts")
+    refused(*common, "--targets", "none", "--out", tmp_path / "e3", match="--targets none contradicts")
+    assert not any((tmp_path / f"e{i}").exists() for i in (1, 2, 3))
+    run_main(*common, "--prompt", "coop", "--n-ctx", 3, "--out", tmp_path / "e4")  # what the file says: fine
+    assert json.loads((tmp_path / "e4" / "config.json").read_text())["ctx_init"] is None
+
+
+@pytest.mark.parametrize("kind", ["dangling symlink", "symlink to a file", "symlink to a folder", "fifo", "folder"])
+def test_a_lock_that_is_not_a_regular_file_is_refused_and_never_followed(root, weights, tmp_path, no_model, kind):
+    out, target = tmp_path / "run", tmp_path / "outside"
+    out.mkdir()
+    lock = out / ".lock"
+    if kind == "dangling symlink":
+        lock.symlink_to(target)
+    elif kind == "symlink to a file":
+        target.write_text("someone's file\n")
+        lock.symlink_to(target)
+    elif kind == "symlink to a folder":
+        target.mkdir()
+        lock.symlink_to(target)
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    message = refused(*base_args(root, weights, out, "--epochs", 1))
+    assert f"{lock} is a symlink" in message if "symlink" in kind else f"{lock} is not a regular file" in message
+    assert (not target.exists() if kind == "dangling symlink" else
+            target.read_text() == "someone's file\n" if kind == "symlink to a file" else True)
+    assert not (target.is_dir() and any(target.iterdir()))
+    assert os.path.lexists(lock) and sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing else written

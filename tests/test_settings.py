@@ -2,9 +2,17 @@
 setting reaches each of them from its declaration alone."""
 
 import dataclasses
+import math
+import resource
+import subprocess
+import sys
 
+import pytest
 import torch
 
+import clip_min
+import data
+import orthcr
 import train
 from conftest import ROOT
 from toolbox import cli, runs, settings
@@ -102,3 +110,122 @@ def test_the_training_step_is_the_one_the_bench_measures():
     assert scaler.get_scale() == 2.0**12  # train.py's start, not torch's 2^16
     assert bench.AUTO_CUDA == train.resolve_precision("auto", "cuda") == "fp16"
     assert isinstance(bench.autocast("cpu", "bf16"), torch.autocast)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Ranges (issue 18): every numeric setting has one, both ends, that follows from what it means
+
+
+def numeric(declared=train.SETTINGS):
+    return [s for s in declared if s.type in (int, float)]
+
+
+def test_every_numeric_setting_has_a_range_with_both_ends_around_its_default():
+    assert {s.name for s in numeric()} >= {"cutout_holes", "cutout_size", "n_ctx", "cutout_temperature", "blocks",
+                                           "epochs", "batch_size", "eval_batch_size", "shots", "lr", "weight_decay",
+                                           "warmup_steps", "save_every", "log_every", "eval_limit", "neumann",
+                                           "lambda1", "lambda2", "workers"}
+    for s in numeric():
+        assert s.check is not None, s.name
+        huge = 10**12 if s.type is int else 1e30
+        assert s.check(huge) and s.check(-1), s.name  # bounded above and below
+        if s.type is float:
+            assert all(s.check(v) for v in (float("nan"), float("inf"), -float("inf"))), s.name
+        default = s.default({"device": "cpu", "cutout": "random"}) if callable(s.default) else s.default
+        assert all(s.check(v) is None for v in (default if s.nargs else [default]) if v is not None), s.name
+
+
+def test_the_bounds_that_come_from_clip_are_clip_s():
+    # the longest CoOp context leaves room for [SOS], a one-token class, "." and [EOS] in CLIP's 77 tokens
+    orthcr.coop_tokens(["cat"], settings.N_CTX_MAX)
+    with pytest.raises(RuntimeError):
+        orthcr.coop_tokens(["cat"], settings.N_CTX_MAX + 1)
+    assert settings.CONTEXT_LENGTH == 77 and settings.N_CTX_MAX == 73
+    assert settings.IMAGE_MAX == max(clip_min.CONFIGS[m]["image_resolution"] for m in clip_min.available_models())
+    with torch.device("meta"):  # no layer of any CLIP has more inputs than --blocks may cut into 1 x 1 blocks
+        widest = max(P.shape[1] for m in clip_min.available_models()
+                     for P in clip_min.CLIP(**clip_min.CONFIGS[m]).state_dict().values() if P.dim() == 2)
+    assert widest == settings.BLOCKS_MAX
+
+
+def test_the_lowest_temperature_cannot_overflow_the_softmax_in_fp32():
+    t = settings.TEMPERATURE_MIN
+    assert torch.isfinite(torch.exp(torch.tensor(2 / t, dtype=torch.float32)))  # the spread of cosines in [-1, 1]
+    assert not torch.isfinite(torch.exp(torch.tensor(2 / (t / 10), dtype=torch.float32)))  # a bound that binds
+    assert t - 2 / math.log(settings.FLOAT32_MAX) < 1e-3  # rounded up by less than 0.001
+    similarity = torch.tensor([[[1.0, -1.0], [-1.0, 1.0]]])  # the widest spread a cosine map can have
+    for temperature in (t, 1000.0):
+        orthcr.attentive_cutout(torch.rand(1, 3, 8, 8), similarity, 2, torch.Generator().manual_seed(0), temperature)
+    assert train.SETTINGS.by_name["cutout_temperature"].check(1e-45)
+
+
+def flag_error(capsys, *argv):
+    """The command line's flag error: exit 2, one line; returns it."""
+    with pytest.raises(SystemExit) as stop:
+        train.main([str(a) for a in argv])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert stop.value.code == 2 and len(err) == 1 and err[0].startswith("train.py: error: "), err
+    return err[0]
+
+
+@pytest.fixture
+def nothing_allocated(monkeypatch):
+    """Every step that would read, download or build something records itself here instead."""
+    calls = []
+    for module, name in ((clip_min, "read_state_dict"), (clip_min, "checkpoint"), (clip_min, "CLIP"),
+                         (orthcr, "init_context"), (orthcr, "init_adapters"), (orthcr, "cutout"),
+                         (data, "build_dataset")):
+        monkeypatch.setattr(module, name, lambda *a, _name=name, **k: calls.append(_name))
+    return calls
+
+
+@pytest.mark.parametrize("flags, match", [
+    (["--cutout-holes", 100000], "--cutout-holes must be <= 64"),
+    (["--prompt", "coop", "--n-ctx", 10000000], "--n-ctx must be <= 73"),  # without --weights: a named model
+    (["--cutout", "attentive", "--cutout-temperature", 1e-45], "--cutout-temperature must be from 0.023 to 1000"),
+    (["--cutout-size", 100000], "--cutout-size must be <= 336"),
+    (["--blocks", 10**9], "--blocks must be <= 4,096"),
+    (["--epochs", 10**9], "--epochs must be <= 10,000"),
+    (["--batch-size", 10**9], "--batch-size must be <= 4,096"),
+    (["--eval-batch-size", 10**9], "--eval-batch-size must be <= 4,096"),
+    (["--shots", 10**9], "--shots must be <= 10,000"),
+    (["--lr", "inf"], "--lr must be a positive number, at most 10"),
+    (["--weight-decay", "1e300"], "--weight-decay must be <= 100"),
+    (["--lr", 1, "--weight-decay", 2], "AdamW multiplies P by 1 - lr x weight decay"),
+    (["--warmup-steps", 10**10], "--warmup-steps must be <= 1,000,000,000"),
+    (["--save-every", 10**10], "--save-every must be <= 1,000,000,000"),
+    (["--log-every", 10**10], "--log-every must be <= 1,000,000,000"),
+    (["--eval-limit", 10**9], "--eval-limit must be <= 100,000"),
+    (["--neumann", 10**9], "--neumann must be <= 64"),
+    (["--lambda1", "1e300"], "--lambda1 must be a number from 0 to 1000"),
+    (["--lambda2", "nan"], "--lambda2 must be a number from 0 to 1000"),
+    (["--workers", 10**6], "--workers must be <= 256"),
+    (["--seeds", *range(300)], "--seeds: 300 seeds, at most 256"),
+    (["--prompt", "coop", "--ctx-init", "a " * 80], "--ctx-init is 80 tokens: CoOp's prompt fits at most 73"),
+])
+def test_an_out_of_range_flag_is_one_line_before_anything_is_allocated(tmp_path, capsys, nothing_allocated, flags,
+                                                                       match):
+    line = flag_error(capsys, "--root", tmp_path / "data", "--out", tmp_path / "run", "--device", "cpu", *flags)
+    assert match in line, line
+    assert not nothing_allocated and not (tmp_path / "run").exists()
+
+
+def test_a_context_of_ten_million_fails_in_a_fresh_process_in_bounded_memory(tmp_path):
+    """The issue's case: without --weights the context was built (20 GB) before the prompt length was checked."""
+    def limit():  # 3 GB: torch loads; a 20 GB context would fail fast instead of calling the OOM killer
+        resource.setrlimit(resource.RLIMIT_AS, (3 << 30, 3 << 30))
+
+    done = subprocess.run([sys.executable, str(ROOT / "train.py"), "--root", str(tmp_path), "--device", "cpu",
+                           "--out", str(tmp_path / "run"), "--prompt", "coop", "--n-ctx", "10000000"],
+                          capture_output=True, text=True, cwd=tmp_path, preexec_fn=limit, timeout=300)
+    assert done.returncode == 2 and done.stdout == "", done.stderr
+    assert done.stderr.splitlines() == [f"train.py: error: --n-ctx must be <= 73 (CLIP's 77 tokens, less [SOS], a "
+                                        f"class, '.' and [EOS]), got 10000000 (see --help)"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_adapters_file_s_recorded_numbers_are_held_to_the_same_ranges():
+    s = train.SETTINGS.by_name
+    assert not s["n_ctx"].valid(10**8) and s["n_ctx"].valid(settings.N_CTX_MAX)
+    assert not s["blocks"].valid(10**6) and not s["cutout_holes"].valid(100000)
+    assert not s["cutout_temperature"].valid(1e-45) and s["cutout_temperature"].valid(None)

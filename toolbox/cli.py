@@ -11,7 +11,7 @@ import torch
 import clip_min
 import data
 import orthcr
-from toolbox import runs
+from toolbox import runs, settings
 
 
 class Parser(argparse.ArgumentParser):
@@ -47,7 +47,11 @@ def problems(declared, args):
     bad = declared.range_problems(args)
     if args.seeds is not None and len(set(args.seeds)) != len(args.seeds):
         bad.append(f"--seeds {' '.join(map(str, args.seeds))}: each seed once (a repeated seed repeats its run)")
+    if args.seeds is not None and len(args.seeds) > settings.SEEDS_MAX:
+        bad.append(f"--seeds: {len(args.seeds)} seeds, at most {settings.SEEDS_MAX} (each holds its run folder's "
+                   f"lock open to the end)")
     bad += _method_problems(args, value)
+    bad += _unused_problems(declared, args)
     bad += _protocol_problems(args, value)
     bad += _file_problems(args, value)
     bad += _device_problems(value("device"), value("precision"))
@@ -65,7 +69,8 @@ def _method_problems(args, value):
         bad.append("--targets none trains no rotation: --blocks, --towers and --neumann do not apply")
     if no_adapters and args.prompt != "coop" and not args.eval_only:
         bad.append("--targets none leaves nothing to train: add --prompt coop (plain CoOp), or use --zero-shot")
-    if args.prompt != "coop" and (args.n_ctx is not None or args.ctx_init is not None) and not args.eval_only:
+    from_file = args.eval_only and args.prompt is None  # --eval-only: the file's prompt, compared with them there
+    if args.prompt != "coop" and not from_file and (args.n_ctx is not None or args.ctx_init is not None):
         bad.append("--n-ctx and --ctx-init set CoOp's learned context: add --prompt coop")
     ctx_flags = [o for o, v in (("--ctx-lr", args.ctx_lr), ("--ctx-momentum", args.ctx_momentum),
                                 ("--ctx-weight-decay", args.ctx_weight_decay),
@@ -77,6 +82,9 @@ def _method_problems(args, value):
         words = len(clip_min.encode(args.ctx_init)) if args.ctx_init.strip() else 0
         if not words:
             bad.append("--ctx-init is empty: give initial words such as 'a photo of a'")
+        elif words > settings.N_CTX_MAX:
+            bad.append(f"--ctx-init is {words} tokens: CoOp's prompt fits at most {settings.N_CTX_MAX} in CLIP's "
+                       f"{settings.CONTEXT_LENGTH} (with [SOS], a class, '.' and [EOS])")
         elif args.n_ctx is not None and args.n_ctx != words:
             bad.append(f"--ctx-init {args.ctx_init!r} is {words} tokens, which sets the context length: "
                        f"drop --n-ctx {args.n_ctx}")
@@ -87,9 +95,11 @@ def _method_problems(args, value):
         bad.append("--cutout-temperature samples attentive Cutout's hole: add --cutout attentive")
     if cutout == "none" and args.lambda2:
         bad.append("--lambda2 weighs the KL on Cutout images; --cutout none has none")
-    if args.zero_shot and (args.eval_only or args.resume or args.prompt == "coop" or args.targets is not None):
-        bad.append("--zero-shot evaluates plain CLIP with the template: it takes no --eval-only, --resume, "
-                   "--prompt coop or --targets")
+    if args.zero_shot and (args.eval_only or args.resume):
+        bad.append("--zero-shot evaluates plain CLIP with the template: it takes no --eval-only or --resume")
+    if value("lr") * value("weight_decay") >= 1:
+        bad.append(f"--lr {value('lr')} x --weight-decay {value('weight_decay')} >= 1: AdamW multiplies P by "
+                   f"1 - lr x weight decay each step, which would flip or zero it")
     return bad
 
 
@@ -108,8 +118,20 @@ def template_problem(value):
         return str(e).removeprefix("template ")
 
 
+def _unused_problems(declared, args):
+    """A given flag that does not apply to what runs (Declarations.unused: with --zero-shot, everything that only
+    training or the adapters read): it would be recorded for a run it did not shape."""
+    given = [declared.by_name[name].option for name in declared.unused(vars(args))
+             if getattr(args, name, None) is not None]
+    if not given:
+        return []
+    return [f"--zero-shot evaluates plain CLIP with the template and trains nothing: {', '.join(given)} "
+            f"{'does' if len(given) == 1 else 'do'} not apply"]
+
+
 def _protocol_problems(args, value):
-    bad, names = [], list(value("data"))
+    raw = value("data")  # a list from the command line, a string from an adapters file's record
+    bad, names = [], [raw] if isinstance(raw, str) else list(raw)
     if "all" in names and len(names) > 1:
         bad.append("--data all stands for the 11 datasets of CoCoOp's base-to-new table: give it alone")
     if len(set(names)) != len(names):
@@ -121,9 +143,10 @@ def _protocol_problems(args, value):
     names = [name for name in names if name == "all" or name in data.DATASETS]  # dataset_problem names the rest
     if folders:
         return bad
-    if args.protocol == "dg" and names != ["imagenet"]:
+    chosen = args.data is not None or not args.eval_only  # --eval-only takes --data from the file: checked there
+    if args.protocol == "dg" and names != ["imagenet"] and chosen:
         bad.append("--protocol dg trains on imagenet: add --data imagenet")
-    if args.protocol == "cross" and names != ["imagenet"] and args.data is not None:
+    if args.protocol == "cross" and names != ["imagenet"] and chosen:
         bad.append("--protocol cross trains on imagenet (CoCoOp's cross-dataset table): add --data imagenet")
     for name in names:
         if name != "all" and data.DATASETS[name].kind in data.TEST_ONLY:
@@ -242,20 +265,62 @@ def _device_problems(name, precision):
 # ---------------------------------------------------------------------------------------------------- later checks
 
 def check_training_flags(declared, args, saved):
-    """--eval-only with a flag that contradicts the adapters file: one line. The training settings would describe
-    a training that never happened, shots and seed would label another run, --neumann would evaluate another
-    transform; the same value, as in a repeated training command, is fine."""
+    """--eval-only with a flag that contradicts the adapters file, or a file that records what the command line
+    refuses: one line, before anything is read or downloaded. The training settings would describe a training
+    that never happened, shots and seed would label another run, --neumann would evaluate another transform, a
+    method flag (--ctx-init, --blocks...) would describe other adapters; the same value, as in a repeated
+    training command, is fine. Only what the data is (--data, --protocol) may be chosen anew."""
     if args.seeds and len(args.seeds) > 1:
         runs.fail(f"--eval-only evaluates one adapters file, trained with one seed: drop --seeds "
                   f"{' '.join(map(str, args.seeds))}")
-    for name in declared.names(eval_only=("trained", "same")):
+    for name in declared.names(eval_only=("trained", "same")) + declared.names(role=("method",), eval_only=("file",)):
         recorded, given, s = ("seed" if name == "seeds" else name), getattr(args, name), declared.by_name[name]
         if given is None or recorded not in saved:
             continue
         value = given[0] if name == "seeds" else given
-        if value != saved[recorded]:
-            runs.fail(f"{s.option} {value} contradicts {args.adapters}, trained with {recorded} = {saved[recorded]}: "
-                      f"--eval-only evaluates the adapters as they were trained; drop {s.option}")
+        if _plain(s, value) != _plain(s, saved[recorded]):
+            runs.fail(f"{s.option} {_shown(value)} contradicts {args.adapters}, trained with {recorded} = "
+                      f"{_shown(saved[recorded])}: --eval-only evaluates the adapters as they were trained; drop "
+                      f"{s.option}")
+    _check_recorded_combination(declared, args, saved)
+
+
+def _plain(setting, value):
+    """A value as the record holds it: lists as tuples, converted where the conversion needs no other setting
+    (--targets none is no targets)."""
+    value = tuple(value) if isinstance(value, list) else value
+    try:
+        return setting.convert(value, {}) if setting.convert else value
+    except (KeyError, TypeError):  # the conversion reads other settings: the value as given
+        return value
+
+
+def _shown(value):
+    if isinstance(value, (list, tuple)):
+        return " ".join(map(str, value)) or "none"
+    return repr(value) if isinstance(value, str) and " " in value else str(value)
+
+
+def _check_recorded_combination(declared, args, saved):
+    """The data and protocol the adapters file records, alone and with the flags given over them, must be a
+    combination the command line accepts (`_protocol_problems`): a file that records cross or dg on another
+    dataset than ImageNet, or training on a test-only set, was not written by a run train.py allows."""
+    def namespace(values):
+        merged = argparse.Namespace(**{s.name: None for s in declared.flags()})  # as if training were asked for
+        for name, value in values.items():
+            setattr(merged, name, value)
+        return merged
+
+    recorded = {name: saved[name] for name in ("data", "protocol", "eval_data") if saved.get(name) is not None}
+    given = {name: getattr(args, name) for name in ("data", "protocol", "eval_data") if getattr(args, name) is not None}
+    for values, lead in ((recorded, f"--adapters {args.adapters} records"),
+                         ({**recorded, **given}, f"--eval-only of {args.adapters} with the flags given is")):
+        merged = namespace(values)
+        problems = _protocol_problems(merged, lambda name: getattr(merged, name) if getattr(merged, name) is not None
+                                      else declared.by_name[name].default)
+        if problems:
+            what = ", ".join(f"{k} = {_shown(v)}" for k, v in values.items())
+            runs.fail(f"{lead} {what}, which the command line refuses: {problems[0]}")
 
 
 def check_evaluation(cfg, saved):

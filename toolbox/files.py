@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -117,3 +118,77 @@ def format_duration(seconds):
 def one_line_warnings(say=lambda line: print(line, file=sys.stderr)):
     """Warnings as one `warning: ...` line each, without Python's category and source line (the command lines')."""
     warnings.showwarning = lambda message, *args, **kwargs: say(f"warning: {message}")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Output streams that cannot change what a command does
+
+_LOST = (errno.EPIPE, errno.EBADF, errno.ECONNRESET)  # the reader is gone, or the descriptor closed
+
+
+class _Unbreakable:
+    """A text stream whose writes never fail because nobody reads them: once its reader has gone (`| head -1`:
+    EPIPE) or its descriptor is closed, the descriptor is pointed at os.devnull, so that the rest of the output,
+    the stream's buffer and the interpreter's last flush go nowhere without an error. Other faults (a full disk
+    behind a redirect) are raised as before."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def write(self, text):
+        try:
+            return self.stream.write(text)
+        except (OSError, ValueError) as e:
+            self._lost(e)
+            return len(text)
+
+    def flush(self):
+        try:
+            self.stream.flush()
+        except (OSError, ValueError) as e:
+            self._lost(e)
+
+    def _lost(self, error):
+        if isinstance(error, OSError) and error.errno not in _LOST:
+            raise error
+        try:
+            null = os.open(os.devnull, os.O_WRONLY)
+            try:
+                os.dup2(null, self.stream.fileno())
+            finally:
+                os.close(null)
+            self.stream.flush()  # what the buffer held goes to os.devnull
+        except (OSError, ValueError, AttributeError):  # no descriptor (closed, or an in-memory stream)
+            self.stream = open(os.devnull, "w")
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def _open_standard_descriptors():
+    """Descriptors 0, 1 and 2, when the command was started without them (`2>&-`), open on os.devnull: else the
+    next file opened would take the number, and whatever writes to "stderr" would write into it."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:  # the lowest free number is taken first: this one, unless an earlier one was missing
+                os.dup2(null, fd)
+                os.close(null)
+
+
+@contextmanager
+def unbreakable_streams():
+    """sys.stdout and sys.stderr, for the block, such that a closed or vanished reader changes nothing a command
+    does or writes: its files are written in full and its exit status is its own (0 for a finished run), the
+    output nobody reads is dropped without a traceback."""
+    _open_standard_descriptors()
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = (_Unbreakable(s if s is not None else open(os.devnull, "w")) for s in saved)
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            stream.flush()
+        sys.stdout, sys.stderr = saved

@@ -17,6 +17,7 @@ import re
 import shlex
 import shutil
 import signal
+import stat
 import sys
 import time
 import warnings
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+import clip_min
 import data
 import orthcr
 from toolbox import checkpoints, distributed, files, settings
@@ -52,8 +54,11 @@ def fail(message, code=1):
 # ---------------------------------------------------------------------------------------------------- the record
 
 def run_config(cfg, seed, train_set, data_sha256):
-    """config.json: every setting, and what identifies the run's inputs and code."""
-    return {**dataclasses.asdict(cfg), "seed": seed, "data_sha256": data_sha256, "method": settings.method_name(cfg),
+    """config.json: every setting that applies to the run (a zero-shot run records no training settings), and
+    what identifies the run's inputs and code."""
+    record = dataclasses.asdict(cfg)
+    unused = settings.declared(cfg).unused(record)
+    return {**{k: v for k, v in record.items() if k not in unused}, "seed": seed, "data_sha256": data_sha256, "method": settings.method_name(cfg),
             "model_file": model_label(cfg), "code_version": code_version(), "torch": torch.__version__,
             "train_images": len(train_set.train) if train_set else 0}
 
@@ -158,7 +163,7 @@ def _take_lock(folder, shared):
     while True:
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            lock = open(folder / ".lock", "a")
+            lock = os.fdopen(open_lock(folder / ".lock"), "rb+", buffering=0)
         except FileNotFoundError:  # the folder was removed (left empty by a holder) in between
             continue
         try:
@@ -196,6 +201,32 @@ def running(folder, plan):
         raise
 
 
+def open_lock(path):
+    """The run folder's lock file, opened (created if needed) without following a link: a .lock that is a
+    symlink, dangling or not, or anything but a regular file is refused, and nothing is created at its target.
+    Returns the file descriptor (its flock is the lock)."""
+    def refuse(what):
+        fail(f"{path} is {what}, not a run's lock file: a run never follows or opens it; remove it, or choose "
+             f"another --out")
+
+    if os.path.islink(path):
+        refuse("a symlink")
+    if os.path.lexists(path) and not stat.S_ISREG(os.lstat(path).st_mode):
+        refuse("not a regular file")
+    try:  # O_NOFOLLOW: a link put in its place since the check above fails here (ELOOP) instead of being followed
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o666)
+    except FileNotFoundError:
+        raise  # the folder went in between: the caller retries
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            refuse("a symlink")
+        fail(f"cannot use {path.parent} as the run folder: {path}: {e.strerror or e}")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        refuse("not a regular file")
+    return fd
+
+
 def clear(folder, evaluations=True):
     """--overwrite: the previous run's files go, once the new run has passed every check, with the evaluations of
     its adapters that --eval-only wrote beside them (they would describe adapters that no longer exist)."""
@@ -227,6 +258,7 @@ def plan_runs(cfg, splits):
     folders = {seed: run_folder(cfg, seed) for seed in cfg.seeds}
     for folder in folders.values():
         check_writable(folder)
+        check_apart(folder, cfg.root)
     if cfg.eval_only:
         adapters = Path(cfg.adapters).resolve()
         for folder in folders.values():
@@ -294,6 +326,22 @@ def check_writable(folder):
             if not os.access(path, os.W_OK | os.X_OK):
                 fail(f"--out {folder}: {path} is not writable")
             return
+
+
+def check_apart(folder, root):
+    """A run folder never lies in a dataset's folder under the data root (its files would mix with the images, and a
+    later run would meet them there), nor does the data root lie in a run folder: one line, before anything is
+    read or written."""
+    # links resolved (realpath: a loop is named by the root check later): one folder under two names is one folder
+    out, root = (Path(os.path.realpath(Path(p).expanduser())) for p in (folder, root))
+    for name, spec in data.DATASETS.items():
+        dataset = root / spec.folder
+        if out == dataset or dataset in out.parents:
+            fail(f"--out {folder} is inside the folder of dataset {name} ({dataset}): run files would mix with its "
+                 f"images; choose a run folder outside the dataset folders of {root}")
+    if out == root or out in root.parents:
+        fail(f"--out {folder} holds the data root {root} (--root or $ORTHCR_DATA): a run folder holds one run's "
+             f"files; choose one outside the data")
 
 
 def unreachable(flag, path):
@@ -665,8 +713,70 @@ def _read_training_settings(path, saved, declared):
         key, s = ("seed" if name == "seeds" else name), declared.by_name[name]
         one_per_run = key in ("seed", "data")  # a run's record holds its own seed and dataset
         if key in recorded and not s.valid([recorded[key]] if one_per_run else recorded[key]):
-            fail(f"{path}: its recorded {key} = {recorded[key]!r} is not a valid setting")
+            problem = _range_problem(s, recorded[key])
+            fail(f"{path}: its recorded {key} = {_short(recorded[key])} is not a valid setting"
+                 f"{f' ({problem})' if problem else ''}")
+    check_recorded_layout(path, saved["adapters"], saved.get("context"), recorded)
     return recorded
+
+
+def _range_problem(setting, value):
+    """What the setting's range says of a recorded number (None for another kind of fault)."""
+    if setting.check and type(value) in (int, float):
+        try:
+            return setting.check(value)
+        except (TypeError, ValueError):
+            return None
+    return None
+
+
+def _short(value, limit=60):
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
+
+
+def check_recorded_layout(path, adapters, context, recorded):
+    """What an adapters file records must be what its tensors are, before anything is built from either: each
+    adapter (blocks, b, b) with the recorded blocks, on a recorded target and tower, no larger than a CLIP layer;
+    the CoOp context (n_ctx, width) exactly when the prompt is coop, with the recorded n_ctx and --ctx-init's
+    token count. A small file that claims a huge size is refused here, not after gigabytes were allocated."""
+    def describe(t):
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+    targets, towers, blocks = recorded.get("targets"), recorded.get("towers"), recorded.get("blocks")
+    for key, P in adapters.items():
+        if not (isinstance(key, str) and isinstance(P, torch.Tensor) and P.dim() == 3 and P.shape[1] == P.shape[2]):
+            fail(f"{path}: adapter {key!r} is {describe(P)}, not a (blocks, b, b) tensor")
+        if blocks is not None and P.shape[0] != blocks:
+            fail(f"{path}: adapter {key} has {P.shape[0]} blocks, its recorded blocks = {blocks}")
+        if P.shape[0] * P.shape[1] > settings.BLOCKS_MAX:
+            fail(f"{path}: adapter {key} is {tuple(P.shape)}, for {P.shape[0] * P.shape[1]:,} inputs: no CLIP "
+                 f"layer has more than {settings.BLOCKS_MAX:,}")
+        if targets is not None and not any(key.endswith((f".{t}.weight", f".{t}_weight")) for t in targets):
+            fail(f"{path}: adapter {key} is not on one of its recorded targets ({' '.join(targets) or 'none'})")
+        if towers is not None and not any(key.startswith(orthcr.TOWER_PREFIX[t]) for t in towers):
+            fail(f"{path}: adapter {key} is not in one of its recorded towers ({' '.join(towers)})")
+    if targets and not adapters:
+        fail(f"{path} records targets {' '.join(targets)} but holds no adapters")
+    prompt, n_ctx, ctx_init = recorded.get("prompt"), recorded.get("n_ctx"), recorded.get("ctx_init")
+    if context is None:
+        if prompt == "coop":
+            fail(f"{path} records prompt = coop but holds no CoOp context")
+        return
+    if not (isinstance(context, torch.Tensor) and context.dim() == 2):
+        fail(f"{path}: its CoOp context is {describe(context)}, not an (n_ctx, width) tensor")
+    if prompt is not None and prompt != "coop":
+        fail(f"{path} holds a CoOp context but records prompt = {prompt}")
+    if not 1 <= context.shape[0] <= settings.N_CTX_MAX or n_ctx is not None and context.shape[0] != n_ctx:
+        fail(f"{path}: its CoOp context has {context.shape[0]} vectors, its recorded n_ctx = {n_ctx} (at most "
+             f"{settings.N_CTX_MAX} fit CLIP's {settings.CONTEXT_LENGTH} tokens)")
+    if context.shape[1] > settings.BLOCKS_MAX:
+        fail(f"{path}: its CoOp context is {tuple(context.shape)}: no CLIP text width is {context.shape[1]:,}")
+    if ctx_init is not None:
+        words = len(clip_min.encode(ctx_init)) if len(ctx_init) <= 100 * settings.CONTEXT_LENGTH else None
+        if words != context.shape[0]:
+            fail(f"{path}: its recorded ctx_init {_short(ctx_init)} is {words or 'too many'} tokens, its CoOp "
+                 f"context {context.shape[0]} vectors")
 
 
 def read_adapters_once(path, declared):
@@ -856,19 +966,23 @@ class Progress:
 
 @contextmanager
 def stopping():
-    """The command line's frame: warnings as one line, SIGTERM stops as Ctrl-C does, and Ctrl-C outside the loop
+    """The command line's frame: warnings as one line, output streams that a closed reader cannot break
+    (files.unbreakable_streams), SIGTERM stops as Ctrl-C does, and Ctrl-C outside the loop
     (loading, checking, evaluating) is one line with the way back where there is one. Yields a record on which
     the caller notes the settings and the plan once known."""
     files.one_line_warnings(say)
     previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
     known = type("Known", (), {"cfg": None, "plan": {}})()
     try:
-        yield known
-    except KeyboardInterrupt:
-        for seed in known.plan if known.cfg else ():
-            folder = run_folder(known.cfg, seed)
-            if (folder / "checkpoint.pt").is_file():
-                fail(f"interrupted; {folder} keeps its checkpoint, continue with: {resume_command(folder)}", code=130)
-        fail("interrupted", code=130)
+        with files.unbreakable_streams():  # `| head -1` or a closed stderr: the run goes on, unchanged
+            try:
+                yield known
+            except KeyboardInterrupt:
+                for seed in known.plan if known.cfg else ():
+                    folder = run_folder(known.cfg, seed)
+                    if (folder / "checkpoint.pt").is_file():
+                        fail(f"interrupted; {folder} keeps its checkpoint, continue with: {resume_command(folder)}",
+                             code=130)
+                fail("interrupted", code=130)
     finally:
         signal.signal(signal.SIGTERM, previous)

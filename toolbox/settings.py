@@ -10,10 +10,13 @@ import argparse
 import dataclasses
 import math
 
+import clip_min
+
 ROLES = ("method", "data", "run")  # what a setting defines: the trained model, what it is trained/tested on, or
 # only how this run goes (folders, devices, logging): the first two are compared on resume and recorded
 EVAL_ONLY = (None, "file", "same", "trained", "checked")  # what --eval-only does with an adapters file's value:
-# None: not recorded there; file: taken when the flag is not given; same: taken, and a given flag must agree;
+# None: not recorded there; file: taken when the flag is not given (a given method flag must agree: only what
+# the data is may be chosen anew); same: taken, and a given flag must agree;
 # trained: always taken (only training reads it), a given flag must agree; checked: compared with the model
 
 
@@ -80,9 +83,35 @@ class Setting:
 
 
 # ---------------------------------------------------------------------------------------------------- checks
-# a setting's range, as one problem line for a given flag value (None: fine)
+# a setting's range, as one problem line for a given flag value (None: fine). Every numeric setting has one, both
+# ends, that follows from what it means (docs/reliability.md): a given value outside it is a flag error before
+# anything is read or allocated, and a recorded value outside it (an adapters file's) is refused the same way.
 
-def at_least(low):
+FLOAT32_MAX = 3.4028234663852886e38
+CONTEXT_LENGTH = min(c["context_length"] for c in clip_min.CONFIGS.values())  # CLIP's 77 text tokens
+N_CTX_MAX = CONTEXT_LENGTH - 4  # CoOp's "[SOS] ctx_1..ctx_n {class}. [EOS]" around a one-token class name
+IMAGE_MAX = max(c["image_resolution"] for c in clip_min.CONFIGS.values())  # 336 px: no model's image is larger
+BLOCKS_MAX = max(4 * max(c["vision_width"], c["transformer_width"]) for c in clip_min.CONFIGS.values())  # 4096:
+# a block is at least 1 x 1, and no layer of a CLIP model has more inputs (ViT-L/14's mlp.c_proj)
+TEMPERATURE_MIN = math.ceil(2 / math.log(FLOAT32_MAX) * 1000) / 1000  # 0.023: cosines lie in [-1, 1], so
+# similarity / T spans 2 / T, and exp(2 / T) must be finite in fp32 (2 / T < ln(3.4e38) = 88.7), even for a
+# softmax that does not subtract the maximum first
+STEPS_MAX = 10**9  # a step count no run reaches (three years at 10 steps/s): warm-up, checkpoints, logging
+
+
+def between(low, high, why=""):
+    """The range [low, high]; `why` says what the upper bound means (shown when it is passed). NaN is outside."""
+    def check(value):
+        if value is None:
+            return None
+        if not value >= low:
+            return f"must be >= {low}, got {value}"
+        if not value <= high:
+            return f"must be <= {high:,}{f' ({why})' if why else ''}, got {value}"
+    return check
+
+
+def at_least(low):  # a lower bound alone: for a declaration whose values nothing bounds above
     def check(value):
         if value is not None and value < low:
             return f"must be >= {low}, got {value}"
@@ -100,8 +129,22 @@ def positive_number(value):
 
 
 def learning_rate(value):
-    if value is not None and not (0 < value < 3.4028234663852886e38):  # float32 max: AdamW keeps it as one
-        return f"must be a positive number (below 3.4e38), got {value}"
+    if value is not None and not (0 < value <= 10):
+        return (f"must be a positive number, at most 10 (AdamW moves each entry of P by about lr per step, and "
+                f"entries of 1 already turn R by a right angle), got {value}")
+
+
+def loss_weight(value):
+    if value is not None and not (0 <= value <= 1000):
+        return (f"must be a number from 0 to 1000 (a KL weighted 1000 times the cross-entropy leaves the labels "
+                f"under 0.1 % of the loss), got {value}")
+
+
+def temperature(value):
+    if value is not None and not (TEMPERATURE_MIN <= value <= 1000):
+        return (f"must be from {TEMPERATURE_MIN} to 1000: softmax(similarity / T) of cosines in [-1, 1] overflows "
+                f"fp32 below {TEMPERATURE_MIN} (leave the flag out for the argmax), and above 1000 every patch is "
+                f"as likely within 0.2 % (--cutout random), got {value}")
 
 
 def momentum(value):
@@ -112,6 +155,9 @@ def momentum(value):
 def seed(value):
     if not 0 <= value < 2**32:
         return f": {value} is not a seed (expected 0 <= seed < 2**32)"
+
+
+SEEDS_MAX = 256  # each seed is a run folder whose .lock stays open to the end: well within 1024 file descriptors
 
 
 # ---------------------------------------------------------------------------------------------------- derived
@@ -157,6 +203,12 @@ class Declarations(list):
     def layout_names(self):
         """The adapters file's "config": the method settings that shape the trainable tensors and prompts."""
         return self.names(role=("method",), eval_only=("file", "same"))
+
+    def unused(self, values):
+        """The settings that do not apply to a run with these `values` (a dict of setting values, None where not
+        given): with zero_shot, everything only training reads and the adapters' layout, since nothing is trained
+        and no adapters exist. A given one is refused; the run's config.json leaves them all out."""
+        return self.training_only() + self.layout_names() if values.get("zero_shot") else ()
 
     # ------------------------------------------------------------------ the command line
     def parser(self, parser):
