@@ -26,6 +26,13 @@ FLOPs at the best measured torch.mm rate in the step's precision.
     python bench.py --steps 5 --json --device cuda --precision bf16
     python bench.py --only ours_step eval   # a subset of: matmul ours_step cutout eval peft_exact peft_neumann
     python bench.py --only precision        # bf16 and fp16 autocast against fp32 (see worker_precision)
+    python bench.py --rounds 5 --only matmul ours_step peft_exact   # ours against PEFT in alternating rounds
+    python bench.py --rounds 5 --compile --only ours_step peft_exact   # the same, both torch.compiled
+
+`--rounds N` is the comparison to trust on a shared machine: ours and the peers each build and warm up once in
+their own process (so each keeps its own peak memory), then take one step each per round, in ABBA order; the
+ratio is the median of the per-round ratios. Ours runs with train.py's allocator setting (`--allocator keep`,
+toolbox/allocator.py), the peers with the C library's default.
 
 `--gpu-check` runs, each part guarded so that a failure is reported and the rest still run: the CUDA
 property tests (`pytest tests/test_orthcr.py -k cuda`), one ViT-B/16 step in fp32, bf16 and fp16 + scaler
