@@ -739,7 +739,7 @@ def run_bench(args, names, deadline=None):
     ours, exact, neumann = r.get("ours_step", {}), r.get("peft_exact", {}), r.get("peft_neumann", {})
     ev, cut = r.get("eval", {}), r.get("cutout", {})
     rate = r.get("matmul", {}).get("matmul_flops_per_s")
-    floor_s = ours["step_flops"] / rate if rate and "step_flops" in ours else None
+    floor_s = ours["step_flops"] / rate if rate and ours.get("step_flops") else None  # None: compiled, not counted
     memory = "peak_cuda_mb" if args.device == "cuda" else "peak_rss_mb"
     return {
         "config": args.config, "device": args.device, "precision": args.precision, "cutout": args.cutout,
@@ -787,7 +787,7 @@ def print_bench(summary, args):
             print(f"{label:24}{'skipped' if step.get('skipped') or e.get('skipped') else 'failed'}: {why}")
             continue
         cells = [f"{step['step_s']:9.3f}" if "step_s" in step else f"{'':9}",
-                 f"{step['step_flops'] / 1e9:12.0f}" if "step_flops" in step else f"{'':12}",
+                 f"{step['step_flops'] / 1e9:12.0f}" if step.get("step_flops") else f"{'':12}",
                  f"{step[memory]:10.0f}" if memory in step else f"{'':10}",
                  f"{e['eval_img_s']:12.2f}" if "eval_img_s" in e else ""]
         print(f"{label:24}" + "".join(cells))
