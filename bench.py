@@ -26,6 +26,13 @@ FLOPs at the best measured torch.mm rate in the step's precision.
     python bench.py --steps 5 --json --device cuda --precision bf16
     python bench.py --only ours_step eval   # a subset of: matmul ours_step cutout eval peft_exact peft_neumann
     python bench.py --only precision        # bf16 and fp16 autocast against fp32 (see worker_precision)
+    python bench.py --rounds 5 --only matmul ours_step peft_exact   # ours against PEFT in alternating rounds
+    python bench.py --rounds 5 --compile --only ours_step peft_exact   # the same, both torch.compiled
+
+`--rounds N` is the comparison to trust on a shared machine: ours and the peers each build and warm up once in
+their own process (so each keeps its own peak memory), then take one step each per round, in ABBA order; the
+ratio is the median of the per-round ratios. Ours runs with train.py's allocator setting (`--allocator keep`,
+toolbox/allocator.py), the peers with the C library's default.
 
 `--gpu-check` runs, each part guarded so that a failure is reported and the rest still run: the CUDA
 property tests (`pytest tests/test_orthcr.py -k cuda`), one ViT-B/16 step in fp32, bf16 and fp16 + scaler
@@ -70,6 +77,7 @@ import data  # noqa: E402
 import orthcr  # noqa: E402
 import train  # noqa: E402
 from toolbox import distributed  # noqa: E402
+from toolbox import allocator, compiled  # noqa: E402
 
 BENCH_PYTHON = ROOT / ".bench-venv" / "bin" / "python"
 BATCH = 16  # training images per step (plus as many Cutout copies) and eval batch
@@ -335,7 +343,8 @@ def pooled(output):
     return output if isinstance(output, torch.Tensor) else output.pooler_output
 
 
-def worker_peft_step(args, neumann):
+def peft_setup(args, neumann):
+    """(step, trainable count) of HF CLIP + PEFT OFT (exact Cayley or Neumann), built once: the peer of ours_step."""
     from peft import OFTConfig, get_peft_model
     from transformers import CLIPModel
 
@@ -356,34 +365,46 @@ def worker_peft_step(args, neumann):
         tokens_out = clip.visual_projection(vision.post_layernorm(vision(pixel_values=x).last_hidden_state))
         return tokens_out[:, 0], tokens_out[:, 1:]
 
-    def step():  # the same loss as orthcr.objective: teacher views without gradient, then the student
-        with autocast(args.device, args.precision):
-            with torch.no_grad(), model.disable_adapter():
-                if args.cutout == "attentive":
-                    clean, patches = teacher_image_features(clip_min.normalize(images))
-                    similarity = orthcr.similarity_map(patches, zs_text[labels])
-                    cut = orthcr.attentive_cutout(images, similarity, generator=generator)
-                    teacher = torch.cat([clean, teacher_image_features(clip_min.normalize(cut))[0]])
-                else:
-                    cut = orthcr.cutout(images, generator) if args.cutout == "random" else None
-                    views = images if cut is None else torch.cat([images, cut])
-                    teacher = pooled(clip.get_image_features(pixel_values=clip_min.normalize(views)))
-                zs = orthcr.clip_logits(teacher, zs_text, clip.logit_scale)
-            x = clip_min.normalize(images if cut is None else torch.cat([images, cut]))  # clean, cutout
-            text = pooled(clip.get_text_features(input_ids=tokens))
-            logits = orthcr.clip_logits(pooled(clip.get_image_features(pixel_values=x)), text, clip.logit_scale)
-            if cut is None:
-                loss, _ = orthcr.orthcr_loss(logits, None, zs, None, labels)
+    def step_loss():  # the same loss as orthcr.objective: teacher views without gradient, then the student
+        with torch.no_grad(), model.disable_adapter():
+            if args.cutout == "attentive":
+                clean, patches = teacher_image_features(clip_min.normalize(images))
+                cut = orthcr.attentive_cutout(images, orthcr.similarity_map(patches, zs_text[labels]),
+                                             generator=generator)
+                teacher = torch.cat([clean, teacher_image_features(clip_min.normalize(cut))[0]])
             else:
-                loss, _ = orthcr.orthcr_loss(logits[:BATCH], logits[BATCH:], zs[:BATCH], zs[BATCH:], labels)
+                cut = orthcr.cutout(images, generator) if args.cutout == "random" else None
+                views = images if cut is None else torch.cat([images, cut])
+                teacher = pooled(clip.get_image_features(pixel_values=clip_min.normalize(views)))
+            zs = orthcr.clip_logits(teacher, zs_text, clip.logit_scale)
+        x = clip_min.normalize(images if cut is None else torch.cat([images, cut]))  # clean, cutout
+        text = pooled(clip.get_text_features(input_ids=tokens))
+        logits = orthcr.clip_logits(pooled(clip.get_image_features(pixel_values=x)), text, clip.logit_scale)
+        if cut is None:
+            loss, _ = orthcr.orthcr_loss(logits, None, zs, None, labels)
+        else:
+            loss, _ = orthcr.orthcr_loss(logits[:BATCH], logits[BATCH:], zs[:BATCH], zs[BATCH:], labels)
+        return loss
+
+    if getattr(args, "compile", False):  # compiled over the same scope as ours: the loss, forward and backward
+        step_loss = compiled.compile_objective(step_loss, args.device)
+
+    def step():
+        with autocast(args.device, args.precision):
+            loss = step_loss()
         optimizer_step(loss, optimizer, scaler)
 
+    return step, sum(p.numel() for p in trainable)
+
+
+def worker_peft_step(args, neumann):
+    step, trainable = peft_setup(args, neumann)
     log(f"peft {'neumann' if neumann else 'exact'} ({args.cutout} Cutout, {args.precision}): warm-up step "
         f"(counting FLOPs)")
     flops = count_flops(step)
     times = timed(step, args.steps, args.device)
     return {"step_s": statistics.median(times), "step_times": times, "step_flops": flops,
-            "trainable": sum(p.numel() for p in trainable), "cutout": args.cutout, "precision": args.precision,
+            "trainable": trainable, "cutout": args.cutout, "precision": args.precision,
             **memory_figures(args.device)}
 
 
@@ -670,6 +691,41 @@ def print_data_parallel(d):
               f"training, {add['eval_img_s']:+.1f} evaluation images/s")
 
 
+# The alternation (--rounds): the training steps of ours and the peers, one at a time, round by round
+
+
+def round_step(name, args):
+    """(step, trainable count) of contestant `name` of the alternation, built once in its own process."""
+    if name == "ours_step":
+        if args.compile:  # ours_step calls orthcr.objective by name: the compiled one, in this process only
+            orthcr.objective = compiled.compile_objective(orthcr.objective, args.device)
+        s = ours_setup(args)
+        return ours_step(s, args, args.cutout), orthcr.count_parameters(s["adapters"])
+    return peft_setup(args, neumann=name == "peft_neumann")
+
+
+def serve_rounds(args):
+    """A contestant of the alternation: builds its step, warms it up (counting FLOPs; with --compile, the
+    compilation, timed), answers "ready"; then one timed step per "step" line on stdin, answered by its seconds;
+    "done" answers with this process's peak memory, its own alone. One JSON line per answer on stdout."""
+    name = args.worker
+    step, trainable = round_step(name, args)
+    log(f"{name} ({args.cutout} Cutout, {args.precision}{', compiled' if args.compile else ''}): warm-up step")
+    start = time.perf_counter()
+    flops = count_flops(step) if not args.compile else None  # FlopCounterMode and dynamo: counted eager instead
+    if args.compile:
+        step()
+    warm_up_s = time.perf_counter() - start
+    print(json.dumps({"ready": name, "step_flops": flops, "warm_up_s": warm_up_s, "trainable": trainable}),
+          flush=True)
+    for line in sys.stdin:
+        if line.strip() == "step":
+            print(json.dumps({"s": timed(step, 1, args.device)[0]}), flush=True)
+        elif line.strip() == "done":
+            break
+    print(json.dumps(memory_figures(args.device)), flush=True)
+
+
 WORKERS = {
     "matmul": worker_matmul,
     "ours_step": worker_ours_step,
@@ -707,9 +763,7 @@ def run_worker(name, args, timeout=None):
     if python is None:
         log(f"skipping {name}: {why}")
         return {"skipped": why}
-    command = [str(python), str(Path(__file__).resolve()), "--worker", name, "--device", args.device,
-               "--steps", str(args.steps), "--precision", args.precision, "--cutout", args.cutout] + \
-        (["--quick"] if args.quick else [])
+    command = worker_command(name, python, args)
     log(f"running {name} ({python})")
     try:  # stderr (progress) passes through
         done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=timeout)
@@ -726,16 +780,80 @@ def ratio(a, b):
     return a / b if a and b else None
 
 
+def worker_command(name, python, args):
+    return [str(python), str(Path(__file__).resolve()), "--worker", name, "--device", args.device,
+            "--steps", str(args.steps), "--precision", args.precision, "--cutout", args.cutout,
+            "--allocator", args.allocator] + (["--quick"] if args.quick else []) + \
+        (["--compile"] if args.compile else [])
+
+
+def run_rounds(args, names):
+    """The training steps of `names` (ours_step first, then peers) in alternating rounds: each contestant in
+    its own process (its own peak memory), built and warmed up once; then `args.rounds` rounds of one step
+    each, the order reversed every other round (ABBA), so that drift in machine load hits all alike. Per round
+    the ratio ours / peer; the median of those ratios is the comparison (medians of separate runs minutes
+    apart drift by +-8 % on a shared machine)."""
+    procs, ready, skipped = {}, {}, {}
+    for name in names:
+        python, why = interpreter(name)
+        if python is None:
+            log(f"skipping {name}: {why}")
+            skipped[name] = why
+            continue
+        log(f"starting {name} ({python})")
+        procs[name] = subprocess.Popen(worker_command(name, python, args) + ["--serve"], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True, bufsize=1)
+
+    def answer(name):
+        line = procs[name].stdout.readline()
+        if not line:
+            raise RuntimeError(f"worker {name} ended with exit code {procs[name].wait()}")
+        return json.loads(line)
+
+    try:
+        for name in procs:  # the set-ups and warm-ups run side by side; only the rounds are timed
+            ready[name] = answer(name)
+        times = {name: [] for name in procs}
+        order = list(procs)
+        for i in range(args.rounds):
+            for name in (order if i % 2 == 0 else order[::-1]):
+                procs[name].stdin.write("step\n")
+                times[name].append(answer(name)["s"])
+            log(f"round {i + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()))
+        memory = {}
+        for name in procs:
+            procs[name].stdin.write("done\n")
+            memory[name] = answer(name)
+    finally:
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait()
+    result = {name: {**ready[name], "step_s": statistics.median(times[name]), "step_times": times[name],
+                     **memory[name]} for name in procs}
+    ours = times.get("ours_step")
+    for name in procs:
+        if name != "ours_step" and ours:
+            per_round = [a / b for a, b in zip(ours, times[name])]
+            result[name]["ours_per_round"] = per_round
+            result[name]["ours_ratio"] = statistics.median(per_round)
+    return {**result, **{name: {"skipped": why} for name, why in skipped.items()}}
+
+
 def run_bench(args, names, deadline=None):
     """Run the workers `names` and collect the summary the table and --json print."""
     r = {}
+    stepping = [n for n in ("ours_step", "peft_exact", "peft_neumann") if n in names] if args.rounds else []
     for name in names:
+        if name in stepping:
+            continue  # measured together below
         timeout = None if deadline is None else max(deadline - time.monotonic(), 1)
         r[name] = run_worker(name, args, timeout)
+    if stepping:
+        r.update(run_rounds(args, stepping))
     ours, exact, neumann = r.get("ours_step", {}), r.get("peft_exact", {}), r.get("peft_neumann", {})
     ev, cut = r.get("eval", {}), r.get("cutout", {})
     rate = r.get("matmul", {}).get("matmul_flops_per_s")
-    floor_s = ours["step_flops"] / rate if rate and "step_flops" in ours else None
+    floor_s = ours["step_flops"] / rate if rate and ours.get("step_flops") else None  # None: compiled, not counted
     memory = "peak_cuda_mb" if args.device == "cuda" else "peak_rss_mb"
     return {
         "config": args.config, "device": args.device, "precision": args.precision, "cutout": args.cutout,
@@ -743,9 +861,10 @@ def run_bench(args, names, deadline=None):
         "step_s": ours.get("step_s"), "eval_img_s": ev.get("ours_eval_img_s"), "peak_rss_mb": ours.get("peak_rss_mb"),
         "peak_cuda_mb": ours.get("peak_cuda_mb"), "cayley_merge_share": ours.get("cayley_merge_share"),
         "step_flops": ours.get("step_flops"), "matmul_flops_per_s": rate, "floor_s": floor_s,
-        "ratios": {
-            "step_vs_peft_exact": ratio(ours.get("step_s"), exact.get("step_s")),
-            "step_vs_peft_neumann": ratio(ours.get("step_s"), neumann.get("step_s")),
+        "rounds": args.rounds, "compile": args.compile, "allocator": args.allocator,
+        "ratios": {  # with --rounds, the median of the per-round ratios
+            "step_vs_peft_exact": exact.get("ours_ratio") or ratio(ours.get("step_s"), exact.get("step_s")),
+            "step_vs_peft_neumann": neumann.get("ours_ratio") or ratio(ours.get("step_s"), neumann.get("step_s")),
             "eval_vs_openai": ratio(ev.get("ours_eval_img_s"), ev.get("openai_eval_img_s")),
             "memory_vs_peft_exact": ratio(ours.get(memory), exact.get(memory)),
             "memory_vs_peft_neumann": ratio(ours.get(memory), neumann.get(memory)),
@@ -760,9 +879,11 @@ def print_bench(summary, args):
     r = summary["runs"]
     ours, ev, cut = r.get("ours_step", {}), r.get("eval", {}), r.get("cutout", {})
     precision = args.precision + (" + GradScaler" if args.precision == "fp16" else "")
+    how = f"median of {args.rounds} alternating rounds" if args.rounds else f"median of {args.steps}"
     print(f"\nOrthCR reference step: {args.config}, batch {BATCH} + {BATCH} {args.cutout} Cutout, {len(CLASSES)} "
-          f"classes, r = {BLOCKS}, {args.device} ({precision}; eval {summary['eval_dtype'] or 'not run'}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.steps} after a warm-up")
+          f"classes, r = {BLOCKS}, {args.device} ({precision}{', torch.compile' if args.compile else ', eager'}; "
+          f"eval {summary['eval_dtype'] or 'not run'}), torch {torch.__version__}, {torch.get_num_threads()} "
+          f"threads, {how} after a warm-up; allocator: {args.allocator} (ours)")
     memory = "peak_cuda_mb" if args.device == "cuda" else "peak_rss_mb"
     failed = {k: ev[k] for k in ("failed", "skipped") if k in ev}  # the eval worker's own fate, if any
     openai_eval = {"eval_img_s": ev["openai_eval_img_s"]} if "openai_eval_img_s" in ev else \
@@ -780,7 +901,7 @@ def print_bench(summary, args):
             print(f"{label:24}{'skipped' if step.get('skipped') or e.get('skipped') else 'failed'}: {why}")
             continue
         cells = [f"{step['step_s']:9.3f}" if "step_s" in step else f"{'':9}",
-                 f"{step['step_flops'] / 1e9:12.0f}" if "step_flops" in step else f"{'':12}",
+                 f"{step['step_flops'] / 1e9:12.0f}" if step.get("step_flops") else f"{'':12}",
                  f"{step[memory]:10.0f}" if memory in step else f"{'':10}",
                  f"{e['eval_img_s']:12.2f}" if "eval_img_s" in e else ""]
         print(f"{label:24}" + "".join(cells))
@@ -791,9 +912,18 @@ def print_bench(summary, args):
         print(f"Attentive vs random Cutout (our step, alternating in one process): {cut['attentive_step_s']:.3f} s "
               f"vs {cut['random_step_s']:.3f} s (medians); attentive / random per round: "
               + " ".join(f"{x:.3f}" for x in cut["pair_ratios"]) + f"; FLOPs {cut['attentive_vs_random_flops']:.4f}x")
-    print(f"\nRatios (targets in brackets; memory: {memory})")
-    targets = {"step_vs_peft_exact": "<= 0.7", "step_vs_peft_neumann": "<= 0.7", "eval_vs_openai": ">= 1.0",
-               "memory_vs_peft_exact": "<= 0.8", "memory_vs_peft_neumann": "<= 0.8", "step_vs_floor": "<= 1.3",
+    for name in ("peft_exact", "peft_neumann"):
+        if "ours_per_round" in r.get(name, {}):
+            peer = r[name]
+            print(f"Alternating rounds, ours / {name} per round: " + " ".join(f"{x:.3f}" for x in peer["ours_per_round"])
+                  + f" (median {peer['ours_ratio']:.3f}); seconds ours " + " ".join(f"{x:.2f}" for x in ours["step_times"])
+                  + f", {name} " + " ".join(f"{x:.2f}" for x in peer["step_times"]))
+    if args.compile and "warm_up_s" in ours:
+        print("Warm-up step with compilation: " + ", ".join(f"{n} {r[n]['warm_up_s']:.1f} s" for n in r
+                                                           if "warm_up_s" in r.get(n, {})))
+    print(f"\nRatios (targets of issue #22 in brackets; memory: {memory})")
+    targets = {"step_vs_peft_exact": "<= 0.85", "step_vs_peft_neumann": "<= 0.85", "eval_vs_openai": ">= 1.0",
+               "memory_vs_peft_exact": "<= 0.85", "memory_vs_peft_neumann": "<= 0.85", "step_vs_floor": "<= 1.6",
                "attentive_vs_random": "<= 1.05"}
     for name, value in summary["ratios"].items():
         print(f"  {name:26}{'n/a' if value is None else f'{value:.2f}':>8}  [{targets[name]}]")
@@ -1059,12 +1189,29 @@ def main():
     parser.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--dp-batch", type=int, default=DP_BATCH, help=argparse.SUPPRESS)  # data_parallel's worker
     parser.add_argument("--dp-eval-batches", type=int, default=DP_EVAL_BATCHES, help=argparse.SUPPRESS)
+    parser.add_argument("--rounds", type=int, default=0, help="time the training steps of ours and the PEFT "
+                        "peers in this many alternating rounds (median of per-round ratios) instead of apart")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the loss of ours and the peers "
+                        "(inductor on the CPU, Triton on CUDA; the first step compiles)")
+    parser.add_argument("--allocator", default="keep", choices=["keep", "default"],
+                        help="ours: keep freed memory for reuse, as train.py does (toolbox/allocator.py), or "
+                             "the C library's default")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available on this machine")
     args.precision = resolve_precision(args.precision, args.device)
     args.config = "tiny" if args.quick else "ViT-B/16"
 
+    if args.compile and compiled.compiler_available(args.device):
+        parser.error(compiled.compiler_available(args.device))
+    if args.worker == "ours_step" and args.allocator == "keep":  # what train.py does at start
+        why = allocator.keep_freed_memory()
+        if why:
+            log(why)
+    if args.worker and args.serve:
+        serve_rounds(args)
+        return
     if args.worker:
         result = WORKERS[args.worker](args)
         if result is not None:  # data_parallel: rank 0's only

@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 import clip_min
 import data
 import orthcr
-from toolbox import cli, distributed, files, predictions, published, runs, settings, sweeps, tables
+from toolbox import allocator, cli, compiled, distributed, files, predictions, published, runs, settings, sweeps, tables
 from toolbox.settings import Setting, at_least, learning_rate, momentum, non_negative_number, positive_number, seed
 from toolbox.settings import between, loss_weight
 
@@ -224,6 +224,9 @@ SETTINGS = settings.Declarations([
     Setting("precision", "auto", "autocast of the towers' matrix products; auto: fp16 with a grad scaler on CUDA, "
             "fp32 on the CPU", "method", G["hw"], choices=("auto", "fp32", "bf16", "fp16"),
             convert=lambda v, values: resolve_precision(v, values["device"])),  # recorded resolved
+    Setting("compile", False, "torch.compile the training objective (inductor with the system's C++ compiler on the "
+            "CPU, Triton on CUDA; the first steps compile); without a compiler, one warning and eager mode",
+            group=G["hw"], switch=True),
     Setting("workers", lambda values: data.default_workers(values["device"]), "data loading processes",
             group=G["hw"], type=int, metavar="N", shown="0 on the CPU, 8 on CUDA",
             check=between(0, 256, "processes: more than any machine's cores")),
@@ -300,6 +303,7 @@ def train(model, params, train_set, cfg, seed, folder, resume=None, data_sha256=
     scaler = grad_scaler(cfg.device, cfg.precision)  # fp16's gradients need loss scaling
     tokens, teacher_text = class_prompts(model, params, train_set, cfg)
     normalize = normalizer(model)  # the base model's mean and std
+    objective = compiled_objective(cfg) if cfg.compile else orthcr.objective  # a speed device: the same loss
     total = cfg.epochs * data.steps_per_epoch(len(train_set.train), cfg.batch_size)
     global_batch = min(cfg.batch_size, len(train_set.train))  # each step's images, over all processes
     step = runs.resume_from(resume, folder, adapters, context, optimizers, scaler) if resume else 0
@@ -318,7 +322,7 @@ def train(model, params, train_set, cfg, seed, folder, resume=None, data_sha256=
                                                      labels.to(cfg.device), tokens, teacher_text,
                                                      [o for o in optimizers.values() if o], scaler, cfg.precision,
                                                      method_settings(cfg, holes, normalize),
-                                                     share=len(labels) / global_batch)
+                                                     share=len(labels) / global_batch, objective=objective)
             except NonFinite as e:
                 runs.stop_not_finite(e, step + 1, folder)
             step += 1
@@ -328,12 +332,23 @@ def train(model, params, train_set, cfg, seed, folder, resume=None, data_sha256=
     return adapters, context
 
 
+def compiled_objective(cfg):
+    """--compile: orthcr.objective through torch.compile (tests/test_compiled.py: the same loss and gradients
+    within 1e-4), or, where no compiler is found, the eager one and a warning saying why."""
+    device = torch.device(cfg.device).type
+    why = compiled.compiler_available(device)
+    if why:
+        warnings.warn(f"{why}; running eagerly")
+        return orthcr.objective
+    return compiled.compile_objective(orthcr.objective, device)
+
+
 class NonFinite(ArithmeticError):
     """The loss or a gradient is not finite: the step stops before it can reach P."""
 
 
 def training_step(model, params, adapters, context, images, labels, tokens, teacher_text, optimizer, scaler,
-                  precision, method, share=1.0):
+                  precision, method, share=1.0, objective=orthcr.objective):
     """One step of OrthCR (train.py's and bench.py's): `orthcr.objective` under autocast, its backward through
     the grad scaler, then the update of each optimizer (`optimizer`: one, or a list), unless the loss or a gradient
     is not finite (NonFinite, before the update). Under fp16 an overflowing gradient is the scaler's to handle: the
@@ -346,7 +361,7 @@ def training_step(model, params, adapters, context, images, labels, tokens, teac
     returned are the global batch's, the same on every process, and so is the finite check."""
     optimizers = optimizer if isinstance(optimizer, (list, tuple)) else [optimizer]
     with autocast(images.device, precision):
-        loss, terms = orthcr.objective(model, params, adapters, images, labels, tokens, teacher_text,
+        loss, terms = objective(model, params, adapters, images, labels, tokens, teacher_text,
                                        context=context, **method)
     for o in optimizers:
         o.zero_grad(set_to_none=True)
@@ -853,6 +868,7 @@ def main(argv=None):
     """Flags, run folders, data, model, each run, the table: every check before the heavy work it guards.
     Under torchrun (docs/distributed.md) every process runs this; the points where they could diverge are agreed
     (toolbox/distributed.py), so that a fault on any one stops all of them with one line each."""
+    allocator.keep_freed_memory()  # a speed device: a step reuses the last step's pages (toolbox/allocator.py)
     with runs.stopping() as known:  # one-line warnings; Ctrl-C or SIGTERM outside the loop: one line
         args = parse_args(argv)
         if args.predict:

@@ -2,6 +2,7 @@
 exercises every part of the GPU check and ends with its JSON summary (no timings asserted)."""
 
 import json
+import statistics
 import subprocess
 import sys
 
@@ -68,3 +69,17 @@ def test_gpu_check_without_a_sample_reports_it_in_the_headline_part(tmp_path):
     summary = run_bench("--gpu-check", "--device", "cpu", "--parts", "headline", "--out", str(out),
                         "--data-root", str(tmp_path / "nowhere"), exit_code=1)
     assert not summary["ok"] and not summary["headline"]["ok"] and "EuroSAT" in summary["headline"]["error"]
+
+
+def test_alternating_rounds_time_each_contestant_once_per_round():
+    # --rounds: ours (and the PEFT peers where installed) step by step in their own serving processes
+    summary = run_bench("--quick", "--rounds", "2", "--json", "--only", "ours_step", "peft_exact")
+    ours = summary["runs"]["ours_step"]
+    assert summary["rounds"] == 2 and len(ours["step_times"]) == 2 and ours["peak_rss_mb"] > 0
+    assert ours["trainable"] == 69632 and ours["step_flops"] > 0
+    peer = summary["runs"]["peft_exact"]
+    if "skipped" not in peer:  # the ratio is the median of the per-round ratios, not a ratio of medians
+        assert len(peer["ours_per_round"]) == 2
+        per_round = [a / b for a, b in zip(ours["step_times"], peer["step_times"])]
+        assert peer["ours_per_round"] == per_round
+        assert summary["ratios"]["step_vs_peft_exact"] == statistics.median(per_round)

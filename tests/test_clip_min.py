@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import clip_min
 from toolbox import checkpoints, downloads
@@ -499,3 +500,48 @@ def test_activations_differ_and_reach_every_block():
     assert not torch.allclose(features["quick_gelu"], features["gelu"], atol=1e-3)
     with pytest.raises(ValueError, match="activation 'relu': expected one of quick_gelu, gelu"):
         clip_min.build_model(state_dict, activation="relu")
+
+
+class OpsOn(TorchDispatchMode):
+    """The aten ops dispatched while active whose output has `numel` elements (the activations under test)."""
+
+    def __init__(self, numel):
+        super().__init__()
+        self.numel, self.ops = numel, []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        first = out[0] if isinstance(out, (tuple, list)) and out else out  # native_layer_norm: (y, mean, rstd)
+        if isinstance(first, torch.Tensor) and first.numel() == self.numel:
+            self.ops.append(func.overloadpacket.__name__)
+        return out
+
+
+@pytest.mark.parametrize("activation", list(clip_min.ACTIVATIONS))
+def test_mlp_speed_device_touches_the_wide_activation_three_times(activation):
+    # issue #22: the plain quick_gelu is 3 elementwise passes over the (tokens, 4 width) tensor (mul, sigmoid,
+    # mul) and its autograd more; the device folds 1.702 into the weights: one pass forward (f), two backward
+    # (f recomputed for c_proj's weight gradient, f's fused backward), besides the matmuls that produce them
+    mlp, g = random_mlp(activation, torch.float32, width=16)
+    x = torch.randn(3, 5, 16, generator=g, requires_grad=True)
+    with OpsOn(3 * 5 * 64) as forward:
+        out = mlp(x)
+    with OpsOn(3 * 5 * 64) as backward:
+        out.sum().backward()
+    f = {"quick_gelu": "silu", "gelu": "gelu"}[activation]
+    elementwise = lambda ops: [op for op in ops if op not in ("addmm", "mm", "view", "_unsafe_view", "t")]
+    assert elementwise(forward.ops) == [f]
+    assert sorted(elementwise(backward.ops)) == sorted([f, f + "_backward"])
+
+
+def test_layer_norm_of_fp32_is_one_op():
+    # LayerNorm computes in fp32: for an fp32 input the casts are no-ops, so the tensor is read once
+    ln = clip_min.LayerNorm(16)
+    x = torch.randn(4, 16)
+    with OpsOn(x.numel()) as ops:
+        ln(x)
+    assert ops.ops == ["native_layer_norm"]
+    x = x.half()
+    with OpsOn(x.numel()) as ops:  # an fp16 input is cast up and back, as OpenAI's
+        ln(x)
+    assert ops.ops == ["_to_copy", "native_layer_norm", "_to_copy"]
