@@ -496,8 +496,9 @@ def test_each_skipped_fp16_step_is_logged_counted_and_warned_about(root, weights
 
 
 def test_the_std_column_is_the_population_std_as_coops_parse_test_res():
-    runs_ = [{"data": "eurosat", "protocol": "base2new", "method": "OrthCR",
-              "results": {"base": {"accuracy": 80.0}, "new": {"accuracy": new}}} for new in (30, 30, 35)]
+    runs_ = [{"data": "eurosat", "protocol": "base2new", "method": "OrthCR", "seed": seed, "shots": 16,
+              "results": {"base": {"accuracy": 80.0}, "new": {"accuracy": new}}}
+             for seed, new in enumerate((30, 30, 35), 1)]
     lines = train.summary_table(runs_).splitlines()
     assert "| 31.67 ± 2.36 |" in lines[2]  # np.std([30, 30, 35]); statistics.stdev would print 2.89
     assert lines[3] == train.STD_NOTE and "population std" in lines[3]
