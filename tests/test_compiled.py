@@ -22,8 +22,9 @@ def test_compiler_available_names_what_is_missing(monkeypatch):
 
 
 def run(objective, model, params, adapters, images, labels, tokens, zs_text):
-    loss, _ = objective(model, params, adapters, images, labels, tokens, zs_text, torch.Generator().manual_seed(0),
-                        cutout_mode="random", transform=orthcr.cayley_fast)
+    loss, _ = objective(model, params, adapters, images, labels, tokens, zs_text,
+                        cutout=orthcr.cutout_views("random", torch.Generator().manual_seed(0)),
+                        transform=orthcr.cayley_fast)
     return loss.detach(), torch.autograd.grad(loss, list(adapters.values()))
 
 

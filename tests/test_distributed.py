@@ -42,16 +42,6 @@ FLAGS = ["--data", "eurosat", "--shots", 8, "--batch-size", 7, "--epochs", 2, "-
 # 2 base classes x 8 shots = 16 images: 2 steps of 7 per epoch, each split 3 + 4 over 2 processes
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One thread per process, in this process as in the ones it starts: a shared machine's cores, and the
-    reference run and the 2-process run do their sums in the same order within each process."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     """The data root and the tiny model's weights, shared by the module's runs."""
@@ -65,8 +55,10 @@ def toy(tmp_path_factory):
 def one_process(toy, tmp_path_factory):
     """The reference: the same run on one process."""
     root, weights = toy
-    out = tmp_path_factory.mktemp("one") / "run"
-    run_main(*FLAGS, "--root", root, "--weights", weights, "--out", out)
+    folder = tmp_path_factory.mktemp("one")
+    out = folder / "run"
+    [(code, stderr)] = launch(folder, [*FLAGS, "--root", root, "--weights", weights, "--out", out], size=1)
+    assert code == 0, stderr
     return out
 
 
@@ -141,6 +133,10 @@ def _process(rank, size, port, cwd, argv, fault, log):
     `fault`: what goes wrong on this process (a test's stand-in for a bad disk, a kill, a Ctrl-C)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
+    # one thread per process, the reference's too: a shared machine's cores, and the same order of sums within each
+    # process. (Set here, in the started process: changing the test process's own thread count mid-run left its
+    # later LAPACK calls corrupt, torch.linalg.solve's pivots in test_orthcr.)
+    torch.set_num_threads(1)
     err = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
     os.dup2(err, 2)
     sys.stderr = os.fdopen(2, "w", buffering=1)
@@ -165,7 +161,9 @@ def _process(rank, size, port, cwd, argv, fault, log):
 def launch(tmp_path, argv, fault=None, size=2, bound_s=6 * TIMEOUT_S):
     """Run train.main on `size` processes (forked, each in its own working folder tmp_path/rank<r>); returns
     [(exit code, stderr)] in rank order. Fails the test if any process is still running after `bound_s`."""
-    context = torch.multiprocessing.get_context("fork")  # the test process, already importing torch and train
+    # spawn, not fork: a process forked from one whose BLAS threads have run may leave the parent's next LAPACK
+    # calls corrupt (seen: torch.linalg.solve's pivots, in test_orthcr after these tests)
+    context = torch.multiprocessing.get_context("spawn")
     port, processes, logs = _free_port(), [], []
     for rank in range(size):
         cwd, log = tmp_path / f"rank{rank}", tmp_path / f"rank{rank}.log"

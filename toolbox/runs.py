@@ -78,8 +78,9 @@ def code_version():
 
 def result_settings(cfg, seed, data_sha256=None):
     """The settings a checkpoint must have been written with to be resumed by this run."""
-    names = settings.declared(cfg).result_names()
-    return {**{k: v for k, v in settings.values(cfg).items() if k in names}, "seed": seed, "data_sha256": data_sha256}
+    declared, values = settings.declared(cfg), settings.values(cfg)
+    names = set(declared.result_names()) - set(declared.unused(values))  # zero-shot: what applied, as recorded
+    return {**{k: v for k, v in values.items() if k in names}, "seed": seed, "data_sha256": data_sha256}
 
 
 def data_fingerprint(cfg, datasets):
