@@ -137,6 +137,13 @@ def _protocol_problems(args, value):
     if len(set(names)) != len(names):
         bad.append(f"--data {' '.join(names)}: each dataset once (a repeated dataset repeats its runs)")
     folders = [name for name in names if data.is_folder(name)]
+    short = {}  # each dataset's name in its run folders: two spellings of one folder, or two folders that share a
+    for name in folders:  # name, would write into the same run folders
+        key = data.dataset_name(os.path.abspath(os.path.expanduser(name)))
+        if key in short:
+            bad.append(f"--data {short[key]} and {name} would share the run folders {key}_...: give each folder once, "
+                       f"and folders of different names")
+        short.setdefault(key, name)
     if folders and value("protocol") in ("cross", "dg"):
         bad.append(f"--protocol {value('protocol')} trains on ImageNet and tests other benchmarks: a folder of "
                    f"your own images (--data {folders[0]}) takes --protocol base2new or fewshot")

@@ -4,6 +4,7 @@ import errno
 import hashlib
 import json
 import os
+import stat
 import sys
 import warnings
 from contextlib import contextmanager
@@ -192,3 +193,21 @@ def unbreakable_streams():
         for stream in (sys.stdout, sys.stderr):
             stream.flush()
         sys.stdout, sys.stderr = saved
+
+
+def read_bounded(path, limit, what="file"):
+    """The bytes of a small file we read whole (a class list, a split, a config), refusing with one OSError-free
+    ValueError anything that is not a regular file or is larger than `limit` bytes: a sparse 20 GB file or a link to
+    /dev/zero must not exhaust memory. Reads at most limit + 1 bytes."""
+    path = Path(path)
+    st = os.stat(path)  # FileNotFoundError and friends pass through to the caller's own message
+    if not stat.S_ISREG(st.st_mode):
+        raise ValueError(f"{what} {path} is not a regular file")
+    if st.st_size > limit:
+        raise ValueError(f"{what} {path} is {format_size(st.st_size)}, more than the {format_size(limit)} such a "
+                         f"file can hold")
+    with open(path, "rb") as f:
+        blob = f.read(limit + 1)
+    if len(blob) > limit:  # it grew while being read
+        raise ValueError(f"{what} {path} is larger than the {format_size(limit)} such a file can hold")
+    return blob

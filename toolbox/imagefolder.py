@@ -13,7 +13,7 @@ import warnings
 from pathlib import Path
 
 import data  # DataError and the protocol's names (data.py imports this module too: no names at import)
-from toolbox import splitfiles
+from toolbox import files, splitfiles
 
 # torchvision's IMG_EXTENSIONS (torchvision/datasets/folder.py): what ImageFolder takes as an image, in any case
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -186,14 +186,18 @@ def classnames(folder, names):
     return [table[n] for n in names]
 
 
+CLASSNAMES_LIMIT = 16 * 2**20  # ImageNet-21k's names are ~1 MB
+NAME_LIMIT = 1000  # characters of one class name: 77 tokens of CLIP's BPE never span more
+
+
 def read_classnames(path):
     """classnames.txt of a folder: {folder name: class name}, one line per class as CoOp's ImageNet file is
     written: the folder's name, whitespace, then the class name ("n01440764 tench", "sea_lake Sea or Lake"). A
     line holding a tab splits at its first tab instead, for folder names with spaces ("sea lake<TAB>Sea or
     Lake"). Blank lines are skipped; UTF-8, with or without a byte-order mark."""
     try:
-        text = Path(path).read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
+        text = files.read_bounded(path, CLASSNAMES_LIMIT, "class names file").decode("utf-8-sig")
+    except (OSError, UnicodeDecodeError, ValueError) as e:
         raise data.DataError(f"{path} cannot be read: {e}") from None
     table = {}
     for number, line in enumerate(text.splitlines(), 1):
@@ -205,5 +209,8 @@ def read_classnames(path):
             raise data.DataError(f"{path} line {number} ({line.strip()[:60]!r}) should be '<folder> <class name>'")
         if key in table:
             raise data.DataError(f"{path} line {number} names folder {key!r} a second time")
+        if len(name) > NAME_LIMIT:  # a prompt holds 77 tokens: a longer name could never fit, and BPE on it is slow
+            raise data.DataError(f"{path} line {number}: a class name of {len(name):,} characters; CLIP's prompt holds "
+                                 f"77 tokens (a name of at most {NAME_LIMIT} characters, far fewer in practice)")
         table[key] = name
     return table

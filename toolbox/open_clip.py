@@ -11,6 +11,8 @@ module's `check_image_size`.
 import json
 from pathlib import Path
 
+from toolbox import files
+
 OPEN_CLIP_CONFIG = "open_clip_config.json"
 # model_cfg entries (open_clip 3.3's CLIPVisionCfg / CLIPTextCfg fields) that change the computation, and the
 # value clip_min computes; a config giving another value is refused
@@ -44,7 +46,7 @@ def read_config(path, activation, mean, std):
     if not path.is_file():
         return None
     try:
-        config = json.loads(path.read_text(encoding="utf-8"))
+        config = json.loads(files.read_bounded(path, 2**20, "open_clip config"))  # a real one is ~1 KB
         model_cfg, preprocess_cfg = config.get("model_cfg", {}), config.get("preprocess_cfg", {})
         vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
         if not all(isinstance(d, dict) for d in (model_cfg, preprocess_cfg, vision, text)):

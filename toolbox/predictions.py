@@ -80,8 +80,9 @@ def read_classes(values):
     """--classes NAME... or --classes FILE (one class per line, blank lines skipped): the class names, each once."""
     if len(values) == 1 and Path(values[0]).expanduser().is_file():
         try:
-            names = [line.strip() for line in Path(values[0]).expanduser().read_text(encoding="utf-8").splitlines()]
-        except (OSError, UnicodeDecodeError) as e:
+            text = files.read_bounded(Path(values[0]).expanduser(), imagefolder.CLASSNAMES_LIMIT, "--classes file")
+            names = [line.strip() for line in text.decode("utf-8").splitlines()]
+        except (OSError, UnicodeDecodeError, ValueError) as e:
             runs.fail(f"--classes {values[0]}: cannot read it as UTF-8 text: {e}")
         names, source = [n for n in names if n], f"--classes {values[0]}"
     else:
@@ -91,7 +92,13 @@ def read_classes(values):
     if len(names) < 2:
         runs.fail(f"{source}: {len(names)} class{'es' if len(names) != 1 else ''}; give at least two "
                   f"(with one, every image gets it with probability 1)")
-    repeated = sorted({n for n in names if names.count(n) > 1})
+    long = next((n for n in names if len(n) > imagefolder.NAME_LIMIT), None)
+    if long is not None:
+        runs.fail(f"{source}: a class name of {len(long):,} characters; CLIP's prompt holds 77 tokens")
+    seen, repeated = set(), set()  # one pass: a long list must not take quadratic time
+    for n in names:
+        (repeated if n in seen else seen).add(n)
+    repeated = sorted(repeated)
     if repeated:
         runs.fail(f"{source}: {', '.join(map(repr, repeated[:3]))} given more than once")
     return names

@@ -84,11 +84,15 @@ def result_settings(cfg, seed, data_sha256=None):
 
 
 def data_fingerprint(cfg, datasets):
-    """SHA-256 of what a run reads: every training and test item (its path under the data root, its label), so
-    that a resumed run sees the same few-shot images and the same test sets."""
+    """SHA-256 of what a run reads: every training and test item (its path under the data root, its label) and the
+    class names its prompts hold (a classnames.txt edited between a stop and --resume would mix two label-to-name
+    maps), so that a resumed run sees the same few-shot images, test sets and classes."""
     root = os.path.abspath(Path(cfg.root).expanduser())
     train_set, eval_sets = datasets
     h = hashlib.sha256()
+    for name, dataset in [("train", train_set), *eval_sets.items()]:
+        if dataset is not None:
+            h.update(f"[{name} classes]\n{json.dumps(list(dataset.classnames))}\n".encode())
     for name, items in [("train", train_set.train if train_set else []), *((s, d.test) for s, d in eval_sets.items())]:
         h.update(f"[{name}]\n".encode())
         for it in items:

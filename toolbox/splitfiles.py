@@ -17,13 +17,21 @@ import data  # Item, DataError and the protocol's names (data.py imports this mo
 from toolbox import files
 
 
+JSON_LIMIT = 256 * 2**20  # CoOp's largest split file (ImageNet-scale) is a few tens of MB
+
+
 def read_json(path, what):
     """The JSON of `path`; DataError naming it (as `what`: "split file", "few-shot cache") if it cannot be."""
     try:
-        with open(path) as f:
-            return json.load(f)
+        blob = files.read_bounded(path, JSON_LIMIT, what)
     except FileNotFoundError:
         raise data.DataError(f"{what} {path} does not exist") from None
+    except ValueError as e:  # not a regular file, or too large to be one
+        raise data.DataError(str(e)) from None
+    except OSError as e:
+        raise data.DataError(f"{what} {path} cannot be read: {e}") from None
+    try:
+        return json.loads(blob)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, bad UTF-8, a 5,000-digit number, deep nesting
         raise data.DataError(f"{what} {path} is not valid JSON: {str(e).splitlines()[0][:200]}") from None
     except OSError as e:

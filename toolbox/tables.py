@@ -78,7 +78,8 @@ def read_records(cfgs, splits, ignore=(), why="--table-only"):
                     differ.append(f"{folder} (it records data = {record.get('data')!r}, seed = "
                                   f"{record.get('seed')!r})")
                 elif not _holds(record, splits(cfg)):
-                    differ.append(f"{folder} (its results.json lacks {', '.join(splits(cfg))})")
+                    differ.append(f"{folder} (its results.json lacks {', '.join(splits(cfg))}, or an accuracy "
+                                  f"that is a percentage agreeing with its correct / n)")
                 base_models.setdefault(config.get("checkpoint_sha256"), folder)
                 records.append(record)
                 shared = shared or {**{k: config.get(k) for k in shared_settings(cfg)},
@@ -95,8 +96,17 @@ def read_records(cfgs, splits, ignore=(), why="--table-only"):
 
 def _holds(record, splits):
     results = record.get("results")
-    return isinstance(results, dict) and all(isinstance(results.get(s), dict) and
-                                             type(results[s].get("accuracy")) in (int, float) for s in splits)
+    return isinstance(results, dict) and all(isinstance(results.get(s), dict) and _accuracy(results[s]) for s in splits)
+
+
+def _accuracy(split):
+    """A split's accuracy is a number from 0 to 100 and agrees with its own count (correct / n), when it has one."""
+    accuracy, correct, n = split.get("accuracy"), split.get("correct"), split.get("n")
+    if type(accuracy) not in (int, float) or not 0 <= accuracy <= 100:  # NaN fails too
+        return False
+    if type(correct) is int and type(n) is int and n > 0:
+        return abs(accuracy - 100 * correct / n) < 1e-6
+    return True
 
 
 def _why_missing(folder):
