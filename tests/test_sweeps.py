@@ -143,13 +143,14 @@ def test_table_only_names_the_runs_whose_settings_differ_and_the_missing_ones(on
     assert "runs/imagenet_base2new_2shot_orthcr_seed2" in message
     argv = sweep_args(two_datasets, weights, "--table-only")
     argv[argv.index("--seeds") + 1:argv.index("--seeds") + 3] = [1, 2, 3]
-    before = (folder / TABLE / "table.md").read_text()
-    assert len(run_main(*argv)) == 4
+    before = [(folder / TABLE / name).read_text() for name in ("table.md", "table.json")]
+    with pytest.raises(SystemExit, match=r"is the table of .* over seeds \[1, 2\], this command's is of .* over seeds "
+                                         r"\[1, 2, 3\]: give each table its own folder"):
+        run_main(*argv)  # another command's table (the two-seed one) is never replaced unasked
     err = capsys.readouterr().err
     assert "missing: runs/eurosat_base2new_2shot_orthcr_seed3 (not started)" in err
     assert "missing: runs/imagenet_base2new_2shot_orthcr_seed3 (not started)" in err
-    assert (folder / TABLE / "table.md").read_text() == before  # the same four runs, the same table
-    assert len(json.loads((folder / TABLE / "table.json").read_text())["missing"]) == 2
+    assert [(folder / TABLE / name).read_text() for name in ("table.md", "table.json")] == before
     with pytest.raises(SystemExit, match="no finished run to tabulate"):
         run_main(*sweep_args(two_datasets, weights, "--table-only", "--shots", 3))
 

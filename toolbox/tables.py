@@ -8,6 +8,7 @@ import fcntl
 import json
 from pathlib import Path
 
+import data
 from toolbox import files, runs, settings
 
 # settings that differ between the runs of one table by design, or that the records compare otherwise
@@ -91,6 +92,9 @@ def read_records(cfgs, splits, ignore=(), why="--table-only"):
         (a, first), (b, second) = list(base_models.items())[:2]
         runs.fail(f"{why}: {first} and {second} were trained on different base models (SHA-256 {str(a)[:16]}..., "
                   f"{str(b)[:16]}...): one table holds one base model")
+    if shared:  # what the table covers: another command's table in the same folder is never replaced unasked
+        shared = {**shared, "datasets": [data.dataset_name(name) for name in cfgs],
+                  "seeds": list(next(iter(cfgs.values())).seeds)}
     return records, missing, shared
 
 
@@ -146,9 +150,20 @@ def write(folder, table, text, shared, missing):
     with open(folder / ".table.lock", "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # held for a moment: two writers of the same table take turns
         try:
-            same = json.loads((folder / "table.json").read_text()) == json.loads(json.dumps(content))
+            old = json.loads((folder / "table.json").read_text())
         except (OSError, ValueError):
-            same = False
+            old = None
+        same = old == json.loads(json.dumps(content))
+        if isinstance(old, dict) and isinstance(old.get("settings"), dict) and not same:
+            before = {k: old["settings"].get(k) for k in ("datasets", "seeds")}
+            now = {k: shared.get(k) for k in ("datasets", "seeds")}
+            if before != now and None not in before.values():
+                runs.fail(f"{folder / 'table.json'} is the table of {before['datasets']} over seeds {before['seeds']}, "
+                          f"this command's is of {now['datasets']} over seeds {now['seeds']}: give each table its "
+                          f"own folder (--out with {{data}} and {{seed}}), or move the old one")
+            if not old.get("missing") and missing:
+                runs.fail(f"{folder / 'table.json'} holds a complete table; this one would miss "
+                          f"{len(missing)} run(s): it is not replaced (move it to write the partial one)")
         if same and (folder / "table.md").is_file() and (folder / "table.md").read_text() == text:
             return False
         runs.write_file(folder / "table.md", lambda tmp: Path(tmp).write_text(text))
