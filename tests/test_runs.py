@@ -680,8 +680,9 @@ def test_zero_shot_refuses_every_setting_that_does_not_apply_naming_them(tmp_pat
     assert "trains nothing: --lambda1, --epochs, --lr do not apply" in err[0]
     # derived from the declarations: what only training reads, and the adapters' layout
     unused = set(train.SETTINGS.unused({"zero_shot": True}))
-    assert unused == set(train.SETTINGS.training_only()) | set(train.SETTINGS.layout_names())
-    assert {"lr", "epochs", "lambda1", "blocks", "n_ctx"} <= unused and not unused & {"data", "eval_limit", "precision"}
+    assert unused == (set(train.SETTINGS.training_only()) | set(train.SETTINGS.layout_names())) - {"activation"}
+    assert {"lr", "epochs", "lambda1", "blocks", "n_ctx"} <= unused and not unused & {"data", "eval_limit", "precision",
+                                                                                    "activation"}
     assert train.SETTINGS.unused({"zero_shot": False}) == ()
 
 

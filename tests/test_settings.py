@@ -229,3 +229,12 @@ def test_an_adapters_file_s_recorded_numbers_are_held_to_the_same_ranges():
     assert not s["n_ctx"].valid(10**8) and s["n_ctx"].valid(settings.N_CTX_MAX)
     assert not s["blocks"].valid(10**6) and not s["cutout_holes"].valid(100000)
     assert not s["cutout_temperature"].valid(1e-45) and s["cutout_temperature"].valid(None)
+
+
+def test_zero_shot_takes_the_base_models_activation_but_no_training_flag():
+    # the probe: a GELU checkpoint without open_clip_config.json could not be evaluated zero-shot
+    args = train.parse_args(["--zero-shot", "--activation", "gelu", "--device", "cpu"])
+    assert train.settings_from(args).activation == "gelu"
+    with pytest.raises(SystemExit) as e:
+        train.parse_args(["--zero-shot", "--epochs", "3", "--device", "cpu"])
+    assert e.value.code == 2

@@ -160,6 +160,9 @@ def seed(value):
 SEEDS_MAX = 256  # each seed is a run folder whose .lock stays open to the end: well within 1024 file descriptors
 
 
+MODEL_SETTINGS = ("activation",)  # settings of the base model, not of the adapters: they apply to zero-shot CLIP too
+
+
 # ---------------------------------------------------------------------------------------------------- derived
 
 FLAGS_INTRO = ("`python train.py --help` shows the same, grouped, with every default. A setting's role says what it "
@@ -208,7 +211,10 @@ class Declarations(list):
         """The settings that do not apply to a run with these `values` (a dict of setting values, None where not
         given): with zero_shot, everything only training reads and the adapters' layout, since nothing is trained
         and no adapters exist. A given one is refused; the run's config.json leaves them all out."""
-        return self.training_only() + self.layout_names() if values.get("zero_shot") else ()
+        if not values.get("zero_shot"):
+            return ()
+        # the base model's own settings (its activation) still apply: zero-shot CLIP computes with them
+        return self.training_only() + tuple(n for n in self.layout_names() if n not in MODEL_SETTINGS)
 
     # ------------------------------------------------------------------ the command line
     def parser(self, parser):
