@@ -1193,9 +1193,9 @@ def main():
                         "peers in this many alternating rounds (median of per-round ratios) instead of apart")
     parser.add_argument("--compile", action="store_true", help="torch.compile the loss of ours and the peers "
                         "(inductor on the CPU, Triton on CUDA; the first step compiles)")
-    parser.add_argument("--allocator", default="keep", choices=["keep", "default"],
-                        help="ours: keep freed memory for reuse, as train.py does (toolbox/allocator.py), or "
-                             "the C library's default")
+    parser.add_argument("--allocator", default="default", choices=["keep", "default"],
+                        help="ours: the C library's default (as train.py runs), or keep freed memory for reuse "
+                             "(toolbox/allocator.py, an experiment: its page reuse varied from process to process)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

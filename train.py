@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw, ImageFont
 import clip_min
 import data
 import orthcr
-from toolbox import allocator, cli, compiled, distributed, files, predictions, published, runs, settings, sweeps, tables
+from toolbox import cli, compiled, distributed, files, predictions, published, runs, settings, sweeps, tables
 from toolbox.settings import Setting, at_least, learning_rate, momentum, non_negative_number, positive_number, seed
 from toolbox.settings import between, loss_weight
 
@@ -868,7 +868,6 @@ def main(argv=None):
     """Flags, run folders, data, model, each run, the table: every check before the heavy work it guards.
     Under torchrun (docs/distributed.md) every process runs this; the points where they could diverge are agreed
     (toolbox/distributed.py), so that a fault on any one stops all of them with one line each."""
-    allocator.keep_freed_memory()  # a speed device: a step reuses the last step's pages (toolbox/allocator.py)
     with runs.stopping() as known:  # one-line warnings; Ctrl-C or SIGTERM outside the loop: one line
         args = parse_args(argv)
         if args.predict:
