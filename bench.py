@@ -31,8 +31,8 @@ FLOPs at the best measured torch.mm rate in the step's precision.
 
 `--rounds N` is the comparison to trust on a shared machine: ours and the peers each build and warm up once in
 their own process (so each keeps its own peak memory), then take one step each per round, in ABBA order; the
-ratio is the median of the per-round ratios. Ours runs with train.py's allocator setting (`--allocator keep`,
-toolbox/allocator.py), the peers with the C library's default.
+ratio is the median of the per-round ratios. Both run with the C library's allocator, as train.py does; `--allocator
+keep` tries toolbox/allocator.py's setting for ours (an experiment).
 
 `--gpu-check` runs, each part guarded so that a failure is reported and the rest still run: the CUDA
 property tests (`pytest tests/test_orthcr.py -k cuda`), one ViT-B/16 step in fp32, bf16 and fp16 + scaler
@@ -1205,7 +1205,7 @@ def main():
 
     if args.compile and compiled.compiler_available(args.device):
         parser.error(compiled.compiler_available(args.device))
-    if args.worker == "ours_step" and args.allocator == "keep":  # what train.py does at start
+    if args.worker == "ours_step" and args.allocator == "keep":  # the experiment (train.py does not set it)
         why = allocator.keep_freed_memory()
         if why:
             log(why)
