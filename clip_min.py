@@ -77,8 +77,11 @@ class Attention(nn.Module):
     def forward(self, x, attn_mask=None):
         n, length, width = x.shape  # (N, L, D), batch first
         qkv = F.linear(x, self.in_proj_weight, self.in_proj_bias)  # (N, L, 3D)
-        # unbind, not qkv[0], qkv[1], qkv[2]: the backward of each index would fill a zero tensor the size of qkv
-        q, k, v = qkv.view(n, length, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4).unbind(0)  # (N, H, L, D/H)
+        # unbind, not qkv[..., 0, :, :] and so on: the backward of each index would fill a zero tensor the size of
+        # qkv; unbind over dim 2 before the transpose, so that its backward (a stack) writes the (N, L, 3, H, D/H)
+        # gradient in qkv's own layout, with no copy to make it contiguous
+        heads = qkv.view(n, length, 3, self.heads, width // self.heads).unbind(2)  # 3 x (N, L, H, D/H)
+        q, k, v = (t.transpose(1, 2) for t in heads)  # (N, H, L, D/H)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (N, H, L, D/H)
         y = y.transpose(1, 2).reshape(n, length, width)  # (N, L, D)
         return self.out_proj(y)

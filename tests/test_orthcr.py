@@ -193,6 +193,64 @@ def test_rotate_weight_is_W0_times_blockdiag_R_transposed(seed, out, blocks, siz
     assert torch.allclose(orthcr.rotate_weight(W0, R), W0 @ torch.block_diag(*R).T, atol=1e-12)
 
 
+@settings(max_examples=10, deadline=None)
+@given(seed=st.integers(0, 2**31), rows=st.integers(1, 12), blocks=st.integers(1, 4), size=st.integers(1, 8))
+def test_rotate_input_is_x_times_blockdiag_R(seed, rows, blocks, size):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(rows, 3, blocks * size, generator=g, dtype=torch.float64)
+    R = orthcr.cayley(torch.randn(blocks, size, size, generator=g, dtype=torch.float64))
+    assert torch.allclose(orthcr.rotate_input(x, R), x @ torch.block_diag(*R), atol=1e-12)
+    W0 = torch.randn(5, blocks * size, generator=g, dtype=torch.float64)  # the identity the speed device rests on
+    assert torch.allclose(F.linear(orthcr.rotate_input(x, R), W0), F.linear(x, orthcr.rotate_weight(W0, R)),
+                          atol=1e-12)
+
+
+def pre_hooks(model):
+    return sum(len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("mode, coop", [("random", False), ("attentive", False), ("random", True)])
+def test_the_student_device_gives_the_plain_merges_loss_and_gradients(tiny_model, device, mode, coop):
+    model = tiny_model.to(device)
+    params, images, labels, tokens, zs_text = batch(model)
+    params = {k: v.to(device) for k, v in params.items()}
+    images, labels, tokens, zs_text = images.to(device), labels.to(device), tokens.to(device), zs_text.to(device)
+    adapters = randomize(orthcr.init_adapters(params), 3, 0.2)
+    context = None
+    if coop:
+        context = (0.02 * torch.randn(4, params["token_embedding.weight"].shape[1])).to(device).requires_grad_()
+        tokens = orthcr.coop_tokens(["cat", "dog", "car"], n_ctx=4).to(device)
+    results = []
+    for rotate_inputs in (False, True):
+        loss, _ = orthcr.objective(model, params, adapters, images, labels, tokens, zs_text, context=context,
+                                   cutout=orthcr.cutout_views(mode, torch.Generator().manual_seed(0)),
+                                   transform=orthcr.cayley_fast, rotate_inputs=rotate_inputs)
+        trainables = [*adapters.values(), *([context] if coop else [])]
+        results.append((loss.detach(), torch.autograd.grad(loss, trainables)))
+        assert pre_hooks(model) == 0  # the device's hooks last as long as the student's passes, no longer
+    (plain, plain_grads), (device_loss, device_grads) = results
+    assert torch.allclose(device_loss, plain, rtol=1e-6, atol=1e-6)
+    for a, b in zip(plain_grads, device_grads):
+        assert (a - b).norm() <= 1e-4 * a.norm() and a.norm() > 0
+
+
+def test_the_student_device_rotates_c_fcs_input_and_c_projs_weight(tiny_model):
+    params = params_of(tiny_model)
+    adapters = randomize(orthcr.init_adapters(params), 4, 0.1)
+    with orthcr.student(tiny_model, params, adapters) as merged:
+        on_input = {k for k in adapters if merged[k] is params[k]}  # kept W0: rotated through the input
+        assert on_input == {k for k in adapters if k.endswith("mlp.c_fc.weight")}  # tiny: b = 16, out = 256
+        assert pre_hooks(tiny_model) == len(on_input)
+    assert pre_hooks(tiny_model) == 0
+    with pytest.raises(RuntimeError, match="inside"):  # an error inside the student's passes removes them too
+        with orthcr.student(tiny_model, params, adapters):
+            raise RuntimeError("inside")
+    assert pre_hooks(tiny_model) == 0
+    with orthcr.student(tiny_model, params, adapters, rotate_inputs=False) as merged:  # the plain merge
+        assert all(merged[k] is not params[k] for k in adapters) and pre_hooks(tiny_model) == 0
+
+
 def test_hyperspherical_energy_and_neuron_angles_are_preserved(tiny_model):
     params = params_of(tiny_model)
     adapters = randomize(orthcr.init_adapters(params), 1, 0.5)
