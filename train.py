@@ -160,7 +160,7 @@ SETTINGS = settings.Declarations([
     Setting("warmup_steps", WARMUP_STEPS, "linear warm-up (at most a tenth of the steps), then cosine decay to 0",
             "method", G["opt"], type=int, metavar="N", check=between(0, settings.STEPS_MAX), eval_only="trained"),
     Setting("ctx_lr", CTX_LR, "--prompt coop: the context's SGD learning rate, the schedule's peak (CoOp's)", "method",
-            G["opt"], type=float, metavar="LR", check=learning_rate, eval_only="trained"),
+            G["opt"], type=float, metavar="LR", check=settings.context_learning_rate, eval_only="trained"),
     Setting("ctx_momentum", CTX_MOMENTUM, "--prompt coop: the context's SGD momentum (CoOp's)", "method", G["opt"],
             type=float, metavar="M", check=momentum, eval_only="trained"),
     Setting("ctx_weight_decay", CTX_WEIGHT_DECAY, "--prompt coop: the context's SGD weight decay (CoOp's)", "method",

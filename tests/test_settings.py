@@ -210,6 +210,15 @@ def test_an_out_of_range_flag_is_one_line_before_anything_is_allocated(tmp_path,
     assert not nothing_allocated and not (tmp_path / "run").exists()
 
 
+def test_the_context_learning_rate_is_explained_by_its_own_sgd_not_adamw(tmp_path, capsys, nothing_allocated):
+    """CoOp's context trains with its own SGD (train.py's CTX_LR): --ctx-lr's help and range line say so."""
+    line = flag_error(capsys, "--root", tmp_path, "--device", "cpu", "--prompt", "coop", "--ctx-lr", 20)
+    assert "--ctx-lr must be a positive number, at most 10 (the context's SGD moves it" in line
+    assert "AdamW" not in line and not nothing_allocated
+    ctx_lr = train.SETTINGS.by_name["ctx_lr"]
+    assert "SGD" in ctx_lr.help and "AdamW" not in ctx_lr.help and ctx_lr.check(train.CTX_LR) is None
+
+
 def test_a_context_of_ten_million_fails_in_a_fresh_process_in_bounded_memory(tmp_path):
     """The issue's case: without --weights the context was built (20 GB) before the prompt length was checked."""
     def limit():  # 3 GB: torch loads; a 20 GB context would fail fast instead of calling the OOM killer

@@ -134,6 +134,14 @@ def learning_rate(value):
                 f"entries of 1 already turn R by a right angle), got {value}")
 
 
+def context_learning_rate(value):
+    """--ctx-lr: CoOp's context trains with its own SGD (train.py's CTX_LR), not the rotations' AdamW."""
+    if value is not None and not (0 < value <= 10):
+        return (f"must be a positive number, at most 10 (the context's SGD moves it by lr x its gradient per step, "
+                f"about 10 times that with momentum 0.9, and its vectors' entries are about 0.02; CoOp's lr is "
+                f"0.002), got {value}")
+
+
 def loss_weight(value):
     if value is not None and not (0 <= value <= 1000):
         return (f"must be a number from 0 to 1000 (a KL weighted 1000 times the cross-entropy leaves the labels "
