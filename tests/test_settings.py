@@ -2,6 +2,7 @@
 setting reaches each of them from its declaration alone."""
 
 import dataclasses
+import json
 import math
 import resource
 import subprocess
@@ -247,3 +248,14 @@ def test_zero_shot_takes_the_base_models_activation_but_no_training_flag():
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--zero-shot", "--epochs", "3", "--device", "cpu"])
     assert e.value.code == 2
+
+
+def test_a_number_given_as_minus_zero_is_recorded_as_zero():
+    cfg = train.settings_from(train.parse_args(["--device", "cpu", "--prompt", "coop", "--lambda1", "-0",
+                                                "--weight-decay", "-0.0", "--ctx-warmup-lr", "-.0"]))
+    for name in ("lambda1", "weight_decay", "ctx_warmup_lr"):
+        value = getattr(cfg, name)
+        assert value == 0 and type(value) is float and math.copysign(1, value) == 1, name
+    assert "-0" not in json.dumps(dataclasses.asdict(cfg))  # config.json's record
+    assert settings.positive_zero(-0.0) == 0.0 and settings.positive_zero(-1.5) == -1.5
+    assert settings.positive_zero(0) == 0 and settings.positive_zero(False) is False  # only floats change

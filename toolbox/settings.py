@@ -270,7 +270,7 @@ class Declarations(list):
                 values[s.name] = s.default(values) if callable(s.default) else s.default
         for s in self:
             value = values[s.name]
-            value = tuple(value) if isinstance(value, list) else value
+            value = tuple(map(positive_zero, value)) if isinstance(value, (list, tuple)) else positive_zero(value)
             values[s.name] = s.convert(value, values) if s.convert else value
         return self.Record(**values)
 
@@ -288,6 +288,12 @@ class Declarations(list):
             cell = lambda x: x.replace("|", "/").replace("<", "&lt;")  # noqa: E731 (markdown)
             lines.append(f"| `{s.option}` | {cell(s.default_text())} | {s.role} | {cell(s.help)} |")
         return "\n".join(lines) + "\n"
+
+
+def positive_zero(value):
+    """A number as the record holds it: -0.0 (a flag given as -0) is 0.0, the value the run computes with; config.json
+    would otherwise say -0.0."""
+    return 0.0 if type(value) is float and value == 0 else value
 
 
 def declared(cfg):
