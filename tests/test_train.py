@@ -206,6 +206,10 @@ def test_dg_and_cross_protocols_evaluate_every_target(tmp_path, weights):
     (["--seeds", "-3"], "--seeds: -3 is not a seed"),
     (["--cutout", "none", "--lambda2", "1"], "--cutout none has none"),
     (["--cutout", "attentive", "--cutout-holes", "2"], "--cutout-holes is for random Cutout"),
+    (["--kl-reduction", "mean", "--lambda1", "0", "--lambda2", "0"], "--kl-reduction mean reduces the KL terms, "
+     "which --lambda1 0 and --lambda2 0 leave out: it would change nothing but the run's label"),
+    (["--kl-reduction", "mean", "--lambda1", "0", "--cutout", "none"], "which --lambda1 0 and --cutout none "
+     "(--lambda2 0) leave out"),
     (["--cutout-temperature", "0.1"], "add --cutout attentive"),
     (["--n-ctx", "4"], "add --prompt coop"),
     (["--prompt", "coop", "--ctx-init", "a photo of a", "--n-ctx", "16"], "drop --n-ctx 16"),
@@ -521,6 +525,7 @@ def test_the_kl_reduction_reaches_the_loss_and_names_its_row(tiny_model):
         terms[reduction] = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, teacher,
                                             **train.method_settings(cfg, torch.Generator()))[1]
     assert terms["mean"]["kl"].item() == pytest.approx(terms["batchmean"]["kl"].item() / 3, rel=1e-5)  # C = 3
+    assert settings("--device", "cpu", "--kl-reduction", "mean", "--lambda1", "0").kl_reduction == "mean"  # L2 > 0
 
 
 def test_zero_shot_on_the_official_weights_is_checked_against_cocoops_row(root, weights, tmp_path, monkeypatch,

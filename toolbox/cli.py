@@ -95,6 +95,10 @@ def _method_problems(args, value):
         bad.append("--cutout-temperature samples attentive Cutout's hole: add --cutout attentive")
     if cutout == "none" and args.lambda2:
         bad.append("--lambda2 weighs the KL on Cutout images; --cutout none has none")
+    if args.kl_reduction == "mean" and value("lambda1") == 0 and value("lambda2") == 0 and not args.zero_shot:
+        zero = "--lambda2 0" if args.lambda2 is not None else "--cutout none (--lambda2 0)"
+        bad.append(f"--kl-reduction mean reduces the KL terms, which --lambda1 0 and {zero} leave out: it would "
+                   f"change nothing but the run's label; drop it, or give a KL weight")
     if args.zero_shot and (args.eval_only or args.resume):
         bad.append("--zero-shot evaluates plain CLIP with the template: it takes no --eval-only or --resume")
     if value("lr") * value("weight_decay") >= 1:
