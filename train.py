@@ -280,11 +280,7 @@ def setting_warnings(cfg):
                      "(fp16: 0.96), so the regulariser steers by rounding noise until the rotations are large "
                      "(docs/precision.md); fp16 (auto) or fp32 keep it")
     if cfg.prompt == "coop" and cfg.ctx_init:
-        tokens, words = len(clip_min.encode(cfg.ctx_init)), len(cfg.ctx_init.split(" "))
-        if tokens != words:
-            lines.append(f"--ctx-init {cfg.ctx_init!r} is {tokens} BPE tokens but {words} words: here all {tokens} "
-                         f"token embeddings are the learned context; CoOp (n_ctx = its word count) would learn the "
-                         f"first {words} and keep the rest as fixed words")
+        lines += cli.ctx_init_warnings(cfg.ctx_init)  # its BPE tokens against its words (CoOp's n_ctx)
     return lines
 
 

@@ -434,6 +434,15 @@ def test_a_context_whose_tokens_are_not_its_words_and_bf16_say_so_in_one_line():
     assert train.setting_warnings(dataclasses.replace(bf16, zero_shot=True)) == []  # no regulariser is trained
 
 
+def test_a_long_contexts_warning_is_one_line_that_quotes_it_cut_short():
+    text = "an x-ray photo " + "of a very long and winding description " * 5  # 40 tokens, 38 words
+    lines = train.setting_warnings(settings("--device", "cpu", "--prompt", "coop", "--ctx-init", text))
+    assert len(lines) == 1 and "\n" not in lines[0] and "is 40 BPE tokens but 38 words" in lines[0]
+    assert repr(text[:37] + "...") in lines[0] and text.strip() not in lines[0] and len(lines[0]) < 250
+    assert "CoOp (n_ctx = the word count) would learn the first 38 and keep the other 2 as fixed words" in lines[0]
+    assert train.setting_warnings(settings("--device", "cpu", "--prompt", "coop", "--ctx-init", "a  photo")) == []
+
+
 def test_the_context_moves_at_coops_rate_and_both_optimizers_resume_exactly(root, weights, tmp_path, monkeypatch):
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     args = ("--prompt", "coop", "--epochs", 3, "--save-every", 1, "--ctx-warmup-epochs", 0)
