@@ -165,6 +165,16 @@ def test_a_replaced_image_of_another_size_is_detected(flowers):
         build(flowers)
 
 
+def test_a_copy_that_changes_modification_times_keeps_its_split(flowers):
+    """cp -r, git, zip and tar do not keep each image's mtime to the nanosecond: the fingerprint (path, size) must
+    not hold it, or a valid split would be refused (docs/reliability.md: an edit to the same size goes unseen)."""
+    ds = build(flowers)
+    for image in flowers.rglob("*.jpg"):
+        os.utime(image, ns=(10**18 + 123, 10**18 + 123))
+    again = build(flowers)
+    assert (again.train, again.val, again.test) == (ds.train, ds.val, ds.test)
+
+
 def test_the_fewshot_cache_and_other_files_do_not_change_the_fingerprint(flowers):
     build(flowers, shots=2)
     assert (flowers / "split_fewshot" / "shot_2-seed_1.json").is_file()
