@@ -160,7 +160,7 @@ SETTINGS = settings.Declarations([
     Setting("warmup_steps", WARMUP_STEPS, "linear warm-up (at most a tenth of the steps), then cosine decay to 0",
             "method", G["opt"], type=int, metavar="N", check=between(0, settings.STEPS_MAX), eval_only="trained"),
     Setting("ctx_lr", CTX_LR, "--prompt coop: the context's SGD learning rate, the schedule's peak (CoOp's)", "method",
-            G["opt"], type=float, metavar="LR", check=learning_rate, eval_only="trained"),
+            G["opt"], type=float, metavar="LR", check=settings.context_learning_rate, eval_only="trained"),
     Setting("ctx_momentum", CTX_MOMENTUM, "--prompt coop: the context's SGD momentum (CoOp's)", "method", G["opt"],
             type=float, metavar="M", check=momentum, eval_only="trained"),
     Setting("ctx_weight_decay", CTX_WEIGHT_DECAY, "--prompt coop: the context's SGD weight decay (CoOp's)", "method",
@@ -280,11 +280,7 @@ def setting_warnings(cfg):
                      "(fp16: 0.96), so the regulariser steers by rounding noise until the rotations are large "
                      "(docs/precision.md); fp16 (auto) or fp32 keep it")
     if cfg.prompt == "coop" and cfg.ctx_init:
-        tokens, words = len(clip_min.encode(cfg.ctx_init)), len(cfg.ctx_init.split(" "))
-        if tokens != words:
-            lines.append(f"--ctx-init {cfg.ctx_init!r} is {tokens} BPE tokens but {words} words: here all {tokens} "
-                         f"token embeddings are the learned context; CoOp (n_ctx = its word count) would learn the "
-                         f"first {words} and keep the rest as fixed words")
+        lines += cli.ctx_init_warnings(cfg.ctx_init)  # its BPE tokens against its words (CoOp's n_ctx)
     return lines
 
 

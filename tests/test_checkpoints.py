@@ -784,7 +784,7 @@ def test_open_clip_models_clip_min_does_not_compute_are_refused(tmp_path, case):
 
 @pytest.mark.parametrize("make, problem", [
     (lambda p: tiny_open_clip(p, model_cfg=vision_cfg(image_size=64)), "says 64 px images, the tensors of"),
-    (lambda p: tiny_open_clip(p, preprocess_cfg={"std": [1, 0, 1]}), "mean and std must be three numbers"),
+    (lambda p: tiny_open_clip(p, preprocess_cfg={"std": [1, 0, 1]}), "preprocess_cfg std must be three finite"),
     (lambda p: (tiny_open_clip(p), (p / "open_clip_config.json").write_text("{nope"))[0], "not an open_clip config"),
     (lambda p: tiny_open_clip(p, logit_bias=torch.zeros([])), "a SigLIP model (it has a logit_bias)"),
     (lambda p: tiny_open_clip(p, **{"text.proj": torch.zeros(2)}), "a custom text tower (keys 'text.*'"),
@@ -794,3 +794,43 @@ def test_open_clip_files_that_contradict_the_model_are_refused(tmp_path, make, p
     with pytest.raises(ValueError, match=re.escape(problem)) as e:
         clip_min.load(path)
     assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("config, problem", [
+    (dict(preprocess_cfg={"mean": [0.5, float("nan"), 0.5]}), "preprocess_cfg mean must be three finite numbers, "
+                                                              "one per RGB channel; got [0.5, NaN, 0.5]"),
+    (dict(preprocess_cfg={"mean": [0.5, 0.5, float("-inf")]}), "preprocess_cfg mean must be three finite numbers"),
+    (dict(preprocess_cfg={"mean": ["0.5", 0.5, 0.5]}), "preprocess_cfg mean must be three finite numbers"),
+    (dict(preprocess_cfg={"mean": [0.5, 0.5]}), "preprocess_cfg mean must be three finite numbers"),
+    (dict(preprocess_cfg={"std": [0.5, float("inf"), 0.5]}), "preprocess_cfg std must be three finite numbers, "
+                                                             "one per RGB channel, each > 0 (it divides)"),
+    (dict(preprocess_cfg={"std": [0.5, float("nan"), 0.5]}), "preprocess_cfg std must be three finite numbers"),
+    (dict(preprocess_cfg={"std": [0.5, -1, 0.5]}), "preprocess_cfg std must be three finite numbers"),
+    (dict(preprocess_cfg={"std": [True, 1, 1]}), "preprocess_cfg std must be three finite numbers"),
+    (dict(preprocess_cfg={"std": 0.5}), "preprocess_cfg std must be three finite numbers"),
+    (dict(model_cfg={"quick_gelu": "yes"}), 'model_cfg quick_gelu must be true or false, got "yes"'),
+    (dict(model_cfg={"quick_gelu": 1}), "model_cfg quick_gelu must be true or false, got 1"),
+])
+def test_open_clip_config_values_are_refused_naming_the_file_and_the_key(tmp_path, config, problem):
+    path = tiny_open_clip(tmp_path / "m", **config)  # a GELU model's config
+    for activation in (None, "gelu", "quick_gelu"):  # a bad value is named as such, never as an activation conflict
+        with pytest.raises(ValueError) as e:
+            clip_min.checkpoint_settings(path, activation)
+        message = str(e.value)
+        assert message.startswith(f"{path.parent / 'open_clip_config.json'}: ") and problem in message, message
+        assert "\n" not in message
+
+
+def test_an_open_clip_config_that_gives_a_key_twice_is_refused_naming_it(tmp_path):
+    path = tiny_open_clip(tmp_path / "m")
+    config = path.parent / "open_clip_config.json"
+    text = config.read_text()
+    assert text.count('"quick_gelu": false') == 1
+    config.write_text(text.replace('"quick_gelu": false', '"quick_gelu": false, "quick_gelu": true'))
+    with pytest.raises(ValueError) as e:
+        clip_min.checkpoint_settings(path)
+    assert str(e.value) == f"{config}: the key 'quick_gelu' is given twice in one object (JSON readers keep either " \
+                           f"value): give it once"
+    config.write_text(text.replace('"std": [', '"std": [0.5, 0.5, 0.5], "std": ['))  # nested: preprocess_cfg's
+    with pytest.raises(ValueError, match="the key 'std' is given twice"):
+        clip_min.load(path)

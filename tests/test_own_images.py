@@ -75,6 +75,36 @@ def test_a_wrong_classnames_txt_is_one_line_naming_it(flowers, text, message):
         build(flowers)
 
 
+@pytest.mark.parametrize("text, a, b", [
+    ("rose a rose\nsun-flower a  rose\ntulip_red tulip\n", "'a rose' (folder 'rose')", "'a rose' (folder 'sun-flower')"),
+    ("rose Rose\nsun-flower sunflower\ntulip_red rose\n", "'Rose' (folder 'rose')", "'rose' (folder 'tulip_red')"),
+    ("rose R&amp;D rose\nsun-flower r&d ROSE\ntulip_red tulip\n", "'R&amp;D rose' (folder 'rose')",
+     "'r&d ROSE' (folder 'sun-flower')"),  # HTML entities: CLIP's cleaning unescapes them
+])
+def test_class_names_that_clip_reads_as_one_are_refused_naming_the_file_and_both(flowers, text, a, b):
+    (flowers / "classnames.txt").write_text(text)
+    with pytest.raises(data.DataError) as e:
+        build(flowers)
+    message = str(e.value)
+    assert message.startswith(f"{flowers / 'classnames.txt'}: the class names {a} and {b} are one name to CLIP")
+    assert "\n" not in message
+
+
+def test_class_folders_that_give_one_class_name_are_refused_naming_both(tmp_path):
+    folder = make_folder(tmp_path / "f", classes=("Sea_Lake", "forest", "sea-lake"), per_class=4)
+    with pytest.raises(data.DataError, match=r"class folders 'Sea_Lake' and 'sea-lake' give one class name to CLIP "
+                                             r"\('Sea Lake'\): .* name them apart in classnames.txt"):
+        build(folder)
+    (folder / "classnames.txt").write_text("Sea_Lake sea\nsea-lake lake\nforest forest\n")
+    assert build(folder).classnames == ["sea", "forest", "lake"]
+
+
+def test_same_names_compares_as_clips_tokenizer_reads():
+    assert imagefolder.same_names(["cat", "dog", "Cat "]) == (0, 2)
+    assert imagefolder.same_names(["a\u00a0cat", "dog", "a cat"]) == (0, 2)
+    assert imagefolder.same_names(["cat", "cats", "dog"]) is None
+
+
 # ---------------------------------------------------------------------------------------------- the generated split
 
 def test_generated_split_is_coops_50_20_30_saved_and_reused(flowers, monkeypatch):
@@ -133,6 +163,16 @@ def test_a_replaced_image_of_another_size_is_detected(flowers):
     jpeg(flowers / "rose" / "002.jpg", seed=5, size=32)
     with pytest.raises(data.DataError, match="no image added or removed, but some were replaced or edited"):
         build(flowers)
+
+
+def test_a_copy_that_changes_modification_times_keeps_its_split(flowers):
+    """cp -r, git, zip and tar do not keep each image's mtime to the nanosecond: the fingerprint (path, size) must
+    not hold it, or a valid split would be refused (docs/reliability.md: an edit to the same size goes unseen)."""
+    ds = build(flowers)
+    for image in flowers.rglob("*.jpg"):
+        os.utime(image, ns=(10**18 + 123, 10**18 + 123))
+    again = build(flowers)
+    assert (again.train, again.val, again.test) == (ds.train, ds.val, ds.test)
 
 
 def test_the_fewshot_cache_and_other_files_do_not_change_the_fingerprint(flowers):

@@ -229,5 +229,8 @@ def test_class_lists_are_checked(tmp_path):
         predictions.read_classes(["cat"])
     with pytest.raises(SystemExit, match="'cat' given more than once"):
         predictions.read_classes(["cat", "dog", "cat"])
+    (tmp_path / "same.txt").write_text("Cat\ndog\ncat\n")  # one name to CLIP: identical prompts
+    with pytest.raises(SystemExit, match=f"--classes {tmp_path / 'same.txt'}: 'Cat' and 'cat' are one name to CLIP"):
+        predictions.read_classes([str(tmp_path / "same.txt")])
     (tmp_path / "names.txt").write_text("cat\n\ndog\n")
     assert predictions.read_classes([str(tmp_path / "names.txt")]) == ["cat", "dog"]

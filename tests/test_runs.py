@@ -786,3 +786,20 @@ def test_a_lock_that_is_not_a_regular_file_is_refused_and_never_followed(root, w
             target.read_text() == "someone's file\n" if kind == "symlink to a file" else True)
     assert not (target.is_dir() and any(target.iterdir()))
     assert os.path.lexists(lock) and sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing else written
+
+
+def test_the_code_version_covers_the_toolbox_modules(tmp_path, monkeypatch):
+    """config.json's code_version: the four modules and toolbox/*.py (data loading and splits change results too)."""
+    for name in ("clip_min.py", "orthcr.py", "data.py", "train.py", "toolbox/files.py", "toolbox/splitfiles.py"):
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_text(f"# {name}\n")
+    monkeypatch.setattr(runs, "ROOT", tmp_path)
+    versions = [runs.code_version()]
+    (tmp_path / "toolbox/splitfiles.py").write_text("# another split\n")  # a toolbox module edited
+    versions.append(runs.code_version())
+    (tmp_path / "toolbox/images.py").write_text("")  # one added
+    versions.append(runs.code_version())
+    (tmp_path / "toolbox/notes.txt").write_text("not code")  # not a module: no change
+    assert runs.code_version() == versions[-1] and len(set(versions)) == 3
+    (tmp_path / "train.py").write_text("# edited\n")  # the four modules still count
+    assert runs.code_version() not in versions

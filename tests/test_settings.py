@@ -2,6 +2,7 @@
 setting reaches each of them from its declaration alone."""
 
 import dataclasses
+import json
 import math
 import resource
 import subprocess
@@ -210,6 +211,15 @@ def test_an_out_of_range_flag_is_one_line_before_anything_is_allocated(tmp_path,
     assert not nothing_allocated and not (tmp_path / "run").exists()
 
 
+def test_the_context_learning_rate_is_explained_by_its_own_sgd_not_adamw(tmp_path, capsys, nothing_allocated):
+    """CoOp's context trains with its own SGD (train.py's CTX_LR): --ctx-lr's help and range line say so."""
+    line = flag_error(capsys, "--root", tmp_path, "--device", "cpu", "--prompt", "coop", "--ctx-lr", 20)
+    assert "--ctx-lr must be a positive number, at most 10 (the context's SGD moves it" in line
+    assert "AdamW" not in line and not nothing_allocated
+    ctx_lr = train.SETTINGS.by_name["ctx_lr"]
+    assert "SGD" in ctx_lr.help and "AdamW" not in ctx_lr.help and ctx_lr.check(train.CTX_LR) is None
+
+
 def test_a_context_of_ten_million_fails_in_a_fresh_process_in_bounded_memory(tmp_path):
     """The issue's case: without --weights the context was built (20 GB) before the prompt length was checked."""
     def limit():  # 3 GB: torch loads; a 20 GB context would fail fast instead of calling the OOM killer
@@ -238,3 +248,14 @@ def test_zero_shot_takes_the_base_models_activation_but_no_training_flag():
     with pytest.raises(SystemExit) as e:
         train.parse_args(["--zero-shot", "--epochs", "3", "--device", "cpu"])
     assert e.value.code == 2
+
+
+def test_a_number_given_as_minus_zero_is_recorded_as_zero():
+    cfg = train.settings_from(train.parse_args(["--device", "cpu", "--prompt", "coop", "--lambda1", "-0",
+                                                "--weight-decay", "-0.0", "--ctx-warmup-lr", "-.0"]))
+    for name in ("lambda1", "weight_decay", "ctx_warmup_lr"):
+        value = getattr(cfg, name)
+        assert value == 0 and type(value) is float and math.copysign(1, value) == 1, name
+    assert "-0" not in json.dumps(dataclasses.asdict(cfg))  # config.json's record
+    assert settings.positive_zero(-0.0) == 0.0 and settings.positive_zero(-1.5) == -1.5
+    assert settings.positive_zero(0) == 0 and settings.positive_zero(False) is False  # only floats change

@@ -8,6 +8,7 @@ import fcntl
 import json
 import os
 import shlex
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -218,6 +219,66 @@ def test_a_run_held_by_another_process_is_skipped_and_the_last_finisher_writes_t
     assert not (tmp_path / TABLE / "table.md").exists()
     records = run_main(*sweep_args(two_datasets, weights))  # the holder is gone: this process takes the last run
     assert len(records) == 4 and (tmp_path / TABLE / "table.md").is_file()
+
+
+def refusal(*argv):
+    """The one-line refusal of a command that must stop before any training."""
+    with pytest.raises(SystemExit) as stop:
+        run_main(*argv)
+    message = str(stop.value.code)
+    assert message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def test_a_finished_sweep_of_other_settings_is_refused_and_resume_is_not_what_helps(one_process, two_datasets,
+                                                                                    weights, tmp_path, monkeypatch):
+    """The runs of a sweep stopped before its table was written (its last run stopped, or still running), then a
+    command with other settings on the same folders."""
+    shutil.copytree(one_process[0] / "runs", tmp_path / "runs", ignore=shutil.ignore_patterns("table_*"))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("a run was trained"))
+    monkeypatch.setattr(train.clip_min, "load", lambda *a, **k: pytest.fail("a model was loaded"))
+    before = {p: p.read_bytes() for p in sorted(Path("runs").rglob("*")) if p.is_file()}
+    message = refusal(*sweep_args(two_datasets, weights, "--lr", 3e-4, "--epochs", 3))
+    assert "runs/eurosat_base2new_2shot_orthcr_seed1 holds a finished run with other settings (epochs = 2, this " \
+           "command has 3; lr = 0.0001, this command has 0.0003)" in message
+    assert "another --out, or those settings" in message and "--resume" not in message  # run one after the other
+    assert {p: p.read_bytes() for p in sorted(Path("runs").rglob("*")) if p.is_file()} == before
+
+
+@pytest.mark.parametrize("lr", [1e-3, 1e-4])
+def test_a_run_held_for_other_settings_is_refused_before_any_training_and_one_of_the_same_is_shared(
+        two_datasets, weights, tmp_path, monkeypatch, lr):
+    monkeypatch.chdir(tmp_path)
+    held = tmp_path / "runs/imagenet_base2new_2shot_orthcr_seed2"  # the last run of the sweep
+    theirs = train.sweep_datasets(train.settings_from(train.parse_args(
+        [str(a) for a in sweep_args(two_datasets, weights, "--lr", lr)])))["imagenet"]
+    with train.runs.locked(held, claim=train.runs.result_settings(theirs, 2)) as taken:  # another process claims it
+        assert taken and json.loads((held / ".lock").read_text())["lr"] == lr
+        if lr != 1e-4:
+            monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("a run was trained"))
+            message = refusal(*sweep_args(two_datasets, weights))
+            assert f"{held.relative_to(tmp_path)} holds a run in progress in another process with other settings " \
+                   f"(lr = 0.001, this command has 0.0001)" in message
+            assert not (tmp_path / "runs/eurosat_base2new_2shot_orthcr_seed1").exists()
+        else:  # the same settings: shared as before, the held run left to its holder
+            records = run_main(*sweep_args(two_datasets, weights))
+            assert [(r["data"], r["seed"]) for r in records] == RUNS[:3]
+
+
+def test_concurrent_sweeps_of_different_settings_on_one_out_take_no_run_of_each_other(two_datasets, weights,
+                                                                                       tmp_path):
+    """Whichever process claims a run first trains the sweep; the other, whether it meets the claim when it looks
+    or when it takes, stops before training anything, naming the run folder and the setting."""
+    results = finish([start(tmp_path, sweep_args(two_datasets, weights, *lr)) for lr in ([], ["--lr", 3e-4])])
+    refused = [(code, stderr) for code, _, stderr in results if code != 0]
+    assert len(refused) == 1, results
+    code, stderr = refused[0]
+    line = stderr.strip().splitlines()[-1]
+    assert code == 1 and line.startswith("error: runs/") and " with other settings (lr = " in line, stderr
+    assert len({pid for *_, pid in trainings(tmp_path)}) == 1  # one process trained every run
+    assert sorted((name, int(seed)) for name, seed, *_ in trainings(tmp_path)) == RUNS
+    assert (tmp_path / TABLE / "table.md").is_file()
 
 
 def test_a_run_stopped_before_its_first_checkpoint_starts_again(two_datasets, weights, tmp_path, monkeypatch):

@@ -206,6 +206,10 @@ def test_dg_and_cross_protocols_evaluate_every_target(tmp_path, weights):
     (["--seeds", "-3"], "--seeds: -3 is not a seed"),
     (["--cutout", "none", "--lambda2", "1"], "--cutout none has none"),
     (["--cutout", "attentive", "--cutout-holes", "2"], "--cutout-holes is for random Cutout"),
+    (["--kl-reduction", "mean", "--lambda1", "0", "--lambda2", "0"], "--kl-reduction mean reduces the KL terms, "
+     "which --lambda1 0 and --lambda2 0 leave out: it would change nothing but the run's label"),
+    (["--kl-reduction", "mean", "--lambda1", "0", "--cutout", "none"], "which --lambda1 0 and --cutout none "
+     "(--lambda2 0) leave out"),
     (["--cutout-temperature", "0.1"], "add --cutout attentive"),
     (["--n-ctx", "4"], "add --prompt coop"),
     (["--prompt", "coop", "--ctx-init", "a photo of a", "--n-ctx", "16"], "drop --n-ctx 16"),
@@ -430,6 +434,15 @@ def test_a_context_whose_tokens_are_not_its_words_and_bf16_say_so_in_one_line():
     assert train.setting_warnings(dataclasses.replace(bf16, zero_shot=True)) == []  # no regulariser is trained
 
 
+def test_a_long_contexts_warning_is_one_line_that_quotes_it_cut_short():
+    text = "an x-ray photo " + "of a very long and winding description " * 5  # 40 tokens, 38 words
+    lines = train.setting_warnings(settings("--device", "cpu", "--prompt", "coop", "--ctx-init", text))
+    assert len(lines) == 1 and "\n" not in lines[0] and "is 40 BPE tokens but 38 words" in lines[0]
+    assert repr(text[:37] + "...") in lines[0] and text.strip() not in lines[0] and len(lines[0]) < 250
+    assert "CoOp (n_ctx = the word count) would learn the first 38 and keep the other 2 as fixed words" in lines[0]
+    assert train.setting_warnings(settings("--device", "cpu", "--prompt", "coop", "--ctx-init", "a  photo")) == []
+
+
 def test_the_context_moves_at_coops_rate_and_both_optimizers_resume_exactly(root, weights, tmp_path, monkeypatch):
     full, stopped = tmp_path / "full", tmp_path / "stopped"
     args = ("--prompt", "coop", "--epochs", 3, "--save-every", 1, "--ctx-warmup-epochs", 0)
@@ -521,6 +534,7 @@ def test_the_kl_reduction_reaches_the_loss_and_names_its_row(tiny_model):
         terms[reduction] = orthcr.objective(tiny_model, params, adapters, images, labels, tokens, teacher,
                                             **train.method_settings(cfg, torch.Generator()))[1]
     assert terms["mean"]["kl"].item() == pytest.approx(terms["batchmean"]["kl"].item() / 3, rel=1e-5)  # C = 3
+    assert settings("--device", "cpu", "--kl-reduction", "mean", "--lambda1", "0").kl_reduction == "mean"  # L2 > 0
 
 
 def test_zero_shot_on_the_official_weights_is_checked_against_cocoops_row(root, weights, tmp_path, monkeypatch,

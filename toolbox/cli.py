@@ -86,7 +86,7 @@ def _method_problems(args, value):
             bad.append(f"--ctx-init is {words} tokens: CoOp's prompt fits at most {settings.N_CTX_MAX} in CLIP's "
                        f"{settings.CONTEXT_LENGTH} (with [SOS], a class, '.' and [EOS])")
         elif args.n_ctx is not None and args.n_ctx != words:
-            bad.append(f"--ctx-init {args.ctx_init!r} is {words} tokens, which sets the context length: "
+            bad.append(f"--ctx-init {shorten(args.ctx_init)} is {words} tokens, which sets the context length: "
                        f"drop --n-ctx {args.n_ctx}")
     if cutout != "random" and args.cutout_holes is not None and args.cutout_holes != 1:
         bad.append(f"--cutout-holes is for random Cutout; --cutout {cutout} cuts "
@@ -95,12 +95,33 @@ def _method_problems(args, value):
         bad.append("--cutout-temperature samples attentive Cutout's hole: add --cutout attentive")
     if cutout == "none" and args.lambda2:
         bad.append("--lambda2 weighs the KL on Cutout images; --cutout none has none")
+    if args.kl_reduction == "mean" and value("lambda1") == 0 and value("lambda2") == 0 and not args.zero_shot:
+        zero = "--lambda2 0" if args.lambda2 is not None else "--cutout none (--lambda2 0)"
+        bad.append(f"--kl-reduction mean reduces the KL terms, which --lambda1 0 and {zero} leave out: it would "
+                   f"change nothing but the run's label; drop it, or give a KL weight")
     if args.zero_shot and (args.eval_only or args.resume):
         bad.append("--zero-shot evaluates plain CLIP with the template: it takes no --eval-only or --resume")
     if value("lr") * value("weight_decay") >= 1:
         bad.append(f"--lr {value('lr')} x --weight-decay {value('weight_decay')} >= 1: AdamW multiplies P by "
                    f"1 - lr x weight decay each step, which would flip or zero it")
     return bad
+
+
+def ctx_init_warnings(ctx_init):
+    """One line when --ctx-init's BPE tokens are not its words: all its tokens' embeddings become the learned
+    context here, where CoOp sets n_ctx to the word count (`len(ctx_init.split(" "))`) and learns that many."""
+    tokens, words = len(clip_min.encode(ctx_init)), len(ctx_init.split())
+    if tokens == words:
+        return []
+    coop = (f"learn the first {words} and keep the other {tokens - words} as fixed words" if tokens > words else
+            f"learn {words} vectors from a text of {tokens} tokens")
+    return [f"--ctx-init {shorten(ctx_init)} is {tokens} BPE tokens but {words} words: all {tokens} token embeddings "
+            f"are the learned context here; CoOp (n_ctx = the word count) would {coop}"]
+
+
+def shorten(text, limit=40):
+    """A user's text as a message quotes it: at most `limit` characters of it, '...' where it is cut."""
+    return repr(text if len(text) <= limit else text[:limit - 3] + "...")
 
 
 def dataset_problem(value):

@@ -12,6 +12,7 @@ import os
 import warnings
 from pathlib import Path
 
+import clip_min
 import data  # DataError and the protocol's names (data.py imports this module too: no names at import)
 from toolbox import files, splitfiles
 
@@ -172,7 +173,14 @@ def classnames(folder, names):
     spaces ("sea_lake" -> "sea lake")."""
     path = Path(folder) / data.CLASSNAMES_FILE
     if not path.exists():
-        return [" ".join(n.replace("_", " ").replace("-", " ").split()) or n for n in names]
+        derived = [" ".join(n.replace("_", " ").replace("-", " ").split()) or n for n in names]
+        pair = same_names(derived)
+        if pair:
+            (a, b), name = (names[k] for k in pair), derived[pair[0]]
+            raise data.DataError(f"{folder}: class folders {a!r} and {b!r} give one class name to CLIP ({name!r}): "
+                                 f"their prompts would be identical, two classes no model can tell apart; name them "
+                                 f"apart in {path.name} ('<folder> <class name>' lines)")
+        return derived
     table = read_classnames(path)
     missing = [n for n in names if n not in table]
     if missing:
@@ -183,7 +191,24 @@ def classnames(folder, names):
     if unknown:
         raise data.DataError(f"{path} names {unknown[0]!r}, which is not a class folder of {folder}"
                              + (f" (nor are {len(unknown) - 1} more)" if len(unknown) > 1 else ""))
+    pair = same_names([table[n] for n in names])
+    if pair:
+        a, b = (names[k] for k in pair)
+        raise data.DataError(f"{path}: the class names {table[a]!r} (folder {a!r}) and {table[b]!r} (folder {b!r}) "
+                             f"are one name to CLIP's tokenizer, which ignores case and spacing: their prompts would "
+                             f"be identical, two classes no model can tell apart; give each class its own name")
     return [table[n] for n in names]
+
+
+def same_names(names):
+    """(i, j), i < j, of the first two class names that CLIP reads as one (equal after its tokenizer's cleaning,
+    clip_min.clean: case, runs of whitespace, HTML entities), or None: their prompts would be identical."""
+    seen = {}
+    for j, name in enumerate(names):
+        i = seen.setdefault(clip_min.clean(name), j)
+        if i != j:
+            return i, j
+    return None
 
 
 CLASSNAMES_LIMIT = 16 * 2**20  # ImageNet-21k's names are ~1 MB

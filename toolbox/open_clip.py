@@ -9,6 +9,7 @@ module's `check_image_size`.
 """
 
 import json
+import math
 from pathlib import Path
 
 from toolbox import files
@@ -45,12 +46,15 @@ def read_config(path, activation, mean, std):
     path = config_path(path)
     if not path.is_file():
         return None
-    try:
-        config = json.loads(files.read_bounded(path, 2**20, "open_clip config"))  # a real one is ~1 KB
-        model_cfg, preprocess_cfg = config.get("model_cfg", {}), config.get("preprocess_cfg", {})
+    try:  # a key given twice: JSON readers keep either value, so the file says two things
+        config = json.loads(files.read_bounded(path, 2**20, "open_clip config"), object_pairs_hook=_unique_keys)
+        model_cfg, preprocess_cfg = config.get("model_cfg", {}), config.get("preprocess_cfg", {})  # a real one: ~1 KB
         vision, text = model_cfg.get("vision_cfg", {}), model_cfg.get("text_cfg", {})
         if not all(isinstance(d, dict) for d in (model_cfg, preprocess_cfg, vision, text)):
             raise ValueError("model_cfg, its vision_cfg and text_cfg, and preprocess_cfg must be objects")
+    except _RepeatedKey as e:
+        raise ValueError(f"{path}: the key {e.args[0]!r} is given twice in one object (JSON readers keep either "
+                         f"value): give it once") from None
     except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
         raise ValueError(f"{path}: not an open_clip config ({e})") from None
 
@@ -76,18 +80,43 @@ def read_config(path, activation, mean, std):
     for key, expected in _PREPROCESS.items():
         if preprocess_cfg.get(key, expected) != expected:
             refuse(f"preprocess_cfg {key} {preprocess_cfg[key]!r} (clip_min preprocesses as OpenAI: {expected!r})")
-    configured = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
+    mean, std = preprocess_cfg.get("mean", mean), preprocess_cfg.get("std", std)
+    for key, value in (("mean", mean), ("std", std)):  # checked before the activation: the file's own fault first
+        if not (isinstance(value, (list, tuple)) and len(value) == 3
+                and all(type(v) in (int, float) and math.isfinite(v) and (key == "mean" or v > 0) for v in value)):
+            raise ValueError(f"{path}: preprocess_cfg {key} must be three finite numbers, one per RGB channel"
+                             f"{', each > 0 (it divides)' if key == 'std' else ''}; got {_shown(value)}")
+    quick_gelu = model_cfg.get("quick_gelu", False)
+    if type(quick_gelu) is not bool:
+        raise ValueError(f"{path}: model_cfg quick_gelu must be true or false, got {_shown(quick_gelu)}")
+    configured = "quick_gelu" if quick_gelu else "gelu"
     if activation is not None and activation != configured:
         raise ValueError(f"{path}: says the model uses {configured}, not the {activation} asked for")
-    mean, std = preprocess_cfg.get("mean", mean), preprocess_cfg.get("std", std)
-    if not all(isinstance(c, (list, tuple)) and len(c) == 3 and all(type(v) in (int, float) for v in c)
-               for c in (mean, std)) or not all(v > 0 for v in std):
-        raise ValueError(f"{path}: preprocess_cfg mean and std must be three numbers each (std positive)")
     image_size = vision.get("image_size")
     if image_size is not None and type(image_size) is not int:
         refuse(f"a non-square image size (vision_cfg image_size {image_size!r})")
     return dict(activation=configured, mean=tuple(map(float, mean)), std=tuple(map(float, std)),
                 image_size=image_size)
+
+
+def _shown(value, limit=60):
+    """A config's value as JSON, cut to `limit` characters ('...' where it is cut)."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _unique_keys(pairs):
+    """json.loads's object_pairs_hook: an object, refused when it names a key twice."""
+    seen = set()
+    for key, _ in pairs:
+        if key in seen:
+            raise _RepeatedKey(key)
+        seen.add(key)
+    return dict(pairs)
 
 
 def check_image_size(model, settings, path):

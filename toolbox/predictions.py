@@ -101,6 +101,10 @@ def read_classes(values):
     repeated = sorted(repeated)
     if repeated:
         runs.fail(f"{source}: {', '.join(map(repr, repeated[:3]))} given more than once")
+    pair = imagefolder.same_names(names)
+    if pair:
+        runs.fail(f"{source}: {names[pair[0]]!r} and {names[pair[1]]!r} are one name to CLIP's tokenizer, which "
+                  f"ignores case and spacing: their prompts would be identical; give each class its own name")
     return names
 
 

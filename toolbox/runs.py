@@ -69,10 +69,13 @@ def model_label(cfg):
 
 
 def code_version():
-    """sha256 of the four modules: identifies the code even outside a git checkout."""
+    """sha256 of the four modules and of toolbox/*.py (by relative path, sorted: the toolbox's data loading and
+    splits change results too): identifies the code even outside a git checkout."""
     h = hashlib.sha256()
-    for name in ("clip_min.py", "orthcr.py", "data.py", "train.py"):
-        h.update((ROOT / name).read_bytes())
+    toolbox = sorted((ROOT / "toolbox").glob("*.py"), key=lambda p: p.name)
+    for path in [ROOT / name for name in ("clip_min.py", "orthcr.py", "data.py", "train.py")] + toolbox:
+        content = path.read_bytes()
+        h.update(f"{path.relative_to(ROOT).as_posix()}\t{len(content)}\n".encode() + content)
     return h.hexdigest()[:16]
 
 
@@ -121,15 +124,15 @@ def hold(cfg, plan):
     """Every run folder of the plan, held (exclusive) from here to the end of the block."""
     with ExitStack() as held:
         for seed, (mode, _) in plan.items():
-            held.enter_context(exclusive(run_folder(cfg, seed), cfg, mode))
+            held.enter_context(exclusive(run_folder(cfg, seed), cfg, mode, claim=result_settings(cfg, seed)))
         yield
 
 
 @contextmanager
-def exclusive(folder, cfg, plan):
-    """Hold the run folder for one run: created if needed and locked against concurrent use. What it holds was
-    checked by plan_runs; it is checked again under the lock."""
-    with locked(folder) as held:
+def exclusive(folder, cfg, plan, claim=None):
+    """Hold the run folder for one run: created if needed and locked against concurrent use (`claim`: as `locked`
+    takes it). What it holds was checked by plan_runs; it is checked again under the lock."""
+    with locked(folder, claim=claim) as held:
         if not held:
             fail(f"{folder} is in use by another run (its .lock is held): wait for it, or choose another --out")
         if run_state(folder) != _PLAN_STATE[plan] and not (plan == "new" and cfg.overwrite):
@@ -139,17 +142,25 @@ def exclusive(folder, cfg, plan):
 
 
 @contextmanager
-def locked(folder, shared=False):
+def locked(folder, shared=False, claim=None):
     """The run folder, created if needed and locked against concurrent use (flock on <folder>/.lock, which the
     kernel releases when a process dies). Yields True while held, or False at once, holding nothing, when another
     process holds it to run it (a sweep then skips it). `shared`: held only to look at the folder, beside other
-    lookers; a process that takes the folder to run it waits the moment a look takes. On leaving, .lock is removed
-    (by the run's holder) before it is released, and a folder made here that is still empty is removed again."""
+    lookers; a process that takes the folder to run it waits the moment a look takes. `claim`: the settings of the
+    run it is taken for (result_settings), written into .lock for other processes to compare (claimed_settings)
+    before its config.json exists. On leaving, .lock is removed (by the run's holder) before it is released, and a
+    folder made here that is still empty is removed again."""
     created = not folder.exists()
     try:
         lock = _take_lock(folder, shared)
     except OSError as e:
         fail(f"cannot use {folder} as the run folder: {e.strerror or e}")
+    if lock is not None and not shared and claim is not None:
+        try:
+            lock.truncate(0)
+            os.pwrite(lock.fileno(), (json.dumps(claim) + "\n").encode(), 0)
+        except OSError:
+            pass  # a full disk: the others then compare the run's config.json, once written
     try:
         yield lock is not None
     finally:
@@ -204,6 +215,30 @@ def running(folder, plan):
         if plan == "new" and run_state(folder) == "partial":
             clear(folder, evaluations=False)  # only what this run wrote
         raise
+
+
+def claimed_settings(folder, patience=1.0):
+    """The settings of the run that another process holds `folder` for: the claim in its .lock (`locked`), else
+    the run's config.json; None when neither says within `patience` seconds (a claim is written the moment the
+    lock is taken; a process of older code writes none)."""
+    deadline = time.monotonic() + patience
+    while True:
+        record = read_record(folder / ".lock") or read_record(folder / "config.json")  # half written: asked again
+        if record or time.monotonic() > deadline:
+            return record
+        time.sleep(0.05)
+
+
+def read_record(path):
+    """The JSON object in the small file `path`, or None if there is none, or it is not one (yet). A link is never
+    followed (open_lock refuses a linked .lock with its own line)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        with os.fdopen(fd, "rb") as f:
+            record = json.loads(f.read(2**20)) if stat.S_ISREG(os.fstat(fd).st_mode) else None
+    except (OSError, ValueError, RecursionError):
+        return None
+    return record if isinstance(record, dict) and record else None
 
 
 def open_lock(path):
@@ -414,14 +449,21 @@ def compare_settings(path, recorded, cfg, seed, data_sha256=None, later=(), only
 
 def first_difference(recorded, cfg, seed, data_sha256=None, later=(), only=None):
     """(key, recorded value, this run's value) of the first result setting in which `recorded` differs, or None."""
+    found = differences(recorded, cfg, seed, data_sha256, later, only)
+    return found[0] if found else None
+
+
+def differences(recorded, cfg, seed, data_sha256=None, later=(), only=None):
+    """[(key, recorded value, this run's value)] of each result setting in which `recorded` differs."""
     current = result_settings(cfg, seed, data_sha256)
+    found = []
     for key in only or current:
         if key in later:
             continue
         value, then = current[key], recorded.get(key, BEFORE_RECORDED.get(key, "(not recorded)"))
         if then != value:
-            return key, then, value
-    return None
+            found.append((key, then, value))
+    return found
 
 
 # settings that records written before them lack, and the value those runs had: such a record still resumes

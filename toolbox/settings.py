@@ -134,6 +134,14 @@ def learning_rate(value):
                 f"entries of 1 already turn R by a right angle), got {value}")
 
 
+def context_learning_rate(value):
+    """--ctx-lr: CoOp's context trains with its own SGD (train.py's CTX_LR), not the rotations' AdamW."""
+    if value is not None and not (0 < value <= 10):
+        return (f"must be a positive number, at most 10 (the context's SGD moves it by lr x its gradient per step, "
+                f"about 10 times that with momentum 0.9, and its vectors' entries are about 0.02; CoOp's lr is "
+                f"0.002), got {value}")
+
+
 def loss_weight(value):
     if value is not None and not (0 <= value <= 1000):
         return (f"must be a number from 0 to 1000 (a KL weighted 1000 times the cross-entropy leaves the labels "
@@ -262,7 +270,7 @@ class Declarations(list):
                 values[s.name] = s.default(values) if callable(s.default) else s.default
         for s in self:
             value = values[s.name]
-            value = tuple(value) if isinstance(value, list) else value
+            value = tuple(map(positive_zero, value)) if isinstance(value, (list, tuple)) else positive_zero(value)
             values[s.name] = s.convert(value, values) if s.convert else value
         return self.Record(**values)
 
@@ -280,6 +288,12 @@ class Declarations(list):
             cell = lambda x: x.replace("|", "/").replace("<", "&lt;")  # noqa: E731 (markdown)
             lines.append(f"| `{s.option}` | {cell(s.default_text())} | {s.role} | {cell(s.help)} |")
         return "\n".join(lines) + "\n"
+
+
+def positive_zero(value):
+    """A number as the record holds it: -0.0 (a flag given as -0) is 0.0, the value the run computes with; config.json
+    would otherwise say -0.0."""
+    return 0.0 if type(value) is float and value == 0 else value
 
 
 def declared(cfg):

@@ -8,7 +8,9 @@ The rules (docs/runs.md, "Sweeps"): a run folder held by another process is skip
 is kept, never trained again; a run that a stopped process left with a checkpoint (its lock released by the kernel)
 is resumed from it by the next process that reaches it, when its recorded settings are this command's; one that
 stopped before its first checkpoint starts again. A process that finds nothing left to take ends; the one that
-finds every run finished writes the table, the others say which runs are still running and exit 0.
+finds every run finished writes the table, the others say which runs are still running and exit 0. Only commands
+of the same settings share a sweep: a run folder that holds, or is held for, a run of other settings (its
+config.json, or the claim its holder wrote into .lock) is refused in one line before any training.
 """
 
 import json
@@ -60,23 +62,44 @@ class Sweep:
         return all(mode == "done" for plan in plans.values() for mode, _ in plan.values())
 
     def _look(self, name, seed):
-        cfg, folder = self.cfgs[name], self.folder_of(name, seed)
+        folder = self.folder_of(name, seed)
         if not folder.exists():
             return "new", None
         if (folder / "results.json").is_file():  # written last, atomically: the run is finished
-            return "done", runs.read_finished_run(folder, cfg, seed, self.splits(cfg))
+            return self._plan(name, seed, "done", clear=False)
         with runs.locked(folder, shared=True) as held:  # a look: it never keeps a process from a run
             if not held:
+                self._check_same(name, seed, "a run in progress in another process", runs.claimed_settings(folder))
                 return "busy", None
             return self._plan(name, seed, runs.run_state(folder), clear=False)
+
+    def _check_same(self, name, seed, what, recorded):
+        """A run folder of this command that holds (or is held for) a run of other settings, `recorded`, is refused
+        in one line naming it and each setting that differs: two commands of different settings on one --out would
+        take each other's runs, and their table would mix them."""
+        if recorded is None:
+            return
+        cfg, folder = self.cfgs[name], self.folder_of(name, seed)
+        differ = runs.differences(recorded, cfg, seed, later=("checkpoint_sha256", "data_sha256"))
+        if differ:  # (each one: the command may differ in several)
+            listed = "; ".join(f"{key} = {was!r}, this command has {now!r}" for key, was, now in differ[:4])
+            more = f"; and {len(differ) - 4} more" if len(differ) > 4 else ""
+            runs.fail(f"{folder} holds {what} with other settings ({listed}{more}): only commands of the same "
+                      f"settings share a sweep's run folders; give this command another --out, or those settings")
+
+    def _check_recorded(self, name, seed, what):
+        """_check_same against the settings the run folder's config.json records."""
+        self._check_same(name, seed, what, runs.read_record(self.folder_of(name, seed) / "config.json"))
 
     def _plan(self, name, seed, state, clear):
         """What to do with a held folder in `state`; `clear`: a run stopped before its first checkpoint is removed
         now (it is taken), else only checked."""
         cfg, folder = self.cfgs[name], self.folder_of(name, seed)
         if state == "done":
+            self._check_recorded(name, seed, "a finished run")
             return "done", runs.read_finished_run(folder, cfg, seed, self.splits(cfg))
         if state == "checkpoint":
+            self._check_recorded(name, seed, "a stopped run (its checkpoint)")
             return "resume", runs.load_checkpoint(folder / "checkpoint.pt", cfg, seed)
         if state == "partial":
             self._check_restart(name, seed)
@@ -119,13 +142,16 @@ class Sweep:
 
     def _take(self, name, seed, run):
         folder = self.folder_of(name, seed)
-        if (folder / "results.json").is_file():
+        if (folder / "results.json").is_file():  # by this process, or by another since this one looked
+            self._check_recorded(name, seed, "a finished run")
             return False
-        with runs.locked(folder) as held:
-            if not held:
+        with runs.locked(folder, claim=runs.result_settings(self.cfgs[name], seed)) as held:
+            if not held:  # another process's since this one looked: of these settings too?
+                self._check_same(name, seed, "a run in progress in another process", runs.claimed_settings(folder))
                 return False
             state = runs.run_state(folder)
             if state == "done":  # finished by another process since
+                self._check_recorded(name, seed, "a finished run")
                 return False
             mode, payload = self._plan(name, seed, state, clear=True)
             with runs.running(folder, mode):
