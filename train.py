@@ -8,29 +8,26 @@
     torchrun --nproc_per_node 8 train.py --data imagenet --device cuda      # one run on 8 GPUs (docs/distributed.md)
 
 Reading order: the defaults and every setting; `train`, the loop, and `training_step`; `evaluate`; the
-protocols; `run`, one seed from data to files; `predict_images`, a trained run on new images; `main`. The
-machinery that keeps runs safe (run folders, locks, checkpoints, the flag checks, predictions.csv) lives in
-toolbox/.
+protocols; `run`, one seed from data to files; `main`. The machinery lives in toolbox/: what keeps runs safe (run
+folders, locks, checkpoints, the flag checks) in runs.py and cli.py; a command's runs around `run`, a sweep's, the
+table again in orchestration.py; `--predict` in predictions.py; the paper's table in tables.py.
 """
 
 import functools
 import math
 import os
-import statistics
 import time
 import warnings
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.distributed as dist
-from PIL import Image, ImageDraw, ImageFont
 
 import clip_min
 import data
 import orthcr
-from toolbox import cli, compiled, distributed, files, predictions, published, runs, settings, sweeps, tables
+from toolbox import cli, compiled, distributed, files, orchestration, predictions, published, runs, settings
 from toolbox.settings import Setting, at_least, learning_rate, momentum, non_negative_number, positive_number, seed
 from toolbox.settings import between, loss_weight
 
@@ -299,7 +296,7 @@ def train(model, params, train_set, cfg, seed, folder, resume=None, data_sha256=
     scaler = grad_scaler(cfg.device, cfg.precision)  # fp16's gradients need loss scaling
     tokens, teacher_text = class_prompts(model, params, train_set, cfg)
     normalize = normalizer(model)  # the base model's mean and std
-    objective = compiled_objective(cfg) if cfg.compile else orthcr.objective  # a speed device: the same loss
+    objective = compiled.objective_or_eager(orthcr.objective, cfg.device) if cfg.compile else orthcr.objective
     total = cfg.epochs * data.steps_per_epoch(len(train_set.train), cfg.batch_size)
     global_batch = min(cfg.batch_size, len(train_set.train))  # each step's images, over all processes
     step = runs.resume_from(resume, folder, adapters, context, optimizers, scaler) if resume else 0
@@ -326,17 +323,6 @@ def train(model, params, train_set, cfg, seed, folder, resume=None, data_sha256=
                              ctx_lr if adapters and context is not None else None)  # when due, Ctrl-C, progress
     runs.check_steps_applied(folder, books.skipped, step, SKIPPED_WARN)  # fp16: none skipped unseen
     return adapters, context
-
-
-def compiled_objective(cfg):
-    """--compile: orthcr.objective through torch.compile (tests/test_compiled.py: the same loss and gradients
-    within 1e-4), or, where no compiler is found, the eager one and a warning saying why."""
-    device = torch.device(cfg.device).type
-    why = compiled.compiler_available(device)
-    if why:
-        warnings.warn(f"{why}; running eagerly")
-        return orthcr.objective
-    return compiled.compile_objective(orthcr.objective, device)
 
 
 class NonFinite(ArithmeticError):
@@ -407,10 +393,10 @@ def method_settings(cfg, generator, normalize=clip_min.normalize):
 def normalizer(model):
     """clip_min.normalize with the base model's mean and std (clip_min.load sets them: open_clip's config, else
     OpenAI's constants)."""
-    return functools.partial(clip_min.normalize, mean=_mean_std(model)[0], std=_mean_std(model)[1])
+    return functools.partial(clip_min.normalize, mean=mean_std(model)[0], std=mean_std(model)[1])
 
 
-def _mean_std(model):
+def mean_std(model):
     return getattr(model, "mean", clip_min.MEAN), getattr(model, "std", clip_min.STD)
 
 
@@ -521,7 +507,7 @@ def evaluate(model, params, context, eval_sets, cfg, seed):
     items = [_test_items(eval_sets[s].test, cfg.eval_limit, seed) for s in splits]
     correct = torch.zeros(len(splits), dtype=torch.int64)
     batches = data.eval_batches(items, cfg.eval_batch_size, cfg.workers, model.visual.input_resolution,
-                                *_mean_std(model), shard=(distributed.rank(), distributed.size()))  # torchrun: a share
+                                *mean_std(model), shard=(distributed.rank(), distributed.size()))  # torchrun: a share
     for i, images, labels in distributed.each_together(batches):
         dataset = eval_sets[splits[i]]
         weights = classifiers[(tuple(dataset.classnames), dataset.template)]
@@ -629,7 +615,7 @@ def run(cfg, seed, plan, datasets, model, params, seconds, data_sha256, adapters
         runs.say(f"{split}: {r['accuracy']:.2f}% of {r['n']} test images")
     if cfg.protocol == "base2new":
         results["hm"] = harmonic_mean(results["base"]["accuracy"], results["new"]["accuracy"])
-        if published_check_applies(cfg):  # the real-weights install checked against CoCoOp's Table 1
+        if published.applies(cfg):  # the real-weights install checked against CoCoOp's Table 1
             runs.say(published.compare(cfg.data, results["base"]["accuracy"], results["new"]["accuracy"]))
     record = {"data": cfg.data, "protocol": cfg.protocol, "shots": cfg.shots, "seed": seed,
               "method": method_name(cfg), "eval_limit": cfg.eval_limit, "results": results,
@@ -646,220 +632,6 @@ def run(cfg, seed, plan, datasets, model, params, seconds, data_sha256, adapters
 method_name = settings.method_name  # the table's row label, e.g. "OrthSR + CoOp (w/o CutOut)"
 
 
-def published_check_applies(cfg):
-    """Zero-shot CLIP on a full base-to-new test set with OpenAI's ViT-B/16 (by name, or a --weights file with its
-    SHA-256): CoCoOp's Table 1 published that row (toolbox/published.py), so the measured one must be close."""
-    official = clip_min.MODELS["ViT-B/16"].split("/")[-2]  # OpenAI's URL carries the file's SHA-256
-    return (cfg.zero_shot and cfg.protocol == "base2new" and cfg.eval_limit is None
-            and cfg.checkpoint_sha256 == official)
-
-
-def cutout_grid(model, params, train_set, cfg, seed, n=8):
-    """A PNG-ready picture of the first training batch: per image, the image, its random Cutout hole, its
-    attentive Cutout hole, and the teacher's patch-to-class-text similarity as a heat overlay (red = similar)."""
-    first = data.train_batches(train_set.train, min(n, len(train_set.train)), seed, 1, 0, 0,
-                               model.visual.input_resolution)
-    _, images, labels, positions = next(iter(first))  # the first batch of epoch 1, as training sees it
-    _, teacher_text = class_prompts(model, params, train_set, cfg)
-    with torch.no_grad(), autocast(cfg.device, cfg.precision):
-        _, patches = orthcr.encode_image(model, params, normalizer(model)(images.to(cfg.device)), dense=True)
-    similarity = orthcr.similarity_map(patches, teacher_text[labels.to(cfg.device)]).cpu()  # (N, grid, grid)
-    holes = lambda: data.image_generators(seed, 0, positions, data.CUTOUT_STREAM)  # noqa: E731 (training's draws)
-    random_cut = orthcr.cutout(images, holes(), cfg.cutout_holes, cfg.cutout_size)
-    attentive_cut = orthcr.attentive_cutout(images, similarity, cfg.cutout_size, holes(), cfg.cutout_temperature)
-    heat = torch.nn.functional.interpolate(similarity[:, None], size=images.shape[-2:], mode="nearest")  # (N, 1, H, W)
-    low, high = heat.amin(dim=(2, 3), keepdim=True), heat.amax(dim=(2, 3), keepdim=True)
-    heat = (heat - low) / (high - low).clamp_min(1e-12)
-    red = torch.cat([torch.ones_like(heat), torch.zeros_like(heat), torch.zeros_like(heat)], dim=1)
-    overlay = images * (1 - 0.6 * heat) + red * 0.6 * heat
-    columns = [images, random_cut, attentive_cut, overlay]  # each (N, 3, H, W) in [0, 1]
-    grid = torch.cat([torch.cat(list(column), dim=1) for column in columns], dim=2)  # (3, N*H, 4*W)
-    picture = Image.fromarray((grid.permute(1, 2, 0).clamp(0, 1) * 255).round().to(torch.uint8).numpy())
-    return _with_header(picture, ["image", "random hole", "attentive hole", "similarity"])
-
-
-def _with_header(picture, titles, height=20):
-    """The picture under a white band naming its columns."""
-    framed = Image.new("RGB", (picture.width, picture.height + height), "white")
-    framed.paste(picture, (0, height))
-    draw, width = ImageDraw.Draw(framed), picture.width // len(titles)
-    font = ImageFont.load_default(size=min(12, max(6, width // 10)))
-    for i, title in enumerate(titles):
-        draw.text((i * width + 3, 3), title, fill="black", font=font)
-    return framed
-
-
-# ---------------------------------------------------------------------------------------------------- prediction
-
-def predict_images(args):
-    """--predict: images classified by a trained run (its adapters file) and/or the frozen model (--zero-shot),
-    among the classes the adapters were trained on (or --classes), with their prompt template. The top-k per image
-    printed and written to predictions.csv (toolbox/predictions.py). The adapters file, the classes, every image,
-    the output folder and the base model's SHA-256 are checked before the model is loaded."""
-    adapters_file = runs.read_adapters_once(args.adapters, SETTINGS) if args.adapters else None
-    cfg = settings_from(args, adapters_file["settings"] if adapters_file else None)
-    classnames, template = predictions.recorded_classes(args.adapters, adapters_file["saved"]) if adapters_file \
-        else (None, data.PHOTO)
-    template = args.template or template
-    classnames = predictions.read_classes(cfg.classes) if cfg.classes else classnames
-    if classnames is None:
-        runs.fail(f"{args.adapters} records no class names (written before they were recorded): name the classes "
-                  f"with --classes NAME... or --classes FILE")
-    classes = data.Dataset("--classes" if cfg.classes else "the adapters' classes", classnames, template)
-    cli.check_prompts(cfg, {0: (None, {"predict": classes})})
-    paths = predictions.find_images(cfg.predict)
-    predictions.check_images(paths)
-    folder = predictions.output_folder(cfg.out, cfg.adapters)
-    predictions.check_output(folder, cfg.overwrite)
-    model, params, cfg = _base_model(cfg, args, adapters_file)
-    models = {}  # column prefix -> (weights, CoOp context)
-    if adapters_file:
-        adapters, context, _ = runs.read_adapters_file(cfg.adapters, adapters_file, params,
-                                                       *init_trainables(params, cfg, 0), cfg.device)
-        models[""] = (orthcr.export_state_dict(params, adapters, cayley_transform(cfg.neumann)), context)
-    if cfg.zero_shot:
-        models[predictions.ZERO_SHOT if adapters_file else ""] = (params, None)
-    results = classify(model, models, classes, paths, cfg)
-    record = {"adapters": str(Path(cfg.adapters).resolve()) if cfg.adapters else None,
-              "adapters_sha256": adapters_file["sha256"] if adapters_file else None, "model": runs.model_label(cfg),
-              "checkpoint_sha256": cfg.checkpoint_sha256, "classnames": classnames, "template": template,
-              "prompt": cfg.prompt if adapters_file else "fixed", "zero_shot": cfg.zero_shot}
-    predictions.write(folder, paths, results, classnames, record)
-    runs.say(f"predictions of {len(paths)} image{'s' * (len(paths) > 1)} written to {folder / predictions.CSV_NAME}")
-    return results
-
-
-def classify(model, models, classes, paths, cfg):
-    """{column prefix: each image's top-k [(class index, probability)]} for each of `models` (prefix -> (weights,
-    CoOp context)), in batches with CLIP's test preprocessing; each image's lines printed as its batch is done."""
-    features = {prefix: classifier(model, weights, context, classes, cfg)
-                for prefix, (weights, context) in models.items()}
-    results, done = {prefix: [] for prefix in models}, 0
-    batches = data.eval_batches([predictions.items(paths)], cfg.eval_batch_size, cfg.workers,
-                                model.visual.input_resolution, *_mean_std(model))
-    try:
-        for _, images, _ in batches:
-            for prefix, (weights, _) in models.items():
-                logits = class_logits(model, weights, images.to(cfg.device), features[prefix], cfg)
-                results[prefix] += predictions.top_k(logits, cfg.top_k)
-            for n in range(done, done + len(images)):
-                for prefix in models:
-                    print(predictions.line(paths[n], results[prefix][n], classes.classnames,
-                                           "zero-shot " if prefix else ""))
-            done += len(images)
-    except data.DataError as e:  # an image that changed on disk since it was checked
-        runs.fail(str(e))
-    return results
-
-
-def _base_model(cfg, args, adapters_file):
-    """(model, params, cfg) of the base model: --weights or --model if given, else the one the adapters file
-    records (an OpenAI name, or a path), its SHA-256 checked against the file's record."""
-    recorded = (adapters_file["saved"].get("config") or {}).get("model") if adapters_file else None
-    source = args.weights or args.model or recorded or cfg.model
-    if source not in clip_min.MODELS:
-        if not Path(source).expanduser().is_file():
-            runs.fail(f"{cfg.adapters} were trained on {source}, which is not a file here: pass that model with "
-                      f"--weights FILE (its SHA-256 is checked)")
-        cfg = settings.replace(cfg, weights=source)
-    else:
-        cfg = settings.replace(cfg, model=source, weights=None)
-    if args.activation is None and "activation" not in (adapters_file["settings"] if adapters_file else {}):
-        cfg = settings.replace(cfg, activation=model_activation(cfg.weights))  # the recorded model's config
-    try:
-        path, model_sha256 = clip_min.checkpoint(cfg.weights or cfg.model, cfg.download_root)
-        cfg = settings.replace(cfg, checkpoint_sha256=model_sha256)
-        if adapters_file:
-            cli.check_evaluation(cfg, adapters_file["settings"])
-        cli.check_layout(cfg, init_trainables, path)
-        runs.say(f"loading {runs.model_label(cfg)} ({files.format_size(path.stat().st_size)})")
-        model = clip_min.load(str(path), cfg.device, activation=cfg.activation)
-    except (ValueError, RuntimeError, OSError) as e:
-        runs.fail(str(e).splitlines()[0] if str(e) else repr(e))
-    model.requires_grad_(False)
-    return model, dict(model.state_dict()), cfg
-
-
-# ---------------------------------------------------------------------------------------------------- the table
-
-TABLE_NOTE = ("HM: the harmonic mean of the mean base and mean new accuracies over the seeds (results.json keeps each "
-              "seed's own HM); on the Average row, the HM of the base and new accuracies averaged over the datasets, "
-              "as in CoCoOp's tables. ±: the population standard deviation over the seeds (np.std, as CoOp's "
-              "parse_test_res.py computes it), not the sample std.")
-
-
-def paper_table(records):
-    """The paper's table from finished runs' records (results.json): one row per dataset, each column averaged over
-    its seeds (± std with several seeds); base-to-new's HM is the HM of the mean base and mean new accuracies, as
-    CoCoOp's tables report it. With several datasets, an Average row: each column's mean over the datasets, its HM
-    the HM of the averaged base and new (CoCoOp's Average row). Returns (the table as JSON, its markdown)."""
-    first = records[0]
-    splits = [k for k in first["results"] if k != "hm"]
-    by_dataset = {}
-    for r in records:
-        by_dataset.setdefault(r["data"], []).append(r)
-    rows = []
-    for name, rs in by_dataset.items():
-        row = {"dataset": data.dataset_name(name), "seeds": [r["seed"] for r in rs]}
-        for split in splits:
-            values = [r["results"][split]["accuracy"] for r in rs]
-            row[split] = {"mean": statistics.mean(values), "std": statistics.pstdev(values) if len(values) > 1 else None,
-                          "values": values}
-        rows.append(_derived_columns(row, splits, first["protocol"]))
-    table = {"protocol": first["protocol"], "shots": first["shots"], "method": first["method"], "splits": splits,
-             "rows": rows, "average": None, "note": TABLE_NOTE}
-    if len(rows) > 1:  # CoCoOp's Average row: the mean over the datasets of each dataset's mean
-        average = {"dataset": "Average", "datasets": [row["dataset"] for row in rows]}
-        for split in splits:
-            average[split] = {"mean": statistics.mean(row[split]["mean"] for row in rows), "std": None}
-        table["average"] = _derived_columns(average, splits, first["protocol"])
-    return table, markdown(table)
-
-
-def _derived_columns(row, splits, protocol):
-    """Base-to-new's HM of the mean base and new; cross and dg's average over the targets (the source excluded)."""
-    if protocol == "base2new":
-        row["HM"] = harmonic_mean(row["base"]["mean"], row["new"]["mean"])
-    if protocol in ("cross", "dg") and len(splits) > 2:
-        row["average"] = statistics.mean(row[s]["mean"] for s in splits[1:])
-    return row
-
-
-def markdown(table):
-    """The table in the paper's form: | dataset | method | base | new | HM |, a row per dataset, then Average."""
-    derived = [c for c in ("HM", "average") if c in table["rows"][0]]
-    columns = [*table["splits"], *derived]
-
-    def cells(row):
-        means = [f"{row[s]['mean']:.2f}" + (f" ± {row[s]['std']:.2f}" if row[s]["std"] is not None else "")
-                 for s in table["splits"]]
-        return " | ".join([*means, *(f"{row[c]:.2f}" for c in derived)])
-
-    lines = ["| dataset | method | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
-    for row in table["rows"]:
-        seeds = f"{len(row['seeds'])} seed{'s' if len(row['seeds']) > 1 else ''}"
-        lines.append(f"| {row['dataset']} | {table['method']} ({seeds}) | {cells(row)} |")
-    if table["average"]:
-        lines.append(f"| **Average** | {table['method']} ({len(table['rows'])} datasets) | {cells(table['average'])} |")
-    return "\n".join(lines) + "\n"
-
-
-def summary_table(all_results):
-    """One dataset's runs as the paper's table: one row, each column averaged over the seeds (± and HM as
-    STD_NOTE says, under the table with several seeds)."""
-    return paper_table(all_results)[1].rstrip("\n") + (f"\n{STD_NOTE}" if len(all_results) > 1 else "")
-
-
-STD_NOTE = ("± is the population std over seeds (np.std, as CoOp's parse_test_res.py), not the sample std; "
-            "HM is the HM of the mean base and new")
-
-
-def table_with_note(records):
-    """A sweep's table and, under it, how its HM and ± are computed."""
-    table, text = paper_table(records)
-    return table, f"{text}\n{TABLE_NOTE}\n"
-
-
 # ---------------------------------------------------------------------------------------------------- main
 
 def main(argv=None):
@@ -867,9 +639,9 @@ def main(argv=None):
     Under torchrun (docs/distributed.md) every process runs this; the points where they could diverge are agreed
     (toolbox/distributed.py), so that a fault on any one stops all of them with one line each."""
     with runs.stopping() as known:  # one-line warnings; Ctrl-C or SIGTERM outside the loop: one line
-        args = parse_args(argv)
+        args, ref = parse_args(argv), reference()
         if args.predict:
-            return predict_images(args)
+            return predictions.predict_images(args, ref)
         adapters_file = runs.read_adapters_once(args.adapters, SETTINGS) if args.eval_only else None
         saved = adapters_file["settings"] if adapters_file else None
         if saved and args.data is not None and args.data != saved.get("data"):  # another dataset, its own prompt
@@ -881,133 +653,29 @@ def main(argv=None):
             warnings.warn(line)
         by_dataset = sweep_datasets(cfg)  # {dataset: its runs' settings}
         if cfg.table_only:  # the records alone: no data, no model
-            ignore = () if args.precision not in (None, "auto") else ("precision",)  # auto: the device's, not known
-            sweep = sweeps.Sweep(by_dataset, evaluation_splits, table_with_note, ignore)
-            records, missing, shared = tables.read_records(by_dataset, evaluation_splits, ignore)
-            if not records:
-                runs.fail(f"--table-only: no finished run to tabulate (expected {missing[0].split(' (')[0]}"
-                          f"/results.json)")
-            for line in missing:
-                runs.say(f"missing: {line}")
-            return sweep.write(records, missing, shared)
+            return orchestration.table_only(by_dataset, args.precision, ref)
         if distributed.launched() and len(by_dataset) > 1:
             runs.fail("under torchrun, one dataset per command (its processes train one run together); a sweep's "
                       "runs are shared by processes started without torchrun (docs/runs.md)", code=2)
         if (len(by_dataset) > 1 or len(cfg.seeds) > 1 and not cfg.cutout_grid) and not distributed.launched():
-            return run_sweep(sweeps.Sweep(by_dataset, evaluation_splits, table_with_note), known)
+            return orchestration.run_sweep(by_dataset, known, ref)
         with distributed.session(cfg.device, cfg.dist_timeout) as device, ExitStack() as held:  # torchrun's group
             known.cfg = cfg = settings.replace(cfg, device=device)  # under torchrun, --device cuda: cuda:LOCAL_RANK
             with distributed.together():  # every process checks the folders; only the first locks and writes them
                 known.plan = plan = {} if cfg.cutout_grid else runs.plan_runs(cfg, evaluation_splits(cfg))
                 if distributed.main_process():  # each run folder is locked to the end, before any data is read
                     held.enter_context(runs.hold(cfg, plan))
-            return run_all(cfg, plan, adapters_file)
+            return orchestration.run_all(cfg, plan, adapters_file, ref)
 
 
-def run_all(cfg, plan, adapters_file):
-    """One dataset's runs: the data, then the model, checked completely; then each seed's run and the table."""
-    ready = prepare({cfg.data: cfg}, {cfg.data: plan}, adapters_file)
-    if cfg.cutout_grid:
-        seed = cfg.seeds[0]
-        if distributed.main_process():
-            runs.write_file(Path(cfg.cutout_grid), lambda tmp: cutout_grid(ready.model, ready.params,
-                                                                           ready.datasets[cfg.data, seed][0], cfg,
-                                                                           seed).save(tmp, format="PNG"))
-        runs.say(f"Cutout grid written to {cfg.cutout_grid}")
-        return []
-    all_results = [run_checked(ready, cfg.data, seed, plan[seed], adapters_file) for seed in cfg.seeds]
-    if distributed.main_process():
-        print(summary_table(all_results))
-    return all_results
-
-
-def run_sweep(sweep, known):
-    """Several runs (datasets x seeds), which any number of processes started with the same command share
-    (toolbox/sweeps.py): each takes the next run that no other holds or has finished; the process that finds them
-    all finished writes the table (table.md, table.json)."""
-    plans = sweep.preview()  # every run folder checked before any data is read
-    if sweep.finished(plans):  # nothing to train: the table from the records
-        return sweep.finish()
-    ready = prepare(sweep.cfgs, plans, None)
-
-    def run_one(name, seed, plan):  # called with the run's folder held
-        cfg = ready.cfgs[name]
-        known.cfg, known.plan = cfg, {seed: plan}
-        runs.say(f"{name}, seed {seed}: {runs.run_folder(cfg, seed)}")
-        runs.check_plan(cfg, {seed: plan}, {seed: ready.fingerprints[name, seed]}, {seed: ready.totals[name, seed]},
-                        *ready.trainables, grad_scaler(cfg.device, cfg.precision))
-        run_checked(ready, name, seed, plan, None)
-
-    sweep.take_each(run_one)
-    known.cfg = None
-    return sweep.finish()
-
-
-def prepare(cfgs, plans, adapters_file):
-    """The data of every run, then the model, checked completely: `cfgs` {dataset: its runs' settings}, `plans`
-    {dataset: {seed: (mode, payload)}}. Returns what the runs need (the settings now hold the model's checksum)."""
-    cfg = next(iter(cfgs.values()))  # what every run shares
-    cli.check_layout(cfg, init_trainables)  # a named model's shapes: checked before any data is read or downloaded
-    cli.check_root(cfg)
-    clock = time.monotonic()
-    datasets = {}
-    with distributed.node_first():  # torchrun: each machine's first process reads (and downloads), then the others
-        for name, c in cfgs.items():  # read and checked, completely, before the model is loaded or downloaded
-            try:
-                datasets.update({(name, seed): protocol_datasets(c, seed) for seed in c.seeds})
-            except (data.DataError, OSError) as e:
-                problem = str(e) if isinstance(e, data.DataError) else f"cannot read the data: {e}"
-                runs.fail(problem if len(cfgs) == 1 else f"--data {name}: {problem}")
-        cli.check_prompts(cfg, datasets)
-        if not (cfg.zero_shot or cfg.eval_only):
-            for train_set, _ in datasets.values():  # under torchrun, every process needs an image of each step
-                distributed.check_batch(cfg.batch_size, len(train_set.train))
-        fingerprints = {key: runs.data_fingerprint(cfg, d) for key, d in datasets.items()}
-    totals = {key: cfg.epochs * data.steps_per_epoch(len(d[0].train), cfg.batch_size) for key, d in datasets.items()}
-    data_s = time.monotonic() - clock
-    with distributed.node_first():
-        cfgs, trainables, model = _load_model(cfgs, plans, fingerprints, totals, adapters_file)
-    model.requires_grad_(False)  # W0 is frozen: only the adapters (and CoOp's context) get gradients
-    seconds = {"data": data_s, "model": time.monotonic() - clock - data_s}
-    return SimpleNamespace(cfgs=cfgs, datasets=datasets, fingerprints=fingerprints, totals=totals,
-                           trainables=trainables, model=model, params=dict(model.state_dict()), seconds=seconds)
-
-
-def _load_model(cfgs, plans, fingerprints, totals, adapters_file):
-    """The base model, checked against the layout, the adapters file and each checkpoint to resume; the settings
-    then record its checksum."""
-    cfg = next(iter(cfgs.values()))
-    try:
-        path, model_sha256 = clip_min.checkpoint(cfg.weights or cfg.model, cfg.download_root)
-        cfgs = {name: settings.replace(c, checkpoint_sha256=model_sha256) for name, c in cfgs.items()}
-        cfg = next(iter(cfgs.values()))
-        trainables = cli.check_layout(cfg, init_trainables, path)
-        if cfg.eval_only:
-            cli.check_evaluation(cfg, adapters_file["settings"])
-        for name, plan in plans.items():
-            runs.check_plan(cfgs[name], plan, {seed: fingerprints[name, seed] for seed in plan},
-                            {seed: totals[name, seed] for seed in plan}, *trainables,
-                            grad_scaler(cfg.device, cfg.precision))
-        runs.say(f"loading {runs.model_label(cfg)} ({files.format_size(path.stat().st_size)})")
-        model = clip_min.load(str(path), cfg.device, activation=cfg.activation)
-    except (ValueError, RuntimeError, OSError) as e:  # bad file, failed download, unreadable path
-        runs.fail(str(e).splitlines()[0] if str(e) else repr(e))
-    return cfgs, trainables, model
-
-
-def run_checked(ready, name, seed, plan, adapters_file):
-    """One run of `prepare`d data and model; a file that changed on disk since it was checked stops it with one
-    line, and the command that continues it."""
-    cfg = ready.cfgs[name]
-    try:
-        return run(cfg, seed, plan, ready.datasets[name, seed], ready.model, ready.params, ready.seconds,
-                   ready.fingerprints[name, seed], adapters_file)
-    except data.DataError as e:
-        folder = runs.run_folder(cfg, seed)
-        if (folder / "checkpoint.pt").is_file():
-            runs.say(f"the run can continue from its checkpoint once the data is back:\n  "
-                     f"{runs.resume_command(folder)}")
-        runs.fail(str(e))
+def reference():
+    """The settings and functions of this module that the machinery calls (toolbox/ never imports train.py), as
+    they are when the command starts."""
+    return orchestration.Reference(
+        settings=SETTINGS, model_activation=model_activation, init_trainables=init_trainables,
+        cayley_transform=cayley_transform, class_prompts=class_prompts, normalizer=normalizer, mean_std=mean_std,
+        autocast=autocast, grad_scaler=grad_scaler, classifier=classifier, class_logits=class_logits,
+        harmonic_mean=harmonic_mean, protocol_datasets=protocol_datasets, evaluation_splits=evaluation_splits, run=run)
 
 
 if __name__ == "__main__":

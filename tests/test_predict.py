@@ -2,6 +2,8 @@
 
 import csv
 import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -234,3 +236,53 @@ def test_class_lists_are_checked(tmp_path):
         predictions.read_classes([str(tmp_path / "same.txt")])
     (tmp_path / "names.txt").write_text("cat\n\ndog\n")
     assert predictions.read_classes([str(tmp_path / "names.txt")]) == ["cat", "dog"]
+
+
+def test_an_activation_that_contradicts_the_adapters_file_is_refused(trained, weights, tmp_path, monkeypatch):
+    run, root = trained
+    image = split_images(root)[0][0]
+    assert torch.load(run / "adapters.pt", weights_only=True)["settings"]["activation"] == "quick_gelu"
+    real_load, loaded = clip_min.load, []
+    monkeypatch.setattr(clip_min, "load", lambda *a, **k: loaded.append(a) or real_load(*a, **k))
+    with pytest.raises(SystemExit) as exit_:
+        run_main("--predict", image, "--adapters", run / "adapters.pt", "--activation", "gelu", "--out", tmp_path / "p")
+    message = str(exit_.value.code)
+    assert "--activation gelu" in message and str(run / "adapters.pt") in message and "quick_gelu" in message
+    assert "\n" not in message and not loaded and not (tmp_path / "p").exists()
+    run_main("--predict", image, "--adapters", run / "adapters.pt", "--activation", "quick_gelu", "--out",
+             tmp_path / "same")  # the recorded one, repeated: fine
+    assert json.loads((tmp_path / "same" / "predictions.json").read_text())["activation"] == "quick_gelu"
+    run_main("--predict", image, "--zero-shot", "--weights", weights, "--classes", "a", "b", "--activation", "gelu",
+             "--out", tmp_path / "plain")  # no adapters file: the flag is the model's setting
+    assert json.loads((tmp_path / "plain" / "predictions.json").read_text())["activation"] == "gelu"
+
+
+@pytest.mark.parametrize("where", ["a folder named predictions.json", "a folder under /proc"])
+def test_an_unusable_out_is_one_line_before_the_model_loads(where, trained, tmp_path, monkeypatch):
+    run, root = trained
+    if where == "a folder under /proc":  # the permission bits allow it (to root), the file system does not
+        if not os.path.isdir("/proc/self"):
+            pytest.skip("no /proc")
+        out = Path("/proc") / f"orthcr-predict-{os.getpid()}" / "p"
+    else:
+        out = tmp_path / "p"
+        (out / "predictions.json").mkdir(parents=True)
+    before = sorted(os.listdir(out.parent)) if out.parent.exists() else None
+    loaded = []
+    monkeypatch.setattr(clip_min, "load", lambda *a, **k: loaded.append(a))
+    with pytest.raises(SystemExit) as exit_:
+        run_main("--predict", split_images(root)[0][0], "--adapters", run / "adapters.pt", "--out", out)
+    message = str(exit_.value.code)
+    assert message.startswith("error: ") and str(out) in message and "\n" not in message
+    assert not loaded  # refused before the model, and before any image is classified
+    if before is not None:
+        assert sorted(os.listdir(out.parent)) == before and sorted(os.listdir(out)) == ["predictions.json"]
+
+
+def test_the_output_check_leaves_nothing_behind(tmp_path):
+    out = tmp_path / "a" / "b"
+    predictions.check_output(out, overwrite=False)
+    assert os.listdir(tmp_path) == []  # the folders it made to try are gone again
+    out.mkdir(parents=True)
+    predictions.check_output(out, overwrite=False)
+    assert os.listdir(out) == []

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import clip_min
-from toolbox import cli, files, runs
+from toolbox import cli, files, runs, tables
 import data
 import orthcr
 import train
@@ -512,10 +512,10 @@ def test_the_std_column_is_the_population_std_as_coops_parse_test_res():
     runs_ = [{"data": "eurosat", "protocol": "base2new", "method": "OrthCR", "seed": seed, "shots": 16,
               "results": {"base": {"accuracy": 80.0}, "new": {"accuracy": new}}}
              for seed, new in enumerate((30, 30, 35), 1)]
-    lines = train.summary_table(runs_).splitlines()
+    lines = tables.summary_table(runs_, train.harmonic_mean).splitlines()
     assert "| 31.67 ± 2.36 |" in lines[2]  # np.std([30, 30, 35]); statistics.stdev would print 2.89
-    assert lines[3] == train.STD_NOTE and "population std" in lines[3]
-    assert len(train.summary_table(runs_[:1]).splitlines()) == 3  # one seed: no ± and no note
+    assert lines[3] == tables.STD_NOTE and "population std" in lines[3]
+    assert len(tables.summary_table(runs_[:1], train.harmonic_mean).splitlines()) == 3  # one seed: no ± and no note
 
 
 def test_the_kl_reduction_reaches_the_loss_and_names_its_row(tiny_model):

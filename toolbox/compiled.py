@@ -4,6 +4,7 @@ the system's compiler, and Triton on CUDA. Off where neither is found, with one 
 import importlib.util
 import os
 import shutil
+import warnings
 
 import torch
 
@@ -34,3 +35,14 @@ def compile_objective(fn, device="cpu", mode=None):
         raise RuntimeError(why)
     # dynamic=False: a training run's shapes are fixed (a last smaller batch compiles once more)
     return torch.compile(fn, mode=mode, dynamic=False)
+
+
+def objective_or_eager(fn, device):
+    """--compile: `fn` (orthcr.objective) through torch.compile for `device` (tests/test_compiled.py: the same loss
+    and gradients within 1e-4), or, where no compiler is found, `fn` itself and a warning saying why."""
+    device = torch.device(device).type
+    why = compiler_available(device)
+    if why:
+        warnings.warn(f"{why}; running eagerly")
+        return fn
+    return compile_objective(fn, device)

@@ -12,6 +12,8 @@ astra-vision/ProLIP README.md @ b43e795cbf0b53a9b0aa83cf4f47d9755896ba6f and
 zhengli97/Awesome-Prompt-Adapter-Learning-for-VLMs README.md @ 01290dff107953cfdd132d1d03f4f313903a254d.
 """
 
+import clip_min
+
 # dataset (data.DATASETS' names) -> {"base", "new", "hm"}: zero-shot CLIP ViT-B/16, CoCoOp Table 1 (see above)
 ZERO_SHOT_BASE_TO_NEW = {
     "imagenet": {"base": 72.43, "new": 68.14, "hm": 70.22},
@@ -32,6 +34,14 @@ PUBLISHED_AVERAGE = {"base": 69.34, "new": 74.22, "hm": 71.70}  # the table's ow
 # against fp32 towers, or another image library moves accuracy by tenths of a point; a wrong template, class-name
 # list or split moves it by several points. One point separates the two.
 TOLERANCE = 1.0
+
+
+def applies(cfg):
+    """Zero-shot CLIP on a full base-to-new test set with OpenAI's ViT-B/16 (by name, or a --weights file with its
+    SHA-256): CoCoOp's Table 1 published that row, so the measured one must be close."""
+    official = clip_min.MODELS["ViT-B/16"].split("/")[-2]  # OpenAI's URL carries the file's SHA-256
+    return (cfg.zero_shot and cfg.protocol == "base2new" and cfg.eval_limit is None
+            and cfg.checkpoint_sha256 == official)
 
 
 def compare(dataset, base, new, tolerance=TOLERANCE):

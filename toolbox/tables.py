@@ -1,15 +1,99 @@
-"""The paper's table as files: where a sweep's table goes, the finished runs' records it is made from (each checked
-to belong to the same table), the runs still missing, and table.md / table.json written once and atomically.
+"""The paper's table: its numbers from the finished runs' records (each column's mean and ± over the seeds,
+CoCoOp's HM and Average row) and its markdown; where a sweep's table goes, the records it is made from (each
+checked to belong to the same table), the runs still missing, and table.md / table.json written once and atomically.
 
-train.py computes the table (`paper_table`, `markdown`); this module reads and writes. Nothing here imports train.py
-or loads a model: `--table-only` prints a table again from the records alone."""
+Nothing here imports train.py or loads a model: `--table-only` prints a table again from the records alone. The HM
+is train.py's `harmonic_mean`, passed in, so that results.json's and the table's are one formula."""
 
 import fcntl
 import json
+import statistics
 from pathlib import Path
 
 import data
 from toolbox import files, runs, settings
+
+
+# ---------------------------------------------------------------------------------------------------- the numbers
+
+TABLE_NOTE = ("HM: the harmonic mean of the mean base and mean new accuracies over the seeds (results.json keeps each "
+              "seed's own HM); on the Average row, the HM of the base and new accuracies averaged over the datasets, "
+              "as in CoCoOp's tables. ±: the population standard deviation over the seeds (np.std, as CoOp's "
+              "parse_test_res.py computes it), not the sample std.")
+STD_NOTE = ("± is the population std over seeds (np.std, as CoOp's parse_test_res.py), not the sample std; "
+            "HM is the HM of the mean base and new")
+
+
+def paper_table(records, harmonic_mean):
+    """The paper's table from finished runs' records (results.json): one row per dataset, each column averaged over
+    its seeds (± std with several seeds); base-to-new's HM (`harmonic_mean(base, new)`) is the HM of the mean base
+    and mean new accuracies, as CoCoOp's tables report it. With several datasets, an Average row: each column's mean
+    over the datasets, its HM the HM of the averaged base and new (CoCoOp's Average row). Returns (the table as
+    JSON, its markdown)."""
+    first = records[0]
+    splits = [k for k in first["results"] if k != "hm"]
+    by_dataset = {}
+    for r in records:
+        by_dataset.setdefault(r["data"], []).append(r)
+    rows = []
+    for name, rs in by_dataset.items():
+        row = {"dataset": data.dataset_name(name), "seeds": [r["seed"] for r in rs]}
+        for split in splits:
+            values = [r["results"][split]["accuracy"] for r in rs]
+            row[split] = {"mean": statistics.mean(values), "std": statistics.pstdev(values) if len(values) > 1 else None,
+                          "values": values}
+        rows.append(_derived_columns(row, splits, first["protocol"], harmonic_mean))
+    table = {"protocol": first["protocol"], "shots": first["shots"], "method": first["method"], "splits": splits,
+             "rows": rows, "average": None, "note": TABLE_NOTE}
+    if len(rows) > 1:  # CoCoOp's Average row: the mean over the datasets of each dataset's mean
+        average = {"dataset": "Average", "datasets": [row["dataset"] for row in rows]}
+        for split in splits:
+            average[split] = {"mean": statistics.mean(row[split]["mean"] for row in rows), "std": None}
+        table["average"] = _derived_columns(average, splits, first["protocol"], harmonic_mean)
+    return table, markdown(table)
+
+
+def _derived_columns(row, splits, protocol, harmonic_mean):
+    """Base-to-new's HM of the mean base and new; cross and dg's average over the targets (the source excluded)."""
+    if protocol == "base2new":
+        row["HM"] = harmonic_mean(row["base"]["mean"], row["new"]["mean"])
+    if protocol in ("cross", "dg") and len(splits) > 2:
+        row["average"] = statistics.mean(row[s]["mean"] for s in splits[1:])
+    return row
+
+
+def markdown(table):
+    """The table in the paper's form: | dataset | method | base | new | HM |, a row per dataset, then Average."""
+    derived = [c for c in ("HM", "average") if c in table["rows"][0]]
+    columns = [*table["splits"], *derived]
+
+    def cells(row):
+        means = [f"{row[s]['mean']:.2f}" + (f" ± {row[s]['std']:.2f}" if row[s]["std"] is not None else "")
+                 for s in table["splits"]]
+        return " | ".join([*means, *(f"{row[c]:.2f}" for c in derived)])
+
+    lines = ["| dataset | method | " + " | ".join(columns) + " |", "|---|---|" + "---|" * len(columns)]
+    for row in table["rows"]:
+        seeds = f"{len(row['seeds'])} seed{'s' if len(row['seeds']) > 1 else ''}"
+        lines.append(f"| {row['dataset']} | {table['method']} ({seeds}) | {cells(row)} |")
+    if table["average"]:
+        lines.append(f"| **Average** | {table['method']} ({len(table['rows'])} datasets) | {cells(table['average'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def summary_table(records, harmonic_mean):
+    """One dataset's runs as the paper's table: one row, each column averaged over the seeds (± and HM as
+    STD_NOTE says, under the table with several seeds)."""
+    return paper_table(records, harmonic_mean)[1].rstrip("\n") + (f"\n{STD_NOTE}" if len(records) > 1 else "")
+
+
+def table_with_note(records, harmonic_mean):
+    """A sweep's table and, under it, how its HM and ± are computed."""
+    table, text = paper_table(records, harmonic_mean)
+    return table, f"{text}\n{TABLE_NOTE}\n"
+
+
+# ---------------------------------------------------------------------------------------------------- the files
 
 # settings that differ between the runs of one table by design, or that the records compare otherwise
 _OWN = ("data", "seed", "data_sha256", "checkpoint_sha256")
