@@ -36,9 +36,10 @@ keep` tries toolbox/allocator.py's setting for ours (an experiment).
 
 `--gpu-check` runs, each part guarded so that a failure is reported and the rest still run: the CUDA
 property tests (`pytest tests/test_orthcr.py -k cuda`), one ViT-B/16 step in fp32, bf16 and fp16 + scaler
-on one batch (the precision worker), the bench in train.py's auto precision, and the headline command
+on one batch (the precision worker), the bench in train.py's auto precision, the headline command
 `train.py --data eurosat --shots 16` on the EuroSAT sample with a random ViT-B/16 checkpoint, timed by
-phase. It ends with one JSON line, also written to --out. With `--device cpu` it is a dry run on the tiny
+phase, the data-parallel figures on several GPUs, and our step against PEFT's, both torch.compiled, in 3
+alternating rounds (the compile time is in each warm-up). It ends with one JSON line, also written to --out. With `--device cpu` it is a dry run on the tiny
 config (a minute or two) that exercises every part. On a device machine, which receives only the repo's
 working tree (`../shared` stays behind), the headline command reads the EuroSAT sample shipped in `sample/`
 (the same 360 images). Run `make gpu-check GPU_CHECK_OUT=$OUT/gpu-check.json` there, carrying OpenAI's
@@ -92,7 +93,7 @@ AUTO_CUDA = train.resolve_precision("auto", "cuda")
 PRECISION_IMAGES_CPU = 4
 ROTATION_SIZES = (1e-4, 1e-3, 1e-2)  # target max |R - I| of the student's rotations
 LOGIT_SCALE = 100.0  # OpenAI's trained checkpoints (clamped at 100); a random model's init is 1 / 0.07
-GPU_CHECK_SECONDS = 470  # --gpu-check's budget: under 8 minutes with the start-up and the summary
+GPU_CHECK_SECONDS = 560  # --gpu-check's budget: under 10 minutes (one device command) with the summary
 DEFAULT_RUN = ["matmul", "ours_step", "cutout", "eval", "peft_exact", "peft_neumann", "data_parallel"]
 DP_BATCH = 16  # data parallel: the global batch of the 1 vs 2 processes comparison (on GPUs: per device)
 DP_EVAL_BATCHES = 4  # data parallel: evaluation batches of BATCH images (on GPUs: per device)
@@ -216,14 +217,15 @@ def ours_setup(args):
                 scaler=grad_scaler(args.device, args.precision), generator=torch.Generator().manual_seed(0))
 
 
-def ours_step(s, args, cutout_mode):
+def ours_step(s, args, cutout_mode, objective=None):
     """One training step of ours, train.py's own (train.training_step): objective under autocast, (scaled)
-    backward, AdamW."""
+    backward, AdamW. `objective`: orthcr.objective, or its compiled form (--compile)."""
     method = dict(cutout=orthcr.cutout_views(cutout_mode, s["generator"]), transform=train.cayley_transform(0))
 
     def step():
         train.training_step(s["model"], s["params"], s["adapters"], None, s["images"], s["labels"], s["tokens"],
-                            s["zs_text"], s["optimizer"], s["scaler"], args.precision, method)
+                            s["zs_text"], s["optimizer"], s["scaler"], args.precision, method,
+                            objective=objective or orthcr.objective)
     return step
 
 
@@ -697,10 +699,9 @@ def print_data_parallel(d):
 def round_step(name, args):
     """(step, trainable count) of contestant `name` of the alternation, built once in its own process."""
     if name == "ours_step":
-        if args.compile:  # ours_step calls orthcr.objective by name: the compiled one, in this process only
-            orthcr.objective = compiled.compile_objective(orthcr.objective, args.device)
         s = ours_setup(args)
-        return ours_step(s, args, args.cutout), orthcr.count_parameters(s["adapters"])
+        objective = compiled.compile_objective(orthcr.objective, args.device) if args.compile else orthcr.objective
+        return ours_step(s, args, args.cutout, objective), orthcr.count_parameters(s["adapters"])
     return peft_setup(args, neumann=name == "peft_neumann")
 
 
@@ -709,12 +710,20 @@ def serve_rounds(args):
     compilation, timed), answers "ready"; then one timed step per "step" line on stdin, answered by its seconds;
     "done" answers with this process's peak memory, its own alone. One JSON line per answer on stdout."""
     name = args.worker
+    flops = None
+    if args.compile:  # FlopCounterMode does not see through dynamo: the FLOPs of the same step, eager, first
+        eager = argparse.Namespace(**{**vars(args), "compile": False})
+        step, _ = round_step(name, eager)
+        log(f"{name} ({args.cutout} Cutout, {args.precision}): an eager step, counting its FLOPs")
+        flops = count_flops(step)
+        del step
     step, trainable = round_step(name, args)
     log(f"{name} ({args.cutout} Cutout, {args.precision}{', compiled' if args.compile else ''}): warm-up step")
     start = time.perf_counter()
-    flops = count_flops(step) if not args.compile else None  # FlopCounterMode and dynamo: counted eager instead
     if args.compile:
-        step()
+        step()  # the compilation (forward and backward graphs) and one step
+    else:
+        flops = count_flops(step)
     warm_up_s = time.perf_counter() - start
     print(json.dumps({"ready": name, "step_flops": flops, "warm_up_s": warm_up_s, "trainable": trainable}),
           flush=True)
@@ -1090,9 +1099,28 @@ def check_data_parallel(args, deadline):
     return d
 
 
+def check_compile(args, deadline):
+    """Our step and PEFT OFT exact's, both torch.compiled (Triton on CUDA), in 3 alternating rounds: the compile
+    time (in each warm-up step) and the same ratios as the bench part."""
+    compiled_args = argparse.Namespace(**{**vars(args), "compile": True, "rounds": 3})
+    summary = run_bench(compiled_args, ["matmul", "ours_step", "peft_exact"], deadline)
+    with contextlib.redirect_stdout(sys.stderr):
+        print_bench(summary, compiled_args)
+    runs = summary["runs"]
+    failed = {name: run.get("skipped") or run.get("failed") for name, run in runs.items()
+              if run.get("skipped") or run.get("failed")}
+    if "ours_step" in failed:
+        raise RuntimeError(f"compiled ours_step: {failed['ours_step']}")
+    return {"precision": summary["precision"], "step_s": summary["step_s"], "floor_s": summary["floor_s"],
+            "warm_up_s": {n: runs[n].get("warm_up_s") for n in ("ours_step", "peft_exact") if n in runs},
+            "peft_exact_step_s": runs.get("peft_exact", {}).get("step_s"), "ratios": summary["ratios"],
+            "notes": failed}
+
+
 # each part and the seconds it may take at most (the whole check also stops at GPU_CHECK_SECONDS)
 GPU_CHECK_PARTS = {"tests": (check_tests, 90), "precision": (check_precision, 90), "bench": (check_bench, 200),
-                   "headline": (check_headline, 150), "data_parallel": (check_data_parallel, 120)}
+                   "headline": (check_headline, 150), "data_parallel": (check_data_parallel, 120),
+                   "compile": (check_compile, 240)}
 
 
 def gpu_check(args):
@@ -1150,6 +1178,10 @@ def log_gpu_check(s, args):
         elif name == "precision":
             log("  precision: " + "; ".join(f"{q} loss rel err {part['loss'][q]['rel_err']:.1e}, grad cosine "
                                             f"{part['grad'][q]['cosine']:.4f}" for q in ("bf16", "fp16")))
+        elif name == "compile":
+            log(f"  compile ({part['precision']}): step {part['step_s']:.3f} s, warm-up with compilation " +
+                ", ".join(f"{n} {s:.0f} s" for n, s in part["warm_up_s"].items() if s) + ", ratios " +
+                ", ".join(f"{k} {v:.2f}" for k, v in part["ratios"].items() if v is not None))
         elif name == "bench":
             log(f"  bench ({part['precision']}): step {part['step_s']:.3f} s, ratios " +
                 ", ".join(f"{k} {v:.2f}" for k, v in part["ratios"].items() if v is not None))

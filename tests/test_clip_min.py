@@ -2,6 +2,7 @@
 preprocessing. Live parity tests against OpenAI's code run where it is importable (see conftest.load_openai)."""
 
 import json
+import math
 import os
 import pickle
 import struct
@@ -532,6 +533,37 @@ def test_mlp_speed_device_touches_the_wide_activation_three_times(activation):
     elementwise = lambda ops: [op for op in ops if op not in ("addmm", "mm", "view", "_unsafe_view", "t")]
     assert elementwise(forward.ops) == [f]
     assert sorted(elementwise(backward.ops)) == sorted([f, f + "_backward"])
+
+
+class Copies(TorchDispatchMode):
+    """The shapes of every copy made to change a layout (clone, copy_, contiguous's clone) while active."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in ("clone", "copy_", "contiguous"):
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+def test_the_vision_tower_makes_no_layout_copy_of_its_activations(tiny_model):
+    # issue #22: from the patch embedding to the pooled token the activations stay (N, L, D) batch first: no linear
+    # layer, attention call or their backward copies one to make it contiguous (before: the (N, L, 3D) gradient of
+    # q, k, v was copied once per block). The MLP weights require grad, as the student's do.
+    n, tokens, width = 3, tiny_model.visual.positional_embedding.shape[0], tiny_model.visual.conv1.weight.shape[0]
+    params = {k: v.detach().clone().requires_grad_(".mlp." in k or ".attn." in k)
+              for k, v in tiny_model.named_parameters()}
+    images = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with Copies() as copies:
+        features = torch.func.functional_call(tiny_model, params, (images,))
+        features.square().sum().backward()
+    activations = [shape for shape in copies.shapes if math.prod(shape) in
+                   {n * tokens * width * k for k in (1, 3, 4)}]  # (N, L, D), q k v together, the MLP's hidden
+    assert activations == [], activations
+    assert params["visual.transformer.resblocks.0.mlp.c_fc.weight"].grad is not None  # the backward did run
 
 
 def test_layer_norm_of_fp32_is_one_op():

@@ -226,6 +226,21 @@ def test_non_finite_training_stops_at_its_step_and_keeps_the_last_good_checkpoin
     assert not (out / "results.json").exists() and not (out / "adapters.pt").exists()
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), "inf and -inf"])
+def test_the_finite_check_finds_one_bad_gradient_entry_among_millions(bad):
+    grads = [torch.randn(4, 96, 96), torch.randn(4, 768, 768)]
+    trainables = [torch.zeros(g.shape, requires_grad=True) for g in grads]
+    for P, g in zip(trainables, grads):
+        P.grad = g
+    assert train.not_finite(torch.tensor(1.0), trainables) is None
+    if bad == "inf and -inf":  # their sum is nan, not a finite number that would cancel out
+        grads[1][3, 700, 5], grads[1][0, 1, 2] = float("inf"), float("-inf")
+    else:
+        grads[1][3, 700, 5] = bad
+    assert train.not_finite(torch.tensor(1.0), trainables) == "gradient"
+    assert train.not_finite(torch.tensor(float("nan")), trainables) == "loss (nan)"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Untrusted files given to the CLI run nothing
 
