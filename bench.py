@@ -31,8 +31,10 @@ FLOPs at the best measured torch.mm rate in the step's precision.
 
 `--rounds N` is the comparison to trust on a shared machine: ours and the peers each build and warm up once in
 their own process (so each keeps its own peak memory), then take one step each per round, in ABBA order; the
-ratio is the median of the per-round ratios. Both run with the C library's allocator, as train.py does; `--allocator
-keep` tries toolbox/allocator.py's setting for ours (an experiment).
+ratio is the median of the per-round ratios. Ours runs with huge pages for its large tensors, as train.py does
+(toolbox/allocator.py; `--allocator default`: without); the peers with the environment bench.py was given, as their
+users run them (`THP_MEM_ALLOC_ENABLE=1 python bench.py ...` gives them huge pages too). `--allocator keep` tries
+toolbox/allocator.py's experiment for ours.
 
 `--gpu-check` runs, each part guarded so that a failure is reported and the rest still run: the CUDA
 property tests (`pytest tests/test_orthcr.py -k cuda`), one ViT-B/16 step in fp32, bf16 and fp16 + scaler
@@ -213,7 +215,7 @@ def ours_setup(args):
     with autocast(args.device, args.precision):
         zs_text = orthcr.zero_shot_text_features(model, params, tokens)  # once per class set
     return dict(model=model, params=params, adapters=adapters, images=images, labels=labels, tokens=tokens,
-                zs_text=zs_text, optimizer=torch.optim.AdamW(adapters.values(), lr=1e-5),
+                zs_text=zs_text, optimizer=train.adamw(adapters.values(), lr=1e-5),
                 scaler=grad_scaler(args.device, args.precision), generator=torch.Generator().manual_seed(0))
 
 
@@ -558,7 +560,7 @@ def scaled_grad(output, inputs, fp16):
 def timed_steps(args, model, params, images, labels, tokens, zs_text, start, precision):
     """A warm-up and `args.steps` timed AdamW steps from a copy of `start`, train.py's way; peak CUDA memory."""
     adapters = {k: P.detach().clone().requires_grad_() for k, P in start.items()}
-    optimizer = torch.optim.AdamW(adapters.values(), lr=1e-5)
+    optimizer = train.adamw(adapters.values(), lr=1e-5)
     scaler = grad_scaler(args.device, precision)
     generator = torch.Generator().manual_seed(0)
     if args.device == "cuda":
@@ -775,7 +777,7 @@ def run_worker(name, args, timeout=None):
     command = worker_command(name, python, args)
     log(f"running {name} ({python})")
     try:  # stderr (progress) passes through
-        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=timeout)
+        done = subprocess.run(command, stdout=subprocess.PIPE, text=True, timeout=timeout, env=worker_env(name, args))
     except subprocess.TimeoutExpired:
         log(f"worker {name} ran past {timeout:.0f} s")
         return {"failed": f"ran past {timeout:.0f} s"}
@@ -787,6 +789,18 @@ def run_worker(name, args, timeout=None):
 
 def ratio(a, b):
     return a / b if a and b else None
+
+
+def worker_env(name, args):
+    """The environment of worker `name`: ours as train.py runs (huge pages for large CPU tensors, unless
+    --allocator says otherwise or the environment already does), the peers' as bench.py was given it."""
+    env = dict(os.environ)
+    if not name.startswith("peft"):
+        if args.allocator == "huge-pages":
+            allocator.use_huge_pages(env)
+        else:
+            env.setdefault(allocator.HUGE_PAGES, "0")
+    return env
 
 
 def worker_command(name, python, args):
@@ -811,7 +825,7 @@ def run_rounds(args, names):
             continue
         log(f"starting {name} ({python})")
         procs[name] = subprocess.Popen(worker_command(name, python, args) + ["--serve"], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, text=True, bufsize=1)
+                                       stdout=subprocess.PIPE, text=True, bufsize=1, env=worker_env(name, args))
 
     def answer(name):
         line = procs[name].stdout.readline()
@@ -1225,9 +1239,10 @@ def main():
                         "peers in this many alternating rounds (median of per-round ratios) instead of apart")
     parser.add_argument("--compile", action="store_true", help="torch.compile the loss of ours and the peers "
                         "(inductor on the CPU, Triton on CUDA; the first step compiles)")
-    parser.add_argument("--allocator", default="default", choices=["keep", "default"],
-                        help="ours: the C library's default (as train.py runs), or keep freed memory for reuse "
-                             "(toolbox/allocator.py, an experiment: its page reuse varied from process to process)")
+    parser.add_argument("--allocator", default="huge-pages", choices=["huge-pages", "default", "keep"],
+                        help="ours: huge pages for large CPU tensors (as train.py runs), the C library's default, or "
+                             "keep freed memory for reuse (toolbox/allocator.py, an experiment: its page reuse varied "
+                             "from process to process)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.device == "cuda" and not torch.cuda.is_available():

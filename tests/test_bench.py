@@ -83,3 +83,19 @@ def test_alternating_rounds_time_each_contestant_once_per_round():
         per_round = [a / b for a, b in zip(ours["step_times"], peer["step_times"])]
         assert peer["ours_per_round"] == per_round
         assert summary["ratios"]["step_vs_peft_exact"] == statistics.median(per_round)
+
+
+def test_ours_runs_with_huge_pages_as_train_does_and_the_peers_with_the_given_environment(monkeypatch):
+    sys.path.insert(0, str(ROOT))
+    import bench
+    from toolbox import allocator
+
+    monkeypatch.delenv(allocator.HUGE_PAGES, raising=False)
+    args = type("Args", (), {"allocator": "huge-pages"})()
+    assert bench.worker_env("ours_step", args)[allocator.HUGE_PAGES] == "1"
+    assert bench.worker_env("eval", args)[allocator.HUGE_PAGES] == "1"
+    assert allocator.HUGE_PAGES not in bench.worker_env("peft_exact", args)  # as a PEFT user runs it
+    args.allocator = "default"
+    assert bench.worker_env("ours_step", args)[allocator.HUGE_PAGES] == "0"
+    monkeypatch.setenv(allocator.HUGE_PAGES, "1")  # THP_MEM_ALLOC_ENABLE=1 python bench.py: every worker has it
+    assert bench.worker_env("peft_exact", args)[allocator.HUGE_PAGES] == "1"

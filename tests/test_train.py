@@ -551,3 +551,24 @@ def test_zero_shot_on_the_official_weights_is_checked_against_cocoops_row(root, 
     monkeypatch.undo()
     run_main(*base_args(root, weights, tmp_path / "other", "--zero-shot"))
     assert "CoCoOp Table 1" not in capsys.readouterr().err  # other weights: nothing to compare with
+
+
+def test_the_fused_adamw_takes_the_plain_adamws_steps():
+    # train.adamw is a speed device: torch's fused kernel, the same update as the plain AdamW up to float rounding
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(4, 8, 8, generator=g), torch.randn(2, 16, 16, generator=g)]
+    grads = [[torch.randn(p.shape, generator=g) for p in start] for _ in range(5)]
+    runs = []
+    for make in (lambda ps: train.adamw(ps, lr=1e-2, weight_decay=0.1),
+                 lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1, foreach=False)):
+        params = [p.clone().requires_grad_() for p in start]
+        optimizer = make(params)
+        for step in grads:
+            for p, grad in zip(params, step):
+                p.grad = grad.clone()
+            optimizer.step()
+        runs.append((optimizer, params))
+    (fused, ours), (_, plain) = runs
+    assert fused.defaults["fused"]
+    for a, b, p0 in zip(ours, plain, start):
+        assert torch.allclose(a, b, atol=1e-6) and not torch.allclose(a, p0, atol=1e-3)
