@@ -192,18 +192,27 @@ def worker_matmul(args):
     """The machine's matmul rate in the step's precision: the fastest of 10 runs of a large square torch.mm and
     of the MLP's shape (the fastest, not the median: the floor is what the hardware can do, not what a loaded
     machine did)."""
-    rates = {}
+    rates = matmul_rates(args, repeats=10)
+    return {"matmul_flops_per_s": max(rates.values()), "matmul_rates": rates,
+            "dtype": str(PRECISIONS[args.precision] or torch.float32)}
+
+
+def matmul_rates(args, repeats, shapes=("square", "mlp")):
+    """{shape: FLOP/s}, the fastest of `repeats` torch.mm of a large square and of the MLP's shape."""
     dtype = PRECISIONS[args.precision] or torch.float32
     c = clip_min.CONFIGS[args.config]
     n = 4096 if not args.quick else 256
     tokens = 2 * BATCH * ((c["image_resolution"] // c["vision_patch_size"]) ** 2 + 1)  # clean + cutout images
     width = c["vision_width"]
+    rates = {}
     for name, (m, k, n_) in {"square": (n, n, n), "mlp": (tokens, width, 4 * width)}.items():
+        if name not in shapes:
+            continue
         a = torch.randn(m, k, device=args.device, dtype=dtype)
         b = torch.randn(k, n_, device=args.device, dtype=dtype)
         torch.mm(a, b)  # warm-up
-        rates[name] = 2 * m * k * n_ / min(timed(lambda: torch.mm(a, b), 10, args.device))
-    return {"matmul_flops_per_s": max(rates.values()), "matmul_rates": rates, "dtype": str(dtype)}
+        rates[name] = 2 * m * k * n_ / min(timed(lambda: torch.mm(a, b), repeats, args.device))
+    return rates
 
 
 def ours_setup(args):
@@ -730,8 +739,11 @@ def serve_rounds(args):
     print(json.dumps({"ready": name, "step_flops": flops, "warm_up_s": warm_up_s, "trainable": trainable}),
           flush=True)
     for line in sys.stdin:
-        if line.strip() == "step":
-            print(json.dumps({"s": timed(step, 1, args.device)[0]}), flush=True)
+        if line.strip() == "step":  # ours also measures the matmul rate right after: the round's own floor
+            answer = {"s": timed(step, 1, args.device)[0]}
+            if name == "ours_step":
+                answer["matmul_flops_per_s"] = matmul_rates(args, repeats=3, shapes=("square",))["square"]
+            print(json.dumps(answer), flush=True)
         elif line.strip() == "done":
             break
     print(json.dumps(memory_figures(args.device)), flush=True)
@@ -836,12 +848,15 @@ def run_rounds(args, names):
     try:
         for name in procs:  # the set-ups and warm-ups run side by side; only the rounds are timed
             ready[name] = answer(name)
-        times = {name: [] for name in procs}
+        times, rates = {name: [] for name in procs}, []
         order = list(procs)
         for i in range(args.rounds):
             for name in (order if i % 2 == 0 else order[::-1]):
                 procs[name].stdin.write("step\n")
-                times[name].append(answer(name)["s"])
+                reply = answer(name)
+                times[name].append(reply["s"])
+                if "matmul_flops_per_s" in reply:
+                    rates.append(reply["matmul_flops_per_s"])
             log(f"round {i + 1}/{args.rounds}: " + ", ".join(f"{n} {t[-1]:.3f} s" for n, t in times.items()))
         memory = {}
         for name in procs:
@@ -853,6 +868,10 @@ def run_rounds(args, names):
             proc.wait()
     result = {name: {**ready[name], "step_s": statistics.median(times[name]), "step_times": times[name],
                      **memory[name]} for name in procs}
+    if rates and ready.get("ours_step", {}).get("step_flops"):  # each round's step against that round's floor
+        flops = ready["ours_step"]["step_flops"]
+        result["ours_step"]["round_matmul_flops_per_s"] = rates
+        result["ours_step"]["floor_per_round"] = [t * rate / flops for t, rate in zip(times["ours_step"], rates)]
     ours = times.get("ours_step")
     for name in procs:
         if name != "ours_step" and ours:
@@ -891,7 +910,8 @@ def run_bench(args, names, deadline=None):
             "eval_vs_openai": ratio(ev.get("ours_eval_img_s"), ev.get("openai_eval_img_s")),
             "memory_vs_peft_exact": ratio(ours.get(memory), exact.get(memory)),
             "memory_vs_peft_neumann": ratio(ours.get(memory), neumann.get(memory)),
-            "step_vs_floor": ratio(ours.get("step_s"), floor_s),
+            "step_vs_floor": statistics.median(ours["floor_per_round"]) if ours.get("floor_per_round")
+            else ratio(ours.get("step_s"), floor_s),  # with --rounds: each round against its own matmul rate
             "attentive_vs_random": cut.get("attentive_vs_random"),
         },
         "runs": r,
@@ -955,6 +975,10 @@ def print_bench(summary, args):
         print(f"\nFloor: {ours['step_flops'] / 1e12:.2f} TFLOP per step (FlopCounterMode on the warm-up step) / "
               f"{rate / 1e9:.0f} GFLOP/s (best measured {r['matmul']['dtype'].replace('torch.', '')} torch.mm) = "
               f"{summary['floor_s']:.2f} s; our step is {ours['step_s'] / summary['floor_s']:.2f} x the floor")
+    if ours.get("floor_per_round"):
+        print("Each round against its own floor (a square torch.mm timed right after our step): " +
+              " ".join(f"{x:.2f}" for x in ours["floor_per_round"]) + f" (median {summary['ratios']['step_vs_floor']:.2f}"
+              "; the ratio above); matmul GFLOP/s " + " ".join(f"{x / 1e9:.0f}" for x in ours["round_matmul_flops_per_s"]))
 
 
 def print_precision(p):
