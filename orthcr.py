@@ -520,23 +520,29 @@ def student(model, params, adapters, transform=cayley, rotate_inputs=True):
 
     With `rotate_inputs` (the speed device), the weights `_rotates_input` picks keep W0 in the dict and their R goes
     to the input instead: the MLP's input is c_fc's, so a forward pre-hook on each such MLP rotates it, for as long
-    as the context lasts (the teacher's passes run outside it, on plain W0)."""
+    as the context lasts. Each kept W0 is the student's own tensor (a view of W0, no copy), and a hook rotates only
+    the passes that run on it: a pass on other parameters while the context is open (the teacher's W0, another
+    student's or a plain merge) runs as it would outside."""
     if not rotate_inputs:
         yield merge(params, adapters, transform)
         return
     R = rotations(adapters, transform)
     on_input = {k for k in R if _rotates_input(k, params[k], R[k])}
     merged = dict(params)
-    merged.update({k: rotate_weight(params[k], R[k]) for k in R if k not in on_input})
-    hooks = [model.get_submodule(k.removesuffix(".c_fc.weight")).register_forward_pre_hook(
-        partial(_rotate_first_input, R=R[k])) for k in sorted(on_input)]
-    try:
+    merged.update({k: rotate_weight(params[k], R[k]) if k not in on_input else params[k].view_as(params[k])
+                   for k in R})
+    hooks = []
+    try:  # registered inside the try: a key with no module here removes the hooks already registered
+        for k in sorted(on_input):
+            mlp = model.get_submodule(k.removesuffix(".c_fc.weight"))
+            hooks.append(mlp.register_forward_pre_hook(partial(_rotate_first_input, weight=merged[k], R=R[k])))
         yield merged
     finally:
         for hook in hooks:
             hook.remove()
 
 
-def _rotate_first_input(module, args, R):
+def _rotate_first_input(module, args, weight, R):
+    if module.c_fc.weight is not weight:  # a pass on other parameters than the student's
+        return None
     return (rotate_input(args[0], R), *args[1:])
-

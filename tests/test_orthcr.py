@@ -239,7 +239,8 @@ def test_the_student_device_rotates_c_fcs_input_and_c_projs_weight(tiny_model):
     params = params_of(tiny_model)
     adapters = randomize(orthcr.init_adapters(params), 4, 0.1)
     with orthcr.student(tiny_model, params, adapters) as merged:
-        on_input = {k for k in adapters if merged[k] is params[k]}  # kept W0: rotated through the input
+        on_input = {k for k in adapters if torch.equal(merged[k], params[k])}  # kept W0: rotated through the input
+        assert all(merged[k].data_ptr() == params[k].data_ptr() for k in on_input)  # W0 itself, not a copy
         assert on_input == {k for k in adapters if k.endswith("mlp.c_fc.weight")}  # tiny: b = 16, out = 256
         assert pre_hooks(tiny_model) == len(on_input)
     assert pre_hooks(tiny_model) == 0
@@ -249,6 +250,57 @@ def test_the_student_device_rotates_c_fcs_input_and_c_projs_weight(tiny_model):
     assert pre_hooks(tiny_model) == 0
     with orthcr.student(tiny_model, params, adapters, rotate_inputs=False) as merged:  # the plain merge
         assert all(merged[k] is not params[k] for k in adapters) and pre_hooks(tiny_model) == 0
+
+
+def test_the_student_device_rotates_only_the_students_own_passes(tiny_model):
+    # the hooks are on the model, the parameters are a dict: a pass on other parameters while a student's context
+    # is open (the teacher's W0, another student, a plain merge) must run as it would outside
+    params, images, labels, tokens, zs_text = batch(tiny_model)
+    adapters, other = (randomize(orthcr.init_adapters(params), seed, 0.2) for seed in (3, 4))
+
+    def loss(rotate_inputs):
+        return orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text,
+                                cutout=orthcr.cutout_views("random", torch.Generator().manual_seed(0)),
+                                rotate_inputs=rotate_inputs)[0].detach()
+
+    expected, teacher = loss(False), orthcr.encode_image(tiny_model, params, images)
+    with orthcr.student(tiny_model, params, other) as merged:
+        assert torch.equal(orthcr.encode_image(tiny_model, params, images), teacher)
+        for rotate_inputs in (True, False):  # nested: the objective's teacher and student, inside another student
+            torch.testing.assert_close(loss(rotate_inputs), expected, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(orthcr.encode_image(tiny_model, merged, images),  # and the outer one still
+                                   orthcr.encode_image(tiny_model, orthcr.merge(params, other), images),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_the_student_device_leaves_no_hook_when_a_key_has_no_module():
+    tiny_model = clip_min.random_model("tiny", seed=0)  # its own: a leaked hook would change the shared one's passes
+    params = params_of(tiny_model)
+    adapters = randomize(orthcr.init_adapters(params), 4, 0.1)
+    key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
+    ghost = "visual.transformer.resblocks.9.mlp.c_fc.weight"  # sorts after the model's own MLPs
+    params[ghost], adapters[ghost] = params[key], adapters[key]
+    with pytest.raises(AttributeError):
+        with orthcr.student(tiny_model, params, adapters):
+            pass
+    assert pre_hooks(tiny_model) == 0
+
+
+def test_the_student_device_removes_its_hooks_on_ctrl_c_inside_the_objective(tiny_model):
+    params, images, labels, tokens, zs_text = batch(tiny_model)
+    adapters = randomize(orthcr.init_adapters(params), 3, 0.2)
+
+    def interrupt(module, args):
+        if pre_hooks(tiny_model) > 1:  # inside the student's passes, the device's hooks on
+            raise KeyboardInterrupt
+
+    handle = tiny_model.visual.transformer.resblocks[1].register_forward_pre_hook(interrupt)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            orthcr.objective(tiny_model, params, adapters, images, labels, tokens, zs_text)
+    finally:
+        handle.remove()
+    assert pre_hooks(tiny_model) == 0
 
 
 def test_hyperspherical_energy_and_neuron_angles_are_preserved(tiny_model):

@@ -241,6 +241,20 @@ def test_the_finite_check_finds_one_bad_gradient_entry_among_millions(bad):
     assert train.not_finite(torch.tensor(float("nan")), trainables) == "loss (nan)"
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_finite_check_reads_half_precision_gradients_by_their_entries(dtype):
+    P = torch.zeros(4096, dtype=dtype, requires_grad=True)
+    P.grad = torch.full((4096,), 60.0, dtype=dtype)  # finite, but a sum of 245760: inf in fp16
+    assert train.not_finite(torch.tensor(1.0), [P]) is None
+    P.grad[7] = float("inf")
+    assert train.not_finite(torch.tensor(1.0), [P]) == "gradient"
+
+
+def test_finite_check_with_no_trainables_is_a_finite_step():
+    assert train.not_finite(torch.tensor(1.0), []) is None  # as before the one-pass check: all() of nothing
+    assert train.not_finite(torch.tensor(float("inf")), []) == "loss (inf)"
+
+
 # ----------------------------------------------------------------------------------------------------
 # Untrusted files given to the CLI run nothing
 
