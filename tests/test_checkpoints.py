@@ -786,6 +786,8 @@ def test_open_clip_models_clip_min_does_not_compute_are_refused(tmp_path, case):
     (lambda p: tiny_open_clip(p, model_cfg=vision_cfg(image_size=64)), "says 64 px images, the tensors of"),
     (lambda p: tiny_open_clip(p, preprocess_cfg={"std": [1, 0, 1]}), "preprocess_cfg std must be three finite"),
     (lambda p: (tiny_open_clip(p), (p / "open_clip_config.json").write_text("{nope"))[0], "not an open_clip config"),
+    (lambda p: (tiny_open_clip(p), (p / "open_clip_config.json").write_text('{"model_cfg": ' + "[" * 100_000))[0],
+     "not an open_clip config (maximum recursion depth exceeded"),
     (lambda p: tiny_open_clip(p, logit_bias=torch.zeros([])), "a SigLIP model (it has a logit_bias)"),
     (lambda p: tiny_open_clip(p, **{"text.proj": torch.zeros(2)}), "a custom text tower (keys 'text.*'"),
 ])
@@ -810,6 +812,10 @@ def test_open_clip_files_that_contradict_the_model_are_refused(tmp_path, make, p
     (dict(preprocess_cfg={"std": 0.5}), "preprocess_cfg std must be three finite numbers"),
     (dict(model_cfg={"quick_gelu": "yes"}), 'model_cfg quick_gelu must be true or false, got "yes"'),
     (dict(model_cfg={"quick_gelu": 1}), "model_cfg quick_gelu must be true or false, got 1"),
+    (dict(preprocess_cfg={"mean": [10**400, 0.5, 0.5]}), "preprocess_cfg mean must be three finite numbers"),  # no float
+    (dict(preprocess_cfg={"std": [0.5, 0.5, 10**400]}), "preprocess_cfg std must be three finite numbers"),
+    (dict(model_cfg=text_cfg(width="64")), 'text_cfg width must be a whole number > 0, got "64"'),
+    (dict(model_cfg=text_cfg(width=None, heads=1)), "text_cfg width must be a whole number > 0, got null"),
 ])
 def test_open_clip_config_values_are_refused_naming_the_file_and_the_key(tmp_path, config, problem):
     path = tiny_open_clip(tmp_path / "m", **config)  # a GELU model's config
@@ -819,6 +825,16 @@ def test_open_clip_config_values_are_refused_naming_the_file_and_the_key(tmp_pat
         message = str(e.value)
         assert message.startswith(f"{path.parent / 'open_clip_config.json'}: ") and problem in message, message
         assert "\n" not in message
+
+
+@pytest.mark.parametrize("options", [dict(model_cfg=text_cfg(hf_model_name="x" * 100_000)),
+                                     dict(model_cfg=vision_cfg(pool_type="x" * 100_000)),
+                                     dict(preprocess_cfg={"interpolation": "x" * 100_000})])
+def test_an_open_clip_config_value_of_any_size_is_named_in_a_short_line(tmp_path, options):
+    path = tiny_open_clip(tmp_path / "m", **options)
+    with pytest.raises(ValueError) as e:
+        clip_min.checkpoint_settings(path)
+    assert "'xxxxxxxx" in str(e.value) and len(str(e.value)) < 400, str(e.value)[:400]
 
 
 def test_an_open_clip_config_that_gives_a_key_twice_is_refused_naming_it(tmp_path):

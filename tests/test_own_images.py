@@ -103,6 +103,11 @@ def test_same_names_compares_as_clips_tokenizer_reads():
     assert imagefolder.same_names(["cat", "dog", "Cat "]) == (0, 2)
     assert imagefolder.same_names(["a\u00a0cat", "dog", "a cat"]) == (0, 2)
     assert imagefolder.same_names(["cat", "cats", "dog"]) is None
+    # the same tokens, not the same cleaned text: digits are read one by one, and spaces beside punctuation dropped
+    assert imagefolder.same_names(["type 12", "type 1 2"]) == (0, 1)
+    assert imagefolder.same_names(["dog", "sea-lake", "sea - lake"]) == (1, 2)
+    assert imagefolder.same_names(["n.a.", "n. a."]) == (0, 1)
+    assert imagefolder.same_names(["ab", "a b", "type 12", "type 13"]) is None  # other tokens: told apart
 
 
 # ---------------------------------------------------------------------------------------------- the generated split

@@ -788,6 +788,18 @@ def test_a_lock_that_is_not_a_regular_file_is_refused_and_never_followed(root, w
     assert os.path.lexists(lock) and sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing else written
 
 
+def test_a_lock_that_is_a_hard_link_is_refused_and_the_linked_file_kept(root, weights, tmp_path, no_model):
+    # a run writes its claim into .lock: through a second name of someone's file, that file would be overwritten
+    out, theirs = tmp_path / "run", tmp_path / "someones_file.txt"
+    out.mkdir()
+    theirs.write_text("someone's results\n")
+    os.link(theirs, out / ".lock")
+    message = refused(*base_args(root, weights, out, "--epochs", 1))
+    assert f"{out / '.lock'} is a hard link to another file" in message
+    assert theirs.read_text() == "someone's results\n" and os.stat(theirs).st_nlink == 2
+    assert sorted(p.name for p in out.iterdir()) == [".lock"] and not no_model  # nothing else written or read
+
+
 def test_the_code_version_covers_the_toolbox_modules(tmp_path, monkeypatch):
     """config.json's code_version: the four modules and toolbox/*.py (data loading and splits change results too)."""
     for name in ("clip_min.py", "orthcr.py", "data.py", "train.py", "toolbox/files.py", "toolbox/splitfiles.py"):

@@ -266,6 +266,21 @@ def test_a_run_held_for_other_settings_is_refused_before_any_training_and_one_of
             assert [(r["data"], r["seed"]) for r in records] == RUNS[:3]
 
 
+def test_a_claim_with_a_huge_value_is_refused_in_one_short_line(two_datasets, weights, tmp_path, monkeypatch):
+    # a .lock's claim is any JSON its holder wrote: each value the refusal names is cut short
+    monkeypatch.chdir(tmp_path)
+    held = tmp_path / "runs/imagenet_base2new_2shot_orthcr_seed2"
+    theirs = train.sweep_datasets(train.settings_from(train.parse_args(
+        [str(a) for a in sweep_args(two_datasets, weights)])))["imagenet"]
+    claim = {**train.runs.result_settings(theirs, 2), "lr": "x" * 100_000}
+    with train.runs.locked(held, claim=claim) as taken:
+        assert taken
+        monkeypatch.setattr(train, "train", lambda *a, **k: pytest.fail("a run was trained"))
+        message = refusal(*sweep_args(two_datasets, weights))
+    assert f"{held.relative_to(tmp_path)} holds a run in progress in another process with other settings (lr = " \
+           f"'xxxx" in message and "100,002 characters" in message and len(message) < 600, message[:600]
+
+
 def test_concurrent_sweeps_of_different_settings_on_one_out_take_no_run_of_each_other(two_datasets, weights,
                                                                                        tmp_path):
     """Whichever process claims a run first trains the sweep; the other, whether it meets the claim when it looks

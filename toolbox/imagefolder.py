@@ -201,11 +201,13 @@ def classnames(folder, names):
 
 
 def same_names(names):
-    """(i, j), i < j, of the first two class names that CLIP reads as one (equal after its tokenizer's cleaning,
-    clip_min.clean: case, runs of whitespace, HTML entities), or None: their prompts would be identical."""
+    """(i, j), i < j, of the first two class names that CLIP reads as one (the same BPE tokens, clip_min.encode:
+    equal after its cleaning, clip_min.clean, of case, runs of whitespace and HTML entities, and with the spaces it
+    drops between letters, digits and punctuation, as in "type 12" and "type 1 2", "sea-lake" and "sea - lake"), or
+    None: their prompts would be identical."""
     seen = {}
     for j, name in enumerate(names):
-        i = seen.setdefault(clip_min.clean(name), j)
+        i = seen.setdefault(tuple(clip_min.encode(name)), j)
         if i != j:
             return i, j
     return None

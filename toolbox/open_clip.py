@@ -55,7 +55,7 @@ def read_config(path, activation, mean, std):
     except _RepeatedKey as e:
         raise ValueError(f"{path}: the key {e.args[0]!r} is given twice in one object (JSON readers keep either "
                          f"value): give it once") from None
-    except (OSError, UnicodeDecodeError, ValueError, AttributeError) as e:
+    except (OSError, UnicodeDecodeError, ValueError, AttributeError, RecursionError) as e:  # Recursion: deep nesting
         raise ValueError(f"{path}: not an open_clip config ({e})") from None
 
     def refuse(what):
@@ -63,27 +63,33 @@ def read_config(path, activation, mean, std):
 
     for key, expected in _TOKENIZER.items():
         if text.get(key, expected) != expected:
-            refuse(f"another tokenizer (text_cfg {key} {text[key]!r}; clip_min has CLIP's BPE tokenizer only)")
+            refuse(f"another tokenizer (text_cfg {key} {_shown(text[key], form=repr)}; clip_min has CLIP's BPE "
+                   f"tokenizer only)")
     if "init_logit_bias" in model_cfg:
         refuse("a SigLIP model (init_logit_bias: a sigmoid loss and its own tokenizer)")
     for key in ("custom_text", "multimodal_cfg"):
         if model_cfg.get(key):
-            refuse(f"another architecture (model_cfg {key} {model_cfg[key]!r})")
+            refuse(f"another architecture (model_cfg {key} {_shown(model_cfg[key], form=repr)})")
     if not isinstance(vision.get("layers", 12), int):
         refuse("a ResNet image tower (vision_cfg layers is a list)")
     for tower, fields, values in (("vision_cfg", _VISION, vision), ("text_cfg", _TEXT, text)):
         for key, expected in fields.items():
             if values.get(key, expected) != expected and not (key == "act_kwargs" and values[key] == {}):
-                refuse(f"{tower} {key} {values[key]!r} (clip_min computes {expected!r})")
-    if text.get("heads", text.get("width", 512) // 64) != text.get("width", 512) // 64:
-        refuse(f"text_cfg heads {text['heads']} (clip_min's text tower has width // 64 heads, as OpenAI's)")
+                refuse(f"{tower} {key} {_shown(values[key], form=repr)} (clip_min computes {expected!r})")
+    width = text.get("width", 512)
+    if type(width) is not int or width < 1:  # it gives the text tower's heads
+        raise ValueError(f"{path}: text_cfg width must be a whole number > 0, got {_shown(width)}")
+    if text.get("heads", width // 64) != width // 64:
+        refuse(f"text_cfg heads {_shown(text['heads'], form=repr)} (clip_min's text tower has width // 64 heads, "
+               f"as OpenAI's)")
     for key, expected in _PREPROCESS.items():
         if preprocess_cfg.get(key, expected) != expected:
-            refuse(f"preprocess_cfg {key} {preprocess_cfg[key]!r} (clip_min preprocesses as OpenAI: {expected!r})")
+            refuse(f"preprocess_cfg {key} {_shown(preprocess_cfg[key], form=repr)} (clip_min preprocesses as OpenAI: "
+                   f"{expected!r})")
     mean, std = preprocess_cfg.get("mean", mean), preprocess_cfg.get("std", std)
     for key, value in (("mean", mean), ("std", std)):  # checked before the activation: the file's own fault first
         if not (isinstance(value, (list, tuple)) and len(value) == 3
-                and all(type(v) in (int, float) and math.isfinite(v) and (key == "mean" or v > 0) for v in value)):
+                and all(_finite(v) and (key == "mean" or v > 0) for v in value)):
             raise ValueError(f"{path}: preprocess_cfg {key} must be three finite numbers, one per RGB channel"
                              f"{', each > 0 (it divides)' if key == 'std' else ''}; got {_shown(value)}")
     quick_gelu = model_cfg.get("quick_gelu", False)
@@ -94,15 +100,24 @@ def read_config(path, activation, mean, std):
         raise ValueError(f"{path}: says the model uses {configured}, not the {activation} asked for")
     image_size = vision.get("image_size")
     if image_size is not None and type(image_size) is not int:
-        refuse(f"a non-square image size (vision_cfg image_size {image_size!r})")
+        refuse(f"a non-square image size (vision_cfg image_size {_shown(image_size, form=repr)})")
     return dict(activation=configured, mean=tuple(map(float, mean)), std=tuple(map(float, std)),
                 image_size=image_size)
 
 
-def _shown(value, limit=60):
-    """A config's value as JSON, cut to `limit` characters ('...' where it is cut)."""
-    text = json.dumps(value)
+def _shown(value, limit=60, form=json.dumps):
+    """A config's value as JSON (or as `form` writes it), cut to `limit` characters ('...' where it is cut): a
+    value in a refusal is one short part of one line, whatever its size in the file."""
+    text = form(value)
     return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _finite(v):
+    """A JSON number that is a finite float (an integer too large for a float is not: math.isfinite would raise)."""
+    try:
+        return type(v) in (int, float) and math.isfinite(v)
+    except OverflowError:
+        return False
 
 
 class _RepeatedKey(ValueError):

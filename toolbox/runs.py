@@ -243,7 +243,8 @@ def read_record(path):
 
 def open_lock(path):
     """The run folder's lock file, opened (created if needed) without following a link: a .lock that is a
-    symlink, dangling or not, or anything but a regular file is refused, and nothing is created at its target.
+    symlink, dangling or not, a hard link (a file with another name too) or anything but a regular file is refused,
+    and nothing is created at its target.
     Returns the file descriptor (its flock is the lock)."""
     def refuse(what):
         fail(f"{path} is {what}, not a run's lock file: a run never follows or opens it; remove it, or choose "
@@ -264,6 +265,9 @@ def open_lock(path):
     if not stat.S_ISREG(os.fstat(fd).st_mode):
         os.close(fd)
         refuse("not a regular file")
+    if os.fstat(fd).st_nlink > 1:  # the claim written into .lock (locked) would overwrite the other names' file
+        os.close(fd)
+        refuse("a hard link to another file")
     return fd
 
 
@@ -443,8 +447,8 @@ def compare_settings(path, recorded, cfg, seed, data_sha256=None, later=(), only
     difference = first_difference(recorded, cfg, seed, data_sha256, later, only)
     if difference:
         key, was, now = difference
-        fail(f"--resume: {path} was written with {key} = {was!r}, this run has {key} = {now!r}; resume with the "
-             f"run's own settings, or start a new run")
+        fail(f"--resume: {path} was written with {key} = {short(was)}, this run has {key} = {short(now)}; resume "
+             f"with the run's own settings, or start a new run")
 
 
 def first_difference(recorded, cfg, seed, data_sha256=None, later=(), only=None):
@@ -761,7 +765,7 @@ def _read_training_settings(path, saved, declared):
         one_per_run = key in ("seed", "data")  # a run's record holds its own seed and dataset
         if key in recorded and not s.valid([recorded[key]] if one_per_run else recorded[key]):
             problem = _range_problem(s, recorded[key])
-            fail(f"{path}: its recorded {key} = {_short(recorded[key])} is not a valid setting"
+            fail(f"{path}: its recorded {key} = {short(recorded[key])} is not a valid setting"
                  f"{f' ({problem})' if problem else ''}")
     check_recorded_layout(path, saved["adapters"], saved.get("context"), recorded)
     return recorded
@@ -777,7 +781,8 @@ def _range_problem(setting, value):
     return None
 
 
-def _short(value, limit=60):
+def short(value, limit=60):
+    """repr(value), cut to `limit` characters (a recorded value from a file can be any size)."""
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text):,} characters)"
 
@@ -822,7 +827,7 @@ def check_recorded_layout(path, adapters, context, recorded):
     if ctx_init is not None:
         words = len(clip_min.encode(ctx_init)) if len(ctx_init) <= 100 * settings.CONTEXT_LENGTH else None
         if words != context.shape[0]:
-            fail(f"{path}: its recorded ctx_init {_short(ctx_init)} is {words or 'too many'} tokens, its CoOp "
+            fail(f"{path}: its recorded ctx_init {short(ctx_init)} is {words or 'too many'} tokens, its CoOp "
                  f"context {context.shape[0]} vectors")
 
 

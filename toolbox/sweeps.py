@@ -82,7 +82,8 @@ class Sweep:
         cfg, folder = self.cfgs[name], self.folder_of(name, seed)
         differ = runs.differences(recorded, cfg, seed, later=("checkpoint_sha256", "data_sha256"))
         if differ:  # (each one: the command may differ in several)
-            listed = "; ".join(f"{key} = {was!r}, this command has {now!r}" for key, was, now in differ[:4])
+            listed = "; ".join(f"{key} = {runs.short(was)}, this command has {runs.short(now)}"
+                               for key, was, now in differ[:4])
             more = f"; and {len(differ) - 4} more" if len(differ) > 4 else ""
             runs.fail(f"{folder} holds {what} with other settings ({listed}{more}): only commands of the same "
                       f"settings share a sweep's run folders; give this command another --out, or those settings")
@@ -123,7 +124,8 @@ class Sweep:
             key, was, now = difference
             only = f"--seeds {seed} --overwrite (that seed only)" if len(self.cfgs) == 1 else \
                 f"--data {name} --seeds {seed} --overwrite (that run only)"
-            reason = f" ({key} = {was!r}, this run has {now!r})" if now != "" else f" (its {key} is {was})"
+            reason = f" ({key} = {runs.short(was)}, this run has {runs.short(now)})" if now != "" else \
+                f" (its {key} is {was})"
             runs.fail(f"{'--resume: ' if cfg.resume else ''}{folder} holds a run that stopped before its first "
                       f"checkpoint{reason}; start it again with {only}")
 
